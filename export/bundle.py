@@ -1,0 +1,157 @@
+"""A self-describing ONNX bundle: model, tokenizer/catalog files, bundle.json, manifest.json.
+
+Written into a hidden sibling folder and renamed into place only after the model is saved,
+validated and hashed, so a failed export never leaves a folder that looks like a bundle.
+The engine reads it back with :meth:`hatllm_edge.engine.OnnxBackend.from_bundle`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from importlib import metadata as pkg_metadata
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from export.convert import DType, Quant, export_onnx
+from export.quantize import Int4Options
+from export.validate import validate
+from hatllm_edge.engine import BUNDLE_FILE, MANIFEST_FILE, MODEL_FILE, file_sha256
+from hatllm_edge.errors import HatLLMError, InputError
+from hatllm_edge.model import HatLLM
+
+RESERVED = (MODEL_FILE, f"{MODEL_FILE}.data", BUNDLE_FILE, MANIFEST_FILE)
+EXACT_TOLERANCE = 1e-3  # max |diff| / max |logit| allowed against the exact reference (fp32 graphs)
+
+
+def _versions() -> dict[str, str]:
+    names = ("onnx", "onnxruntime", "torch", "transformers", "bitsandbytes")
+    out = {}
+    for name in names:
+        try:
+            out[name] = pkg_metadata.version(name)
+        except pkg_metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _check_out(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"bundle folder {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"bundle folder {out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+def _write_files(folder: Path, files: dict[str, Path | bytes]) -> None:
+    for name, content in files.items():
+        if name in RESERVED or Path(name).name != name or name.startswith("."):
+            raise InputError(f"bundle file name {name!r}: must be a plain file name other than {RESERVED}")
+        if isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        elif Path(content).is_file():
+            shutil.copyfile(content, folder / name)
+        else:
+            raise InputError(f"bundle file {name}: {content} is not a file")
+
+
+def write_manifest(folder: Path) -> dict[str, Any]:
+    """sha256 and size of every file in ``folder`` (the manifest itself excluded)."""
+    files = {p.name: {"sha256": file_sha256(p), "size": p.stat().st_size}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+    manifest = {"files": files}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``; an existing (empty, or overwritten) folder goes first."""
+    if not out_dir.exists():
+        tmp.rename(out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    out_dir.rename(old / out_dir.name)
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        (old / out_dir.name).rename(out_dir)
+        raise
+    shutil.rmtree(old)
+
+
+def export_bundle(
+    model: HatLLM,
+    out_dir: Path,
+    quant: Quant,
+    files: dict[str, Path | bytes],
+    meta: dict[str, Any],
+    opset: int = 23,
+    progress: bool = True,
+    dtype: DType = "fp32",
+    int4: Int4Options | None = None,
+    overwrite: bool = False,
+    check: bool = True,
+) -> Path:
+    """Export ``model`` into the new bundle folder ``out_dir`` and return it.
+
+    ``files``: extra bundle files by name (bytes, or a path to copy). ``meta``: the
+    checkpoint's hatllm.json content; bundle.json is ``meta`` plus an ``export`` section (quant,
+    opset, layer kinds, sizes, versions, validation figures), so that it reads like the
+    checkpoint's own JSON. ``check``: run :func:`export.validate.validate` (ONNX Runtime on
+    this machine; a float16 graph is recorded, not checked) and fail on an fp32 mismatch.
+    """
+    out_dir = Path(out_dir)
+    _check_out(out_dir, overwrite)
+    if "export" in meta:
+        raise InputError("meta already has an 'export' key; pass the checkpoint's hatllm.json content")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    stages = tqdm(total=5 if check else 4, desc=f"export {quant}", unit="stage", disable=not progress)
+    try:
+        stages.set_postfix_str("files")
+        _write_files(tmp, files)
+        hashes = {f"hatllm.file.{name}.sha256": file_sha256(tmp / name) for name in files}
+        stages.update()
+        stages.set_postfix_str("onnx")
+        model_path = export_onnx(model, tmp / MODEL_FILE, quant=quant, dtype=dtype, opset=opset, int4=int4,
+                                 metadata=hashes)
+        stages.update()
+        report = None
+        if check:
+            stages.set_postfix_str("validate")
+            report = validate(model, model_path)
+            if dtype == "fp32" and report.exact.rel_diff > EXACT_TOLERANCE:
+                raise HatLLMError(
+                    f"ONNX export does not match PyTorch: max |logit diff| {report.exact.max_abs_diff:.3g} "
+                    f"against the {report.exact.reference} model (logit scale {report.exact.logit_scale:.3g})")
+            stages.update()
+        stages.set_postfix_str("bundle.json")
+        kinds = list(model.schedule.kinds)
+        export_info = {
+            "quant": quant,
+            "dtype": dtype,
+            "opset": opset,
+            "int4": (int4 or Int4Options()).to_dict() if quant == "int4" else None,
+            "layer_kinds": kinds,
+            "schedule": model.schedule.to_dict(),
+            "model_type": model.config.model_type,
+            "sizes": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name.startswith(MODEL_FILE)},
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "versions": _versions(),
+            "validation": report.to_dict() if report else None,
+        }
+        (tmp / BUNDLE_FILE).write_text(json.dumps({**meta, "export": export_info}, indent=2) + "\n")
+        stages.update()
+        stages.set_postfix_str("manifest")
+        write_manifest(tmp)
+        _check_out(out_dir, overwrite)  # the folder may have been filled while we exported
+        _move_into_place(tmp, out_dir)
+        stages.update()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        stages.close()
+    return out_dir

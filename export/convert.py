@@ -1,0 +1,190 @@
+"""HatLLM (PyTorch) -> ``model.onnx``: read the decoder, build the graph, quantise, save.
+
+The graph is written directly from the Hugging Face module's weights (see
+:mod:`export.graph`) instead of tracing the model with ``torch.onnx.export(dynamo=True)``.
+Why: tracing a Hugging Face forward through the swapped attention function gives a graph
+that depends on transformers internals, specialises dimensions that are 0 or 1 in the example
+(the empty first-step cache, B = 1), takes tens of seconds per export and still needs a
+rewrite pass for the 4-bit contrib ops. Emitting the few ops of a Llama/Qwen2 decoder is
+deterministic, takes milliseconds for the tiny test models, names nodes by path and puts
+``MatMulBnb4`` in place directly; :mod:`export.validate` proves parity with PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import torch
+
+from export.graph import build_decoder
+from export.quantize import Int4Options, quantize_int4
+from hatllm_edge.errors import InputError
+from hatllm_edge.model import SUPPORTED_TYPES, HatLLM
+
+Quant = Literal["none", "nf4", "int4"]
+DType = Literal["fp32", "fp16"]
+QUANTS: tuple[Quant, ...] = ("none", "nf4", "int4")
+DTYPES: tuple[DType, ...] = ("fp32", "fp16")
+MIN_OPSET = 23  # Attention, RotaryEmbedding and RMSNormalization enter the standard here
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot serialise a message over 2 GiB
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """Everything the graph needs: the architecture figures and fp32 weights as NumPy arrays
+    keyed by the Hugging Face parameter name (``model.layers.0.self_attn.q_proj.weight``)."""
+
+    model_type: str
+    layer_kinds: tuple[str, ...]
+    n_in: int
+    n_cr: int
+    vocab_size: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    attn_scale: float
+    inv_freq: np.ndarray  # [head_dim / 2] float32, the model's own RoPE buffer
+    rope_scaling: float  # cos/sin multiplier (1.0 for default RoPE)
+    tied_embeddings: bool
+    weights: dict[str, np.ndarray]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_kinds)
+
+    def linear_names(self) -> list[str]:
+        """Module paths of every decoder Linear, the ones that 4-bit quantisation touches."""
+        return [f"model.layers.{i}.{name}" for i in range(self.num_layers) for name in LINEARS]
+
+
+def _plain_linear(module: torch.nn.Module, path: str) -> torch.nn.Linear:
+    if type(module) is not torch.nn.Linear:
+        raise InputError(
+            f"{path} is a {type(module).__name__}, not a plain nn.Linear: merge LoRA adapters "
+            "(merge_and_unload) and remove quantisation wrappers before export"
+        )
+    return module
+
+
+def read_decoder(model: HatLLM) -> DecoderSpec:
+    """Check that the model is a decoder this exporter writes exactly, and read its weights."""
+    lm, cfg = model.lm, model.config
+    if cfg.model_type not in SUPPORTED_TYPES:
+        raise InputError(f"model type {cfg.model_type!r} cannot be exported; use one of {SUPPORTED_TYPES}")
+    if cfg.hidden_act != "silu":
+        raise InputError(f"hidden_act {cfg.hidden_act!r} is not supported by the exporter (only 'silu')")
+    rotary = lm.model.rotary_emb
+    if rotary.rope_type in ("dynamic", "longrope"):
+        # these recompute inv_freq from the sequence length at run time; a fixed graph cannot
+        raise InputError(f"rope_type {rotary.rope_type!r} depends on the sequence length; not exportable")
+    weights: dict[str, np.ndarray] = {}
+    layers = lm.model.layers
+    for i, layer in enumerate(layers):
+        for name in LINEARS:
+            path = f"model.layers.{i}.{name}"
+            linear = _plain_linear(layer.get_submodule(name), path)
+            weights[f"{path}.weight"] = linear.weight
+            if linear.bias is not None:
+                weights[f"{path}.bias"] = linear.bias
+        weights[f"model.layers.{i}.input_layernorm.weight"] = layer.input_layernorm.weight
+        weights[f"model.layers.{i}.post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+    weights["model.embed_tokens.weight"] = lm.model.embed_tokens.weight
+    weights["model.norm.weight"] = lm.model.norm.weight
+    head = _plain_linear(lm.lm_head, "lm_head")
+    if head.bias is not None:
+        raise InputError("lm_head with a bias is not supported by the exporter")
+    tied = head.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr()
+    if not tied:
+        weights["lm_head.weight"] = head.weight
+    attn = layers[0].self_attn
+    return DecoderSpec(
+        model_type=cfg.model_type,
+        layer_kinds=tuple(model.schedule.kinds),
+        n_in=model.schedule.n_in,
+        n_cr=model.schedule.n_cr,
+        vocab_size=lm.model.embed_tokens.weight.shape[0],
+        hidden_size=cfg.hidden_size,
+        num_heads=cfg.num_attention_heads,
+        num_kv_heads=cfg.num_key_value_heads,
+        head_dim=attn.head_dim,
+        rms_norm_eps=float(cfg.rms_norm_eps),
+        attn_scale=float(attn.scaling),
+        inv_freq=rotary.inv_freq.detach().float().cpu().numpy(),
+        rope_scaling=float(rotary.attention_scaling),
+        tied_embeddings=tied,
+        weights={k: v.detach().float().cpu().numpy() for k, v in weights.items()},
+    )
+
+
+def graph_metadata(spec: DecoderSpec, quant: Quant, dtype: DType, int4: Int4Options | None) -> dict[str, str]:
+    """The ``hatllm.*`` metadata_props the engine reads (layer kinds, cache geometry, quant)."""
+    meta = {
+        "hatllm.layer_kinds": json.dumps(list(spec.layer_kinds)),
+        "hatllm.model_type": spec.model_type,
+        "hatllm.n_in": str(spec.n_in),
+        "hatllm.n_cr": str(spec.n_cr),
+        "hatllm.num_layers": str(spec.num_layers),
+        "hatllm.num_kv_heads": str(spec.num_kv_heads),
+        "hatllm.head_dim": str(spec.head_dim),
+        "hatllm.vocab_size": str(spec.vocab_size),
+        "hatllm.quant": quant,
+        "hatllm.dtype": dtype,
+    }
+    if quant == "nf4":
+        meta["hatllm.quant_config"] = json.dumps({"quant_type": "nf4", "block_size": 64})
+    elif quant == "int4" and int4 is not None:
+        meta["hatllm.quant_config"] = json.dumps(int4.to_dict())
+    return meta
+
+
+def export_onnx(
+    model: HatLLM,
+    path: Path,
+    quant: Quant = "none",
+    dtype: DType = "fp32",
+    opset: int = MIN_OPSET,
+    int4: Int4Options | None = None,
+    metadata: dict[str, str] | None = None,
+    external_data: bool | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` as ONNX (graph contract in :mod:`export.graph`).
+
+    quant: "none" (weights in ``dtype``), "nf4" (bitsandbytes NF4 -> ``MatMulBnb4``) or
+    "int4" (``MatMulNBits`` via ONNX Runtime's quantiser, options in ``int4``). Embeddings and
+    the LM head always stay in ``dtype``. ``external_data`` None: only for models too big
+    for one protobuf (the weights then go to ``<name>.data`` beside it). Returns ``path``.
+    """
+    if quant not in QUANTS:
+        raise InputError(f"quant {quant!r}: expected one of {QUANTS}")
+    if dtype not in DTYPES:
+        raise InputError(f"dtype {dtype!r}: expected one of {DTYPES}")
+    if opset < MIN_OPSET:
+        raise InputError(f"opset {opset}: the graph needs opset >= {MIN_OPSET} (Attention, RotaryEmbedding)")
+    spec = read_decoder(model)
+    proto = build_decoder(spec, quant="nf4" if quant == "nf4" else "none", dtype=dtype, opset=opset)
+    if quant == "int4":
+        int4 = int4 or Int4Options()
+        proto = quantize_int4(proto, int4)
+    props = graph_metadata(spec, quant, dtype, int4) | (metadata or {})
+    onnx.helper.set_model_props(proto, props)
+    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    use_external = size > EXTERNAL_DATA_BYTES if external_data is None else external_data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=use_external,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=1024,
+    )
+    return path

@@ -1,0 +1,198 @@
+"""The ONNX graph of a Llama/Qwen2 decoder with one HatLLM mask input per mask kind.
+
+Graph contract (all of B, Q, P dynamic; P may be 0 for the first step):
+
+* inputs: ``input_ids``, ``position_ids`` [B, Q] int64; ``mask_{kind}`` bool [B, 1, Q, P+Q]
+  (True = may attend) for every kind the schedule uses; ``past_key_values.{i}.key/value``
+  [B, kv_heads, P, head_dim]; ``logits_to_keep`` int64 scalar (0 = every position; n > 0
+  keeps the last n positions, so a prefill that needs one next-token distribution skips the
+  [Q, V] LM-head product). It is a plain required input, not an overridable initializer with
+  a default: ONNX Runtime's IOBinding cannot bind overridable initializers.
+* outputs: ``logits`` [B, Q', V] float32 (Q' = Q or ``logits_to_keep``), and
+  ``present.{i}.key/value`` [B, kv_heads, P+Q, head_dim] in the graph dtype.
+
+Ops: the opset-23 standard ``RMSNormalization``, ``RotaryEmbedding`` (3-D input with
+``num_heads``, cos/sin computed once from ``position_ids``) and ``Attention`` (GQA through
+``q_num_heads``/``kv_num_heads``, the boolean mask, past/present concatenation inside the op).
+ONNX Runtime 1.31 runs all three on CPU and matches PyTorch to ~2e-7 (checked with GQA,
+random boolean masks and P in {0, 1, 4}); the fused op keeps the graph free of the
+repeat_interleave/transposes a hand-written attention would need. ``fp16``: weights,
+activations and the cache in float16, RMSNorm statistics in float32 (``stash_type``), the
+logits cast to float32 at the end so that the ranking code reads one dtype.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from export.quantize import NF4_BLOCK, nf4_pack
+
+if TYPE_CHECKING:
+    from export.convert import DecoderSpec
+
+INT64_MAX = np.iinfo(np.int64).max
+MASK_INPUT = "mask_{}"
+PAST = "past_key_values.{}.{}"
+PRESENT = "present.{}.{}"
+
+
+class _Graph:
+    """Collects nodes and initializers; every node gets a path-style name and its output is
+    ``<name>/output_0`` (the onnxruntime-genai builder's convention)."""
+
+    def __init__(self, dtype: Literal["fp32", "fp16"]) -> None:
+        self.np_dtype = np.float16 if dtype == "fp16" else np.float32
+        self.onnx_dtype = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: dict[str, onnx.TensorProto] = {}
+        self.uses_contrib = False
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        if name not in self.initializers:
+            self.initializers[name] = numpy_helper.from_array(np.require(value, requirements="C"), name)
+        return name
+
+    def weight(self, name: str, value: np.ndarray) -> str:
+        """A float weight in the graph dtype."""
+        return self.const(name, value.astype(self.np_dtype))
+
+    def op(self, op_type: str, inputs: list[str], name: str, outputs: list[str] | None = None,
+           domain: str = "", **attrs: object) -> str:
+        outputs = outputs or [f"{name}/output_0"]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=domain, **attrs))
+        self.uses_contrib |= domain == "com.microsoft"
+        return outputs[0]
+
+
+def _linear(g: _Graph, spec: DecoderSpec, x: str, path: str, quant: Literal["none", "nf4"]) -> str:
+    """x [B, Q, K] -> [B, Q, N] for the Linear at ``path`` (weight [N, K])."""
+    node = "/" + path.replace(".", "/").replace("/layers/", "/layers.").replace("self_attn", "attn")
+    w = spec.weights[f"{path}.weight"]
+    if quant == "nf4":
+        packed, absmax = nf4_pack(w)
+        out = g.op("MatMulBnb4",
+                   [x, g.const(f"{path}.weight.nf4", packed), g.weight(f"{path}.weight.absmax", absmax)],
+                   f"{node}/MatMulBnb4", domain="com.microsoft",
+                   K=w.shape[1], N=w.shape[0], block_size=NF4_BLOCK, quant_type=1)
+    else:
+        # the initializer holds W^T [K, N], so MatMulNBitsQuantizer later finds a plain MatMul
+        out = g.op("MatMul", [x, g.weight(f"{path}.weight.T", w.T)], f"{node}/MatMul")
+    bias = spec.weights.get(f"{path}.bias")
+    if bias is not None:
+        out = g.op("Add", [out, g.weight(f"{path}.bias", bias)], f"{node}/BiasAdd")
+    return out
+
+
+def _rms_norm(g: _Graph, spec: DecoderSpec, x: str, weight: str, node: str) -> str:
+    return g.op("RMSNormalization", [x, g.weight(weight, spec.weights[weight])], f"{node}/RMSNormalization",
+                axis=-1, epsilon=spec.rms_norm_eps, stash_type=1)
+
+
+def _rope_tables(g: _Graph, spec: DecoderSpec) -> tuple[str, str]:
+    """cos, sin [B, Q, head_dim/2] from position_ids, as Hugging Face computes them
+    (float32 position x inv_freq, then x attention_scaling)."""
+    pos = g.op("Cast", ["position_ids"], "/model/rope/Cast", to=TensorProto.FLOAT)
+    pos = g.op("Unsqueeze", [pos, g.const("/model/rope/axes", np.array([-1], np.int64))], "/model/rope/Unsqueeze")
+    freqs = g.op("Mul", [pos, g.const("model.rotary_emb.inv_freq", spec.inv_freq)], "/model/rope/Mul")
+    tables = []
+    for fn in ("Cos", "Sin"):
+        t = g.op(fn, [freqs], f"/model/rope/{fn}")
+        if spec.rope_scaling != 1.0:
+            scale = g.const("model.rotary_emb.attention_scaling", np.array(spec.rope_scaling, np.float32))
+            t = g.op("Mul", [t, scale], f"/model/rope/{fn}/Scale")
+        if g.np_dtype is np.float16:
+            t = g.op("Cast", [t], f"/model/rope/{fn}/Cast", to=TensorProto.FLOAT16)
+        tables.append(t)
+    return tables[0], tables[1]
+
+
+def _layer(g: _Graph, spec: DecoderSpec, i: int, h: str, cos: str, sin: str, quant: Literal["none", "nf4"]) -> str:
+    """One decoder layer; ``h`` [B, Q, hidden] is the residual stream.
+
+        h ─ RMSNorm ─ q,k,v ─ RoPE(q,k) ─ Attention(mask_<kind>, past) ─ o_proj ─ (+h) ─┐
+        ┌───────────────────────────────────────────────────────────────────────────────┘
+        └─ RMSNorm ─ gate, up ─ SiLU(gate) * up ─ down_proj ─ (+) ─> h
+    """
+    p, node = f"model.layers.{i}", f"/model/layers.{i}"
+    x = _rms_norm(g, spec, h, f"{p}.input_layernorm.weight", f"{node}/input_layernorm")
+    q = _linear(g, spec, x, f"{p}.self_attn.q_proj", quant)  # [B, Q, H * D]
+    k = _linear(g, spec, x, f"{p}.self_attn.k_proj", quant)  # [B, Q, KV * D]
+    v = _linear(g, spec, x, f"{p}.self_attn.v_proj", quant)
+    q = g.op("RotaryEmbedding", [q, cos, sin], f"{node}/attn/q_rotary/RotaryEmbedding", num_heads=spec.num_heads)
+    k = g.op("RotaryEmbedding", [k, cos, sin], f"{node}/attn/k_rotary/RotaryEmbedding", num_heads=spec.num_kv_heads)
+    y = g.op(
+        "Attention",
+        [q, k, v, MASK_INPUT.format(spec.layer_kinds[i]), PAST.format(i, "key"), PAST.format(i, "value")],
+        f"{node}/attn/Attention",
+        outputs=[f"{node}/attn/Attention/output_0", PRESENT.format(i, "key"), PRESENT.format(i, "value")],
+        q_num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, scale=spec.attn_scale, is_causal=0,
+    )  # [B, Q, H * D]
+    h = g.op("Add", [h, _linear(g, spec, y, f"{p}.self_attn.o_proj", quant)], f"{node}/attn/residual/Add")
+    x = _rms_norm(g, spec, h, f"{p}.post_attention_layernorm.weight", f"{node}/post_attention_layernorm")
+    gate = _linear(g, spec, x, f"{p}.mlp.gate_proj", quant)
+    up = _linear(g, spec, x, f"{p}.mlp.up_proj", quant)
+    act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{node}/mlp/act/Sigmoid")], f"{node}/mlp/act/Mul")
+    act = g.op("Mul", [act, up], f"{node}/mlp/Mul")
+    return g.op("Add", [h, _linear(g, spec, act, f"{p}.mlp.down_proj", quant)], f"{node}/mlp/residual/Add")
+
+
+def _lm_head(g: _Graph, spec: DecoderSpec, h: str) -> str:
+    """Final norm, keep the last ``logits_to_keep`` positions, then logits [B, Q', V].
+
+    Gemm with transB reads the [V, hidden] matrix in place, so tied embeddings are stored once
+    and the int4 quantiser (which only rewrites MatMul) leaves the head in full precision.
+    """
+    x = _rms_norm(g, spec, h, "model.norm.weight", "/model/norm")
+    keep = g.op("Reshape", ["logits_to_keep", g.const("/lm_head/one", np.array([1], np.int64))], "/lm_head/keep/Reshape")
+    start = g.op("Neg", [keep], "/lm_head/keep/Neg")  # -0 = 0: every position
+    x = g.op("Slice", [x, start, g.const("/lm_head/end", np.array([INT64_MAX], np.int64)),
+                       g.const("/lm_head/axis", np.array([1], np.int64))], "/lm_head/keep/Slice")
+    lead = g.op("Shape", [x], "/lm_head/Shape", end=2)  # [B, Q']
+    flat = g.op("Reshape", [x, g.const("/lm_head/flat", np.array([-1, spec.hidden_size], np.int64))], "/lm_head/Reshape")
+    head = "lm_head.weight" if "lm_head.weight" in spec.weights else "model.embed_tokens.weight"
+    logits = g.op("Gemm", [flat, g.weight(head, spec.weights[head])], "/lm_head/Gemm", transB=1)
+    shape = g.op("Concat", [lead, g.const("/lm_head/vocab", np.array([spec.vocab_size], np.int64))],
+                 "/lm_head/Concat", axis=0)
+    if g.np_dtype is np.float16:
+        logits = g.op("Cast", [logits], "/lm_head/Cast", to=TensorProto.FLOAT)
+    return g.op("Reshape", [logits, shape], "/lm_head/output/Reshape", outputs=["logits"])
+
+
+def build_decoder(spec: DecoderSpec, quant: Literal["none", "nf4"] = "none",
+                  dtype: Literal["fp32", "fp16"] = "fp32", opset: int = 23) -> onnx.ModelProto:
+    """The whole decoder as a ModelProto (weights inline; :func:`export.convert.export_onnx` saves it)."""
+    g = _Graph(dtype)
+    h = g.op("Gather", [g.weight("model.embed_tokens.weight", spec.weights["model.embed_tokens.weight"]),
+                        "input_ids"], "/model/embed_tokens/Gather")
+    cos, sin = _rope_tables(g, spec)
+    for i in range(spec.num_layers):
+        h = _layer(g, spec, i, h, cos, sin, quant)
+    _lm_head(g, spec, h)
+
+    kv_shape = ["batch", spec.num_kv_heads, "past_sequence", spec.head_dim]
+    present_shape = ["batch", spec.num_kv_heads, "total_sequence", spec.head_dim]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
+    ]
+    for kind in dict.fromkeys(spec.layer_kinds):
+        inputs.append(helper.make_tensor_value_info(
+            MASK_INPUT.format(kind), TensorProto.BOOL, ["batch", 1, "sequence", "total_sequence"]))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_sequence", spec.vocab_size])]
+    for i in range(spec.num_layers):
+        for part in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(PAST.format(i, part), g.onnx_dtype, kv_shape))
+            outputs.append(helper.make_tensor_value_info(PRESENT.format(i, part), g.onnx_dtype, present_shape))
+    inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, []))
+
+    graph = helper.make_graph(g.nodes, "hatllm_decoder", inputs, outputs, initializer=list(g.initializers.values()))
+    opsets = [helper.make_opsetid("", opset)]
+    if g.uses_contrib:
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="hatllm-edge")
+    model.ir_version = helper.find_min_ir_version_for(opsets[:1])
+    return model

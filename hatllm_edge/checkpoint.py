@@ -1,0 +1,75 @@
+"""Self-describing checkpoints: a folder that holds everything ``evaluate``/``rank``/``export``
+need, so they take no model flags.
+
+    hatllm.json     how it was made: base model, layer schedule, prompt, fine-tuning, data
+    tokenizer.json  the tokenizer (prompts are built from it, also by the torch-free engine)
+    catalog.jsonl   the rankable items: {"item_id", "title"} per line
+    adapter/        the LoRA adapter (peft, safetensors)   -- or --
+    model.safetensors  the full fine-tuned weights
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hatllm_edge.data import Catalog
+from hatllm_edge.errors import InputError
+from hatllm_edge.masks import LayerSchedule
+from hatllm_edge.model import BaseModelSpec, HatLLM, load_base
+from hatllm_edge.prompt import PromptBuilder
+
+META_FILE = "hatllm.json"
+TOKENIZER_FILE = "tokenizer.json"
+CATALOG_FILE = "catalog.jsonl"
+ADAPTER_DIR = "adapter"
+FULL_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class Loaded:
+    """A ready model: LoRA merged, the prompt builder and the catalog it ranks."""
+
+    model: HatLLM
+    prompts: PromptBuilder
+    catalog: Catalog
+    meta: dict[str, Any]
+    folder: Path | None
+
+
+def write_common(folder: Path, tokenizer: Any, catalog: Catalog, meta: dict[str, Any]) -> None:
+    """Write tokenizer, catalog and metadata (the weights are written by the caller)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.backend_tokenizer.save(str(folder / TOKENIZER_FILE))
+    (folder / CATALOG_FILE).write_text(catalog.to_jsonl(), encoding="utf-8")
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    path = folder / META_FILE
+    if not path.is_file():
+        raise InputError(f"{folder}: not a hatllm-edge checkpoint (no {META_FILE}); train one with 'hatllm-edge train'")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_checkpoint(folder: Path, dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load a checkpoint folder: base weights from where ``hatllm.json`` says, then the
+    adapter (merged, so inference runs on plain weights) or the full weights."""
+    meta = read_meta(folder)
+    base, tokenizer = load_base(BaseModelSpec(**meta["base"]), dtype=dtype)
+    if meta["finetune"] == "lora":
+        from peft import PeftModel
+
+        base = PeftModel.from_pretrained(base, str(folder / ADAPTER_DIR)).merge_and_unload()
+    elif meta["finetune"] == "full":
+        from safetensors.torch import load_file
+
+        base.load_state_dict(load_file(str(folder / FULL_WEIGHTS)), strict=False)
+        base.tie_weights()
+    schedule = LayerSchedule(**meta["schedule"])
+    prompts = PromptBuilder.from_file(folder / TOKENIZER_FILE, meta["prompt"]["eos_token"], meta["prompt"]["max_history"])
+    return Loaded(HatLLM(base.eval(), schedule), prompts, Catalog.from_jsonl(folder / CATALOG_FILE), meta, folder)

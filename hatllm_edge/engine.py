@@ -1,0 +1,211 @@
+"""The ONNX Runtime backend: runs an exported HatLLM graph behind :class:`hatllm_edge.backend.Backend`.
+
+No torch here, at import or at run time. One code path for CPU and CUDA: every step runs
+through an IOBinding, the KV cache stays on the session's device as OrtValues (never copied
+to NumPy between steps), only the logits come back to host memory. Beam reordering
+(``select``) is a second tiny ONNX session (one Gather per cache tensor) on the same device.
+Graph contract: :mod:`export.graph`. Bundle layout and its manifest: :func:`verify_bundle`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from hatllm_edge.errors import InputError
+from hatllm_edge.masks import MASK_KINDS, MaskKind
+
+MODEL_FILE = "model.onnx"
+BUNDLE_FILE = "bundle.json"
+MANIFEST_FILE = "manifest.json"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_bundle(folder: Path, hashes: bool = True) -> dict[str, Any]:
+    """Check every file the bundle's manifest lists: present, same size and (when ``hashes``)
+    same sha256. Returns the manifest; raises InputError naming the first bad file."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"bundle {folder}: no readable {MANIFEST_FILE} ({e}); is this an exported bundle?") from e
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise InputError(f"bundle {folder}: {name} is missing; re-export or re-copy the bundle")
+        if path.stat().st_size != entry["size"]:
+            raise InputError(f"bundle {folder}: {name} has {path.stat().st_size} bytes, the manifest says "
+                             f"{entry['size']}; the bundle is truncated or was modified")
+        if hashes and file_sha256(path) != entry["sha256"]:
+            raise InputError(f"bundle {folder}: {name} does not match its sha256 in {MANIFEST_FILE}; "
+                             "the bundle is corrupt or was modified")
+    return manifest
+
+
+@dataclass(frozen=True)
+class OrtCache:
+    """The KV cache of one batch: OrtValues [B, kv_heads, P, head_dim] in graph-input order
+    (layer 0 key, layer 0 value, layer 1 key, ...), on the session's device. Opaque to callers."""
+
+    values: tuple[Any, ...]
+    batch: int
+    length: int
+
+
+def _gather_model(num_values: int, elem_type: int, opset: int) -> bytes:
+    """values.{j} [B, ...] + index [B'] -> values.{j}[index]: the cache's beam reorder."""
+    from onnx import TensorProto, helper
+
+    nodes, inputs, outputs = [], [helper.make_tensor_value_info("index", TensorProto.INT64, ["rows"])], []
+    for j in range(num_values):
+        shape = ["batch", "heads", "length", "dim"]
+        inputs.append(helper.make_tensor_value_info(f"in.{j}", elem_type, shape))
+        outputs.append(helper.make_tensor_value_info(f"out.{j}", elem_type, ["rows", "heads", "length", "dim"]))
+        nodes.append(helper.make_node("Gather", [f"in.{j}", "index"], [f"out.{j}"], name=f"/select/{j}", axis=0))
+    graph = helper.make_graph(nodes, "select_rows", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = helper.find_min_ir_version_for(model.opset_import)
+    return model.SerializeToString()
+
+
+class OnnxBackend:
+    """One exported HatLLM graph in an ONNX Runtime session.
+
+    device "cpu" (CPUExecutionProvider) or "cuda" (CUDAExecutionProvider, never a silent CPU
+    fallback); ``threads`` fixes the intra-op thread count (None: ONNX Runtime's default).
+    Exposes ``load_seconds``, ``metadata`` (the graph's metadata_props) and ``layer_kinds``.
+    """
+
+    def __init__(self, onnx_path: Path | str, device: Literal["cpu", "cuda"] = "cpu",
+                 threads: int | None = None, device_id: int = 0) -> None:
+        import onnxruntime as ort
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise InputError(f"ONNX model {path}: no such file")
+        if threads is not None and threads < 1:
+            raise InputError(f"threads must be >= 1, got {threads}")
+        if device == "cuda":
+            available = ort.get_available_providers()
+            if "CUDAExecutionProvider" not in available:
+                raise InputError("onnxruntime-gpu with a CUDA GPU is needed for --device cuda; available "
+                                 f"providers: {', '.join(available)}")
+            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device_id})]
+        elif device == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            raise InputError(f"device {device!r}: expected 'cpu' or 'cuda'")
+        self.device, self.device_id = device, device_id
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        start = time.perf_counter()
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.load_seconds = time.perf_counter() - start
+        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            # ORT falls back to CPU when the CUDA libraries fail to load; refuse that here
+            raise InputError("onnxruntime could not start CUDAExecutionProvider (CUDA/cuDNN libraries "
+                             f"missing?); session providers: {', '.join(self.session.get_providers())}")
+
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        if "hatllm.layer_kinds" not in self.metadata:
+            raise InputError(f"ONNX model {path} carries no hatllm.layer_kinds metadata; export it with hatllm-edge")
+        self.layer_kinds: list[MaskKind] = json.loads(self.metadata["hatllm.layer_kinds"])
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.mask_kinds: list[MaskKind] = [k for k in MASK_KINDS if f"mask_{k}" in inputs]
+        n = len(self.layer_kinds)
+        self._past = [f"past_key_values.{i}.{p}" for i in range(n) for p in ("key", "value")]
+        self._present = [f"present.{i}.{p}" for i in range(n) for p in ("key", "value")]
+        past = inputs[self._past[0]]
+        self.num_kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
+        self.cache_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
+        from onnx import TensorProto
+
+        elem = TensorProto.FLOAT16 if self.cache_dtype == np.float16 else TensorProto.FLOAT
+        self._select = ort.InferenceSession(_gather_model(len(self._past), elem, 13), options, providers=providers)
+
+    @classmethod
+    def from_bundle(cls, folder: Path | str, device: Literal["cpu", "cuda"] = "cpu", threads: int | None = None,
+                    verify: bool = True) -> OnnxBackend:
+        """Open ``folder/model.onnx`` after checking the manifest (sizes always, hashes when ``verify``)."""
+        verify_bundle(Path(folder), hashes=verify)
+        return cls(Path(folder) / MODEL_FILE, device=device, threads=threads)
+
+    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: dict[MaskKind, np.ndarray],
+                cache: OrtCache | None, last_only: bool = False) -> tuple[np.ndarray, OrtCache]:
+        """One step (see :meth:`hatllm_edge.backend.Backend.forward`); masks of kinds the graph
+        does not use are ignored. Returns float32 logits [B, Q, V] or [B, V]."""
+        ids = np.ascontiguousarray(input_ids, np.int64)
+        pos = np.ascontiguousarray(position_ids, np.int64)
+        batch, q = ids.shape
+        past_len = 0 if cache is None else cache.length
+        if pos.shape != ids.shape:
+            raise InputError(f"position_ids {pos.shape} and input_ids {ids.shape} differ in shape")
+        if cache is not None and cache.batch != batch:
+            raise InputError(f"the cache holds {cache.batch} rows, the step has {batch}; select() rows first")
+        bind = self.session.io_binding()
+        bind.bind_cpu_input("input_ids", ids)
+        bind.bind_cpu_input("position_ids", pos)
+        host = [ids, pos]  # keeps the bound host arrays alive until the run ends
+        for kind in self.mask_kinds:
+            if kind not in masks:
+                raise InputError(f"mask kind {kind!r} is missing; this model needs {self.mask_kinds}")
+            mask = np.ascontiguousarray(masks[kind], bool)
+            if mask.shape != (batch, 1, q, past_len + q):
+                raise InputError(f"mask_{kind} has shape {mask.shape}, expected {(batch, 1, q, past_len + q)}")
+            bind.bind_cpu_input(f"mask_{kind}", mask)
+            host.append(mask)
+        keep = np.array(1 if last_only else 0, np.int64)
+        bind.bind_cpu_input("logits_to_keep", keep)
+        host.append(keep)
+        if cache is None:
+            empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.cache_dtype)
+            host.append(empty)
+            for name in self._past:
+                bind.bind_cpu_input(name, empty)
+        else:
+            for name, value in zip(self._past, cache.values):
+                bind.bind_ortvalue_input(name, value)
+        bind.bind_output("logits", "cpu")
+        for name in self._present:
+            bind.bind_output(name, self.device, self.device_id)
+        self.session.run_with_iobinding(bind)
+        outputs = bind.get_outputs()
+        logits = outputs[0].numpy()  # [B, Q', V] float32
+        return (logits[:, -1] if last_only else logits), OrtCache(tuple(outputs[1:]), batch, past_len + q)
+
+    def select(self, cache: OrtCache, index: np.ndarray) -> OrtCache:
+        """The cache with rows ``index`` [B'] (beam reorder/expand), gathered on the device."""
+        idx = np.ascontiguousarray(index, np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= cache.batch):
+            raise InputError(f"select index out of range for a cache of {cache.batch} rows: {idx.tolist()}")
+        bind = self._select.io_binding()
+        bind.bind_cpu_input("index", idx)
+        for j, value in enumerate(cache.values):
+            bind.bind_ortvalue_input(f"in.{j}", value)
+            bind.bind_output(f"out.{j}", self.device, self.device_id)
+        self._select.run_with_iobinding(bind)
+        return OrtCache(tuple(bind.get_outputs()), len(idx), cache.length)
+
+    def cache_arrays(self, cache: OrtCache) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The cache copied to host memory, per layer (key, value) [B, kv_heads, P, head_dim]."""
+        values = [v.numpy() for v in cache.values]
+        return list(zip(values[0::2], values[1::2]))

@@ -1,0 +1,148 @@
+"""OnnxBackend: behaves like HatLLM.forward (cache, select, last_only), checks its inputs,
+refuses CUDA without CUDA, and needs no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from export import export_onnx
+from export.validate import sample_steps
+from hatllm_edge.engine import OnnxBackend
+from hatllm_edge.errors import InputError
+from hatllm_edge.masks import LayerSchedule, build_masks, causal_visibility
+from hatllm_edge.model import HatLLM
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.fixture(scope="module")
+def model() -> HatLLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return HatLLM(LlamaForCausalLM(cfg).eval(), LayerSchedule(4, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def onnx_path(model: HatLLM, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_onnx(model, tmp_path_factory.mktemp("engine") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def backend(onnx_path: Path) -> OnnxBackend:
+    return OnnxBackend(onnx_path, threads=1)
+
+
+def _step_masks(segments: np.ndarray, key_valid: np.ndarray, q: int) -> dict[str, np.ndarray]:
+    return build_masks(segments[:, -q:], segments, causal_visibility(key_valid, q))
+
+
+def test_metadata_and_load_time(backend: OnnxBackend) -> None:
+    assert backend.layer_kinds == ["in", "or", "or", "cr"]
+    assert backend.mask_kinds == ["in", "or", "cr"]
+    assert backend.metadata["hatllm.model_type"] == "llama"
+    assert 0 < backend.load_seconds < 30
+    assert (backend.num_kv_heads, backend.head_dim) == (2, 16)
+
+
+def test_forward_select_and_cached_step_match_pytorch(model: HatLLM, backend: OnnxBackend) -> None:
+    """Prefill 2 rows, expand to 3 beams with select, then a cached step: as beam search does."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 128, (2, 6))
+    seg = rng.integers(0, 3, (2, 6))
+    valid = np.ones((2, 6), bool)
+    valid[1, :2] = False  # left padding
+    pos = np.maximum(np.cumsum(valid, 1) - 1, 0)
+    masks = _step_masks(seg, valid, 6)
+    logits, cache = backend.forward(ids, pos, masks, None)
+    with torch.no_grad():
+        t_logits, t_cache = model(torch.from_numpy(ids), torch.from_numpy(pos),
+                                  {k: torch.from_numpy(m) for k, m in masks.items()}, use_cache=True)
+    assert logits.dtype == np.float32 and logits.shape == (2, 6, 128)
+    assert np.abs(logits - t_logits.numpy()).max() <= 1e-4
+    for (k, v), (tk, tv) in zip(backend.cache_arrays(cache), t_cache):
+        assert np.abs(k - tk.numpy()).max() <= 1e-5 and np.abs(v - tv.numpy()).max() <= 1e-5
+
+    index = np.array([1, 0, 1])
+    cache = backend.select(cache, index)
+    assert (cache.batch, cache.length) == (3, 6)
+    t_cache = [(k[torch.from_numpy(index)], v[torch.from_numpy(index)]) for k, v in t_cache]
+    new_ids = rng.integers(0, 128, (3, 1))
+    key_valid = np.concatenate([valid[index], np.ones((3, 1), bool)], 1)
+    seg = np.concatenate([seg[index], np.full((3, 1), 3)], 1)
+    masks = _step_masks(seg, key_valid, 1)
+    new_pos = key_valid.sum(1, keepdims=True) - 1
+    last, cache = backend.forward(new_ids, new_pos, masks, cache, last_only=True)
+    with torch.no_grad():
+        t_last, _ = model(torch.from_numpy(new_ids), torch.from_numpy(new_pos),
+                          {k: torch.from_numpy(m) for k, m in masks.items()}, past=t_cache, use_cache=True)
+    assert last.shape == (3, 128) and cache.length == 7
+    assert np.abs(last - t_last[:, -1].numpy()).max() <= 1e-4
+
+
+def test_last_only_equals_last_position_of_full(backend: OnnxBackend) -> None:
+    s = sample_steps(128)[0]
+    full, _ = backend.forward(s.input_ids, s.position_ids, s.masks, None)
+    last, cache = backend.forward(s.input_ids, s.position_ids, s.masks, None, last_only=True)
+    assert np.array_equal(last, full[:, -1]) and cache.length == s.input_ids.shape[1]
+
+
+def test_rejects_bad_inputs(backend: OnnxBackend) -> None:
+    s = sample_steps(128)[0]
+    with pytest.raises(InputError, match="mask kind 'cr' is missing"):
+        backend.forward(s.input_ids, s.position_ids, {"in": s.masks["in"], "or": s.masks["or"]}, None)
+    with pytest.raises(InputError, match="mask_in has shape"):
+        backend.forward(s.input_ids, s.position_ids, {k: m[:, :, :, 1:] for k, m in s.masks.items()}, None)
+    _, cache = backend.forward(s.input_ids, s.position_ids, s.masks, None)
+    with pytest.raises(InputError, match="select\\(\\) rows first"):
+        backend.forward(s.input_ids[:1, :1], s.position_ids[:1, :1], {}, cache)
+    with pytest.raises(InputError, match="out of range"):
+        backend.select(cache, np.array([3]))
+    with pytest.raises(InputError, match="no such file"):
+        OnnxBackend("/nonexistent/model.onnx")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CUDA is available here; the refusal applies without it")
+def test_cuda_without_cuda_is_an_input_error(onnx_path: Path) -> None:
+    with pytest.raises(InputError, match="onnxruntime-gpu with a CUDA GPU is needed for --device cuda"):
+        OnnxBackend(onnx_path, device="cuda")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA GPU")
+def test_cuda_matches_cpu(onnx_path: Path, backend: OnnxBackend) -> None:
+    gpu = OnnxBackend(onnx_path, device="cuda")
+    steps = sample_steps(128)
+    cpu_cache = gpu_cache = None
+    for s in steps:
+        a, cpu_cache = backend.forward(s.input_ids, s.position_ids, s.masks, cpu_cache)
+        b, gpu_cache = gpu.forward(s.input_ids, s.position_ids, s.masks, gpu_cache)
+        assert np.abs(a - b).max() <= 1e-3
+    assert gpu_cache.values[0].device_name() == "cuda"
+    gpu_cache = gpu.select(gpu_cache, np.array([2, 0]))
+    assert gpu.cache_arrays(gpu_cache)[0][0].shape[0] == 2
+
+
+def test_engine_runs_without_torch(onnx_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from hatllm_edge.engine import OnnxBackend\n"
+        "from hatllm_edge.masks import build_masks, causal_visibility\n"
+        f"b = OnnxBackend({str(onnx_path)!r}, threads=1)\n"
+        "ids = np.arange(5)[None]; seg = np.zeros((1, 5), int)\n"
+        "m = build_masks(seg, seg, causal_visibility(np.ones((1, 5), bool), 5))\n"
+        "logits, cache = b.forward(ids, ids, m, None, last_only=True)\n"
+        "assert logits.shape == (1, 128)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60,
+                            env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr

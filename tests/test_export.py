@@ -1,0 +1,259 @@
+"""Export: the graph contract, fp32/NF4/int4 parity with PyTorch, the bundle and its failure modes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from export import Int4Options, export_bundle, export_onnx, validate, verify_bundle
+from export.convert import LINEARS
+from export.quantize import dequantized_linears, nf4_absmax, nf4_pack, nf4_unpack
+from export.validate import Step, compare, run_onnx, run_torch, sample_steps
+from hatllm_edge.engine import OnnxBackend, file_sha256
+from hatllm_edge.errors import HatLLMError, InputError
+from hatllm_edge.masks import LayerSchedule
+from hatllm_edge.model import HatLLM
+
+bnbf = pytest.importorskip("bitsandbytes.functional")
+
+
+def tiny_llama(n_in: int = 1, n_cr: int = 1, **config: object) -> HatLLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, **config)
+    return HatLLM(LlamaForCausalLM(cfg).eval(), LayerSchedule(4, n_in, n_cr))
+
+
+def tiny_qwen2() -> HatLLM:
+    torch.manual_seed(1)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return HatLLM(Qwen2ForCausalLM(cfg).eval(), LayerSchedule(3, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def llama() -> HatLLM:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def qwen2() -> HatLLM:
+    return tiny_qwen2()
+
+
+@pytest.fixture(scope="module")
+def exported(llama: HatLLM, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("onnx")
+    return {q: export_onnx(llama, out / f"{q}.onnx", quant=q) for q in ("none", "nf4", "int4")}
+
+
+def test_sample_steps_exercise_every_mask_kind_and_padding() -> None:
+    prefill, step = sample_steps(128)
+    for s in (prefill, step):
+        m = s.masks
+        assert not np.array_equal(m["in"], m["or"]) and not np.array_equal(m["cr"], m["or"])
+    assert not prefill.valid[1, 0] and not prefill.valid[2, -1]  # left- and right-padded rows
+    assert step.masks["or"].shape == (3, 1, 2, 11)
+
+
+def test_graph_contract_and_metadata(exported: dict[str, Path]) -> None:
+    model = onnx.load(str(exported["none"]))
+    assert [o.version for o in model.opset_import if o.domain == ""] == [23]
+    inputs = {i.name: i.type.tensor_type for i in model.graph.input}
+    assert inputs["input_ids"].elem_type == onnx.TensorProto.INT64
+    assert inputs["mask_in"].elem_type == onnx.TensorProto.BOOL
+    assert {"mask_in", "mask_or", "mask_cr", "past_key_values.3.value"} <= inputs.keys()
+    dims = [d.dim_param or d.dim_value for d in inputs["past_key_values.0.key"].shape.dim]
+    assert dims == ["batch", 2, "past_sequence", 16]
+    outputs = [o.name for o in model.graph.output]
+    assert outputs[0] == "logits" and "present.3.value" in outputs
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["hatllm.layer_kinds"]) == ["in", "or", "or", "cr"]
+    assert (meta["hatllm.n_in"], meta["hatllm.n_cr"], meta["hatllm.quant"]) == ("1", "1", "none")
+    ops = {n.op_type for n in model.graph.node}
+    assert {"Attention", "RotaryEmbedding", "RMSNormalization"} <= ops
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert [n.name for n in attention][0] == "/model/layers.0/attn/Attention"
+    assert [n.input[3] for n in attention] == ["mask_in", "mask_or", "mask_or", "mask_cr"]
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen2"])
+def test_fp32_matches_pytorch(which: str, llama: HatLLM, qwen2: HatLLM, tmp_path: Path) -> None:
+    """Prefill from an empty cache then a cached step, B = 3 with left and right padding."""
+    model = llama if which == "llama" else qwen2
+    report = validate(model, export_onnx(model, tmp_path / "m.onnx"))
+    assert report.exact.reference == "fp32"
+    assert report.exact.max_abs_diff <= 1e-4
+    assert report.exact.top1_agreement == 1.0
+
+
+@pytest.mark.parametrize("n_in,n_cr", [(4, 0), (0, 0), (0, 4)], ids=["all-in", "all-or", "all-cr"])
+def test_each_mask_kind_alone(n_in: int, n_cr: int, tmp_path: Path) -> None:
+    model = tiny_llama(n_in, n_cr)
+    path = export_onnx(model, tmp_path / "m.onnx")
+    assert validate(model, path).exact.max_abs_diff <= 1e-4
+    # the graph reads the mask it claims to: the other kinds' masks change the logits
+    kind = model.schedule.kinds[0]
+    steps = sample_steps(128)
+    other = "or" if kind != "or" else "in"
+    swapped = [Step(s.input_ids, s.position_ids, {kind: s.masks[other]}, s.valid) for s in steps]
+    base = run_onnx(OnnxBackend(path, threads=1), steps)
+    assert np.abs(run_onnx(OnnxBackend(path, threads=1), swapped)[0] - base[0]).max() > 1e-3
+
+
+def test_nf4_bytes_and_parity_with_bitsandbytes(llama: HatLLM, exported: dict[str, Path]) -> None:
+    model = onnx.load(str(exported["nf4"]))
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    reference = tiny_llama()  # same seed, same weights; bitsandbytes dequantises independently
+    with torch.no_grad():
+        for i in range(4):
+            for name in LINEARS:
+                path = f"model.layers.{i}.{name}"
+                w = reference.lm.get_parameter(f"{path}.weight")
+                packed, state = bnbf.quantize_4bit(w.detach().clone(), blocksize=64, quant_type="nf4",
+                                                   compress_statistics=False)
+                assert np.array_equal(arrays[f"{path}.weight.nf4"], packed.numpy().reshape(-1))
+                assert np.array_equal(arrays[f"{path}.weight.absmax"], state.absmax.numpy())
+                w.copy_(bnbf.dequantize_4bit(packed, state))
+    steps = sample_steps(128)
+    parity = compare("bitsandbytes", run_onnx(OnnxBackend(exported["nf4"], threads=1), steps),
+                     run_torch(reference, steps), steps)
+    assert parity.max_abs_diff <= 1e-4 * max(1.0, parity.logit_scale)
+    assert parity.top1_agreement == 1.0
+
+
+def test_nf4_double_quantised_absmax_is_expanded() -> None:
+    w = torch.randn(32, 128)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert state.nested
+    ours = nf4_unpack(packed.numpy().reshape(-1), nf4_absmax(state), 32, 128)
+    assert np.allclose(ours, bnbf.dequantize_4bit(packed, state).numpy(), atol=1e-6)
+    packed_np, absmax = nf4_pack(w.numpy())
+    assert packed_np.shape == (32 * 128 // 2,) and absmax.shape == (32 * 128 // 64,)
+
+
+def test_int4_weights_within_one_step_and_logits_close(llama: HatLLM, exported: dict[str, Path]) -> None:
+    model = onnx.load(str(exported["int4"]))
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 4 * len(LINEARS)
+    assert not any(n.op_type == "MatMulNBits" for n in model.graph.node if n.name.startswith("/lm_head"))
+    for name, deq in dequantized_linears(model).items():
+        w = llama.lm.get_parameter(name).detach().numpy()
+        blocks = w.reshape(w.shape[0], -1, 32)
+        step = (blocks.max(-1) - np.minimum(blocks.min(-1), 0) + 1e-12) / 15  # asymmetric RTN step
+        assert (np.abs(deq - w).reshape(blocks.shape) <= step[..., None] * 1.001).all(), name
+    report = validate(llama, exported["int4"])
+    exact, fp32 = report.parities
+    assert exact.reference == "dequantized" and exact.rel_diff <= 1e-4
+    # a random tiny model has near-tied logits, so agreement is a weak figure here; the bound is
+    # the quantisation error itself (~8% RMS per weight for 4-bit RTN, block 32)
+    assert fp32.rel_diff <= 0.35 and fp32.top1_agreement >= 0.6 and fp32.top5_overlap >= 0.7
+
+
+@pytest.mark.parametrize("algo", ["hqq", "gptq"])
+def test_int4_other_algorithms_match_their_weights(algo: str, llama: HatLLM, tmp_path: Path) -> None:
+    options = Int4Options(algo=algo, calibration=(np.arange(24) % 128, np.arange(16) * 5 % 128))
+    path = export_onnx(llama, tmp_path / "m.onnx", quant="int4", int4=options)
+    assert validate(llama, path).exact.rel_diff <= 1e-4
+
+
+def test_fp16_graph_runs_and_tracks_fp32(llama: HatLLM, tmp_path: Path) -> None:
+    path = export_onnx(llama, tmp_path / "m.onnx", dtype="fp16")
+    backend = OnnxBackend(path, threads=1)
+    assert backend.cache_dtype == np.float16
+    report = validate(llama, path)
+    assert report.exact.rel_diff <= 5e-3 and report.exact.top1_agreement == 1.0
+
+
+def test_external_data_round_trip(llama: HatLLM, exported: dict[str, Path], tmp_path: Path) -> None:
+    path = export_onnx(llama, tmp_path / "m.onnx", external_data=True)
+    assert (tmp_path / "m.onnx.data").stat().st_size > path.stat().st_size
+    steps = sample_steps(128)
+    a = run_onnx(OnnxBackend(path, threads=1), steps)
+    b = run_onnx(OnnxBackend(exported["none"], threads=1), steps)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_refuses_what_it_cannot_export(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="hidden_act"):
+        export_onnx(tiny_llama(hidden_act="gelu"), tmp_path / "m.onnx")
+    with pytest.raises(InputError, match="opset"):
+        export_onnx(tiny_llama(), tmp_path / "m.onnx", opset=21)
+    with pytest.raises(InputError, match="GPTQ needs calibration"):
+        export_onnx(tiny_llama(), tmp_path / "m.onnx", quant="int4", int4=Int4Options(algo="gptq"))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.fixture(scope="module")
+def bundle(llama: HatLLM, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bundles")
+    (root / "catalog.jsonl").write_text('{"id": 1, "title": "A"}\n')
+    files = {"tokenizer.json": b'{"model": {}}', "catalog.jsonl": root / "catalog.jsonl"}
+    return export_bundle(llama, root / "out", "nf4", files, {"schedule": {"n_in": 1}}, progress=False)
+
+
+def test_bundle_contents_and_manifest(bundle: Path) -> None:
+    names = sorted(p.name for p in bundle.iterdir())
+    assert names == ["bundle.json", "catalog.jsonl", "manifest.json", "model.onnx", "tokenizer.json"]
+    manifest = json.loads((bundle / "manifest.json").read_text())["files"]
+    assert sorted(manifest) == [n for n in names if n != "manifest.json"]
+    for name, entry in manifest.items():
+        assert entry == {"sha256": file_sha256(bundle / name), "size": (bundle / name).stat().st_size}
+    info = json.loads((bundle / "bundle.json").read_text())
+    assert info["schedule"] == {"n_in": 1}
+    export = info["export"]
+    assert export["quant"] == "nf4" and export["layer_kinds"] == ["in", "or", "or", "cr"]
+    assert export["validation"]["dequantized"]["rel_diff"] <= 1e-4 and "onnxruntime" in export["versions"]
+    meta = OnnxBackend.from_bundle(bundle, threads=1).metadata
+    assert meta["hatllm.file.tokenizer.json.sha256"] == manifest["tokenizer.json"]["sha256"]
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_verify_bundle_finds_tampering(bundle: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in bundle.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    verify_bundle(copy)
+    data = bytearray((copy / "catalog.jsonl").read_bytes())
+    data[0] ^= 1
+    (copy / "catalog.jsonl").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="catalog.jsonl does not match its sha256"):
+        verify_bundle(copy)
+    (copy / "tokenizer.json").write_bytes(b"{}")
+    with pytest.raises(InputError, match="tokenizer.json has 2 bytes"):
+        OnnxBackend.from_bundle(copy, verify=False)
+
+
+def test_bundle_refuses_non_empty_out_unless_overwrite(llama: HatLLM, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty"):
+        export_bundle(llama, out, "none", {}, {}, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_bundle(llama, out, "none", {}, {}, progress=False, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failed_export_leaves_no_bundle_and_keeps_model(llama: HatLLM, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {k: v.clone() for k, v in llama.state_dict().items()}
+    with pytest.raises(InputError, match="is not a file"):
+        export_bundle(llama, tmp_path / "a", "none", {"catalog.jsonl": tmp_path / "missing"}, {}, progress=False)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise HatLLMError("validation blew up")
+
+    monkeypatch.setattr("export.bundle.validate", broken)
+    with pytest.raises(HatLLMError, match="blew up"):
+        export_bundle(llama, tmp_path / "b", "int4", {}, {}, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    after = llama.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
