@@ -62,7 +62,7 @@ def train(
     from hatllm_edge.train import TrainConfig, train as run_train
 
     cfg = TrainConfig(
-        out=out, n_in=n_in, n_cr=n_cr, base=BaseModelSpec(path=base), dataset=dataset, interactions=interactions, items=items,
+        out=out, n_in=n_in, n_cr=n_cr, base=BaseModelSpec(path=str(Path(base).resolve()) if base else None), dataset=dataset, interactions=interactions, items=items,
         examples=examples or None, epochs=epochs, batch_size=batch_size, lr=lr, full=full, lora_r=lora_r,
         max_history=max_history, bf16=bf16, seed=seed,
     )
@@ -77,7 +77,8 @@ def evaluate(
     users: Annotated[int, typer.Option(help="Evaluate only the first N users (0 = all).")] = 0,
     k: Annotated[int, typer.Option(help="Length of the ranked list.")] = 10,
     beams: Annotated[int, typer.Option(help="Beam width (default: k).")] = 0,
-    bf16: Annotated[bool, typer.Option(help="bf16 autocast for inference.")] = False,
+    bf16: Annotated[bool, typer.Option(help="Run the model with bf16 weights (faster on this CPU).")] = False,
+    batch_users: Annotated[int, typer.Option(help="Users whose beams run together in one batch.")] = 8,
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
@@ -91,7 +92,7 @@ def evaluate(
         typer.secho("error: --split must be 'valid' or 'test'", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
     cfg = EvalConfig(
-        checkpoint=checkpoint, split=split, users=users or None, k=k, beams=beams or None, bf16=bf16,
+        checkpoint=checkpoint, split=split, users=users or None, k=k, beams=beams or None, bf16=bf16, batch_users=batch_users,
         dataset=dataset, interactions=interactions, items=items,
     )
     result = _run(run_eval, cfg, progress=not quiet)
@@ -114,8 +115,100 @@ def popularity(
 
     result = _run(popularity_baseline, split, dataset, interactions, items)
     if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "ranks"}))
+
+
+@app.command()
+def analyze(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoint folders written by 'hatllm-edge train'.")],
+    label: Annotated[Optional[list[str]], typer.Option(help="Name of each checkpoint, in order (default: folder name).")] = None,
+    include_base: Annotated[bool, typer.Option(help="Also the untuned base model of the first checkpoint (label 'base').")] = True,
+    examples: Annotated[int, typer.Option(help="Seeded sample of the split's examples (0 = all).")] = 64,
+    split: Annotated[str, typer.Option(help="valid or test (loo-full).")] = "valid",
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 4,
+    plain_masks: Annotated[bool, typer.Option("--plain-masks", help="Force the causal (OR) mask on every layer instead of the model's own.")] = False,
+    dataset: DatasetOpt = "ml-100k",
+    interactions: InterOpt = None,
+    items: ItemsOpt = None,
+    out_dir: Annotated[Path, typer.Option(help="Folder for skew.json and skew.png.")] = Path("analysis"),
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Attention skew (the HatLLM paper's diagnostic): per layer, attention mass of item tokens on their own item vs other items."""
+    from hatllm_edge.analyze import AnalyzeConfig, analyze as run_analyze, skew_table
+
+    cfg = AnalyzeConfig(
+        checkpoints=tuple(checkpoints), labels=tuple(label or ()), include_base=include_base, examples=examples or None,
+        split=split, seed=seed, batch_size=batch_size, plain_masks=plain_masks, out_dir=out_dir,
+        dataset=dataset, interactions=interactions, items=items,
+    )
+    results = _run(run_analyze, cfg, progress=not quiet)
+    typer.echo(skew_table(results))
+    typer.echo(f"wrote {out_dir / 'skew.json'} and {out_dir / 'skew.png'}")
+
+QuantOpt = Annotated[str, typer.Option(help="Weights: int4 (MatMulNBits), nf4 (MatMulBnb4) or none (fp32).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu and a GPU).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="Intra-op threads (default: ONNX Runtime's choice).")]
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: CheckpointArg,
+    out: Annotated[Path, typer.Argument(help="New folder for the ONNX bundle.")],
+    quant: QuantOpt = "int4",
+    dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for GPU).")] = "fp32",
+    int4_algo: Annotated[str, typer.Option(help="int4 quantiser: rtn, hqq or gptq.")] = "rtn",
+    int4_block: Annotated[int, typer.Option(help="int4 block size.")] = 32,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Merge the adapter, export to ONNX with one mask input per kind, quantise to 4 bits."""
+    from export.checkpoint import export_checkpoint
+    from export.quantize import Int4Options
+
+    _check_choice("--quant", quant, ("int4", "nf4", "none"))
+    _check_choice("--dtype", dtype, ("fp32", "fp16"))
+    _check_choice("--int4-algo", int4_algo, ("rtn", "hqq", "gptq"))
+    int4 = Int4Options(algo=int4_algo, block_size=int4_block) if quant == "int4" else None
+    folder = _run(export_checkpoint, checkpoint, out, quant, dtype, int4, overwrite, not quiet)
+    typer.echo(json.dumps({"bundle": str(folder), **json.loads((folder / "bundle.json").read_text())["export"]["sizes"]}))
+
+
+@app.command()
+def rank(
+    user: Annotated[Path, typer.Argument(help='JSON: {"history": [ids or titles, oldest first], "candidates"?: [...], "k"?: N}.')],
+    model: Annotated[Optional[Path], typer.Option(help="ONNX bundle or checkpoint folder (default: the shipped HatLLM model).")] = None,
+    k: Annotated[Optional[int], typer.Option(help="List length (overrides the file's k; default 10).")] = None,
+    device: DeviceOpt = "cpu",
+    quant: Annotated[str, typer.Option(help="Bundle built on first use from a checkpoint: int4, nf4 or none.")] = "int4",
+    backend: Annotated[str, typer.Option(help="onnx (the engine) or torch (PyTorch, from a checkpoint).")] = "onnx",
+    threads: ThreadsOpt = None,
+    normalize: Annotated[bool, typer.Option(help="Length-normalise candidate scores.")] = False,
+    table: Annotated[bool, typer.Option("--table", help="Print a table instead of JSON.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Rank for one user: full-catalog top-k, or the given candidates; prints JSON or a table."""
+    from hatllm_edge.rank_request import run_rank
+
+    _check_choice("--device", device, ("cpu", "cuda"))
+    _check_choice("--backend", backend, ("onnx", "torch"))
+    _check_choice("--quant", quant, ("int4", "nf4", "none"))
+    result = _run(run_rank, user, model, k, device, quant, backend, threads, normalize, not quiet)
+    if table:
+        typer.echo(f"{'rank':>4}  {'item_id':>8}  {'score':>9}  title")
+        for row in result["results"]:
+            typer.echo(f"{row['rank']:>4}  {row['item_id']:>8}  {row['score']:>9.3f}  {row['title']}")
+        typer.echo(f"({result['mode']}, {result['backend']}, {result['latency_ms']:.1f} ms)")
+    else:
+        typer.echo(json.dumps(result, ensure_ascii=False, indent=1))
+
+
+def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        typer.secho(f"error: {flag} must be one of {', '.join(choices)}; got {value!r}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
 
 
 def main() -> None:

@@ -68,7 +68,10 @@ def load_checkpoint(folder: Path, dtype: torch.dtype = torch.float32) -> Loaded:
     elif meta["finetune"] == "full":
         from safetensors.torch import load_file
 
-        base.load_state_dict(load_file(str(folder / FULL_WEIGHTS)), strict=False)
+        result = base.load_state_dict(load_file(str(folder / FULL_WEIGHTS)), strict=False)
+        missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and base.config.tie_word_embeddings)]
+        if missing or result.unexpected_keys:
+            raise InputError(f"{folder / FULL_WEIGHTS}: does not fit the base model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
         base.tie_weights()
     schedule = LayerSchedule(**meta["schedule"])
     prompts = PromptBuilder.from_file(folder / TOKENIZER_FILE, meta["prompt"]["eos_token"], meta["prompt"]["max_history"])

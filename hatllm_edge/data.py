@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -76,6 +77,8 @@ class Dataset:
 
     def split(self, split: Split, max_history: int) -> list[Example]:
         """The validation or test examples of ``loo-full``: one per user with a history."""
+        if split not in ("valid", "test"):
+            raise InputError(f"split {split!r}: expected 'valid' or 'test'")
         cut = 1 if split == "test" else 2
         out = []
         for user, seq in self.sequences.items():
@@ -163,6 +166,8 @@ def _read_sequences(path: Path, catalog: Catalog) -> dict[str, tuple[str, ...]]:
         raw = row.get("timestamp")
         try:
             ts = float(raw) if raw not in (None, "") else 0.0
+            if not math.isfinite(ts):
+                raise ValueError
         except (TypeError, ValueError):
             raise DataError(f"{path}:{line}: field 'timestamp' is not a number: {raw!r}") from None
         events.setdefault(user, []).append((ts, line, item))
@@ -183,7 +188,7 @@ def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     suffix = path.suffix.lower()
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         if suffix in (".jsonl", ".json"):
             for n, text in enumerate(f, 1):
                 if not text.strip():

@@ -25,6 +25,7 @@ class EvalConfig:
     k: int = 10
     beams: int | None = None
     bf16: bool = False
+    batch_users: int = 8
     dataset: str = "ml-100k"
     interactions: Path | None = None
     items: Path | None = None
@@ -32,16 +33,22 @@ class EvalConfig:
 
 def rank_split(
     backend: Backend, prompts: PromptBuilder, data: Dataset, split: Split, k: int, beams: int | None,
-    users: int | None = None, progress: bool = True,
+    users: int | None = None, progress: bool = True, batch_users: int = 8,
 ) -> dict[str, Any]:
-    """Beam-search top-k for every user of the split; metrics and per-user target ranks."""
+    """Beam-search top-k for every user of the split (``batch_users`` users per batch);
+    metrics and per-user target ranks."""
     examples = data.split(split, prompts.max_history)[:users]
     trie = TitleTrie.build(data.catalog, prompts)
     ranks: dict[str, int | None] = {}
     start = time.time()
-    for ex in tqdm(examples, desc=f"evaluate {split}", disable=not progress, unit="user"):
-        ranked = beam_search(backend, prompts, trie, [data.catalog.title(i) for i in ex.history], k=k, beams=beams)
-        ranks[ex.user_id] = target_rank([data.catalog.item_ids[i] for i in ranked.items], ex.target)
+    bar = tqdm(total=len(examples), desc=f"evaluate {split}", disable=not progress, unit="user")
+    for i in range(0, len(examples), batch_users):
+        chunk = examples[i : i + batch_users]
+        ranked = beam_search(backend, prompts, trie, [[data.catalog.title(j) for j in ex.history] for ex in chunk], k=k, beams=beams)
+        for ex, r in zip(chunk, ranked):
+            ranks[ex.user_id] = target_rank([data.catalog.item_ids[j] for j in r.items], ex.target)
+        bar.update(len(chunk))
+    bar.close()
     wall = time.time() - start
     return {
         "split": split,
@@ -64,13 +71,15 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     data = load_dataset(cfg.dataset, cfg.interactions, cfg.items)
     if data.catalog.item_ids != loaded.catalog.item_ids:
         raise InputError(f"{cfg.checkpoint}: its catalog differs from data set {data.name!r}; evaluate on the data it was trained on")
-    result = rank_split(TorchBackend(loaded.model, cfg.bf16), loaded.prompts, data, cfg.split, cfg.k, cfg.beams, cfg.users, progress)
+    backend = TorchBackend(loaded.model, torch.bfloat16 if cfg.bf16 else torch.float32)
+    result = rank_split(backend, loaded.prompts, data, cfg.split, cfg.k, cfg.beams, cfg.users, progress, cfg.batch_users)
     return {
         "checkpoint": str(cfg.checkpoint),
         "schedule": loaded.meta["schedule"],
         "backend": "torch-bf16" if cfg.bf16 else "torch-fp32",
         "k": cfg.k,
         "beams": cfg.beams or cfg.k,
+        "batch_users": cfg.batch_users,
         "torch_threads": torch.get_num_threads(),
         **result,
     }

@@ -21,6 +21,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from hatllm_edge.errors import InputError
+
 MaskKind = Literal["in", "or", "cr"]
 MASK_KINDS: tuple[MaskKind, ...] = ("in", "or", "cr")
 
@@ -36,7 +38,7 @@ class LayerSchedule:
 
     def __post_init__(self) -> None:
         if min(self.num_layers, self.n_in, self.n_cr) < 0 or self.n_in + self.n_cr > self.num_layers:
-            raise ValueError(
+            raise InputError(
                 f"layer schedule needs 0 <= n_in + n_cr <= num_layers, got n_in={self.n_in}, "
                 f"n_cr={self.n_cr}, num_layers={self.num_layers}"
             )

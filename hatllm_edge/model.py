@@ -80,7 +80,7 @@ class HatLLM(torch.nn.Module):
     def __init__(self, lm: PreTrainedModel, schedule: LayerSchedule) -> None:
         super().__init__()
         if schedule.num_layers != lm.config.num_hidden_layers:
-            raise ValueError(f"schedule has {schedule.num_layers} layers, model has {lm.config.num_hidden_layers}")
+            raise InputError(f"schedule has {schedule.num_layers} layers, model has {lm.config.num_hidden_layers}")
         self.lm = lm
         self.schedule = schedule
         lm.config._attn_implementation = ATTN_IMPL

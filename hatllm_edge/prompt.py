@@ -25,6 +25,8 @@ from typing import Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from hatllm_edge.errors import InputError
+
 HEAD = "Here is a user's history of items, oldest first:\n"
 TAIL = 'The next item the user will choose is "'
 ITEM_OPEN = '{n}. "'
@@ -57,7 +59,7 @@ class PromptBuilder:
         tok = Tokenizer.from_file(str(tokenizer_json))
         eos_id = tok.token_to_id(eos_token)
         if eos_id is None:
-            raise ValueError(f"{tokenizer_json}: end token {eos_token!r} is not in the vocabulary")
+            raise InputError(f"{tokenizer_json}: end token {eos_token!r} is not in the vocabulary")
         return cls(tok, eos_id, max_history)
 
     def _encode_uncached(self, text: str) -> tuple[int, ...]:
@@ -66,7 +68,7 @@ class PromptBuilder:
     def title_ids(self, title: str) -> tuple[int, ...]:
         ids = self._encode(title)
         if not ids:
-            raise ValueError(f"title {title!r} encodes to no tokens")
+            raise InputError(f"title {title!r} encodes to no tokens")
         return ids
 
     @property

@@ -21,13 +21,14 @@ from hatllm_edge.prompt import Encoded, PromptBuilder
 class TitleTrie:
     """Prefix tree of every catalog title followed by the end marker.
 
-    Node 0 is the root; ``children[n]`` maps a token to the next node; ``items[n]`` lists the
-    catalog indices whose full sequence ends at node n (duplicate titles share a leaf);
-    ``is_title[n]`` says whether the token leading to n belongs to a title (segment of the
-    answer) or to the end marker (segment 0).
+    Node 0 is the root; ``children[n]`` maps (token, is_title) to the next node, so a token
+    that ends one title's end marker and continues another title gets two nodes (their
+    segments differ); ``items[n]`` lists the catalog indices whose full sequence ends at node n
+    (duplicate titles share a leaf); ``is_title[n]`` says whether the token leading to n belongs
+    to a title (the answer's segment) or to the end marker (segment 0).
     """
 
-    children: list[dict[int, int]] = field(default_factory=lambda: [{}])
+    children: list[dict[tuple[int, bool], int]] = field(default_factory=lambda: [{}])
     items: list[list[int]] = field(default_factory=lambda: [[]])
     is_title: list[bool] = field(default_factory=lambda: [False])
 
@@ -39,14 +40,14 @@ class TitleTrie:
             title_ids = prompts.title_ids(title)
             node = 0
             for depth, token in enumerate(title_ids + end):
-                nxt = trie.children[node].get(token)
+                key = (token, depth < len(title_ids))
+                nxt = trie.children[node].get(key)
                 if nxt is None:
                     nxt = len(trie.children)
-                    trie.children[node][token] = nxt
+                    trie.children[node][key] = nxt
                     trie.children.append({})
                     trie.items.append([])
-                    trie.is_title.append(False)
-                trie.is_title[nxt] |= depth < len(title_ids)
+                    trie.is_title.append(key[1])
                 node = nxt
             trie.items[node].append(index)
         return trie
@@ -77,69 +78,74 @@ def beam_search(
     backend: Backend,
     prompts: PromptBuilder,
     trie: TitleTrie,
-    history: Sequence[str],
+    histories: Sequence[Sequence[str]],
     k: int = 10,
     beams: int | None = None,
-) -> Ranked:
-    """Top-``k`` catalog items by constrained beam search (``beams`` wide, default ``k``).
+) -> list[Ranked]:
+    """Top-``k`` catalog items for each history by constrained beam search (``beams`` wide,
+    default ``k``). All users' beams run as one batch, so each step reads the weights once.
 
-    Every step keeps the ``beams`` best unfinished hypotheses; finished ones (a full title and
-    its end marker) are collected, and the search stops as soon as no unfinished hypothesis
-    can still beat the k-th finished one (scores only fall as tokens are added).
+    Per user, every step keeps the ``beams`` best unfinished hypotheses; finished ones (a full
+    title and its end marker) are collected, and the user is done as soon as none of its
+    unfinished hypotheses can still beat its k-th finished one (scores only fall).
     """
     beams = beams or k
-    prompt = prompts.prompt(history)
-    answer_seg = prompts.answer_segment(prompt)
-    logprobs, cache = prefill(backend, prompt)
-    length = len(prompt)
-    nodes = [0]
-    scores = np.zeros(1)
-    key_segs = prompt.segments[None, :]
-    finished: list[tuple[float, int]] = []  # (score, leaf node)
-    logprobs = logprobs[None, :]
-    while nodes:
-        parents, tokens, children, cand = [], [], [], []
-        for b, node in enumerate(nodes):
-            for token, child in trie.children[node].items():
-                parents.append(b)
-                tokens.append(token)
-                children.append(child)
-                cand.append(scores[b] + logprobs[b, token])
-        order = np.argsort(-np.asarray(cand), kind="stable")
-        next_nodes, next_parents, next_tokens, next_scores = [], [], [], []
-        for i in order:
-            child = children[i]
-            if trie.items[child]:
-                finished.append((float(cand[i]), child))
-            elif len(next_nodes) < beams:
-                next_nodes.append(child)
-                next_parents.append(parents[i])
-                next_tokens.append(tokens[i])
-                next_scores.append(cand[i])
-        finished.sort(key=lambda f: -f[0])
-        bound = finished[k - 1][0] if len(finished) >= k else -np.inf
-        keep = [j for j, s in enumerate(next_scores) if s > bound]
-        if not keep:
+    encoded = [prompts.prompt(h) for h in histories]
+    users, width = len(encoded), max(len(p) for p in encoded)
+    ids = np.zeros((users, width), dtype=np.int64)
+    key_segs = np.zeros((users, width), dtype=np.int64)
+    key_valid = np.zeros((users, width), dtype=bool)
+    for u, p in enumerate(encoded):  # left padding: every prompt ends at the last column
+        ids[u, width - len(p) :], key_segs[u, width - len(p) :], key_valid[u, width - len(p) :] = p.ids, p.segments, True
+    answer_seg = np.asarray([prompts.answer_segment(p) for p in encoded])
+    next_pos = np.asarray([len(p) for p in encoded], dtype=np.int64)
+    positions = np.maximum(np.cumsum(key_valid, axis=1) - 1, 0)
+    masks = build_masks(key_segs, key_segs, causal_visibility(key_valid, width))
+    logits, cache = backend.forward(ids, positions, masks, None, last_only=True)
+    logprobs = log_softmax(logits.astype(np.float32))  # [rows, V]
+    row_user, row_node, row_score = np.arange(users), np.zeros(users, dtype=np.int64), np.zeros(users)
+    finished: list[list[tuple[float, int]]] = [[] for _ in range(users)]  # (score, leaf node)
+    while len(row_user):
+        parents, tokens, children = [], [], []
+        for u in range(users):
+            rows = np.flatnonzero(row_user == u)
+            cand = [(row_score[r] + logprobs[r, t], r, t, c) for r in rows for (t, _), c in trie.children[row_node[r]].items()]
+            cand.sort(key=lambda x: -x[0])
+            kept = []
+            for score, r, t, child in cand:
+                if trie.items[child]:
+                    finished[u].append((float(score), child))
+                elif len(kept) < beams:
+                    kept.append((score, r, t, child))
+            finished[u].sort(key=lambda f: -f[0])
+            bound = finished[u][k - 1][0] if len(finished[u]) >= k else -np.inf
+            for score, r, t, child in kept:
+                if score > bound:
+                    parents.append(r)
+                    tokens.append(t)
+                    children.append((u, child, score))
+        if not parents:
             break
-        nodes = [next_nodes[j] for j in keep]
-        scores = np.asarray([next_scores[j] for j in keep])
-        parent_idx = np.asarray([next_parents[j] for j in keep], dtype=np.int64)
-        ids = np.asarray([[next_tokens[j]] for j in keep], dtype=np.int64)
-        q_segs = np.asarray([[answer_seg if trie.is_title[n] else 0] for n in nodes], dtype=np.int64)
-        key_segs = np.concatenate([key_segs[parent_idx], q_segs], axis=1)
-        cache = backend.select(cache, parent_idx)
-        visible = causal_visibility(np.ones(key_segs.shape, dtype=bool), 1)
-        logits, cache = backend.forward(
-            ids, np.full((len(nodes), 1), length, dtype=np.int64), build_masks(q_segs, key_segs, visible), cache, last_only=True
-        )
+        parent = np.asarray(parents, dtype=np.int64)
+        row_user = np.asarray([u for u, _, _ in children], dtype=np.int64)
+        row_node = np.asarray([c for _, c, _ in children], dtype=np.int64)
+        row_score = np.asarray([s for _, _, s in children])
+        q_segs = np.where([trie.is_title[n] for n in row_node], answer_seg[row_user], 0)[:, None]
+        key_segs = np.concatenate([key_segs[parent], q_segs], axis=1)
+        key_valid = np.concatenate([key_valid[parent], np.ones((len(parent), 1), dtype=bool)], axis=1)
+        masks = build_masks(q_segs, key_segs, causal_visibility(key_valid, 1))
+        step_ids = np.asarray(tokens, dtype=np.int64)[:, None]
+        logits, cache = backend.forward(step_ids, next_pos[row_user][:, None], masks, backend.select(cache, parent), last_only=True)
         logprobs = log_softmax(logits.astype(np.float32))
-        length += 1
-    items, item_scores = [], []
-    for score, leaf in finished:
-        for item in trie.items[leaf]:
-            items.append(item)
-            item_scores.append(score)
-    return Ranked(items[:k], item_scores[:k])
+        next_pos = next_pos + 1
+    results = []
+    for u in range(users):
+        items, scores = [], []
+        for score, leaf in finished[u]:
+            items += trie.items[leaf]
+            scores += [score] * len(trie.items[leaf])
+        results.append(Ranked(items[:k], scores[:k]))
+    return results
 
 
 def score_candidates(

@@ -134,7 +134,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.full:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in lm.state_dict().items() if k != "lm_head.weight"}, str(cfg.out / ckpt.FULL_WEIGHTS))
+        tied = lm.config.tie_word_embeddings  # a tied head is the embedding matrix: store it once
+        state = {k: v.contiguous() for k, v in lm.state_dict().items() if not (tied and k == "lm_head.weight")}
+        save_file(state, str(cfg.out / ckpt.FULL_WEIGHTS))
     else:
         trainable.save_pretrained(str(cfg.out / ckpt.ADAPTER_DIR))
     return summary

@@ -1,0 +1,88 @@
+"""``hatllm-edge rank``: read a user's request, open the model, rank, and time it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hatllm_edge.errors import InputError
+from hatllm_edge.ranker import DEFAULT_CHECKPOINT, Device, Ranker, bundle_cache_dir, model_kind
+
+
+def read_request(path: Path) -> dict[str, Any]:
+    """The request: ``history`` (non-empty list), optional ``candidates`` (list) and ``k`` (int)."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        req = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(req, dict):
+        raise InputError(f'{path}: expected a JSON object like {{"history": [...]}}')
+    unknown = set(req) - {"history", "candidates", "k", "user_id"}
+    if unknown:
+        raise InputError(f"{path}: unknown field(s) {sorted(unknown)}; allowed: history, candidates, k, user_id")
+    if not isinstance(req.get("history"), list) or not req["history"]:
+        raise InputError(f"{path}: field 'history' must be a non-empty list of item ids or titles, oldest first")
+    if "candidates" in req and (not isinstance(req["candidates"], list) or not req["candidates"]):
+        raise InputError(f"{path}: field 'candidates' must be a non-empty list of item ids or titles")
+    if "k" in req and (not isinstance(req["k"], int) or isinstance(req["k"], bool) or req["k"] < 1):
+        raise InputError(f"{path}: field 'k' must be a positive integer")
+    return req
+
+
+def open_ranker(model: Path | None, device: Device, quant: str, backend: str, threads: int | None, progress: bool) -> Ranker:
+    """The ranker for ``model`` (default: the shipped checkpoint); a checkpoint run on the
+    engine is exported once into the bundle cache."""
+    folder = model or DEFAULT_CHECKPOINT
+    if not folder.is_dir():
+        raise InputError(f"model {folder}: no such folder" + ("" if model else " (the default model ships in models/; pass --model)"))
+    kind = model_kind(folder)
+    if backend == "torch":
+        if kind != "checkpoint":
+            raise InputError(f"{folder}: --backend torch needs a checkpoint folder, this is an ONNX bundle")
+        if device != "cpu":
+            raise InputError("--backend torch runs on the CPU here; use the onnx backend for --device cuda")
+        return Ranker.from_checkpoint(folder)
+    if kind == "checkpoint":
+        bundle = bundle_cache_dir(folder, quant)
+        if not (bundle / "bundle.json").is_file():
+            from export.checkpoint import export_checkpoint
+
+            export_checkpoint(folder, bundle, quant, progress=progress, overwrite=True)
+        folder = bundle
+    return Ranker.from_bundle(folder, device, threads)
+
+
+def run_rank(
+    user: Path, model: Path | None, k: int | None, device: Device, quant: str, backend: str, threads: int | None,
+    normalize: bool, progress: bool,
+) -> dict[str, Any]:
+    req = read_request(user)
+    ranker = open_ranker(model, device, quant, backend, threads, progress)
+    history = ranker.resolve(req["history"], f"{user}: history")
+    k = k or req.get("k", 10)
+    start = time.perf_counter()
+    if "candidates" in req:
+        candidates = ranker.resolve(req["candidates"], f"{user}: candidates")
+        ranked = ranker.score(history, candidates, normalize)
+        items = [candidates[i] for i in ranked.items][:k]
+        mode = "candidates"
+    else:
+        ranked = ranker.top_k([history], k=k)[0]
+        items = ranked.items
+        mode = "full-catalog"
+    latency = (time.perf_counter() - start) * 1000
+    rows = [
+        {"rank": r + 1, "item_id": ranker.catalog.item_ids[i], "title": ranker.catalog.titles[i], "score": round(s, 4)}
+        for r, (i, s) in enumerate(zip(items, ranked.scores))
+    ]
+    return {
+        "user_id": req.get("user_id"),
+        "mode": mode,
+        "backend": f"onnx-{ranker.meta.get('export', {}).get('quant', '?')}-{device}" if backend == "onnx" else "torch-fp32",
+        "latency_ms": round(latency, 2),
+        "results": rows,
+    }

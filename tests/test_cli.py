@@ -1,0 +1,280 @@
+"""End to end through the CLI on a tiny random base: train writes a self-describing
+checkpoint, evaluate and popularity report metrics, bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from hatllm_edge.checkpoint import load_checkpoint
+from hatllm_edge.data import load_dataset
+from hatllm_edge.metrics import mean_metrics
+
+ITEMS = [("i1", "Alpha (1990)"), ("i2", "Beta (1991)"), ("i3", "Gamma, The (1992)"),
+         ("i4", "Delta (1993)"), ("i5", 'Epsilon "E" (1994)'), ("i6", "Zeta (1995)")]
+CYCLE = [f"i{n}" for n in range(1, 7)]
+# u1..u6 watch the six items in rotated order; u1 watched i2 once more at the start.
+SEQUENCES = {f"u{u + 1}": (["i2"] if u == 0 else []) + CYCLE[u:] + CYCLE[:u] for u in range(6)}
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HATLLM_DEBUG", raising=False)
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("data")
+    inter, items = folder / "inter.csv", folder / "items.csv"
+    rows = [f"{u},{item},{1000 + 10 * t}" for u, seq in SEQUENCES.items() for t, item in enumerate(seq)]
+    inter.write_text("user_id,item_id,timestamp\n" + "\n".join(reversed(rows)) + "\n", encoding="utf-8")
+    items.write_text("item_id,title\n" + "".join(f'{i},"{t.replace(chr(34), chr(34) * 2)}"\n' for i, t in ITEMS), encoding="utf-8")
+    return inter, items
+
+
+def invoke(*args: Any) -> Any:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def last_json(result: Any) -> dict[str, Any]:
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def assert_usage_error(result: Any, *needles: str) -> None:
+    """Exit code 2, no traceback, and the last line of stderr is one 'error:' line naming the problem."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    for needle in needles:
+        assert needle in line, (needle, line)
+
+
+def train_args(out: Path, base: Path | str, data_files: tuple[Path, Path], *extra: Any) -> list[Any]:
+    inter, items = data_files
+    return ["train", out, "--base", base, "--interactions", inter, "--items", items, *extra, "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base: Path, data_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    result = invoke(*train_args(out, tiny_base, data_files, "--examples", 16, "--batch-size", 4, "--n-in", 1, "--n-cr", 1))
+    return out, result
+
+
+def test_data_files_read_back(data_files: tuple[Path, Path]) -> None:
+    data = load_dataset(interactions=data_files[0], items=data_files[1])
+    assert {u: list(s) for u, s in data.sequences.items()} == SEQUENCES
+    assert data.catalog.titles == tuple(t for _, t in ITEMS)
+
+
+def test_train_writes_a_checkpoint(trained: tuple[Path, Any], tiny_base: Path) -> None:
+    out, result = trained
+    assert result.exit_code == 0, (result.output, result.exception)
+    summary = last_json(result)
+    assert summary["steps"] == 4 and summary["examples_seen"] == 16 and math.isfinite(summary["final_loss_avg20"])
+    for name in ("hatllm.json", "tokenizer.json", "catalog.jsonl", "train_log.jsonl",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
+    meta = json.loads((out / "hatllm.json").read_text())
+    assert meta["schedule"] == {"num_layers": 2, "n_in": 1, "n_cr": 1}
+    assert meta["finetune"] == "lora" and meta["model_type"] == "llama"
+    assert meta["prompt"] == {"max_history": 10, "eos_token": "<|im_end|>"}
+    assert meta["data"] == {"name": "inter", "users": 6, "items": 6, "train_examples": 16}
+    assert Path(meta["base"]["path"]) == tiny_base
+
+
+def test_checkpoint_loads_with_the_adapter_merged(trained: tuple[Path, Any], tiny_base: Path) -> None:
+    out, _ = trained
+    loaded = load_checkpoint(out)
+    assert loaded.model.schedule.kinds == ["in", "cr"]
+    assert loaded.catalog.titles == tuple(t for _, t in ITEMS)
+    assert loaded.prompts.max_history == 10 and loaded.prompts.eos_id == 2
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(tiny_base)
+    q_tuned = loaded.model.lm.model.layers[0].self_attn.q_proj.weight
+    q_base = base.model.layers[0].self_attn.q_proj.weight
+    assert q_tuned.shape == q_base.shape and not torch.equal(q_tuned, q_base)  # LoRA was trained and merged
+    assert torch.equal(loaded.model.lm.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_evaluate(trained: tuple[Path, Any], data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    out, _ = trained
+    res = tmp_path / "sub" / "res.json"
+    result = invoke("evaluate", out, "--interactions", data_files[0], "--items", data_files[1],
+                    "--split", "valid", "--quiet", "--out", res)
+    assert result.exit_code == 0, (result.output, result.exception)
+    summary = last_json(result)
+    saved = json.loads(res.read_text())
+    assert summary["users"] == saved["users"] == 6 and summary["split"] == "valid"
+    assert set(summary["metrics"]) == {"HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10"}
+    assert all(0 <= v <= 1 for v in summary["metrics"].values())
+    assert set(saved["ranks"]) == set(SEQUENCES)
+    # k = 10 beams over a 6-item catalog finds every item: every target is ranked
+    assert all(isinstance(r, int) and 0 <= r < 6 for r in saved["ranks"].values())
+    assert summary["metrics"]["HR@10"] == 1.0
+    assert summary["metrics"] == pytest.approx(mean_metrics(list(saved["ranks"].values())))
+    assert summary["schedule"] == {"num_layers": 2, "n_in": 1, "n_cr": 1}
+
+
+def test_evaluate_test_split_first_users(trained: tuple[Path, Any], data_files: tuple[Path, Path]) -> None:
+    out, _ = trained
+    result = invoke("evaluate", out, "--interactions", data_files[0], "--items", data_files[1], "--users", 2, "--k", 3, "--quiet")
+    assert result.exit_code == 0, (result.output, result.exception)
+    summary = last_json(result)
+    assert summary["users"] == 2 and summary["split"] == "test" and summary["k"] == 3
+    assert all(0 <= v <= 1 for v in summary["metrics"].values())
+
+
+def test_evaluate_user_batching_and_bf16(trained: tuple[Path, Any], data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """Users batched together rank exactly as one at a time; bf16 weights run too."""
+    out, _ = trained
+    data = ["--interactions", data_files[0], "--items", data_files[1], "--split", "valid", "--quiet"]
+    ranks = []
+    for n in (1, 4):
+        res = tmp_path / f"b{n}.json"
+        result = invoke("evaluate", out, *data, "--batch-users", n, "--out", res)
+        assert result.exit_code == 0, (result.output, result.exception)
+        ranks.append(json.loads(res.read_text())["ranks"])
+    assert ranks[0] == ranks[1]
+    result = invoke("evaluate", out, *data, "--bf16", "--users", 2)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert last_json(result)["backend"] == "torch-bf16" and last_json(result)["users"] == 2
+
+
+def test_popularity_by_hand(data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """Training parts count i2 five times, the others four: the list is i2 i1 i3 i4 i5 i6, and
+    the test targets (i6 i1 i2 i3 i4 i5 for u1..u6) sit at ranks 5 1 0 2 3 4."""
+    res = tmp_path / "pop.json"
+    result = invoke("popularity", "--interactions", data_files[0], "--items", data_files[1], "--out", res)
+    assert result.exit_code == 0, (result.output, result.exception)
+    saved = json.loads(res.read_text())
+    assert saved["ranks"] == {"u1": 5, "u2": 1, "u3": 0, "u4": 2, "u5": 3, "u6": 4}
+    ndcg5 = (1 + 1 / math.log2(3) + 1 / 2 + 1 / math.log2(5) + 1 / math.log2(6)) / 6
+    assert last_json(result)["metrics"] == pytest.approx(
+        {"HR@1": 1 / 6, "HR@5": 5 / 6, "HR@10": 1.0, "NDCG@5": ndcg5, "NDCG@10": ndcg5 + 1 / math.log2(7) / 6}
+    )
+    valid = last_json(invoke("popularity", "--split", "valid", "--interactions", data_files[0], "--items", data_files[1]))
+    assert valid["split"] == "valid" and valid["users"] == 6
+
+
+def test_popularity_ml100k() -> None:
+    result = invoke("popularity")
+    assert result.exit_code == 0, (result.output, result.exception)
+    summary = last_json(result)
+    assert summary["users"] == 943 and summary["split"] == "test"
+    assert 0 < summary["metrics"]["HR@10"] < 1 and summary["metrics"]["NDCG@10"] <= summary["metrics"]["HR@10"]
+
+
+# --------------------------------------------------------------------- bad input
+
+
+def test_missing_files(tiny_base: Path, data_files: tuple[Path, Path], trained: tuple[Path, Any], tmp_path: Path) -> None:
+    inter, items = data_files
+    assert_usage_error(invoke(*train_args(tmp_path / "o", tiny_base, (tmp_path / "nope.csv", items))), "nope.csv", "no such file")
+    assert_usage_error(invoke("evaluate", trained[0], "--interactions", inter, "--items", tmp_path / "gone.csv", "--quiet"),
+                       "gone.csv", "no such file")
+    assert_usage_error(invoke("popularity", "--interactions", inter), "--items")
+    assert_usage_error(invoke(*train_args(tmp_path / "o", tmp_path / "no-base", data_files)), "no-base", "no such folder")
+
+
+def test_malformed_data_names_file_and_line(tmp_path: Path, data_files: tuple[Path, Path]) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,item_id,timestamp\nu1,i1,1\nu1,i99,2\n")
+    assert_usage_error(invoke("popularity", "--interactions", bad, "--items", data_files[1]), "bad.csv:3", "i99")
+
+
+def test_bad_split(trained: tuple[Path, Any], data_files: tuple[Path, Path]) -> None:
+    assert_usage_error(invoke("evaluate", trained[0], "--split", "train", "--quiet"), "--split")
+
+
+def test_popularity_bad_split(data_files: tuple[Path, Path]) -> None:
+    """popularity does not check --split: 'train' (or any typo) silently scores the
+    validation targets and exits 0."""
+    assert_usage_error(invoke("popularity", "--split", "train", "--interactions", data_files[0], "--items", data_files[1]), "split")
+
+
+def test_not_a_checkpoint(tmp_path: Path, data_files: tuple[Path, Path]) -> None:
+    assert_usage_error(invoke("evaluate", tmp_path, "--interactions", data_files[0], "--items", data_files[1], "--quiet"),
+                       str(tmp_path), "not a hatllm-edge checkpoint")
+
+
+def test_catalog_mismatch(trained: tuple[Path, Any], tmp_path: Path, data_files: tuple[Path, Path]) -> None:
+    items = tmp_path / "items.csv"
+    items.write_text(data_files[1].read_text() + "i7,Eta (1996)\n")
+    assert_usage_error(invoke("evaluate", trained[0], "--interactions", data_files[0], "--items", items, "--quiet"),
+                       "catalog differs")
+
+
+def test_schedule_larger_than_the_model(tiny_base: Path, data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """--n-in 2 --n-cr 1 on a 2-layer base: LayerSchedule raises a plain ValueError, which
+    the CLI does not map, so the user gets a traceback and exit code 1."""
+    result = invoke(*train_args(tmp_path / "o", tiny_base, data_files, "--examples", 4, "--n-in", 2, "--n-cr", 1))
+    assert_usage_error(result, "n_in")
+
+
+def test_popularity_out_in_a_new_folder(data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """evaluate creates the --out folder; popularity does not (FileNotFoundError, exit 1)."""
+    res = tmp_path / "new" / "pop.json"
+    result = invoke("popularity", "--interactions", data_files[0], "--items", data_files[1], "--out", res)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert json.loads(res.read_text())["users"] == 6
+
+
+def test_relative_base_path_survives_a_change_of_directory(
+    tiny_base: Path, data_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint must describe itself: a --base given relative to the working
+    directory is stored verbatim in hatllm.json, so evaluate from anywhere else fails."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    out = tmp_path / "ckpt"
+    result = invoke(*train_args(out, os.path.relpath(tiny_base, work), data_files, "--examples", 4, "--batch-size", 4))
+    assert result.exit_code == 0, (result.output, result.exception)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("evaluate", out, "--interactions", data_files[0], "--items", data_files[1], "--users", 1, "--quiet")
+    assert result.exit_code == 0, (result.output, result.exception)
+
+
+def test_full_finetune_keeps_an_untied_lm_head(tiny_base: Path, data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """--full: the tiny base has an untied lm_head (LlamaConfig's default), which training
+    updates; the checkpoint must give back the trained head, not the base's."""
+    out = tmp_path / "full"
+    result = invoke(*train_args(out, tiny_base, data_files, "--full", "--examples", 4, "--batch-size", 4, "--lr", 1e-2))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert (out / "model.safetensors").is_file()
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(tiny_base)
+    loaded = load_checkpoint(out).model.lm
+    assert not base.config.tie_word_embeddings
+    assert not torch.equal(loaded.model.embed_tokens.weight, base.model.embed_tokens.weight)  # trained
+    assert not torch.equal(loaded.lm_head.weight, base.lm_head.weight)  # trained too: must not be the base's
+
+
+@pytest.mark.slow
+def test_real_model_on_ml100k(tmp_path: Path) -> None:
+    """The default base (SmolLM2-135M GGUF) on MovieLens-100K: a few LoRA steps, then two
+    users of the validation split. Prints the figures."""
+    out = tmp_path / "smol"
+    result = invoke("train", out, "--examples", 8, "--batch-size", 4, "--n-in", 2, "--n-cr", 2, "--quiet")
+    assert result.exit_code == 0, (result.output, result.exception)
+    print(result.stdout)
+    assert json.loads((out / "hatllm.json").read_text())["schedule"] == {"num_layers": 30, "n_in": 2, "n_cr": 2}
+    result = invoke("evaluate", out, "--split", "valid", "--users", 2, "--quiet")
+    assert result.exit_code == 0, (result.output, result.exception)
+    summary = last_json(result)
+    print(summary)
+    assert summary["users"] == 2 and all(0 <= v <= 1 for v in summary["metrics"].values())

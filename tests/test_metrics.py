@@ -1,0 +1,79 @@
+"""HR/NDCG against values worked out by hand, and the paired bootstrap."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hatllm_edge.metrics import mean_metrics, paired_bootstrap, target_rank, user_metrics
+
+KEYS = {"HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10"}
+
+
+def test_target_rank() -> None:
+    assert target_rank(["a", "b", "c"], "a") == 0
+    assert target_rank(["a", "b", "c"], "c") == 2
+    assert target_rank(["a", "b", "c"], "z") is None
+    assert target_rank([], "a") is None
+
+
+@pytest.mark.parametrize(
+    "rank,expected",
+    [
+        (0, {"HR@1": 1, "HR@5": 1, "NDCG@5": 1, "HR@10": 1, "NDCG@10": 1}),
+        (1, {"HR@1": 0, "HR@5": 1, "NDCG@5": 1 / math.log2(3), "HR@10": 1, "NDCG@10": 1 / math.log2(3)}),
+        (2, {"HR@1": 0, "HR@5": 1, "NDCG@5": 0.5, "HR@10": 1, "NDCG@10": 0.5}),  # 1/log2(4)
+        (4, {"HR@1": 0, "HR@5": 1, "NDCG@5": 1 / math.log2(6), "HR@10": 1, "NDCG@10": 1 / math.log2(6)}),
+        (5, {"HR@1": 0, "HR@5": 0, "NDCG@5": 0, "HR@10": 1, "NDCG@10": 1 / math.log2(7)}),
+        (6, {"HR@1": 0, "HR@5": 0, "NDCG@5": 0, "HR@10": 1, "NDCG@10": 1 / 3}),  # 1/log2(8)
+        (9, {"HR@1": 0, "HR@5": 0, "NDCG@5": 0, "HR@10": 1, "NDCG@10": 1 / math.log2(11)}),
+        (10, {"HR@1": 0, "HR@5": 0, "NDCG@5": 0, "HR@10": 0, "NDCG@10": 0}),
+        (None, {"HR@1": 0, "HR@5": 0, "NDCG@5": 0, "HR@10": 0, "NDCG@10": 0}),
+    ],
+)
+def test_user_metrics_by_hand(rank: int | None, expected: dict[str, float]) -> None:
+    got = user_metrics(rank)
+    assert set(got) == KEYS
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+
+
+def test_mean_metrics_by_hand() -> None:
+    got = mean_metrics([0, None, 2, 5])
+    assert got == pytest.approx(
+        {
+            "HR@1": 1 / 4,
+            "HR@5": 2 / 4,
+            "HR@10": 3 / 4,
+            "NDCG@5": (1 + 0.5) / 4,
+            "NDCG@10": (1 + 0.5 + 1 / math.log2(7)) / 4,
+        }
+    )
+    assert mean_metrics([]) == {}
+    assert all(isinstance(v, float) for v in got.values())
+
+
+def test_bootstrap_identical_runs() -> None:
+    ranks = [0, 3, None, 7, 1, None, 12, 2]
+    out = paired_bootstrap(ranks, ranks, samples=500)
+    assert out["diff"] == 0 and out["ci_low"] == 0 and out["ci_high"] == 0
+    assert out["p_b_better"] == 0
+    assert out["metric_a"] == out["metric_b"] == pytest.approx(mean_metrics(ranks)["NDCG@10"])
+
+
+def test_bootstrap_strictly_better_run() -> None:
+    a = [None, 5, None, 9, 3, None, None, 8, 7, None] * 3
+    b = [0, 1, 0, 2, 0, 0, 1, 0, 0, 3] * 3
+    out = paired_bootstrap(a, b, metric="HR@5", samples=1000, seed=3)
+    assert out["diff"] == pytest.approx(mean_metrics(b)["HR@5"] - mean_metrics(a)["HR@5"])
+    assert 0 < out["ci_low"] <= out["diff"] <= out["ci_high"]
+    assert out["p_b_better"] == 1.0
+    reverse = paired_bootstrap(b, a, metric="HR@5", samples=1000, seed=3)
+    assert reverse["ci_high"] < 0 and reverse["diff"] == pytest.approx(-out["diff"])
+    assert paired_bootstrap(a, b, metric="HR@5", samples=1000, seed=3) == out  # seeded
+
+
+def test_bootstrap_needs_paired_runs() -> None:
+    with pytest.raises(ValueError, match="same users"):
+        paired_bootstrap([0, 1], [0])

@@ -1,0 +1,223 @@
+"""Ranking on the PyTorch backend with a tiny random Llama (SmolLM2 vocabulary): the title
+tree, exact beam search with a wide beam, and candidate scoring against plain forwards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from conftest import tiny_llama_config
+from hatllm_edge.data import Catalog
+from hatllm_edge.masks import LayerSchedule, build_masks, causal_visibility
+from hatllm_edge.model import HatLLM
+from hatllm_edge.prompt import PromptBuilder
+from hatllm_edge.ranking import TitleTrie, beam_search, log_softmax, score_candidates
+from hatllm_edge.torch_backend import TorchBackend
+
+TITLES = [
+    "Star Wars",
+    "Star Wars (1977)",  # "Star Wars" is a prefix of it
+    "Alien",
+    "Aliens (1986)",  # "Alien" is a token prefix of it
+    "Heat (1995)",
+    "Heat (1995)",  # duplicate title, another item
+    "Misérables, Les (1995)",
+    'He said "hi", then left',
+    "Toy Story (1995)",
+    "Toy Story 2 (1999)",
+    "Fargo (1996)",
+    "Babe (1995)",
+]
+CATALOG = Catalog(tuple(f"i{n}" for n in range(len(TITLES))), tuple(TITLES))
+HISTORY = ["Fargo (1996)", "Toy Story (1995)", "Alien"]
+SCHEDULES = [(0, 0), (1, 1)]
+
+
+def make_backend(n_in: int, n_cr: int) -> TorchBackend:
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(tiny_llama_config(layers=2, init=0.2)).eval()
+    return TorchBackend(HatLLM(lm, LayerSchedule(2, n_in, n_cr)))
+
+
+@pytest.fixture(scope="module", params=SCHEDULES, ids=lambda s: f"in{s[0]}-cr{s[1]}")
+def backend(request: pytest.FixtureRequest) -> TorchBackend:
+    return make_backend(*request.param)
+
+
+@pytest.fixture(scope="module")
+def trie(prompts: PromptBuilder) -> TitleTrie:
+    return TitleTrie.build(CATALOG, prompts)
+
+
+def full_forward_score(backend: TorchBackend, prompts: PromptBuilder, history: list[str], title: str) -> float:
+    """log p(title + end | prompt) from one plain forward over prompt + answer, no cache."""
+    p = prompts.prompt(history)
+    a = prompts.answer(title, prompts.answer_segment(p))
+    ids = np.concatenate([p.ids, a.ids])[None]
+    segs = np.concatenate([p.segments, a.segments])[None]
+    m = build_masks(segs, segs, causal_visibility(np.ones_like(ids, dtype=bool), ids.shape[1]))
+    with torch.no_grad():
+        logits, _ = backend.model(torch.from_numpy(ids), torch.arange(ids.shape[1])[None],
+                                  {k: torch.from_numpy(v) for k, v in m.items()})
+    logp = torch.log_softmax(logits[0].double(), -1)
+    return float(sum(logp[t - 1, ids[0, t]] for t in range(len(p), ids.shape[1])))
+
+
+# --------------------------------------------------------------------- the title tree
+
+
+def walk(trie: TitleTrie, tokens: tuple[int, ...]) -> list[int]:
+    nodes = [0]
+    for t in tokens:
+        nodes.append(trie.children[nodes[-1]][t])
+    return nodes
+
+
+def test_trie_structure(trie: TitleTrie, prompts: PromptBuilder) -> None:
+    end = prompts.end_ids
+    sequences = [prompts.title_ids(t) + end for t in TITLES]
+    prefixes = {s[:d] for s in sequences for d in range(1, len(s) + 1)}
+    assert len(trie.children) == len(trie.items) == len(trie.is_title) == 1 + len(prefixes)
+    leaves = [n for n in range(len(trie.children)) if trie.items[n]]
+    assert len(leaves) == len(set(TITLES)) == 11
+    for index, (title, seq) in enumerate(zip(TITLES, sequences)):
+        path = walk(trie, seq)
+        leaf = path[-1]
+        assert index in trie.items[leaf] and trie.children[leaf] == {}
+        n = len(prompts.title_ids(title))
+        assert all(trie.is_title[node] for node in path[1 : n + 1]), title
+        assert not any(trie.is_title[node] for node in path[n + 1 :]), title
+        assert not any(trie.items[node] for node in path[:-1])
+    assert trie.items[walk(trie, sequences[4])[-1]] == [4, 5]  # duplicates share a leaf
+    # after "Star Wars": either the end marker or " (1977)"
+    after = walk(trie, prompts.title_ids("Star Wars"))[-1]
+    assert set(trie.children[after]) == {end[0], prompts.title_ids("Star Wars (1977)")[len(prompts.title_ids("Star Wars"))]}
+    assert trie.is_title[0] is False and trie.items[0] == []
+
+
+# --------------------------------------------------------------------- scoring
+
+
+def test_score_candidates_equals_plain_forwards(backend: TorchBackend, prompts: PromptBuilder) -> None:
+    cands = TITLES[:7]
+    ranked = score_candidates(backend, prompts, HISTORY, cands)
+    assert sorted(ranked.items) == list(range(7))
+    assert ranked.scores == sorted(ranked.scores, reverse=True)
+    for i, s in zip(ranked.items, ranked.scores):
+        assert s == pytest.approx(full_forward_score(backend, prompts, HISTORY, cands[i]), abs=1e-4), cands[i]
+    assert ranked.scores[0] - ranked.scores[-1] > 1.0  # the tiny model separates them
+
+
+def test_score_candidates_normalize(backend: TorchBackend, prompts: PromptBuilder) -> None:
+    cands = ["Star Wars", "Star Wars (1977)", "Misérables, Les (1995)"]
+    raw = score_candidates(backend, prompts, HISTORY, cands)
+    norm = score_candidates(backend, prompts, HISTORY, cands, normalize=True)
+    raw_by_item = dict(zip(raw.items, raw.scores))
+    for i, s in zip(norm.items, norm.scores):
+        length = len(prompts.title_ids(cands[i])) + len(prompts.end_ids)
+        assert s == pytest.approx(raw_by_item[i] / length, abs=1e-5)
+    assert norm.scores == sorted(norm.scores, reverse=True)
+
+
+def test_score_candidates_single_candidate_and_empty_history(backend: TorchBackend, prompts: PromptBuilder) -> None:
+    one = score_candidates(backend, prompts, [], ["Babe (1995)"])
+    assert one.items == [0]
+    assert one.scores[0] == pytest.approx(full_forward_score(backend, prompts, [], "Babe (1995)"), abs=1e-4)
+
+
+# --------------------------------------------------------------------- beam search
+
+
+def brute_force(backend: TorchBackend, prompts: PromptBuilder, history: list[str]) -> dict[int, float]:
+    ranked = score_candidates(backend, prompts, history, TITLES)
+    return dict(zip(ranked.items, ranked.scores))
+
+
+def assert_same_ranking(items: list[int], scores: list[float], brute: dict[int, float], k: int) -> None:
+    """Same top-k as brute force: same scores in the same order; items equal up to exact
+    ties (the duplicate title)."""
+    expected = sorted(brute, key=lambda i: -brute[i])[:k]
+    assert len(items) == k and len(set(items)) == k
+    np.testing.assert_allclose(scores, [brute[i] for i in expected], atol=1e-4)
+    np.testing.assert_allclose(scores, [brute[i] for i in items], atol=1e-4)
+    for got, want in zip(items, expected):
+        assert got == want or TITLES[got] == TITLES[want]
+
+
+@pytest.mark.parametrize("k", [12, 5, 1])
+def test_wide_beam_is_exact(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie, k: int) -> None:
+    brute = brute_force(backend, prompts, HISTORY)
+    ranked = beam_search(backend, prompts, trie, [HISTORY], k=k, beams=len(TITLES))[0]
+    assert_same_ranking(ranked.items, ranked.scores, brute, k)
+
+
+OTHER_HISTORIES = [
+    ["Misérables, Les (1995)", 'He said "hi", then left', "Heat (1995)", "Heat (1995)"],
+    [],
+    ["Babe (1995)"],
+]
+
+
+def test_users_batched_together_match_one_at_a_time(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie) -> None:
+    """Prompts of different lengths run left-padded in one batch; each user's list is the
+    one it gets alone (a narrow beam too, where pruning is per user)."""
+    histories = [HISTORY, *OTHER_HISTORIES]
+    for k, beams in ((12, 12), (4, 2)):
+        together = beam_search(backend, prompts, trie, histories, k=k, beams=beams)
+        assert len(together) == len(histories)
+        for history, got in zip(histories, together):
+            alone = beam_search(backend, prompts, trie, [history], k=k, beams=beams)[0]
+            assert got.items == alone.items
+            np.testing.assert_allclose(got.scores, alone.scores, atol=1e-4)
+    for history, got in zip(histories, beam_search(backend, prompts, trie, histories, k=12, beams=12)):
+        assert_same_ranking(got.items, got.scores, brute_force(backend, prompts, history), 12)
+
+
+def test_duplicate_titles_both_returned(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie) -> None:
+    ranked = beam_search(backend, prompts, trie, [HISTORY], k=12, beams=12)[0]
+    at = ranked.items.index(4)
+    assert ranked.items[at + 1] == 5 and ranked.scores[at] == ranked.scores[at + 1]
+
+
+def test_narrow_beam_scores_are_true_scores(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie) -> None:
+    """A narrow beam may miss items, but what it returns is sorted and correctly scored."""
+    brute = brute_force(backend, prompts, HISTORY)
+    ranked = beam_search(backend, prompts, trie, [HISTORY], k=3, beams=2)[0]
+    assert 1 <= len(ranked.items) <= 3 and len(set(ranked.items)) == len(ranked.items)
+    assert ranked.scores == sorted(ranked.scores, reverse=True)
+    np.testing.assert_allclose(ranked.scores, [brute[i] for i in ranked.items], atol=1e-4)
+
+
+def test_prefill_and_backend_contract(backend: TorchBackend, prompts: PromptBuilder) -> None:
+    p = prompts.prompt(HISTORY)
+    ids, segs = p.ids[None], p.segments[None]
+    m = build_masks(segs, segs, causal_visibility(np.ones_like(ids, dtype=bool), ids.shape[1]))
+    logits, cache = backend.forward(ids, np.arange(ids.shape[1])[None], m, None)
+    last, _ = backend.forward(ids, np.arange(ids.shape[1])[None], m, None, last_only=True)
+    assert logits.dtype == np.float32 and logits.shape == (1, len(p), 49152) and last.shape == (1, 49152)
+    np.testing.assert_allclose(last[0], logits[0, -1], atol=1e-5)
+    assert len(cache) == 2 and cache[0][0].shape[2] == len(p)
+    picked = backend.select(cache, np.array([0, 0, 0]))
+    assert picked[1][1].shape[0] == 3 and torch.equal(picked[1][1][2], cache[1][1][0])
+    np.testing.assert_allclose(np.exp(log_softmax(last)).sum(-1), 1.0, atol=1e-5)
+
+
+def test_title_followed_by_a_quote(prompts: PromptBuilder) -> None:
+    """'Foo' + end marker and the title 'Foo"' share the token '"' after 'Foo'. In 'Foo' it is
+    the end marker (segment 0), in 'Foo"' part of the title (answer segment). The trie keeps
+    one node for both and marks it a title token, so with IN/CR layers beam search scores
+    'Foo' with its end quote in the wrong segment: its score must still be p('Foo' + end)."""
+    titles = ["Foo", 'Foo"', "Bar"]
+    assert prompts.title_ids('Foo"')[-1] == prompts.end_ids[0]  # the collision is real
+    backend = make_backend(1, 1)
+    catalog = Catalog(("a", "b", "c"), tuple(titles))
+    trie = TitleTrie.build(catalog, prompts)
+    ranked = beam_search(backend, prompts, trie, [HISTORY], k=3, beams=3)[0]
+    brute = score_candidates(backend, prompts, HISTORY, titles)
+    expected = dict(zip(brute.items, brute.scores))
+    got = dict(zip(ranked.items, ranked.scores))
+    assert sorted(got) == [0, 1, 2]
+    assert got[1] == pytest.approx(expected[1], abs=1e-4)  # 'Foo"': its quote is a title token
+    assert got[0] == pytest.approx(expected[0], abs=1e-4)  # 'Foo': its quote is the end marker
