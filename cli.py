@@ -24,6 +24,9 @@ InterOpt = Annotated[Optional[Path], typer.Option(help="Interactions file (CSV/T
 ItemsOpt = Annotated[Optional[Path], typer.Option(help="Items file (CSV/TSV/JSONL: item_id, title).")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="Intra-op threads (default: ONNX Runtime's choice).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu and a GPU).")]
+QuantOpt = Annotated[str, typer.Option(help="Weights: int4 (MatMulNBits), nf4 (MatMulBnb4) or none (fp32).")]
 
 
 def _run(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -72,13 +75,15 @@ def train(
 
 @app.command()
 def evaluate(
-    checkpoint: CheckpointArg,
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder (PyTorch) or ONNX bundle folder (the engine).")],
     split: Annotated[str, typer.Option(help="valid or test (loo-full).")] = "test",
     users: Annotated[int, typer.Option(help="Evaluate only the first N users (0 = all).")] = 0,
     k: Annotated[int, typer.Option(help="Length of the ranked list.")] = 10,
     beams: Annotated[int, typer.Option(help="Beam width (default: k).")] = 0,
     bf16: Annotated[bool, typer.Option(help="Run the model with bf16 weights (faster on this CPU).")] = False,
     batch_users: Annotated[int, typer.Option(help="Users whose beams run together in one batch.")] = 8,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
@@ -88,11 +93,10 @@ def evaluate(
     """Full-catalog evaluation (loo-full): constrained beam search, HR@1/5/10, NDCG@5/10."""
     from hatllm_edge.evaluate import EvalConfig, evaluate as run_eval
 
-    if split not in ("valid", "test"):
-        typer.secho("error: --split must be 'valid' or 'test'", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
+    _check_choice("--split", split, ("valid", "test"))
+    _check_choice("--device", device, ("cpu", "cuda"))
     cfg = EvalConfig(
-        checkpoint=checkpoint, split=split, users=users or None, k=k, beams=beams or None, bf16=bf16, batch_users=batch_users,
+        checkpoint=checkpoint, split=split, users=users or None, k=k, beams=beams or None, bf16=bf16, batch_users=batch_users, device=device, threads=threads,
         dataset=dataset, interactions=interactions, items=items,
     )
     result = _run(run_eval, cfg, progress=not quiet)
@@ -148,9 +152,6 @@ def analyze(
     typer.echo(skew_table(results))
     typer.echo(f"wrote {out_dir / 'skew.json'} and {out_dir / 'skew.png'}")
 
-QuantOpt = Annotated[str, typer.Option(help="Weights: int4 (MatMulNBits), nf4 (MatMulBnb4) or none (fp32).")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu and a GPU).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option(help="Intra-op threads (default: ONNX Runtime's choice).")]
 
 
 @app.command("export")

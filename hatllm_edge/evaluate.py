@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
@@ -24,8 +24,10 @@ class EvalConfig:
     users: int | None = None  # the first N users of the split (in data order)
     k: int = 10
     beams: int | None = None
-    bf16: bool = False
+    bf16: bool = False  # checkpoints only: bf16 weights
     batch_users: int = 8
+    device: Literal["cpu", "cuda"] = "cpu"  # bundles only
+    threads: int | None = None  # bundles only: ONNX Runtime intra-op threads
     dataset: str = "ml-100k"
     interactions: Path | None = None
     items: Path | None = None
@@ -61,28 +63,36 @@ def rank_split(
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint with the PyTorch backend."""
-    import torch
+    """Evaluate a checkpoint (PyTorch, fp32 or bf16 weights) or an ONNX bundle (the engine)."""
+    from hatllm_edge.ranker import Ranker, model_kind
 
-    from hatllm_edge.checkpoint import load_checkpoint
-    from hatllm_edge.torch_backend import TorchBackend
-
-    loaded = load_checkpoint(cfg.checkpoint)
+    kind = model_kind(cfg.checkpoint)
+    if kind == "bundle":
+        ranker = Ranker.from_bundle(cfg.checkpoint, cfg.device, cfg.threads)
+        backend = f"onnx-{ranker.meta['export']['quant']}-{ranker.meta['export']['dtype']}-{cfg.device}"
+    else:
+        ranker = Ranker.from_checkpoint(cfg.checkpoint, bf16=cfg.bf16)
+        backend = "torch-bf16" if cfg.bf16 else "torch-fp32"
     data = load_dataset(cfg.dataset, cfg.interactions, cfg.items)
-    if data.catalog.item_ids != loaded.catalog.item_ids:
+    if data.catalog.item_ids != ranker.catalog.item_ids:
         raise InputError(f"{cfg.checkpoint}: its catalog differs from data set {data.name!r}; evaluate on the data it was trained on")
-    backend = TorchBackend(loaded.model, torch.bfloat16 if cfg.bf16 else torch.float32)
-    result = rank_split(backend, loaded.prompts, data, cfg.split, cfg.k, cfg.beams, cfg.users, progress, cfg.batch_users)
+    result = rank_split(ranker.backend, ranker.prompts, data, cfg.split, cfg.k, cfg.beams, cfg.users, progress, cfg.batch_users)
     return {
         "checkpoint": str(cfg.checkpoint),
-        "schedule": loaded.meta["schedule"],
-        "backend": "torch-bf16" if cfg.bf16 else "torch-fp32",
+        "schedule": ranker.meta["schedule"],
+        "backend": backend,
         "k": cfg.k,
         "beams": cfg.beams or cfg.k,
         "batch_users": cfg.batch_users,
-        "torch_threads": torch.get_num_threads(),
+        "threads": cfg.threads if kind == "bundle" else _torch_threads(),
         **result,
     }
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def popularity_baseline(split: Split, dataset: str = "ml-100k", interactions: Path | None = None, items: Path | None = None) -> dict[str, Any]:

@@ -278,3 +278,107 @@ def test_real_model_on_ml100k(tmp_path: Path) -> None:
     summary = last_json(result)
     print(summary)
     assert summary["users"] == 2 and all(0 <= v <= 1 for v in summary["metrics"].values())
+
+
+# --- export, the engine, rank ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle(trained: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "fp32"
+    result = invoke("export", trained[0], out, "--quant", "none", "--quiet")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def write_user(path: Path, **fields: Any) -> Path:
+    path.write_text(json.dumps(fields), encoding="utf-8")
+    return path
+
+
+def test_export_writes_a_bundle_that_does_not_touch_the_checkpoint(trained: tuple[Path, Any], bundle: Path) -> None:
+    names = {p.name for p in bundle.iterdir()}
+    assert {"model.onnx", "bundle.json", "manifest.json", "tokenizer.json", "catalog.jsonl"} <= names
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["export"]["layer_kinds"] == ["in", "cr"]
+    assert meta["export"]["validation"]["fp32"]["max_abs_diff"] <= 1e-4
+    assert not any(p.suffix == ".onnx" for p in trained[0].rglob("*"))
+
+
+def test_evaluate_bundle_equals_pytorch(trained: tuple[Path, Any], bundle: Path, data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    inter, items = data_files
+    common = ["--interactions", inter, "--items", items, "--split", "valid", "--quiet"]
+    torch_run = invoke("evaluate", trained[0], *common, "--out", tmp_path / "t.json")
+    onnx_run = invoke("evaluate", bundle, *common, "--threads", 1, "--out", tmp_path / "o.json")
+    assert torch_run.exit_code == 0 and onnx_run.exit_code == 0, (torch_run.output, onnx_run.output)
+    t, o = json.loads((tmp_path / "t.json").read_text()), json.loads((tmp_path / "o.json").read_text())
+    assert o["backend"] == "onnx-none-fp32-cpu" and t["backend"] == "torch-fp32"
+    assert o["ranks"] == t["ranks"]
+
+
+def test_rank_full_catalog_on_the_engine(bundle: Path, tmp_path: Path) -> None:
+    user = write_user(tmp_path / "u.json", history=["i1", "Beta (1991)"], k=4)
+    result = invoke("rank", user, "--model", bundle, "--threads", 1)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    rows = out["results"]
+    assert out["mode"] == "full-catalog" and len(rows) == 4 and [r["rank"] for r in rows] == [1, 2, 3, 4]
+    assert len({r["item_id"] for r in rows}) == 4
+    assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
+    assert out["latency_ms"] > 0
+
+
+def test_rank_candidates_and_table(bundle: Path, trained: tuple[Path, Any], tmp_path: Path) -> None:
+    user = write_user(tmp_path / "u.json", history=["i1", "i2"], candidates=["i6", "Delta (1993)", "i3"])
+    onnx = json.loads(invoke("rank", user, "--model", bundle, "--threads", 1).stdout)
+    torch_out = json.loads(invoke("rank", user, "--model", trained[0], "--backend", "torch").stdout)
+    assert onnx["mode"] == "candidates"
+    assert sorted(r["item_id"] for r in onnx["results"]) == ["i3", "i4", "i6"]
+    assert [r["item_id"] for r in onnx["results"]] == [r["item_id"] for r in torch_out["results"]]
+    for a, b in zip(onnx["results"], torch_out["results"]):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-3)
+    table = invoke("rank", user, "--model", bundle, "--table", "--threads", 1)
+    assert table.exit_code == 0 and "Delta (1993)" in table.stdout and "candidates" in table.stdout
+
+
+def test_rank_builds_the_bundle_once_from_a_checkpoint(
+    trained: tuple[Path, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HATLLM_CACHE", str(tmp_path / "cache"))
+    user = write_user(tmp_path / "u.json", history=["i1"], k=2)
+    first = invoke("rank", user, "--model", trained[0], "--quant", "int4", "--quiet", "--threads", 1)
+    assert first.exit_code == 0, first.output
+    built = list((tmp_path / "cache").glob("*/onnx-int4/bundle.json"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert invoke("rank", user, "--model", trained[0], "--quant", "int4", "--quiet", "--threads", 1).exit_code == 0
+    assert built[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"history": []}, "'history' must be a non-empty list"),
+        ({"history": ["i1", "nope"]}, "history[1]: 'nope' is neither an item id nor an exact title"),
+        ({"history": ["i1"], "candidates": ["i2", 3.5]}, "candidates[1]"),
+        ({"history": ["i1"], "k": 0}, "'k' must be a positive integer"),
+        ({"history": ["i1"], "extra": 1}, "unknown field"),
+    ],
+)
+def test_rank_bad_requests(bundle: Path, tmp_path: Path, fields: dict[str, Any], needle: str) -> None:
+    user = write_user(tmp_path / "u.json", **fields)
+    assert_usage_error(invoke("rank", user, "--model", bundle), needle)
+
+
+def test_rank_bad_json_missing_file_and_cuda(bundle: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"history": [1,', encoding="utf-8")
+    assert_usage_error(invoke("rank", bad, "--model", bundle), "bad.json:1", "not valid JSON")
+    assert_usage_error(invoke("rank", tmp_path / "none.json", "--model", bundle), "no such file")
+    user = write_user(tmp_path / "u.json", history=["i1"])
+    assert_usage_error(invoke("rank", user, "--model", tmp_path), "neither an ONNX bundle")
+    assert_usage_error(invoke("rank", user, "--model", bundle, "--device", "tpu"), "--device")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert_usage_error(invoke("rank", user, "--model", bundle, "--device", "cuda"), "onnxruntime-gpu")
