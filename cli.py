@@ -206,6 +206,37 @@ def rank(
         typer.echo(json.dumps(result, ensure_ascii=False, indent=1))
 
 
+@app.command()
+def fidelity(
+    reference: Annotated[Path, typer.Argument(help="Reference model: checkpoint (PyTorch fp32) or bundle.")],
+    model: Annotated[Path, typer.Argument(help="Model to compare: bundle or checkpoint.")],
+    users: Annotated[int, typer.Option(help="Seeded sample of users.")] = 50,
+    candidates: Annotated[int, typer.Option(help="Candidates per user (the target plus random items).")] = 100,
+    split: Annotated[str, typer.Option(help="valid or test (loo-full).")] = "test",
+    threads: ThreadsOpt = None,
+    dataset: DatasetOpt = "ml-100k",
+    interactions: InterOpt = None,
+    items: ItemsOpt = None,
+    seed: SeedOpt = 0,
+    out: Annotated[Optional[Path], typer.Option(help="JSON file for the figures.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Kendall's tau of candidate scores between a model and a reference (e.g. int4 vs fp32)."""
+    from hatllm_edge.data import load_dataset
+    from hatllm_edge.fidelity import FidelityConfig, candidate_fidelity
+    from hatllm_edge.ranker import open_model
+
+    _check_choice("--split", split, ("valid", "test"))
+    data = _run(load_dataset, dataset, interactions, items)
+    ref, other = (_run(open_model, m, threads=threads) for m in (reference, model))
+    cfg = FidelityConfig(split=split, users=users, candidates=min(candidates, len(data.catalog)), seed=seed)
+    result = {"reference": str(reference), "model": str(model), **_run(candidate_fidelity, ref, other, data, cfg, not quiet)}
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    typer.echo(json.dumps(result))
+
+
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         typer.secho(f"error: {flag} must be one of {', '.join(choices)}; got {value!r}", err=True, fg=typer.colors.RED)

@@ -64,14 +64,13 @@ def rank_split(
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint (PyTorch, fp32 or bf16 weights) or an ONNX bundle (the engine)."""
-    from hatllm_edge.ranker import Ranker, model_kind
+    from hatllm_edge.ranker import model_kind, open_model
 
     kind = model_kind(cfg.checkpoint)
+    ranker = open_model(cfg.checkpoint, cfg.device, cfg.threads, cfg.bf16)
     if kind == "bundle":
-        ranker = Ranker.from_bundle(cfg.checkpoint, cfg.device, cfg.threads)
         backend = f"onnx-{ranker.meta['export']['quant']}-{ranker.meta['export']['dtype']}-{cfg.device}"
     else:
-        ranker = Ranker.from_checkpoint(cfg.checkpoint, bf16=cfg.bf16)
         backend = "torch-bf16" if cfg.bf16 else "torch-fp32"
     data = load_dataset(cfg.dataset, cfg.interactions, cfg.items)
     if data.catalog.item_ids != ranker.catalog.item_ids:

@@ -113,3 +113,10 @@ def model_kind(folder: Path) -> Literal["bundle", "checkpoint"]:
     if (folder / CHECKPOINT_META).is_file():
         return "checkpoint"
     raise InputError(f"{folder}: neither an ONNX bundle (no {BUNDLE_META}) nor a checkpoint (no {CHECKPOINT_META})")
+
+
+def open_model(folder: Path, device: Device = "cpu", threads: int | None = None, bf16: bool = False) -> Ranker:
+    """A ranker for a bundle (the engine) or a checkpoint (PyTorch)."""
+    if model_kind(folder) == "bundle":
+        return Ranker.from_bundle(folder, device, threads)
+    return Ranker.from_checkpoint(folder, bf16=bf16)

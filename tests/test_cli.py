@@ -382,3 +382,13 @@ def test_rank_bad_json_missing_file_and_cuda(bundle: Path, tmp_path: Path) -> No
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert_usage_error(invoke("rank", user, "--model", bundle, "--device", "cuda"), "onnxruntime-gpu")
+
+
+def test_fidelity_of_an_fp32_bundle_is_perfect(trained: tuple[Path, Any], bundle: Path, data_files: tuple[Path, Path]) -> None:
+    inter, items = data_files
+    result = invoke("fidelity", trained[0], bundle, "--users", 3, "--candidates", 5, "--split", "valid",
+                    "--interactions", inter, "--items", items, "--threads", 1, "--quiet")
+    assert result.exit_code == 0, result.output
+    out = last_json(result)
+    assert out["users"] == 3 and out["candidates"] == 5
+    assert out["kendall_tau_mean"] == pytest.approx(1.0) and out["top1_agreement"] == 1.0
