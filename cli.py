@@ -237,6 +237,21 @@ def fidelity(
     typer.echo(json.dumps(result))
 
 
+@app.command()
+def compare(
+    baseline: Annotated[Path, typer.Argument(help="Evaluation JSON (evaluate/popularity --out) of the reference run.")],
+    runs: Annotated[list[Path], typer.Argument(help="Evaluation JSONs to compare with it, on the same users.")],
+    samples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+    seed: SeedOpt = 0,
+) -> None:
+    """Metrics side by side, and a paired bootstrap over users of each run against the baseline."""
+    from hatllm_edge.metrics import compare_runs
+
+    result = _run(compare_runs, [baseline, *runs], samples, seed)
+    typer.echo(result["table"])
+    typer.echo(json.dumps(result["bootstrap"]))
+
+
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         typer.secho(f"error: {flag} must be one of {', '.join(choices)}; got {value!r}", err=True, fg=typer.colors.RED)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
+
+from hatllm_edge.errors import InputError
 
 CUTOFFS = (1, 5, 10)
 
@@ -54,3 +58,27 @@ def paired_bootstrap(
         "ci_high": float(np.percentile(diffs, 97.5)),
         "p_b_better": float((diffs > 0).mean()),
     }
+
+
+def compare_runs(paths: Sequence[Path], samples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """A metrics table of evaluation JSONs (first = baseline) and, for each later run, the
+    paired bootstrap of NDCG@10 and HR@10 against the baseline over the same users."""
+    runs = []
+    for path in paths:
+        try:
+            run = json.loads(Path(path).read_text(encoding="utf-8"))
+            runs.append((Path(path), run["ranks"], run["metrics"]))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{path}: not an evaluation JSON written by 'evaluate --out' or 'popularity --out' ({e})") from None
+    base_path, base_ranks, _ = runs[0]
+    keys = list(runs[0][2])
+    lines = [f"{'run':<40}" + "".join(f"{k:>9}" for k in keys)]
+    lines += [f"{p.stem[:40]:<40}" + "".join(f"{m[k]:>9.4f}" for k in keys) for p, _, m in runs]
+    boot = {}
+    for path, ranks, _ in runs[1:]:
+        if set(ranks) != set(base_ranks):
+            raise InputError(f"{path}: evaluated other users than {base_path}; compare runs of the same split and users")
+        users = sorted(base_ranks)
+        a, b = [base_ranks[u] for u in users], [ranks[u] for u in users]
+        boot[path.stem] = {m: paired_bootstrap(a, b, m, samples, seed) for m in ("NDCG@10", "HR@10")}
+    return {"table": "\n".join(lines), "bootstrap": boot}

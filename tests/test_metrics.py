@@ -77,3 +77,29 @@ def test_bootstrap_strictly_better_run() -> None:
 def test_bootstrap_needs_paired_runs() -> None:
     with pytest.raises(ValueError, match="same users"):
         paired_bootstrap([0, 1], [0])
+
+
+def test_compare_runs_table_bootstrap_and_errors(tmp_path) -> None:
+    import json
+
+    from hatllm_edge.errors import InputError
+    from hatllm_edge.metrics import compare_runs
+
+    def write(name, ranks):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"ranks": ranks, "metrics": mean_metrics(list(ranks.values()))}))
+        return path
+
+    base = write("base", {"u1": None, "u2": 3, "u3": None})
+    better = write("better", {"u1": 0, "u2": 0, "u3": None})
+    out = compare_runs([base, better], samples=200)
+    assert out["table"].splitlines()[0].split()[1:] == ["HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10"]
+    boot = out["bootstrap"]["better"]["NDCG@10"]
+    assert boot["diff"] == pytest.approx(2 / 3 - (1 / math.log2(5)) / 3)
+    assert boot["ci_low"] >= 0
+    other = write("other", {"u1": 0, "u9": 0, "u3": None})
+    with pytest.raises(InputError, match="other users"):
+        compare_runs([base, other])
+    (tmp_path / "junk.json").write_text("{}")
+    with pytest.raises(InputError, match="not an evaluation JSON"):
+        compare_runs([base, tmp_path / "junk.json"])
