@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ def rank_split(
         "metrics": mean_metrics(list(ranks.values())),
         "wall_s": round(wall, 1),
         "s_per_user": round(wall / max(1, len(examples)), 3),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "ranks": ranks,
     }
 
