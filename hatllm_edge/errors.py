@@ -7,8 +7,9 @@ class HatLLMError(Exception):
     exit_code = 1
 
 
-class InputError(HatLLMError):
-    """Bad input: a file, a field, a flag (exit code 2)."""
+class InputError(HatLLMError, ValueError):
+    """Bad input: a file, a field, a flag, a value (exit code 2). Also a ValueError, so that
+    library callers may catch it as one."""
 
     exit_code = 2
 

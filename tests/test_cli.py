@@ -207,7 +207,7 @@ def test_popularity_bad_split(data_files: tuple[Path, Path]) -> None:
 
 def test_not_a_checkpoint(tmp_path: Path, data_files: tuple[Path, Path]) -> None:
     assert_usage_error(invoke("evaluate", tmp_path, "--interactions", data_files[0], "--items", data_files[1], "--quiet"),
-                       str(tmp_path), "not a hatllm-edge checkpoint")
+                       str(tmp_path), "neither an ONNX bundle")
 
 
 def test_catalog_mismatch(trained: tuple[Path, Any], tmp_path: Path, data_files: tuple[Path, Path]) -> None:

@@ -68,10 +68,12 @@ def full_forward_score(backend: TorchBackend, prompts: PromptBuilder, history: l
 # --------------------------------------------------------------------- the title tree
 
 
-def walk(trie: TitleTrie, tokens: tuple[int, ...]) -> list[int]:
+def walk(trie: TitleTrie, tokens: tuple[int, ...], title_len: int | None = None) -> list[int]:
+    """Nodes along ``tokens``, the first ``title_len`` of them title tokens (default: all)."""
+    title_len = len(tokens) if title_len is None else title_len
     nodes = [0]
-    for t in tokens:
-        nodes.append(trie.children[nodes[-1]][t])
+    for depth, t in enumerate(tokens):
+        nodes.append(trie.children[nodes[-1]][(t, depth < title_len)])
     return nodes
 
 
@@ -83,17 +85,17 @@ def test_trie_structure(trie: TitleTrie, prompts: PromptBuilder) -> None:
     leaves = [n for n in range(len(trie.children)) if trie.items[n]]
     assert len(leaves) == len(set(TITLES)) == 11
     for index, (title, seq) in enumerate(zip(TITLES, sequences)):
-        path = walk(trie, seq)
+        n = len(prompts.title_ids(title))
+        path = walk(trie, seq, n)
         leaf = path[-1]
         assert index in trie.items[leaf] and trie.children[leaf] == {}
-        n = len(prompts.title_ids(title))
         assert all(trie.is_title[node] for node in path[1 : n + 1]), title
         assert not any(trie.is_title[node] for node in path[n + 1 :]), title
         assert not any(trie.items[node] for node in path[:-1])
-    assert trie.items[walk(trie, sequences[4])[-1]] == [4, 5]  # duplicates share a leaf
+    assert trie.items[walk(trie, sequences[4], len(sequences[4]) - len(end))[-1]] == [4, 5]  # duplicates share a leaf
     # after "Star Wars": either the end marker or " (1977)"
     after = walk(trie, prompts.title_ids("Star Wars"))[-1]
-    assert set(trie.children[after]) == {end[0], prompts.title_ids("Star Wars (1977)")[len(prompts.title_ids("Star Wars"))]}
+    assert set(trie.children[after]) == {(end[0], False), (prompts.title_ids("Star Wars (1977)")[len(prompts.title_ids("Star Wars"))], True)}
     assert trie.is_title[0] is False and trie.items[0] == []
 
 
