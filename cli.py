@@ -187,6 +187,7 @@ def rank(
     backend: Annotated[str, typer.Option(help="onnx (the engine) or torch (PyTorch, from a checkpoint).")] = "onnx",
     threads: ThreadsOpt = None,
     normalize: Annotated[bool, typer.Option(help="Length-normalise candidate scores.")] = False,
+    exclude_history: Annotated[bool, typer.Option(help="Leave out items already in the history.")] = False,
     table: Annotated[bool, typer.Option("--table", help="Print a table instead of JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -196,7 +197,7 @@ def rank(
     _check_choice("--device", device, ("cpu", "cuda"))
     _check_choice("--backend", backend, ("onnx", "torch"))
     _check_choice("--quant", quant, ("int4", "nf4", "none"))
-    result = _run(run_rank, user, model, k, device, quant, backend, threads, normalize, not quiet)
+    result = _run(run_rank, user, model, k, device, quant, backend, threads, normalize, not quiet, exclude_history)
     if table:
         typer.echo(f"{'rank':>4}  {'item_id':>8}  {'score':>9}  title")
         for row in result["results"]:
@@ -259,6 +260,13 @@ def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def main() -> None:
+    import logging
+    import warnings
+
+    # Third-party chatter that says nothing about the user's run (deprecations inside
+    # transformers, bitsandbytes' optional CPU kernels package).
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     app()
 
 

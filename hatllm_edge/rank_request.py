@@ -58,8 +58,10 @@ def open_ranker(model: Path | None, device: Device, quant: str, backend: str, th
 
 def run_rank(
     user: Path, model: Path | None, k: int | None, device: Device, quant: str, backend: str, threads: int | None,
-    normalize: bool, progress: bool,
+    normalize: bool, progress: bool, exclude_history: bool = False,
 ) -> dict[str, Any]:
+    """Rank for one request. ``exclude_history`` drops items the user already has (the
+    ``loo-full`` protocol keeps them; a product usually does not)."""
     req = read_request(user)
     ranker = open_ranker(model, device, quant, backend, threads, progress)
     history = ranker.resolve(req["history"], f"{user}: history")
@@ -68,16 +70,22 @@ def run_rank(
     if "candidates" in req:
         candidates = ranker.resolve(req["candidates"], f"{user}: candidates")
         ranked = ranker.score(history, candidates, normalize)
-        items = [candidates[i] for i in ranked.items][:k]
+        items, scores = [candidates[i] for i in ranked.items], ranked.scores
         mode = "candidates"
     else:
-        ranked = ranker.top_k([history], k=k)[0]
-        items = ranked.items
+        extra = len(set(history)) if exclude_history else 0  # ask for enough to fill k after dropping
+        ranked = ranker.top_k([history], k=k + extra, beams=k + extra)[0]
+        items, scores = ranked.items, ranked.scores
         mode = "full-catalog"
+    if exclude_history:
+        seen = set(history)
+        kept = [(i, s) for i, s in zip(items, scores) if i not in seen]
+        items, scores = [i for i, _ in kept], [s for _, s in kept]
+    items, scores = items[:k], scores[:k]
     latency = (time.perf_counter() - start) * 1000
     rows = [
         {"rank": r + 1, "item_id": ranker.catalog.item_ids[i], "title": ranker.catalog.titles[i], "score": round(s, 4)}
-        for r, (i, s) in enumerate(zip(items, ranked.scores))
+        for r, (i, s) in enumerate(zip(items, scores))
     ]
     return {
         "user_id": req.get("user_id"),

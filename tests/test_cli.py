@@ -392,3 +392,12 @@ def test_fidelity_of_an_fp32_bundle_is_perfect(trained: tuple[Path, Any], bundle
     out = last_json(result)
     assert out["users"] == 3 and out["candidates"] == 5
     assert out["kendall_tau_mean"] == pytest.approx(1.0) and out["top1_agreement"] == 1.0
+
+
+def test_rank_exclude_history(bundle: Path, tmp_path: Path) -> None:
+    user = write_user(tmp_path / "u.json", history=["i1", "i2"], k=3)
+    rows = json.loads(invoke("rank", user, "--model", bundle, "--exclude-history", "--threads", 1).stdout)["results"]
+    assert len(rows) == 3 and not {"i1", "i2"} & {r["item_id"] for r in rows}
+    cands = write_user(tmp_path / "c.json", history=["i1"], candidates=["i1", "i3", "i4"])
+    rows = json.loads(invoke("rank", cands, "--model", bundle, "--exclude-history", "--threads", 1).stdout)["results"]
+    assert sorted(r["item_id"] for r in rows) == ["i3", "i4"]
