@@ -66,12 +66,30 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def prefill(backend: Backend, prompt: Encoded) -> tuple[np.ndarray, Any]:
-    """Run the prompt once: log-probabilities of the next token [V] and the cache."""
-    ids, segs = prompt.ids[None, :], prompt.segments[None, :]
-    visible = causal_visibility(np.ones_like(ids, dtype=bool), ids.shape[1])
-    logits, cache = backend.forward(ids, np.arange(ids.shape[1])[None, :], build_masks(segs, segs, visible), None, last_only=True)
-    return log_softmax(logits[0].astype(np.float32)), cache
+@dataclass(frozen=True)
+class Prefilled:
+    """Prompts run once, left-padded so that every prompt ends at the last column."""
+
+    logprobs: np.ndarray  # [U, V] next-token log-probabilities after each prompt
+    cache: Any  # the backend's cache, U rows of width W
+    key_segments: np.ndarray  # [U, W] segment ids of the cached tokens (0 under padding)
+    key_valid: np.ndarray  # [U, W] False under padding
+    lengths: np.ndarray  # [U] prompt lengths (= the next position)
+
+
+def prefill(backend: Backend, encoded: Sequence[Encoded]) -> Prefilled:
+    """Run a batch of prompts in one pass: what beam search and candidate scoring start from."""
+    users, width = len(encoded), max(len(p) for p in encoded)
+    ids = np.zeros((users, width), dtype=np.int64)
+    segs = np.zeros((users, width), dtype=np.int64)
+    valid = np.zeros((users, width), dtype=bool)
+    for u, p in enumerate(encoded):
+        ids[u, width - len(p) :], segs[u, width - len(p) :], valid[u, width - len(p) :] = p.ids, p.segments, True
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+    masks = build_masks(segs, segs, causal_visibility(valid, width))
+    logits, cache = backend.forward(ids, positions, masks, None, last_only=True)
+    lengths = np.asarray([len(p) for p in encoded], dtype=np.int64)
+    return Prefilled(log_softmax(logits.astype(np.float32)), cache, segs, valid, lengths)
 
 
 def beam_search(
@@ -91,18 +109,10 @@ def beam_search(
     """
     beams = beams or k
     encoded = [prompts.prompt(h) for h in histories]
-    users, width = len(encoded), max(len(p) for p in encoded)
-    ids = np.zeros((users, width), dtype=np.int64)
-    key_segs = np.zeros((users, width), dtype=np.int64)
-    key_valid = np.zeros((users, width), dtype=bool)
-    for u, p in enumerate(encoded):  # left padding: every prompt ends at the last column
-        ids[u, width - len(p) :], key_segs[u, width - len(p) :], key_valid[u, width - len(p) :] = p.ids, p.segments, True
+    users = len(encoded)
     answer_seg = np.asarray([prompts.answer_segment(p) for p in encoded])
-    next_pos = np.asarray([len(p) for p in encoded], dtype=np.int64)
-    positions = np.maximum(np.cumsum(key_valid, axis=1) - 1, 0)
-    masks = build_masks(key_segs, key_segs, causal_visibility(key_valid, width))
-    logits, cache = backend.forward(ids, positions, masks, None, last_only=True)
-    logprobs = log_softmax(logits.astype(np.float32))  # [rows, V]
+    start = prefill(backend, encoded)
+    logprobs, cache, key_segs, key_valid, next_pos = start.logprobs, start.cache, start.key_segments, start.key_valid, start.lengths
     row_user, row_node, row_score = np.arange(users), np.zeros(users, dtype=np.int64), np.zeros(users)
     finished: list[list[tuple[float, int]]] = [[] for _ in range(users)]  # (score, leaf node)
     while len(row_user):
@@ -163,7 +173,8 @@ def score_candidates(
     """
     prompt = prompts.prompt(history)
     seg = prompts.answer_segment(prompt)
-    first_logprobs, cache = prefill(backend, prompt)
+    start = prefill(backend, [prompt])
+    first_logprobs, cache = start.logprobs[0], start.cache
     answers = [prompts.answer(title, seg) for title in candidates]
     n, width, plen = len(answers), max(len(a) for a in answers), len(prompt)
     ids = np.zeros((n, width), dtype=np.int64)
