@@ -61,10 +61,6 @@ class DecoderSpec:
     def num_layers(self) -> int:
         return len(self.layer_kinds)
 
-    def linear_names(self) -> list[str]:
-        """Module paths of every decoder Linear, the ones that 4-bit quantisation touches."""
-        return [f"model.layers.{i}.{name}" for i in range(self.num_layers) for name in LINEARS]
-
 
 def _plain_linear(module: torch.nn.Module, path: str) -> torch.nn.Linear:
     if type(module) is not torch.nn.Linear:

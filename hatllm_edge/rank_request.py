@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hatllm_edge.errors import InputError
-from hatllm_edge.ranker import DEFAULT_CHECKPOINT, Device, Ranker, bundle_cache_dir, model_kind
+from hatllm_edge.ranker import DEFAULT_CHECKPOINT, Device, Ranker, bundle_cache_dir, model_kind, open_model
 
 
 def read_request(path: Path) -> dict[str, Any]:
@@ -45,7 +45,7 @@ def open_ranker(model: Path | None, device: Device, quant: str, backend: str, th
             raise InputError(f"{folder}: --backend torch needs a checkpoint folder, this is an ONNX bundle")
         if device != "cpu":
             raise InputError("--backend torch runs on the CPU here; use the onnx backend for --device cuda")
-        return Ranker.from_checkpoint(folder)
+        return open_model(folder)
     if kind == "checkpoint":
         bundle = bundle_cache_dir(folder, quant)
         if not (bundle / "bundle.json").is_file():
@@ -53,7 +53,7 @@ def open_ranker(model: Path | None, device: Device, quant: str, backend: str, th
 
             export_checkpoint(folder, bundle, quant, progress=progress, overwrite=True)
         folder = bundle
-    return Ranker.from_bundle(folder, device, threads)
+    return open_model(folder, device, threads)
 
 
 def run_rank(
