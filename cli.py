@@ -26,7 +26,10 @@ SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="Intra-op threads (default: ONNX Runtime's choice).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu and a GPU).")]
-QuantOpt = Annotated[str, typer.Option(help="Weights: int4 (MatMulNBits), nf4 (MatMulBnb4) or none (fp32).")]
+QuantOpt = Annotated[str, typer.Option(help="Weights: int4 (MatMulNBits), nf4 (MatMulBnb4), int8 (8-bit MatMulNBits) or none (fp32).")]
+ComputeOpt = Annotated[str, typer.Option(help="Engine arithmetic: auto (int8 for a quantised bundle on the CPU), native (the graph as stored) or int8 (weights expanded to signed int8 at load).")]
+QUANTS = ("int4", "nf4", "int8", "none")
+COMPUTES = ("auto", "native", "int8")
 
 
 def _run(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -84,6 +87,7 @@ def evaluate(
     batch_users: Annotated[int, typer.Option(help="Users whose beams run together in one batch.")] = 8,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
+    compute: ComputeOpt = "auto",
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
@@ -95,8 +99,9 @@ def evaluate(
 
     _check_choice("--split", split, ("valid", "test"))
     _check_choice("--device", device, ("cpu", "cuda"))
+    _check_choice("--compute", compute, COMPUTES)
     cfg = EvalConfig(
-        checkpoint=checkpoint, split=split, users=users or None, k=k, beams=beams or None, bf16=bf16, batch_users=batch_users, device=device, threads=threads,
+        checkpoint=checkpoint, split=split, users=users or None, k=k, beams=beams or None, bf16=bf16, batch_users=batch_users, device=device, threads=threads, compute=compute,
         dataset=dataset, interactions=interactions, items=items,
     )
     result = _run(run_eval, cfg, progress=not quiet)
@@ -162,6 +167,7 @@ def export_cmd(
     dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for GPU).")] = "fp32",
     int4_algo: Annotated[str, typer.Option(help="int4 quantiser: rtn, hqq or gptq.")] = "rtn",
     int4_block: Annotated[int, typer.Option(help="int4 block size.")] = 32,
+    embeddings: Annotated[Optional[str], typer.Option(help="Embedding / LM head: int8 or float (default: int8 for int4 and int8, float for nf4 and none).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -169,11 +175,13 @@ def export_cmd(
     from export.checkpoint import export_checkpoint
     from export.quantize import Int4Options
 
-    _check_choice("--quant", quant, ("int4", "nf4", "none"))
+    _check_choice("--quant", quant, QUANTS)
     _check_choice("--dtype", dtype, ("fp32", "fp16"))
+    if embeddings is not None:
+        _check_choice("--embeddings", embeddings, ("int8", "float"))
     _check_choice("--int4-algo", int4_algo, ("rtn", "hqq", "gptq"))
     int4 = Int4Options(algo=int4_algo, block_size=int4_block) if quant == "int4" else None
-    folder = _run(export_checkpoint, checkpoint, out, quant, dtype, int4, overwrite, not quiet)
+    folder = _run(export_checkpoint, checkpoint, out, quant, dtype, int4, overwrite, not quiet, embeddings)
     typer.echo(json.dumps({"bundle": str(folder), **json.loads((folder / "bundle.json").read_text())["export"]["sizes"]}))
 
 
@@ -183,7 +191,8 @@ def rank(
     model: Annotated[Optional[Path], typer.Option(help="ONNX bundle or checkpoint folder (default: the shipped HatLLM model).")] = None,
     k: Annotated[Optional[int], typer.Option(help="List length (overrides the file's k; default 10).")] = None,
     device: DeviceOpt = "cpu",
-    quant: Annotated[str, typer.Option(help="Bundle built on first use from a checkpoint: int4, nf4 or none.")] = "int4",
+    quant: Annotated[str, typer.Option(help="Bundle built on first use from a checkpoint: int4, nf4, int8 or none.")] = "int4",
+    compute: ComputeOpt = "auto",
     backend: Annotated[str, typer.Option(help="onnx (the engine) or torch (PyTorch, from a checkpoint).")] = "onnx",
     threads: ThreadsOpt = None,
     normalize: Annotated[bool, typer.Option(help="Length-normalise candidate scores.")] = False,
@@ -196,8 +205,9 @@ def rank(
 
     _check_choice("--device", device, ("cpu", "cuda"))
     _check_choice("--backend", backend, ("onnx", "torch"))
-    _check_choice("--quant", quant, ("int4", "nf4", "none"))
-    result = _run(run_rank, user, model, k, device, quant, backend, threads, normalize, not quiet, exclude_history)
+    _check_choice("--quant", quant, QUANTS)
+    _check_choice("--compute", compute, COMPUTES)
+    result = _run(run_rank, user, model, k, device, quant, backend, threads, normalize, not quiet, exclude_history, compute)
     if table:
         typer.echo(f"{'rank':>4}  {'item_id':>8}  {'score':>9}  title")
         for row in result["results"]:
@@ -215,6 +225,7 @@ def fidelity(
     candidates: Annotated[int, typer.Option(help="Candidates per user (the target plus random items).")] = 100,
     split: Annotated[str, typer.Option(help="valid or test (loo-full).")] = "test",
     threads: ThreadsOpt = None,
+    compute: ComputeOpt = "auto",
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
@@ -228,8 +239,9 @@ def fidelity(
     from hatllm_edge.ranker import open_model
 
     _check_choice("--split", split, ("valid", "test"))
+    _check_choice("--compute", compute, COMPUTES)
     data = _run(load_dataset, dataset, interactions, items)
-    ref, other = (_run(open_model, m, threads=threads) for m in (reference, model))
+    ref, other = (_run(open_model, m, threads=threads, compute=compute) for m in (reference, model))
     cfg = FidelityConfig(split=split, users=users, candidates=min(candidates, len(data.catalog)), seed=seed)
     result = {"reference": str(reference), "model": str(model), **_run(candidate_fidelity, ref, other, data, cfg, not quiet)}
     if out:

@@ -17,6 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from export.convert import DType, Quant, export_onnx
+from export.graph import Embeddings
 from export.quantize import Int4Options
 from export.validate import validate
 from hatllm_edge.engine import BUNDLE_FILE, MANIFEST_FILE, MODEL_FILE, file_sha256
@@ -57,6 +58,13 @@ def _write_files(folder: Path, files: dict[str, Path | bytes]) -> None:
             raise InputError(f"bundle file {name}: {content} is not a file")
 
 
+def _graph_props(path: Path) -> dict[str, str]:
+    """The metadata_props of a saved graph (its weights are not read)."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
 def write_manifest(folder: Path) -> dict[str, Any]:
     """sha256 and size of every file in ``folder`` (the manifest itself excluded)."""
     files = {p.name: {"sha256": file_sha256(p), "size": p.stat().st_size}
@@ -93,6 +101,7 @@ def export_bundle(
     int4: Int4Options | None = None,
     overwrite: bool = False,
     check: bool = True,
+    embeddings: Embeddings | None = None,
 ) -> Path:
     """Export ``model`` into the new bundle folder ``out_dir`` and return it.
 
@@ -116,7 +125,7 @@ def export_bundle(
         stages.update()
         stages.set_postfix_str("onnx")
         model_path = export_onnx(model, tmp / MODEL_FILE, quant=quant, dtype=dtype, opset=opset, int4=int4,
-                                 metadata=hashes)
+                                 metadata=hashes, embeddings=embeddings)
         stages.update()
         report = None
         if check:
@@ -134,6 +143,7 @@ def export_bundle(
             "dtype": dtype,
             "opset": opset,
             "int4": (int4 or Int4Options()).to_dict() if quant == "int4" else None,
+            "embeddings": _graph_props(model_path).get("hatllm.embeddings"),
             "layer_kinds": kinds,
             "schedule": model.schedule.to_dict(),
             "model_type": model.config.model_type,

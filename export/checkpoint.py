@@ -7,16 +7,18 @@ from pathlib import Path
 
 from export.bundle import export_bundle
 from export.convert import DType, Quant
+from export.graph import Embeddings
 from export.quantize import Int4Options
 from hatllm_edge.checkpoint import CATALOG_FILE, TOKENIZER_FILE, load_checkpoint
 
 
 def export_checkpoint(
     checkpoint: Path, out_dir: Path, quant: Quant = "int4", dtype: DType = "fp32", int4: Int4Options | None = None,
-    overwrite: bool = False, progress: bool = True,
+    overwrite: bool = False, progress: bool = True, embeddings: Embeddings | None = None,
 ) -> Path:
     loaded = load_checkpoint(checkpoint)
     files = {TOKENIZER_FILE: checkpoint / TOKENIZER_FILE, CATALOG_FILE: checkpoint / CATALOG_FILE}
     return export_bundle(
-        loaded.model, out_dir, quant, files, loaded.meta, progress=progress, dtype=dtype, int4=int4, overwrite=overwrite
+        loaded.model, out_dir, quant, files, loaded.meta, progress=progress, dtype=dtype, int4=int4, overwrite=overwrite,
+        embeddings=embeddings,
     )

@@ -21,14 +21,15 @@ import numpy as np
 import onnx
 import torch
 
-from export.graph import build_decoder
+from export.graph import Embeddings, build_decoder
 from export.quantize import Int4Options, quantize_int4
 from hatllm_edge.errors import InputError
 from hatllm_edge.model import SUPPORTED_TYPES, HatLLM
 
-Quant = Literal["none", "nf4", "int4"]
+Quant = Literal["none", "nf4", "int4", "int8"]
 DType = Literal["fp32", "fp16"]
-QUANTS: tuple[Quant, ...] = ("none", "nf4", "int4")
+QUANTS: tuple[Quant, ...] = ("none", "nf4", "int4", "int8")
+EMBEDDINGS: tuple[Embeddings, ...] = ("float", "int8")
 DTYPES: tuple[DType, ...] = ("fp32", "fp16")
 MIN_OPSET = 23  # Attention, RotaryEmbedding and RMSNormalization enter the standard here
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot serialise a message over 2 GiB
@@ -121,7 +122,8 @@ def read_decoder(model: HatLLM) -> DecoderSpec:
     )
 
 
-def graph_metadata(spec: DecoderSpec, quant: Quant, dtype: DType, int4: Int4Options | None) -> dict[str, str]:
+def graph_metadata(spec: DecoderSpec, quant: Quant, dtype: DType, int4: Int4Options | None,
+                   embeddings: Embeddings = "float") -> dict[str, str]:
     """The ``hatllm.*`` metadata_props the engine reads (layer kinds, cache geometry, quant)."""
     meta = {
         "hatllm.layer_kinds": json.dumps(list(spec.layer_kinds)),
@@ -134,11 +136,14 @@ def graph_metadata(spec: DecoderSpec, quant: Quant, dtype: DType, int4: Int4Opti
         "hatllm.vocab_size": str(spec.vocab_size),
         "hatllm.quant": quant,
         "hatllm.dtype": dtype,
+        "hatllm.embeddings": embeddings,
     }
     if quant == "nf4":
         meta["hatllm.quant_config"] = json.dumps({"quant_type": "nf4", "block_size": 64})
     elif quant == "int4" and int4 is not None:
         meta["hatllm.quant_config"] = json.dumps(int4.to_dict())
+    elif quant == "int8":
+        meta["hatllm.quant_config"] = json.dumps({"quant_type": "int8", "block_size": 64, "symmetric": True})
     return meta
 
 
@@ -151,13 +156,18 @@ def export_onnx(
     int4: Int4Options | None = None,
     metadata: dict[str, str] | None = None,
     external_data: bool | None = None,
+    embeddings: Embeddings | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` as ONNX (graph contract in :mod:`export.graph`).
 
-    quant: "none" (weights in ``dtype``), "nf4" (bitsandbytes NF4 -> ``MatMulBnb4``) or
-    "int4" (``MatMulNBits`` via ONNX Runtime's quantiser, options in ``int4``). Embeddings and
-    the LM head always stay in ``dtype``. ``external_data`` None: only for models too big
-    for one protobuf (the weights then go to ``<name>.data`` beside it). Returns ``path``.
+    quant: "none" (weights in ``dtype``), "nf4" (bitsandbytes NF4 -> ``MatMulBnb4``), "int4"
+    (``MatMulNBits`` via ONNX Runtime's quantiser, options in ``int4``) or "int8" (8-bit
+    ``MatMulNBits``, block 64). ``embeddings``: the tied embedding / LM head in ``dtype``
+    ("float") or 8-bit ("int8"); None = 8-bit for int4 and int8 (the embedding is a fifth of
+    a 135M model, so a 4-bit bundle would otherwise stay above 30% of fp32), float for nf4,
+    which mirrors a bitsandbytes 4-bit model (whose embedding and head stay float) exactly.
+    ``external_data`` None: only for models too big for one protobuf (the weights then go to
+    ``<name>.data`` beside it). Returns ``path``.
     """
     if quant not in QUANTS:
         raise InputError(f"quant {quant!r}: expected one of {QUANTS}")
@@ -165,12 +175,16 @@ def export_onnx(
         raise InputError(f"dtype {dtype!r}: expected one of {DTYPES}")
     if opset < MIN_OPSET:
         raise InputError(f"opset {opset}: the graph needs opset >= {MIN_OPSET} (Attention, RotaryEmbedding)")
+    embeddings = embeddings or ("int8" if quant in ("int4", "int8") else "float")
+    if embeddings not in EMBEDDINGS:
+        raise InputError(f"embeddings {embeddings!r}: expected one of {EMBEDDINGS}")
     spec = read_decoder(model)
-    proto = build_decoder(spec, quant="nf4" if quant == "nf4" else "none", dtype=dtype, opset=opset)
+    linears = quant if quant in ("nf4", "int8") else "none"
+    proto = build_decoder(spec, quant=linears, dtype=dtype, opset=opset, embeddings=embeddings)
     if quant == "int4":
         int4 = int4 or Int4Options()
         proto = quantize_int4(proto, int4)
-    props = graph_metadata(spec, quant, dtype, int4) | (metadata or {})
+    props = graph_metadata(spec, quant, dtype, int4, embeddings) | (metadata or {})
     onnx.helper.set_model_props(proto, props)
     size = sum(len(t.raw_data) for t in proto.graph.initializer)
     use_external = size > EXTERNAL_DATA_BYTES if external_data is None else external_data

@@ -8,7 +8,11 @@ Graph contract (all of B, Q, P dynamic; P may be 0 for the first step):
   keeps the last n positions, so a prefill that needs one next-token distribution skips the
   [Q, V] LM-head product). It is a plain required input, not an overridable initializer with
   a default: ONNX Runtime's IOBinding cannot bind overridable initializers.
-* outputs: ``logits`` [B, Q', V] float32 (Q' = Q or ``logits_to_keep``), and
+  ``target_ids`` [B, Q] int64: the token whose log-probability each position should report
+  (candidate scoring reads only these; any id, e.g. 0, where no score is needed).
+* outputs: ``logits`` [B, Q', V] float32 (Q' = Q or ``logits_to_keep``);
+  ``target_logprobs`` [B, Q'] float32, log softmax(logits)[target] computed in the graph, so
+  a scoring pass hands back Q' floats instead of Q' x V logits; and
   ``present.{i}.key/value`` [B, kv_heads, P+Q, head_dim] in the graph dtype.
 
 Ops: the opset-23 standard ``RMSNormalization``, ``RotaryEmbedding`` (3-D input with
@@ -29,12 +33,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.quantize import NF4_BLOCK, nf4_pack
+from export.quantize import Q8_BLOCK, nf4_pack, q8_pack
+from hatllm_edge.errors import InputError
+from hatllm_edge.lowbit import NF4_BLOCK
 
 if TYPE_CHECKING:
     from export.convert import DecoderSpec
 
 INT64_MAX = np.iinfo(np.int64).max
+LinearQuant = Literal["none", "nf4", "int8"]
+Embeddings = Literal["float", "int8"]
 MASK_INPUT = "mask_{}"
 PAST = "past_key_values.{}.{}"
 PRESENT = "present.{}.{}"
@@ -68,11 +76,39 @@ class _Graph:
         return outputs[0]
 
 
-def _linear(g: _Graph, spec: DecoderSpec, x: str, path: str, quant: Literal["none", "nf4"]) -> str:
+def _q8_block(k: int) -> int:
+    for block in (Q8_BLOCK, 32, 16):
+        if k % block == 0:
+            return block
+    raise InputError(f"8-bit weights need an input size divisible by 16, got {k}")
+
+
+def _q8_consts(g: _Graph, param: str, w: np.ndarray) -> tuple[str, str, int]:
+    """The 8-bit codes ``<param>.q8`` [N, K/block, block] and ``<param>.scales`` [N, K/block]
+    of W [N, K], packed once however many nodes read them."""
+    block = _q8_block(w.shape[1])
+    codes, scales = f"{param}.q8", f"{param}.scales"
+    if codes not in g.initializers:
+        packed, block_scales = q8_pack(w, block)
+        g.const(codes, packed)
+        g.weight(scales, block_scales)
+    return codes, scales, block
+
+
+def _matmul_q8(g: _Graph, x: str, param: str, w: np.ndarray, node: str) -> str:
+    """x [..., K] @ W^T with W [N, K] as 8-bit ``MatMulNBits``."""
+    codes, scales, block = _q8_consts(g, param, w)
+    return g.op("MatMulNBits", [x, codes, scales], f"{node}/MatMulNBits", domain="com.microsoft",
+                K=w.shape[1], N=w.shape[0], bits=8, block_size=block)
+
+
+def _linear(g: _Graph, spec: DecoderSpec, x: str, path: str, quant: LinearQuant) -> str:
     """x [B, Q, K] -> [B, Q, N] for the Linear at ``path`` (weight [N, K])."""
     node = "/" + path.replace(".", "/").replace("/layers/", "/layers.").replace("self_attn", "attn")
     w = spec.weights[f"{path}.weight"]
-    if quant == "nf4":
+    if quant == "int8":
+        out = _matmul_q8(g, x, f"{path}.weight", w, node)
+    elif quant == "nf4":
         packed, absmax = nf4_pack(w)
         out = g.op("MatMulBnb4",
                    [x, g.const(f"{path}.weight.nf4", packed), g.weight(f"{path}.weight.absmax", absmax)],
@@ -110,7 +146,7 @@ def _rope_tables(g: _Graph, spec: DecoderSpec) -> tuple[str, str]:
     return tables[0], tables[1]
 
 
-def _layer(g: _Graph, spec: DecoderSpec, i: int, h: str, cos: str, sin: str, quant: Literal["none", "nf4"]) -> str:
+def _layer(g: _Graph, spec: DecoderSpec, i: int, h: str, cos: str, sin: str, quant: LinearQuant) -> str:
     """One decoder layer; ``h`` [B, Q, hidden] is the residual stream.
 
         h ─ RMSNorm ─ q,k,v ─ RoPE(q,k) ─ Attention(mask_<kind>, past) ─ o_proj ─ (+h) ─┐
@@ -140,38 +176,70 @@ def _layer(g: _Graph, spec: DecoderSpec, i: int, h: str, cos: str, sin: str, qua
     return g.op("Add", [h, _linear(g, spec, act, f"{p}.mlp.down_proj", quant)], f"{node}/mlp/residual/Add")
 
 
-def _lm_head(g: _Graph, spec: DecoderSpec, h: str) -> str:
-    """Final norm, keep the last ``logits_to_keep`` positions, then logits [B, Q', V].
+def _embed(g: _Graph, spec: DecoderSpec, embeddings: Embeddings) -> str:
+    """input_ids -> [B, Q, hidden]. ``int8``: gathered from the 8-bit codes that the tied LM
+    head's ``MatMulNBits`` also reads (one copy on disk): (code - 128) * block scale."""
+    name = "model.embed_tokens.weight"
+    if embeddings == "float":
+        return g.op("Gather", [g.weight(name, spec.weights[name]), "input_ids"], "/model/embed_tokens/Gather")
+    codes, scales, _ = _q8_consts(g, name, spec.weights[name])
+    node = "/model/embed_tokens"
+    rows = g.op("Gather", [codes, "input_ids"], f"{node}/Gather")  # [B, Q, nb, block]
+    rows = g.op("Cast", [rows], f"{node}/Cast", to=g.onnx_dtype)
+    rows = g.op("Sub", [rows, g.weight(f"{node}/zero_point", np.array(128.0))], f"{node}/Sub")
+    scale = g.op("Gather", [scales, "input_ids"], f"{node}/scales/Gather")  # [B, Q, nb]
+    scale = g.op("Unsqueeze", [scale, g.const(f"{node}/axes", np.array([-1], np.int64))], f"{node}/Unsqueeze")
+    rows = g.op("Mul", [rows, scale], f"{node}/Mul")
+    return g.op("Reshape", [rows, g.const(f"{node}/shape", np.array([0, 0, spec.hidden_size], np.int64))],
+                f"{node}/Reshape")
 
-    Gemm with transB reads the [V, hidden] matrix in place, so tied embeddings are stored once
-    and the int4 quantiser (which only rewrites MatMul) leaves the head in full precision.
+
+def _lm_head(g: _Graph, spec: DecoderSpec, h: str, embeddings: Embeddings) -> str:
+    """Final norm, keep the last ``logits_to_keep`` positions, then logits [B, Q', V] and the
+    targets' log-probabilities [B, Q'].
+
+    Float: Gemm with transB reads the [V, hidden] matrix in place, so tied embeddings are
+    stored once and the int4 quantiser (which only rewrites MatMul) leaves the head alone.
+    ``int8``: an 8-bit ``MatMulNBits`` over the same codes the embedding gathers from.
     """
     x = _rms_norm(g, spec, h, "model.norm.weight", "/model/norm")
     keep = g.op("Reshape", ["logits_to_keep", g.const("/lm_head/one", np.array([1], np.int64))], "/lm_head/keep/Reshape")
     start = g.op("Neg", [keep], "/lm_head/keep/Neg")  # -0 = 0: every position
-    x = g.op("Slice", [x, start, g.const("/lm_head/end", np.array([INT64_MAX], np.int64)),
-                       g.const("/lm_head/axis", np.array([1], np.int64))], "/lm_head/keep/Slice")
+    end, axis = g.const("/lm_head/end", np.array([INT64_MAX], np.int64)), g.const("/lm_head/axis", np.array([1], np.int64))
+    x = g.op("Slice", [x, start, end, axis], "/lm_head/keep/Slice")
+    targets = g.op("Slice", ["target_ids", start, end, axis], "/lm_head/targets/Slice")
     lead = g.op("Shape", [x], "/lm_head/Shape", end=2)  # [B, Q']
     flat = g.op("Reshape", [x, g.const("/lm_head/flat", np.array([-1, spec.hidden_size], np.int64))], "/lm_head/Reshape")
     head = "lm_head.weight" if "lm_head.weight" in spec.weights else "model.embed_tokens.weight"
-    logits = g.op("Gemm", [flat, g.weight(head, spec.weights[head])], "/lm_head/Gemm", transB=1)
-    shape = g.op("Concat", [lead, g.const("/lm_head/vocab", np.array([spec.vocab_size], np.int64))],
-                 "/lm_head/Concat", axis=0)
+    if embeddings == "int8":
+        logits = _matmul_q8(g, flat, head, spec.weights[head], "/lm_head")
+    else:
+        logits = g.op("Gemm", [flat, g.weight(head, spec.weights[head])], "/lm_head/Gemm", transB=1)
     if g.np_dtype is np.float16:
         logits = g.op("Cast", [logits], "/lm_head/Cast", to=TensorProto.FLOAT)
-    return g.op("Reshape", [logits, shape], "/lm_head/output/Reshape", outputs=["logits"])
+    shape = g.op("Concat", [lead, g.const("/lm_head/vocab", np.array([spec.vocab_size], np.int64))],
+                 "/lm_head/Concat", axis=0)
+    g.op("Reshape", [logits, shape], "/lm_head/output/Reshape", outputs=["logits"])
+
+    last = g.const("/lm_head/last", np.array([-1], np.int64))
+    lse = g.op("ReduceLogSumExp", [logits, last], "/lm_head/ReduceLogSumExp", keepdims=1)  # [N, 1]
+    column = g.op("Reshape", [targets, g.const("/lm_head/column", np.array([-1, 1], np.int64))], "/lm_head/targets/Reshape")
+    picked = g.op("GatherElements", [logits, column], "/lm_head/targets/GatherElements", axis=1)  # [N, 1]
+    logprobs = g.op("Sub", [picked, lse], "/lm_head/targets/Sub")
+    return g.op("Reshape", [logprobs, lead], "/lm_head/targets/output/Reshape", outputs=["target_logprobs"])
 
 
-def build_decoder(spec: DecoderSpec, quant: Literal["none", "nf4"] = "none",
-                  dtype: Literal["fp32", "fp16"] = "fp32", opset: int = 23) -> onnx.ModelProto:
-    """The whole decoder as a ModelProto (weights inline; :func:`export.convert.export_onnx` saves it)."""
+def build_decoder(spec: DecoderSpec, quant: LinearQuant = "none", dtype: Literal["fp32", "fp16"] = "fp32",
+                  opset: int = 23, embeddings: Embeddings = "float") -> onnx.ModelProto:
+    """The whole decoder as a ModelProto (weights inline; :func:`export.convert.export_onnx`
+    saves it). ``quant``: the decoder Linears (float ``MatMul``, NF4 or 8-bit); ``embeddings``:
+    the embedding and LM head in the graph dtype or 8-bit."""
     g = _Graph(dtype)
-    h = g.op("Gather", [g.weight("model.embed_tokens.weight", spec.weights["model.embed_tokens.weight"]),
-                        "input_ids"], "/model/embed_tokens/Gather")
+    h = _embed(g, spec, embeddings)
     cos, sin = _rope_tables(g, spec)
     for i in range(spec.num_layers):
         h = _layer(g, spec, i, h, cos, sin, quant)
-    _lm_head(g, spec, h)
+    _lm_head(g, spec, h, embeddings)
 
     kv_shape = ["batch", spec.num_kv_heads, "past_sequence", spec.head_dim]
     present_shape = ["batch", spec.num_kv_heads, "total_sequence", spec.head_dim]
@@ -182,12 +250,14 @@ def build_decoder(spec: DecoderSpec, quant: Literal["none", "nf4"] = "none",
     for kind in dict.fromkeys(spec.layer_kinds):
         inputs.append(helper.make_tensor_value_info(
             MASK_INPUT.format(kind), TensorProto.BOOL, ["batch", 1, "sequence", "total_sequence"]))
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_sequence", spec.vocab_size])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_sequence", spec.vocab_size]),
+               helper.make_tensor_value_info("target_logprobs", TensorProto.FLOAT, ["batch", "logits_sequence"])]
     for i in range(spec.num_layers):
         for part in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(PAST.format(i, part), g.onnx_dtype, kv_shape))
             outputs.append(helper.make_tensor_value_info(PRESENT.format(i, part), g.onnx_dtype, present_shape))
     inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, []))
+    inputs.append(helper.make_tensor_value_info("target_ids", TensorProto.INT64, ["batch", "sequence"]))
 
     graph = helper.make_graph(g.nodes, "hatllm_decoder", inputs, outputs, initializer=list(g.initializers.values()))
     opsets = [helper.make_opsetid("", opset)]

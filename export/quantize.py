@@ -1,6 +1,4 @@
-"""4-bit weights for the decoder Linears: make them, and read them back as float.
-
-Two routes, each a pair "quantise for the runtime / dequantise for the reference":
+"""Low-bit weights for the exported graph: NF4, int4 and 8-bit.
 
 * NF4 (bitsandbytes, block 64) mapped byte for byte onto ``com.microsoft.MatMulBnb4``: both
   flatten the [N, K] weight row-major, pack the even flat index into the high nibble, use
@@ -8,10 +6,12 @@ Two routes, each a pair "quantise for the runtime / dequantise for the reference
   absmax is expanded first). Checked against ``bitsandbytes.functional.dequantize_4bit``.
 * int4 ``com.microsoft.MatMulNBits`` through ONNX Runtime's ``MatMulNBitsQuantizer`` on the
   finished float graph: RTN (ORT's default block-wise affine quantiser), HQQ, or GPTQ (needs
-  calibration token sequences). It has the faster CPU/CUDA kernels.
+  calibration token sequences).
+* 8-bit blocks (:func:`q8_pack`): the ``--quant int8`` Linears, and in every quantised bundle
+  the tied embedding / LM head, which decides the ranking directly and so gets 8 bits, not 4.
 
-Embeddings and the LM head are never quantised: the head decides the ranking directly and
-the embedding is a gather (no matmul to speed up); see :mod:`export.graph`.
+Reading them back as float (the validation reference, the engine's int8 expansion) lives in
+:mod:`hatllm_edge.lowbit`, because the torch-free engine needs it at load time.
 """
 
 from __future__ import annotations
@@ -22,17 +22,11 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from onnxruntime.quantization.calibrate import CalibrationDataReader
 
-NF4_BLOCK = 64
-# bitsandbytes' NF4 code book (bitsandbytes.functional.get_4bit_type("nf4")), as float32
-NF4_CODE = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-], dtype=np.float32)
+from hatllm_edge.lowbit import NF4_BLOCK
+
+Q8_BLOCK = 64
 
 
 def nf4_absmax(state: Any) -> np.ndarray:
@@ -56,11 +50,18 @@ def nf4_pack(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return packed.numpy().reshape(-1), nf4_absmax(state)
 
 
-def nf4_unpack(packed: np.ndarray, absmax: np.ndarray, n: int, k: int, block: int = NF4_BLOCK) -> np.ndarray:
-    """The float32 weight [N, K] that ``MatMulBnb4`` multiplies by (high nibble first)."""
-    codes = np.stack([packed >> 4, packed & 0x0F], axis=-1).reshape(-1)[: n * k]
-    scale = np.repeat(absmax.astype(np.float32), block)[: n * k]
-    return (NF4_CODE[codes] * scale).reshape(n, k)
+def q8_pack(weight: np.ndarray, block: int = Q8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """weight [N, K] float -> (codes uint8 [N, K/block, block], scales float32 [N, K/block]):
+    symmetric absmax per block, code = round(w / scale) + 128. The layout of an 8-bit
+    ``MatMulNBits`` weight without zero points, and what the 8-bit embedding gathers from."""
+    n, k = weight.shape
+    if k % block:
+        raise ValueError(f"8-bit blocks of {block} need K divisible by {block}, got K={k}")
+    blocks = weight.reshape(n, k // block, block).astype(np.float32)
+    scales = np.abs(blocks).max(axis=-1) / 127.0
+    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128
+    return codes.astype(np.uint8), scales
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class _TokenReader(CalibrationDataReader):
         t = len(tokens)
         feed: dict[str, np.ndarray] = {}
         for name, tt in self.inputs:
-            if name == "input_ids":
+            if name in ("input_ids", "target_ids"):
                 feed[name] = np.asarray(tokens, np.int64)[None]
             elif name == "position_ids":
                 feed[name] = np.arange(t, dtype=np.int64)[None]
@@ -144,50 +145,3 @@ def quantize_int4(model: onnx.ModelProto, options: Int4Options) -> onnx.ModelPro
     finally:
         logging.getLogger("onnxruntime.quantization").setLevel(level)
     return quantizer.model.model
-
-
-def _unpack_low_first(packed: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """uint8 [rows, ceil(cols/2)] with the first value in the low nibble -> uint8 [rows, cols]."""
-    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)[:, :cols]
-
-
-def nbits_unpack(node: onnx.NodeProto, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """The float32 weight [N, K] that a 4-bit ``MatMulNBits`` node multiplies by:
-    (code - zero_point) * scale per block of K, codes packed low nibble first, zero point 8
-    when absent; a float zero point (HQQ) is used as is."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
-    if attrs.get("bits", 4) != 4:
-        raise ValueError(f"{node.name}: only 4-bit MatMulNBits is read back")
-    blocks = -(-k // block)
-    codes = _unpack_low_first(arrays[node.input[1]].reshape(n, -1), n, blocks * block).astype(np.float32)
-    scales = arrays[node.input[2]].astype(np.float32).reshape(n, blocks)
-    zp_name = node.input[3] if len(node.input) > 3 else ""
-    if not zp_name:
-        zeros = np.full((n, blocks), 8.0, np.float32)
-    elif arrays[zp_name].dtype == np.uint8:
-        zeros = _unpack_low_first(arrays[zp_name].reshape(n, -1), n, blocks).astype(np.float32)
-    else:
-        zeros = arrays[zp_name].astype(np.float32).reshape(n, blocks)
-    w = (codes.reshape(n, blocks, block) - zeros[..., None]) * scales[..., None]
-    return w.reshape(n, blocks * block)[:, :k]
-
-
-def _param_name(initializer: str) -> str:
-    """``model.layers.0.mlp.up_proj.weight.T_Q4G32`` (any quantiser's suffix) -> ``...up_proj.weight``."""
-    return initializer.split(".weight")[0] + ".weight"
-
-
-def dequantized_linears(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Hugging Face parameter name (``model.layers.0.self_attn.q_proj.weight``) -> the float32
-    [N, K] weight each 4-bit node of ``model`` really uses; empty for a float graph."""
-    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    out: dict[str, np.ndarray] = {}
-    for node in model.graph.node:
-        if node.op_type == "MatMulBnb4":
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            out[_param_name(node.input[1])] = nf4_unpack(arrays[node.input[1]], arrays[node.input[2]], attrs["N"], attrs["K"],
-                                   attrs["block_size"])
-        elif node.op_type == "MatMulNBits":
-            out[_param_name(node.input[1])] = nbits_unpack(node, arrays)
-    return out

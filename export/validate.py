@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import torch
 
-from export.quantize import dequantized_linears
+from hatllm_edge.lowbit import dequantized_linears
 from hatllm_edge.engine import OnnxBackend
 from hatllm_edge.masks import MaskKind, build_masks, causal_visibility
 from hatllm_edge.model import HatLLM
@@ -145,7 +145,7 @@ class ValidationReport:
 def validate(model: HatLLM, onnx_path: Path, seed: int = 0, batch: int = 3, prefill: int = 9, step: int = 2,
              threads: int | None = 1) -> ValidationReport:
     """Run both sides on :func:`sample_steps` inputs and compare the logits."""
-    backend = OnnxBackend(onnx_path, threads=threads)
+    backend = OnnxBackend(onnx_path, threads=threads, compute="native")  # the graph as stored
     steps = sample_steps(model.lm.config.vocab_size, batch, prefill, step, seed)
     got = run_onnx(backend, steps)
     parities = [compare("fp32", got, run_torch(model, steps), steps)]

@@ -33,6 +33,18 @@ class Backend(Protocol):
         """
         ...
 
+    def token_logprobs(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        masks: dict[MaskKind, np.ndarray],
+        cache: Any | None,
+        targets: np.ndarray,
+    ) -> tuple[np.ndarray, Any]:
+        """Like :meth:`forward`, but returns log p(targets[b, q]) at every position, [B, Q]
+        float32: what candidate scoring needs, without handing back [B, Q, V] logits."""
+        ...
+
     def select(self, cache: Any, index: np.ndarray) -> Any:
         """The cache with its batch rows gathered by ``index`` [B'] (beam reorder/expand)."""
         ...

@@ -21,6 +21,8 @@ import numpy as np
 from hatllm_edge.errors import InputError
 from hatllm_edge.masks import MASK_KINDS, MaskKind
 
+Compute = Literal["auto", "native", "int8"]
+COMPUTES: tuple[Compute, ...] = ("auto", "native", "int8")
 MODEL_FILE = "model.onnx"
 BUNDLE_FILE = "bundle.json"
 MANIFEST_FILE = "manifest.json"
@@ -87,11 +89,17 @@ class OnnxBackend:
 
     device "cpu" (CPUExecutionProvider) or "cuda" (CUDAExecutionProvider, never a silent CPU
     fallback); ``threads`` fixes the intra-op thread count (None: ONNX Runtime's default).
-    Exposes ``load_seconds``, ``metadata`` (the graph's metadata_props) and ``layer_kinds``.
+    ``compute``: "native" runs the graph as stored; "int8" first expands every weight matmul
+    to signed-int8 ``DynamicQuantizeMatMul`` (:func:`hatllm_edge.lowbit.int8_compute`, CPU
+    only); "auto" = int8 for a quantised graph on the CPU, native otherwise.
+    ``optimization``: ONNX Runtime's graph optimisation level ("all", "basic" or "none").
+    Exposes ``load_seconds``, ``metadata`` (the graph's metadata_props), ``layer_kinds`` and
+    ``compute`` (what was chosen).
     """
 
     def __init__(self, onnx_path: Path | str, device: Literal["cpu", "cuda"] = "cpu",
-                 threads: int | None = None, device_id: int = 0) -> None:
+                 threads: int | None = None, device_id: int = 0, compute: Compute = "auto",
+                 optimization: Literal["all", "basic", "none"] = "all") -> None:
         import onnxruntime as ort
 
         path = Path(onnx_path)
@@ -111,14 +119,35 @@ class OnnxBackend:
             raise InputError(f"device {device!r}: expected 'cpu' or 'cuda'")
         self.device, self.device_id = device, device_id
 
+        if compute not in COMPUTES:
+            raise InputError(f"compute {compute!r}: expected one of {COMPUTES}")
+        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+        if optimization not in levels:
+            raise InputError(f"optimization {optimization!r}: expected one of {tuple(levels)}")
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = levels[optimization]
         options.log_severity_level = 3
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         start = time.perf_counter()
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        source: str | bytes = str(path)
+        if compute != "native":
+            import onnx
+
+            from hatllm_edge.lowbit import int8_compute
+
+            stored = onnx.load(str(path))
+            quantised = any(p.key == "hatllm.quant" and p.value != "none" for p in stored.metadata_props)
+            if compute == "int8" and device == "cuda":
+                raise InputError("compute int8 (DynamicQuantizeMatMul) is a CPU route; use --compute native on CUDA")
+            compute = "int8" if compute == "int8" or (device == "cpu" and quantised) else "native"
+            if compute == "int8":
+                source = int8_compute(stored)[0].SerializeToString()
+            del stored
+        self.compute: Literal["native", "int8"] = compute
+        self.session = ort.InferenceSession(source, options, providers=providers)
         self.load_seconds = time.perf_counter() - start
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             # ORT falls back to CPU when the CUDA libraries fail to load; refuse that here
@@ -144,27 +173,42 @@ class OnnxBackend:
 
     @classmethod
     def from_bundle(cls, folder: Path | str, device: Literal["cpu", "cuda"] = "cpu", threads: int | None = None,
-                    verify: bool = True) -> OnnxBackend:
+                    verify: bool = True, compute: Compute = "auto") -> OnnxBackend:
         """Open ``folder/model.onnx`` after checking the manifest (sizes always, hashes when ``verify``)."""
         verify_bundle(Path(folder), hashes=verify)
-        return cls(Path(folder) / MODEL_FILE, device=device, threads=threads)
+        return cls(Path(folder) / MODEL_FILE, device=device, threads=threads, compute=compute)
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: dict[MaskKind, np.ndarray],
                 cache: OrtCache | None, last_only: bool = False) -> tuple[np.ndarray, OrtCache]:
         """One step (see :meth:`hatllm_edge.backend.Backend.forward`); masks of kinds the graph
         does not use are ignored. Returns float32 logits [B, Q, V] or [B, V]."""
+        targets = np.zeros(np.shape(input_ids), np.int64)
+        logits, _, cache = self._run(input_ids, position_ids, masks, cache, 1 if last_only else 0, targets)
+        return (logits[:, -1] if last_only else logits), cache
+
+    def token_logprobs(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: dict[MaskKind, np.ndarray],
+                       cache: OrtCache | None, targets: np.ndarray) -> tuple[np.ndarray, OrtCache]:
+        """log p(targets) [B, Q] float32, computed in the graph (the logits never leave it)."""
+        _, logprobs, cache = self._run(input_ids, position_ids, masks, cache, 0, targets, want_logits=False)
+        return logprobs, cache
+
+    def _run(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: dict[MaskKind, np.ndarray],
+             cache: OrtCache | None, keep: int, targets: np.ndarray,
+             want_logits: bool = True) -> tuple[np.ndarray | None, np.ndarray, OrtCache]:
         ids = np.ascontiguousarray(input_ids, np.int64)
         pos = np.ascontiguousarray(position_ids, np.int64)
         batch, q = ids.shape
         past_len = 0 if cache is None else cache.length
-        if pos.shape != ids.shape:
-            raise InputError(f"position_ids {pos.shape} and input_ids {ids.shape} differ in shape")
+        tgt = np.ascontiguousarray(targets, np.int64)
+        if pos.shape != ids.shape or tgt.shape != ids.shape:
+            raise InputError(f"position_ids {pos.shape} and targets {tgt.shape} must have the shape of input_ids {ids.shape}")
         if cache is not None and cache.batch != batch:
             raise InputError(f"the cache holds {cache.batch} rows, the step has {batch}; select() rows first")
         bind = self.session.io_binding()
         bind.bind_cpu_input("input_ids", ids)
         bind.bind_cpu_input("position_ids", pos)
-        host = [ids, pos]  # keeps the bound host arrays alive until the run ends
+        bind.bind_cpu_input("target_ids", tgt)
+        host = [ids, pos, tgt]  # keeps the bound host arrays alive until the run ends
         for kind in self.mask_kinds:
             if kind not in masks:
                 raise InputError(f"mask kind {kind!r} is missing; this model needs {self.mask_kinds}")
@@ -173,9 +217,9 @@ class OnnxBackend:
                 raise InputError(f"mask_{kind} has shape {mask.shape}, expected {(batch, 1, q, past_len + q)}")
             bind.bind_cpu_input(f"mask_{kind}", mask)
             host.append(mask)
-        keep = np.array(1 if last_only else 0, np.int64)
-        bind.bind_cpu_input("logits_to_keep", keep)
-        host.append(keep)
+        keep_value = np.array(keep, np.int64)
+        bind.bind_cpu_input("logits_to_keep", keep_value)
+        host.append(keep_value)
         if cache is None:
             empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.cache_dtype)
             host.append(empty)
@@ -184,13 +228,15 @@ class OnnxBackend:
         else:
             for name, value in zip(self._past, cache.values):
                 bind.bind_ortvalue_input(name, value)
-        bind.bind_output("logits", "cpu")
+        # logits stay on the device when only the target log-probs are read
+        bind.bind_output("logits", "cpu" if want_logits else self.device, self.device_id)
+        bind.bind_output("target_logprobs", "cpu")
         for name in self._present:
             bind.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(bind)
         outputs = bind.get_outputs()
-        logits = outputs[0].numpy()  # [B, Q', V] float32
-        return (logits[:, -1] if last_only else logits), OrtCache(tuple(outputs[1:]), batch, past_len + q)
+        logits = outputs[0].numpy() if want_logits else None  # [B, Q', V] float32
+        return logits, outputs[1].numpy(), OrtCache(tuple(outputs[2:]), batch, past_len + q)
 
     def select(self, cache: OrtCache, index: np.ndarray) -> OrtCache:
         """The cache with rows ``index`` [B'] (beam reorder/expand), gathered on the device."""

@@ -29,6 +29,7 @@ class EvalConfig:
     batch_users: int = 8
     device: Literal["cpu", "cuda"] = "cpu"  # bundles only
     threads: int | None = None  # bundles only: ONNX Runtime intra-op threads
+    compute: Literal["auto", "native", "int8"] = "auto"  # bundles only: see OnnxBackend
     dataset: str = "ml-100k"
     interactions: Path | None = None
     items: Path | None = None
@@ -69,11 +70,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     from hatllm_edge.ranker import model_kind, open_model
 
     kind = model_kind(cfg.checkpoint)
-    ranker = open_model(cfg.checkpoint, cfg.device, cfg.threads, cfg.bf16)
-    if kind == "bundle":
-        backend = f"onnx-{ranker.meta['export']['quant']}-{ranker.meta['export']['dtype']}-{cfg.device}"
-    else:
-        backend = "torch-bf16" if cfg.bf16 else "torch-fp32"
+    ranker = open_model(cfg.checkpoint, cfg.device, cfg.threads, cfg.bf16, cfg.compute)
     data = load_dataset(cfg.dataset, cfg.interactions, cfg.items)
     if data.catalog.item_ids != ranker.catalog.item_ids:
         raise InputError(f"{cfg.checkpoint}: its catalog differs from data set {data.name!r}; evaluate on the data it was trained on")
@@ -81,7 +78,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     return {
         "checkpoint": str(cfg.checkpoint),
         "schedule": ranker.meta["schedule"],
-        "backend": backend,
+        "backend": ranker.label,
         "k": cfg.k,
         "beams": cfg.beams or cfg.k,
         "batch_users": cfg.batch_users,

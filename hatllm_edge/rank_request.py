@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hatllm_edge.errors import InputError
-from hatllm_edge.ranker import DEFAULT_CHECKPOINT, Device, Ranker, bundle_cache_dir, model_kind, open_model
+from hatllm_edge.ranker import DEFAULT_CHECKPOINT, Compute, Device, Ranker, bundle_cache_dir, model_kind, open_model
 
 
 def read_request(path: Path) -> dict[str, Any]:
@@ -33,7 +33,8 @@ def read_request(path: Path) -> dict[str, Any]:
     return req
 
 
-def open_ranker(model: Path | None, device: Device, quant: str, backend: str, threads: int | None, progress: bool) -> Ranker:
+def open_ranker(model: Path | None, device: Device, quant: str, backend: str, threads: int | None, progress: bool,
+                compute: Compute = "auto") -> Ranker:
     """The ranker for ``model`` (default: the shipped checkpoint); a checkpoint run on the
     engine is exported once into the bundle cache."""
     folder = model or DEFAULT_CHECKPOINT
@@ -53,17 +54,17 @@ def open_ranker(model: Path | None, device: Device, quant: str, backend: str, th
 
             export_checkpoint(folder, bundle, quant, progress=progress, overwrite=True)
         folder = bundle
-    return open_model(folder, device, threads)
+    return open_model(folder, device, threads, compute=compute)
 
 
 def run_rank(
     user: Path, model: Path | None, k: int | None, device: Device, quant: str, backend: str, threads: int | None,
-    normalize: bool, progress: bool, exclude_history: bool = False,
+    normalize: bool, progress: bool, exclude_history: bool = False, compute: Compute = "auto",
 ) -> dict[str, Any]:
     """Rank for one request. ``exclude_history`` drops items the user already has (the
     ``loo-full`` protocol keeps them; a product usually does not)."""
     req = read_request(user)
-    ranker = open_ranker(model, device, quant, backend, threads, progress)
+    ranker = open_ranker(model, device, quant, backend, threads, progress, compute)
     history = ranker.resolve(req["history"], f"{user}: history")
     k = k or req.get("k", 10)
     start = time.perf_counter()
@@ -90,7 +91,8 @@ def run_rank(
     return {
         "user_id": req.get("user_id"),
         "mode": mode,
-        "backend": f"onnx-{ranker.meta.get('export', {}).get('quant', '?')}-{device}" if backend == "onnx" else "torch-fp32",
+        "backend": ranker.label,
         "latency_ms": round(latency, 2),
         "results": rows,
     }
+

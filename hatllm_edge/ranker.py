@@ -20,6 +20,7 @@ from hatllm_edge.prompt import PromptBuilder
 from hatllm_edge.ranking import Ranked, TitleTrie, beam_search, score_candidates
 
 Device = Literal["cpu", "cuda"]
+Compute = Literal["auto", "native", "int8"]
 BUNDLE_META = "bundle.json"
 CHECKPOINT_META = "hatllm.json"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "hatllm-ml100k"
@@ -35,11 +36,12 @@ class Ranker:
     _titles: dict[str, int] | None = field(default=None, repr=False)
 
     @classmethod
-    def from_bundle(cls, folder: Path, device: Device = "cpu", threads: int | None = None) -> "Ranker":
+    def from_bundle(cls, folder: Path, device: Device = "cpu", threads: int | None = None,
+                    compute: Compute = "auto") -> "Ranker":
         """An ONNX Runtime ranker from an exported bundle (manifest checked)."""
         from hatllm_edge.engine import OnnxBackend
 
-        backend = OnnxBackend.from_bundle(folder, device=device, threads=threads)
+        backend = OnnxBackend.from_bundle(folder, device=device, threads=threads, compute=compute)
         return cls._assemble(backend, folder, json.loads((folder / BUNDLE_META).read_text(encoding="utf-8")))
 
     @classmethod
@@ -58,6 +60,15 @@ class Ranker:
     def _assemble(cls, backend: Backend, folder: Path, meta: dict[str, Any]) -> "Ranker":
         prompts = PromptBuilder.from_file(folder / "tokenizer.json", meta["prompt"]["eos_token"], meta["prompt"]["max_history"])
         return cls(backend, prompts, Catalog.from_jsonl(folder / "catalog.jsonl"), meta)
+
+    @property
+    def label(self) -> str:
+        """What runs: ``onnx-<quant>-<dtype>-<device>-<compute>`` or ``torch-<fp32|bf16>``."""
+        compute = getattr(self.backend, "compute", None)
+        if compute is None:
+            return f"torch-{self.backend.dtype_name}"  # type: ignore[attr-defined]
+        export = self.meta.get("export", {})
+        return f"onnx-{export.get('quant', '?')}-{export.get('dtype', '?')}-{self.backend.device}-{compute}"  # type: ignore[attr-defined]
 
     @property
     def trie(self) -> TitleTrie:
@@ -93,7 +104,13 @@ class Ranker:
 
     def score(self, history: Sequence[int], candidates: Sequence[int], normalize: bool = False) -> Ranked:
         """Candidates (catalog indices) ranked by log-probability; items index ``candidates``."""
-        return score_candidates(self.backend, self.prompts, self.titles(history), self.titles(candidates), normalize)
+        return self.score_batch([history], [candidates], normalize)[0]
+
+    def score_batch(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
+                    normalize: bool = False) -> list[Ranked]:
+        """:meth:`score` for several users in one batch (prompts and candidate passes shared)."""
+        return score_candidates(self.backend, self.prompts, [self.titles(h) for h in histories],
+                                [self.titles(c) for c in candidates], normalize)
 
 
 def bundle_cache_dir(checkpoint: Path, quant: str) -> Path:
@@ -115,8 +132,10 @@ def model_kind(folder: Path) -> Literal["bundle", "checkpoint"]:
     raise InputError(f"{folder}: neither an ONNX bundle (no {BUNDLE_META}) nor a checkpoint (no {CHECKPOINT_META})")
 
 
-def open_model(folder: Path, device: Device = "cpu", threads: int | None = None, bf16: bool = False) -> Ranker:
-    """A ranker for a bundle (the engine) or a checkpoint (PyTorch)."""
+def open_model(folder: Path, device: Device = "cpu", threads: int | None = None, bf16: bool = False,
+               compute: Compute = "auto") -> Ranker:
+    """A ranker for a bundle (the engine; ``compute`` as in :class:`~hatllm_edge.engine.OnnxBackend`)
+    or a checkpoint (PyTorch)."""
     if model_kind(folder) == "bundle":
-        return Ranker.from_bundle(folder, device, threads)
+        return Ranker.from_bundle(folder, device, threads, compute)
     return Ranker.from_checkpoint(folder, bf16=bf16)

@@ -158,41 +158,93 @@ def beam_search(
     return results
 
 
+PACK_TOKENS = 2048
+
+
+def _packs(answers: Sequence[Encoded], limit: int) -> list[list[int]]:
+    """Split candidates (by index) into consecutive packs of at most ``limit`` tokens (a
+    longer candidate gets a pack of its own)."""
+    packs: list[list[int]] = [[]]
+    used = 0
+    for i, a in enumerate(answers):
+        if packs[-1] and used + len(a) > limit:
+            packs.append([])
+            used = 0
+        packs[-1].append(i)
+        used += len(a)
+    return packs
+
+
 def score_candidates(
     backend: Backend,
     prompts: PromptBuilder,
-    history: Sequence[str],
-    candidates: Sequence[str],
+    histories: Sequence[Sequence[str]],
+    candidates: Sequence[Sequence[str]],
     normalize: bool = False,
-) -> Ranked:
-    """Rank candidate titles by log p(title + end marker | prompt), best first.
+    pack_tokens: int = PACK_TOKENS,
+) -> list[Ranked]:
+    """Rank each user's candidate titles by log p(title + end marker | prompt), best first.
 
-    The prompt runs once; all candidates then run as one batch on copies of its cache, each
-    attending to the prompt and its own tokens only (right padding is masked out).
-    ``normalize`` divides by the answer length. Items are indices into ``candidates``.
+    The prompts run once, as one batch. Each user's candidates are then packed end to end into
+    one row, every user's row in the same pass: a candidate's positions restart where its
+    prompt ends, and the masks let each of its tokens see the user's prompt and its own earlier
+    tokens only, so no candidate sees another and no prompt is copied or recomputed. Only
+    log p(next token) comes back (:meth:`Backend.token_logprobs`), never [T, V] logits. Rows
+    over ``pack_tokens`` tokens are split into more passes over the same prompt cache.
+    ``normalize`` divides by the answer length. Items index each user's ``candidates``.
     """
-    prompt = prompts.prompt(history)
-    seg = prompts.answer_segment(prompt)
-    start = prefill(backend, [prompt])
-    first_logprobs, cache = start.logprobs[0], start.cache
-    answers = [prompts.answer(title, seg) for title in candidates]
-    n, width, plen = len(answers), max(len(a) for a in answers), len(prompt)
-    ids = np.zeros((n, width), dtype=np.int64)
-    q_segs = np.zeros((n, width), dtype=np.int64)
-    valid = np.zeros((n, width), dtype=bool)
-    for i, a in enumerate(answers):
-        ids[i, : len(a)], q_segs[i, : len(a)], valid[i, : len(a)] = a.ids, a.segments, True
-    key_segs = np.concatenate([np.broadcast_to(prompt.segments, (n, plen)), q_segs], axis=1)
-    key_valid = np.concatenate([np.ones((n, plen), dtype=bool), valid], axis=1)
-    visible = causal_visibility(key_valid, width)
-    positions = np.broadcast_to(np.arange(plen, plen + width), (n, width))
-    logits, _ = backend.forward(ids, positions, build_masks(q_segs, key_segs, visible), backend.select(cache, np.zeros(n, dtype=np.int64)))
-    logprobs = log_softmax(logits.astype(np.float32))  # [n, width, V]
-    token_lp = np.concatenate(
-        [first_logprobs[ids[:, :1]], np.take_along_axis(logprobs[:, :-1], ids[:, 1:, None], axis=2)[..., 0]], axis=1
-    )
-    totals = (token_lp * valid).sum(axis=1)
-    if normalize:
-        totals = totals / valid.sum(axis=1)
-    order = np.argsort(-totals, kind="stable")
-    return Ranked([int(i) for i in order], [float(totals[i]) for i in order])
+    if len(histories) != len(candidates):
+        raise ValueError(f"{len(histories)} histories but {len(candidates)} candidate lists")
+    encoded = [prompts.prompt(h) for h in histories]
+    start = prefill(backend, encoded)
+    answers = [[prompts.answer(t, prompts.answer_segment(p)) for t in titles] for p, titles in zip(encoded, candidates)]
+    totals = [np.zeros(len(a)) for a in answers]
+    work = [(u, pack) for u, a in enumerate(answers) if a for pack in _packs(a, pack_tokens)]
+    while work:
+        batch, seen = [], set()
+        for item in work:  # one pack per user per pass
+            if item[0] not in seen:
+                batch.append(item)
+                seen.add(item[0])
+        work = [item for item in work if item not in batch]
+        _score_pass(backend, start, answers, batch, totals)
+    results = []
+    for a, total in zip(answers, totals):
+        if normalize:
+            total = total / np.asarray([len(x) for x in a], dtype=np.float64)
+        order = np.argsort(-total, kind="stable")
+        results.append(Ranked([int(i) for i in order], [float(total[i]) for i in order]))
+    return results
+
+
+def _score_pass(backend: Backend, start: Prefilled, answers: list[list[Encoded]],
+                batch: list[tuple[int, list[int]]], totals: list[np.ndarray]) -> None:
+    """One forward pass: row r holds user batch[r][0]'s candidates batch[r][1], packed."""
+    rows, width = len(batch), max(sum(len(answers[u][i]) for i in pack) for u, pack in batch)
+    ids = np.zeros((rows, width), np.int64)
+    targets = np.zeros((rows, width), np.int64)
+    q_segs = np.zeros((rows, width), np.int64)
+    owner = np.full((rows, width), -1, np.int64)  # which candidate of the row each token is; -1 = padding
+    positions = np.zeros((rows, width), np.int64)
+    spans: list[list[tuple[int, int, int]]] = []  # per row: (candidate, first column, length)
+    for r, (u, pack) in enumerate(batch):
+        col, row_spans = 0, []
+        for c in pack:
+            a = answers[u][c]
+            n = len(a)
+            ids[r, col : col + n], q_segs[r, col : col + n], owner[r, col : col + n] = a.ids, a.segments, c
+            targets[r, col : col + n - 1] = a.ids[1:]
+            positions[r, col : col + n] = start.lengths[u] + np.arange(n)
+            row_spans.append((c, col, n))
+            col += n
+        spans.append(row_spans)
+    users = np.asarray([u for u, _ in batch], dtype=np.int64)
+    key_segs = np.concatenate([start.key_segments[users], q_segs], axis=1)
+    own = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0)
+    visible = np.concatenate([np.broadcast_to(start.key_valid[users][:, None, :], (rows, width, start.key_valid.shape[1])),
+                              own & np.tril(np.ones((width, width), dtype=bool))], axis=2)
+    logprobs, _ = backend.token_logprobs(ids, positions, build_masks(q_segs, key_segs, visible),
+                                         backend.select(start.cache, users), targets)
+    for r, (u, _) in enumerate(batch):
+        for c, col, n in spans[r]:
+            totals[u][c] = start.logprobs[u, ids[r, col]] + float(logprobs[r, col : col + n - 1].sum())

@@ -18,7 +18,11 @@ class TorchBackend:
 
     def __init__(self, model: HatLLM, dtype: torch.dtype = torch.float32) -> None:
         self.model = model.eval().to(dtype)
+        self.dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
         self.device = next(model.parameters()).device
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     @torch.inference_mode()
     def forward(
@@ -29,13 +33,27 @@ class TorchBackend:
         cache: KVCache | None,
         last_only: bool = False,
     ) -> tuple[np.ndarray, KVCache]:
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        t = self._tensor
         keep = torch.tensor([input_ids.shape[1] - 1], device=self.device) if last_only else None
         logits, present = self.model(
             t(input_ids), t(position_ids), {k: t(m) for k, m in masks.items()}, past=cache, use_cache=True, logits_index=keep
         )
         logits = logits.float().cpu().numpy()
         return (logits[:, -1] if last_only else logits), present
+
+    @torch.inference_mode()
+    def token_logprobs(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        masks: dict[MaskKind, np.ndarray],
+        cache: KVCache | None,
+        targets: np.ndarray,
+    ) -> tuple[np.ndarray, KVCache]:
+        t = self._tensor
+        logits, present = self.model(t(input_ids), t(position_ids), {k: t(m) for k, m in masks.items()}, past=cache, use_cache=True)
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, t(targets)[..., None])[..., 0]
+        return logprobs.cpu().numpy(), present
 
     def select(self, cache: KVCache, index: np.ndarray) -> KVCache:
         idx = torch.from_numpy(np.asarray(index, dtype=np.int64)).to(self.device)

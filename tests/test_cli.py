@@ -312,7 +312,7 @@ def test_evaluate_bundle_equals_pytorch(trained: tuple[Path, Any], bundle: Path,
     onnx_run = invoke("evaluate", bundle, *common, "--threads", 1, "--out", tmp_path / "o.json")
     assert torch_run.exit_code == 0 and onnx_run.exit_code == 0, (torch_run.output, onnx_run.output)
     t, o = json.loads((tmp_path / "t.json").read_text()), json.loads((tmp_path / "o.json").read_text())
-    assert o["backend"] == "onnx-none-fp32-cpu" and t["backend"] == "torch-fp32"
+    assert o["backend"] == "onnx-none-fp32-cpu-native" and t["backend"] == "torch-fp32"
     assert o["ranks"] == t["ranks"]
 
 

@@ -13,7 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from export import Int4Options, export_bundle, export_onnx, validate, verify_bundle
 from export.convert import LINEARS
-from export.quantize import dequantized_linears, nf4_absmax, nf4_pack, nf4_unpack
+from export.quantize import nf4_absmax, nf4_pack
+from hatllm_edge.lowbit import dequantized_linears, nf4_unpack
 from export.validate import Step, compare, run_onnx, run_torch, sample_steps
 from hatllm_edge.engine import OnnxBackend, file_sha256
 from hatllm_edge.errors import HatLLMError, InputError
@@ -122,7 +123,7 @@ def test_nf4_bytes_and_parity_with_bitsandbytes(llama: HatLLM, exported: dict[st
                 assert np.array_equal(arrays[f"{path}.weight.absmax"], state.absmax.numpy())
                 w.copy_(bnbf.dequantize_4bit(packed, state))
     steps = sample_steps(128)
-    parity = compare("bitsandbytes", run_onnx(OnnxBackend(exported["nf4"], threads=1), steps),
+    parity = compare("bitsandbytes", run_onnx(OnnxBackend(exported["nf4"], threads=1, compute="native"), steps),
                      run_torch(reference, steps), steps)
     assert parity.max_abs_diff <= 1e-4 * max(1.0, parity.logit_scale)
     assert parity.top1_agreement == 1.0
@@ -140,10 +141,19 @@ def test_nf4_double_quantised_absmax_is_expanded() -> None:
 
 def test_int4_weights_within_one_step_and_logits_close(llama: HatLLM, exported: dict[str, Path]) -> None:
     model = onnx.load(str(exported["int4"]))
-    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 4 * len(LINEARS)
-    assert not any(n.op_type == "MatMulNBits" for n in model.graph.node if n.name.startswith("/lm_head"))
-    for name, deq in dequantized_linears(model).items():
+    bits = {n.name: onnx.helper.get_attribute_value(n.attribute[[a.name for a in n.attribute].index("bits")])
+            for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert sorted(bits.values()) == [4] * (4 * len(LINEARS)) + [8]
+    assert bits["/lm_head/MatMulNBits"] == 8  # the head and the embedding (untied here) in 8 bits
+    weights = dequantized_linears(model)
+    eight_bit = {"model.embed_tokens.weight", "lm_head.weight"}
+    assert len(weights) == 4 * len(LINEARS) + 2 and eight_bit <= set(weights)
+    for name, deq in weights.items():
         w = llama.lm.get_parameter(name).detach().numpy()
+        if name in eight_bit:  # 8-bit symmetric, block 64: within half a step
+            step = np.abs(w.reshape(w.shape[0], -1, 64)).max(-1) / 127
+            assert (np.abs(deq - w).reshape(step.shape + (64,)) <= step[..., None] * 0.501).all()
+            continue
         blocks = w.reshape(w.shape[0], -1, 32)
         step = (blocks.max(-1) - np.minimum(blocks.min(-1), 0) + 1e-12) / 15  # asymmetric RTN step
         assert (np.abs(deq - w).reshape(blocks.shape) <= step[..., None] * 1.001).all(), name
@@ -164,7 +174,7 @@ def test_int4_other_algorithms_match_their_weights(algo: str, llama: HatLLM, tmp
 
 def test_fp16_graph_runs_and_tracks_fp32(llama: HatLLM, tmp_path: Path) -> None:
     path = export_onnx(llama, tmp_path / "m.onnx", dtype="fp16")
-    backend = OnnxBackend(path, threads=1)
+    backend = OnnxBackend(path, threads=1, compute="native")
     assert backend.cache_dtype == np.float16
     report = validate(llama, path)
     assert report.exact.rel_diff <= 5e-3 and report.exact.top1_agreement == 1.0
@@ -174,7 +184,7 @@ def test_external_data_round_trip(llama: HatLLM, exported: dict[str, Path], tmp_
     path = export_onnx(llama, tmp_path / "m.onnx", external_data=True)
     assert (tmp_path / "m.onnx.data").stat().st_size > path.stat().st_size
     steps = sample_steps(128)
-    a = run_onnx(OnnxBackend(path, threads=1), steps)
+    a = run_onnx(OnnxBackend(path, threads=1, compute="native"), steps)
     b = run_onnx(OnnxBackend(exported["none"], threads=1), steps)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 

@@ -104,7 +104,7 @@ def test_trie_structure(trie: TitleTrie, prompts: PromptBuilder) -> None:
 
 def test_score_candidates_equals_plain_forwards(backend: TorchBackend, prompts: PromptBuilder) -> None:
     cands = TITLES[:7]
-    ranked = score_candidates(backend, prompts, HISTORY, cands)
+    ranked = score_candidates(backend, prompts, [HISTORY], [cands])[0]
     assert sorted(ranked.items) == list(range(7))
     assert ranked.scores == sorted(ranked.scores, reverse=True)
     for i, s in zip(ranked.items, ranked.scores):
@@ -114,8 +114,8 @@ def test_score_candidates_equals_plain_forwards(backend: TorchBackend, prompts: 
 
 def test_score_candidates_normalize(backend: TorchBackend, prompts: PromptBuilder) -> None:
     cands = ["Star Wars", "Star Wars (1977)", "Misérables, Les (1995)"]
-    raw = score_candidates(backend, prompts, HISTORY, cands)
-    norm = score_candidates(backend, prompts, HISTORY, cands, normalize=True)
+    raw = score_candidates(backend, prompts, [HISTORY], [cands])[0]
+    norm = score_candidates(backend, prompts, [HISTORY], [cands], normalize=True)[0]
     raw_by_item = dict(zip(raw.items, raw.scores))
     for i, s in zip(norm.items, norm.scores):
         length = len(prompts.title_ids(cands[i])) + len(prompts.end_ids)
@@ -124,16 +124,33 @@ def test_score_candidates_normalize(backend: TorchBackend, prompts: PromptBuilde
 
 
 def test_score_candidates_single_candidate_and_empty_history(backend: TorchBackend, prompts: PromptBuilder) -> None:
-    one = score_candidates(backend, prompts, [], ["Babe (1995)"])
+    one = score_candidates(backend, prompts, [[]], [["Babe (1995)"]])[0]
     assert one.items == [0]
     assert one.scores[0] == pytest.approx(full_forward_score(backend, prompts, [], "Babe (1995)"), abs=1e-4)
+
+
+def test_score_candidates_batched_and_split_packs_equal_single_users(backend: TorchBackend, prompts: PromptBuilder) -> None:
+    """Two users of different prompt lengths in one batch, candidates split over several packs
+    (a 12-token limit): every score equals that user's unpacked, one-candidate forward."""
+    histories = [HISTORY, HISTORY[:1]]
+    lists = [TITLES[:5], TITLES[3:7]]
+    ranked = score_candidates(backend, prompts, histories, lists, pack_tokens=12)
+    for history, titles, r in zip(histories, lists, ranked):
+        assert sorted(r.items) == list(range(len(titles)))
+        for i, s in zip(r.items, r.scores):
+            assert s == pytest.approx(full_forward_score(backend, prompts, history, titles[i]), abs=1e-4)
+
+
+def test_score_candidates_rejects_mismatched_lists(backend: TorchBackend, prompts: PromptBuilder) -> None:
+    with pytest.raises(ValueError, match="2 histories but 1 candidate"):
+        score_candidates(backend, prompts, [HISTORY, HISTORY], [TITLES])
 
 
 # --------------------------------------------------------------------- beam search
 
 
 def brute_force(backend: TorchBackend, prompts: PromptBuilder, history: list[str]) -> dict[int, float]:
-    ranked = score_candidates(backend, prompts, history, TITLES)
+    ranked = score_candidates(backend, prompts, [history], [TITLES])[0]
     return dict(zip(ranked.items, ranked.scores))
 
 
@@ -217,7 +234,7 @@ def test_title_followed_by_a_quote(prompts: PromptBuilder) -> None:
     catalog = Catalog(("a", "b", "c"), tuple(titles))
     trie = TitleTrie.build(catalog, prompts)
     ranked = beam_search(backend, prompts, trie, [HISTORY], k=3, beams=3)[0]
-    brute = score_candidates(backend, prompts, HISTORY, titles)
+    brute = score_candidates(backend, prompts, [HISTORY], [titles])[0]
     expected = dict(zip(brute.items, brute.scores))
     got = dict(zip(ranked.items, ranked.scores))
     assert sorted(got) == [0, 1, 2]
