@@ -265,6 +265,43 @@ def compare(
     typer.echo(json.dumps(result["bootstrap"]))
 
 
+@app.command()
+def bench(
+    model: Annotated[Optional[Path], typer.Option(help="Checkpoint folder (default: the shipped HatLLM model); every bundle is built from it on first use.")] = None,
+    device: DeviceOpt = "cpu",
+    threads: Annotated[int, typer.Option(help="Threads for every backend (ONNX Runtime intra-op, torch).")] = 2,
+    backends: Annotated[Optional[str], typer.Option(help="Comma-separated: torch-fp32, torch-bf16, torch-nf4, ort-<fp32|fp16|nf4|int4|int8>[-native|-int8] (default: all for the device).")] = None,
+    workloads: Annotated[Optional[str], typer.Option(help="Comma-separated cand<C>-h<H>-b<B> / top<K>-h<H>-b<B>, e.g. cand100-h20-b1,top10-h10-b1 (default: the 14 of the README).")] = None,
+    seconds: Annotated[float, typer.Option(help="Timed seconds per backend and workload, after warm-up.")] = 6.0,
+    min_repeats: Annotated[int, typer.Option(help="At least this many timed requests per workload.")] = 3,
+    max_repeats: Annotated[int, typer.Option(help="At most this many timed requests per workload.")] = 30,
+    out: Annotated[Path, typer.Option(help="Folder for bench.json and bench.png.")] = Path("bench"),
+    dataset: DatasetOpt = "ml-100k",
+    interactions: InterOpt = None,
+    items: ItemsOpt = None,
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Latency of every backend on the same seeded workloads, in one process: table, JSON, PNG."""
+    from hatllm_edge.bench import CUDA_BACKENDS, DEFAULT_BACKENDS, BenchConfig, Workload, default_workloads, run_bench, table, write_report
+    from hatllm_edge.data import load_dataset
+    from hatllm_edge.ranker import DEFAULT_CHECKPOINT
+
+    _check_choice("--device", device, ("cpu", "cuda"))
+    if threads < 1 or min_repeats < 1 or max_repeats < min_repeats or seconds < 0:
+        typer.secho("error: need --threads >= 1, 1 <= --min-repeats <= --max-repeats and --seconds >= 0", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    chosen = [_run(Workload.parse, w) for w in workloads.split(",")] if workloads else default_workloads()
+    names = tuple(b.strip() for b in backends.split(",")) if backends else (CUDA_BACKENDS if device == "cuda" else DEFAULT_BACKENDS)
+    cfg = BenchConfig(checkpoint=model or DEFAULT_CHECKPOINT, backends=names, workloads=tuple(chosen),
+                      device=device, threads=threads, min_repeats=min_repeats, max_repeats=max_repeats, seconds=seconds, seed=seed)  # type: ignore[arg-type]
+    typer.echo(f"threads: {threads} per backend (ONNX Runtime intra-op / torch); device: {device}", err=True)
+    report = _run(run_bench, cfg, _run(load_dataset, dataset, interactions, items), not quiet)
+    json_path, png_path = write_report(report, out)
+    typer.echo(table(report))
+    typer.echo(json.dumps({"targets": report["targets"], "json": str(json_path), "png": str(png_path)}))
+
+
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         typer.secho(f"error: {flag} must be one of {', '.join(choices)}; got {value!r}", err=True, fg=typer.colors.RED)

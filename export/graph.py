@@ -95,10 +95,10 @@ def _q8_consts(g: _Graph, param: str, w: np.ndarray) -> tuple[str, str, int]:
     return codes, scales, block
 
 
-def _matmul_q8(g: _Graph, x: str, param: str, w: np.ndarray, node: str) -> str:
+def _matmul_q8(g: _Graph, x: str, param: str, w: np.ndarray, node: str, outputs: list[str] | None = None) -> str:
     """x [..., K] @ W^T with W [N, K] as 8-bit ``MatMulNBits``."""
     codes, scales, block = _q8_consts(g, param, w)
-    return g.op("MatMulNBits", [x, codes, scales], f"{node}/MatMulNBits", domain="com.microsoft",
+    return g.op("MatMulNBits", [x, codes, scales], f"{node}/MatMulNBits", outputs=outputs, domain="com.microsoft",
                 K=w.shape[1], N=w.shape[0], bits=8, block_size=block)
 
 
@@ -208,25 +208,29 @@ def _lm_head(g: _Graph, spec: DecoderSpec, h: str, embeddings: Embeddings) -> st
     end, axis = g.const("/lm_head/end", np.array([INT64_MAX], np.int64)), g.const("/lm_head/axis", np.array([1], np.int64))
     x = g.op("Slice", [x, start, end, axis], "/lm_head/keep/Slice")
     targets = g.op("Slice", ["target_ids", start, end, axis], "/lm_head/targets/Slice")
-    lead = g.op("Shape", [x], "/lm_head/Shape", end=2)  # [B, Q']
-    flat = g.op("Reshape", [x, g.const("/lm_head/flat", np.array([-1, spec.hidden_size], np.int64))], "/lm_head/Reshape")
     head = "lm_head.weight" if "lm_head.weight" in spec.weights else "model.embed_tokens.weight"
-    if embeddings == "int8":
-        logits = _matmul_q8(g, flat, head, spec.weights[head], "/lm_head")
+    if embeddings == "int8":  # MatMulNBits takes [B, Q', hidden] as is: no reshape, so no copy of the logits
+        if g.np_dtype is np.float16:
+            logits = _matmul_q8(g, x, head, spec.weights[head], "/lm_head")
+            logits = g.op("Cast", [logits], "/lm_head/Cast", to=TensorProto.FLOAT, outputs=["logits"])
+        else:
+            logits = _matmul_q8(g, x, head, spec.weights[head], "/lm_head", outputs=["logits"])
     else:
+        lead = g.op("Shape", [x], "/lm_head/Shape", end=2)  # [B, Q']
+        flat = g.op("Reshape", [x, g.const("/lm_head/flat", np.array([-1, spec.hidden_size], np.int64))], "/lm_head/Reshape")
         logits = g.op("Gemm", [flat, g.weight(head, spec.weights[head])], "/lm_head/Gemm", transB=1)
-    if g.np_dtype is np.float16:
-        logits = g.op("Cast", [logits], "/lm_head/Cast", to=TensorProto.FLOAT)
-    shape = g.op("Concat", [lead, g.const("/lm_head/vocab", np.array([spec.vocab_size], np.int64))],
-                 "/lm_head/Concat", axis=0)
-    g.op("Reshape", [logits, shape], "/lm_head/output/Reshape", outputs=["logits"])
+        if g.np_dtype is np.float16:
+            logits = g.op("Cast", [logits], "/lm_head/Cast", to=TensorProto.FLOAT)
+        shape = g.op("Concat", [lead, g.const("/lm_head/vocab", np.array([spec.vocab_size], np.int64))],
+                     "/lm_head/Concat", axis=0)
+        logits = g.op("Reshape", [logits, shape], "/lm_head/output/Reshape", outputs=["logits"])
 
     last = g.const("/lm_head/last", np.array([-1], np.int64))
-    lse = g.op("ReduceLogSumExp", [logits, last], "/lm_head/ReduceLogSumExp", keepdims=1)  # [N, 1]
-    column = g.op("Reshape", [targets, g.const("/lm_head/column", np.array([-1, 1], np.int64))], "/lm_head/targets/Reshape")
-    picked = g.op("GatherElements", [logits, column], "/lm_head/targets/GatherElements", axis=1)  # [N, 1]
+    lse = g.op("ReduceLogSumExp", [logits, last], "/lm_head/ReduceLogSumExp", keepdims=1)  # [B, Q', 1]
+    column = g.op("Unsqueeze", [targets, last], "/lm_head/targets/Unsqueeze")
+    picked = g.op("GatherElements", [logits, column], "/lm_head/targets/GatherElements", axis=2)  # [B, Q', 1]
     logprobs = g.op("Sub", [picked, lse], "/lm_head/targets/Sub")
-    return g.op("Reshape", [logprobs, lead], "/lm_head/targets/output/Reshape", outputs=["target_logprobs"])
+    return g.op("Squeeze", [logprobs, last], "/lm_head/targets/Squeeze", outputs=["target_logprobs"])
 
 
 def build_decoder(spec: DecoderSpec, quant: LinearQuant = "none", dtype: Literal["fp32", "fp16"] = "fp32",

@@ -107,6 +107,10 @@ class OnnxBackend:
             raise InputError(f"ONNX model {path}: no such file")
         if threads is not None and threads < 1:
             raise InputError(f"threads must be >= 1, got {threads}")
+        if compute not in COMPUTES:
+            raise InputError(f"compute {compute!r}: expected one of {COMPUTES}")
+        if compute == "int8" and device == "cuda":
+            raise InputError("compute int8 (DynamicQuantizeMatMul) is a CPU route; use --compute native or auto on CUDA")
         if device == "cuda":
             available = ort.get_available_providers()
             if "CUDAExecutionProvider" not in available:
@@ -119,8 +123,6 @@ class OnnxBackend:
             raise InputError(f"device {device!r}: expected 'cpu' or 'cuda'")
         self.device, self.device_id = device, device_id
 
-        if compute not in COMPUTES:
-            raise InputError(f"compute {compute!r}: expected one of {COMPUTES}")
         levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
         if optimization not in levels:
@@ -140,8 +142,6 @@ class OnnxBackend:
 
             stored = onnx.load(str(path))
             quantised = any(p.key == "hatllm.quant" and p.value != "none" for p in stored.metadata_props)
-            if compute == "int8" and device == "cuda":
-                raise InputError("compute int8 (DynamicQuantizeMatMul) is a CPU route; use --compute native on CUDA")
             compute = "int8" if compute == "int8" or (device == "cpu" and quantised) else "native"
             if compute == "int8":
                 source = int8_compute(stored)[0].SerializeToString()

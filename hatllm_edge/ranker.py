@@ -45,15 +45,17 @@ class Ranker:
         return cls._assemble(backend, folder, json.loads((folder / BUNDLE_META).read_text(encoding="utf-8")))
 
     @classmethod
-    def from_checkpoint(cls, folder: Path, bf16: bool = False) -> "Ranker":
-        """A PyTorch ranker from a training checkpoint (LoRA merged)."""
+    def from_checkpoint(cls, folder: Path, bf16: bool = False, nf4: bool = False) -> "Ranker":
+        """A PyTorch ranker from a training checkpoint (LoRA merged); ``nf4``: its decoder
+        Linears as bitsandbytes NF4 (fp32 compute)."""
         import torch
 
         from hatllm_edge.checkpoint import load_checkpoint
-        from hatllm_edge.torch_backend import TorchBackend
+        from hatllm_edge.torch_backend import TorchBackend, to_nf4
 
         loaded = load_checkpoint(folder)
-        backend = TorchBackend(loaded.model, torch.bfloat16 if bf16 else torch.float32)
+        model = to_nf4(loaded.model) if nf4 else loaded.model
+        backend = TorchBackend(model, torch.bfloat16 if bf16 else torch.float32)
         return cls(backend, loaded.prompts, loaded.catalog, loaded.meta)
 
     @classmethod

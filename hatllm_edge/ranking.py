@@ -158,20 +158,27 @@ def beam_search(
     return results
 
 
-PACK_TOKENS = 2048
+PACK_TOKENS = 128  # tokens per packed row (fastest of 64/128/256 for 100 candidates, README)
+PASS_TOKENS = 4096  # rows x width per forward pass
+
+
+def _fed(answer: Encoded) -> int:
+    """Tokens of an answer that go through the model: all but the last (nothing is read after
+    it; its own probability comes from the token before)."""
+    return len(answer) - 1
 
 
 def _packs(answers: Sequence[Encoded], limit: int) -> list[list[int]]:
-    """Split candidates (by index) into consecutive packs of at most ``limit`` tokens (a
+    """Split candidates (by index) into consecutive packs of at most ``limit`` fed tokens (a
     longer candidate gets a pack of its own)."""
     packs: list[list[int]] = [[]]
     used = 0
     for i, a in enumerate(answers):
-        if packs[-1] and used + len(a) > limit:
+        if packs[-1] and used + _fed(a) > limit:
             packs.append([])
             used = 0
         packs[-1].append(i)
-        used += len(a)
+        used += _fed(a)
     return packs
 
 
@@ -182,15 +189,18 @@ def score_candidates(
     candidates: Sequence[Sequence[str]],
     normalize: bool = False,
     pack_tokens: int = PACK_TOKENS,
+    pass_tokens: int = PASS_TOKENS,
 ) -> list[Ranked]:
     """Rank each user's candidate titles by log p(title + end marker | prompt), best first.
 
-    The prompts run once, as one batch. Each user's candidates are then packed end to end into
-    one row, every user's row in the same pass: a candidate's positions restart where its
-    prompt ends, and the masks let each of its tokens see the user's prompt and its own earlier
-    tokens only, so no candidate sees another and no prompt is copied or recomputed. Only
-    log p(next token) comes back (:meth:`Backend.token_logprobs`), never [T, V] logits. Rows
-    over ``pack_tokens`` tokens are split into more passes over the same prompt cache.
+    The prompts run once, as one batch. Candidates are then packed end to end into rows of at
+    most ``pack_tokens`` tokens: a candidate's positions restart where its prompt ends, and the
+    masks let each of its tokens see its user's prompt (through that user's cached keys) and
+    its own earlier tokens only, so no candidate sees another and no prompt is recomputed.
+    Rows rather than one long row because attention in a packed row costs row length x (prompt
+    + row length): short rows waste less on blocked-out pairs, at the price of one prompt-cache
+    copy per row. Rows of every user run together, ``pass_tokens`` per pass, and only
+    log p(next token) comes back (:meth:`Backend.token_logprobs`), never [T, V] logits.
     ``normalize`` divides by the answer length. Items index each user's ``candidates``.
     """
     if len(histories) != len(candidates):
@@ -199,14 +209,15 @@ def score_candidates(
     start = prefill(backend, encoded)
     answers = [[prompts.answer(t, prompts.answer_segment(p)) for t in titles] for p, titles in zip(encoded, candidates)]
     totals = [np.zeros(len(a)) for a in answers]
-    work = [(u, pack) for u, a in enumerate(answers) if a for pack in _packs(a, pack_tokens)]
-    while work:
-        batch, seen = [], set()
-        for item in work:  # one pack per user per pass
-            if item[0] not in seen:
-                batch.append(item)
-                seen.add(item[0])
-        work = [item for item in work if item not in batch]
+    rows = [(u, pack) for u, a in enumerate(answers) if a for pack in _packs(a, pack_tokens)]
+    batch: list[tuple[int, list[int]]] = []
+    for row in rows:
+        width = max(sum(_fed(answers[u][i]) for i in pack) for u, pack in batch + [row])
+        if batch and (len(batch) + 1) * width > pass_tokens:
+            _score_pass(backend, start, answers, batch, totals)
+            batch = []
+        batch.append(row)
+    if batch:
         _score_pass(backend, start, answers, batch, totals)
     results = []
     for a, total in zip(answers, totals):
@@ -219,8 +230,9 @@ def score_candidates(
 
 def _score_pass(backend: Backend, start: Prefilled, answers: list[list[Encoded]],
                 batch: list[tuple[int, list[int]]], totals: list[np.ndarray]) -> None:
-    """One forward pass: row r holds user batch[r][0]'s candidates batch[r][1], packed."""
-    rows, width = len(batch), max(sum(len(answers[u][i]) for i in pack) for u, pack in batch)
+    """One forward pass: row r holds user batch[r][0]'s candidates batch[r][1], packed (a
+    user may own several rows)."""
+    rows, width = len(batch), max(sum(_fed(answers[u][i]) for i in pack) for u, pack in batch)
     ids = np.zeros((rows, width), np.int64)
     targets = np.zeros((rows, width), np.int64)
     q_segs = np.zeros((rows, width), np.int64)
@@ -231,9 +243,9 @@ def _score_pass(backend: Backend, start: Prefilled, answers: list[list[Encoded]]
         col, row_spans = 0, []
         for c in pack:
             a = answers[u][c]
-            n = len(a)
-            ids[r, col : col + n], q_segs[r, col : col + n], owner[r, col : col + n] = a.ids, a.segments, c
-            targets[r, col : col + n - 1] = a.ids[1:]
+            n = _fed(a)
+            ids[r, col : col + n], q_segs[r, col : col + n], owner[r, col : col + n] = a.ids[:-1], a.segments[:-1], c
+            targets[r, col : col + n] = a.ids[1:]
             positions[r, col : col + n] = start.lengths[u] + np.arange(n)
             row_spans.append((c, col, n))
             col += n
@@ -247,4 +259,4 @@ def _score_pass(backend: Backend, start: Prefilled, answers: list[list[Encoded]]
                                          backend.select(start.cache, users), targets)
     for r, (u, _) in enumerate(batch):
         for c, col, n in spans[r]:
-            totals[u][c] = start.logprobs[u, ids[r, col]] + float(logprobs[r, col : col + n - 1].sum())
+            totals[u][c] = start.logprobs[u, ids[r, col]] + float(logprobs[r, col : col + n].sum())

@@ -9,6 +9,32 @@ from hatllm_edge.masks import MaskKind
 from hatllm_edge.model import HatLLM, KVCache
 
 
+def to_nf4(model: HatLLM) -> HatLLM:
+    """``model`` with every decoder-layer Linear replaced in place by a bitsandbytes NF4
+    ``Linear4bit`` (block 64, fp32 compute): the PyTorch 4-bit reference that the nf4 bundle
+    mirrors byte for byte. Embedding and LM head stay float, as bitsandbytes leaves them."""
+    import bitsandbytes as bnb
+
+    from hatllm_edge.errors import InputError
+
+    if model.config.hidden_size % 64 or model.config.intermediate_size % 64:
+        raise InputError(f"bitsandbytes NF4 on the CPU needs Linear input sizes divisible by its block of 64; this "
+                         f"model has hidden {model.config.hidden_size}, intermediate {model.config.intermediate_size}")
+    for layer in model.lm.model.layers:
+        for path, module in list(layer.named_modules()):
+            if type(module) is not torch.nn.Linear:
+                continue
+            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(module.weight.data.float().clone(), requires_grad=False, blocksize=64,
+                                         compress_statistics=False, quant_type="nf4")
+            if module.bias is not None:
+                q.bias = torch.nn.Parameter(module.bias.data.float().clone(), requires_grad=False)
+            parent, _, name = path.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, name, q.to(module.weight.device))
+    return model
+
+
 class TorchBackend:
     """Runs :class:`HatLLM` in inference mode, with its weights cast to ``dtype``.
 
@@ -19,6 +45,8 @@ class TorchBackend:
     def __init__(self, model: HatLLM, dtype: torch.dtype = torch.float32) -> None:
         self.model = model.eval().to(dtype)
         self.dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+        if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+            self.dtype_name = "nf4"
         self.device = next(model.parameters()).device
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:

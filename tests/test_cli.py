@@ -401,3 +401,39 @@ def test_rank_exclude_history(bundle: Path, tmp_path: Path) -> None:
     cands = write_user(tmp_path / "c.json", history=["i1"], candidates=["i1", "i3", "i4"])
     rows = json.loads(invoke("rank", cands, "--model", bundle, "--exclude-history", "--threads", 1).stdout)["results"]
     assert sorted(r["item_id"] for r in rows) == ["i3", "i4"]
+
+
+def test_bench_runs_every_backend_on_the_same_workloads(trained: tuple[Path, Any], data_files: tuple[Path, Path],
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HATLLM_CACHE", str(tmp_path / "cache"))
+    inter, items = data_files
+    backends = "torch-fp32,torch-bf16,ort-fp32,ort-int4,ort-int4-native"
+    result = invoke("bench", "--model", trained[0], "--interactions", inter, "--items", items, "--backends", backends,
+                    "--workloads", "cand4-h3-b2,top3-h3-b1", "--seconds", 0, "--min-repeats", 2, "--max-repeats", 2,
+                    "--threads", 1, "--out", tmp_path / "bench", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert (tmp_path / "bench" / "bench.png").stat().st_size > 10_000
+    assert [b["name"] for b in report["backends"]] == backends.split(",")
+    for run in report["backends"]:
+        assert run["load_s"] > 0 and run["size_mb"] > 0 and run["peak_rss_mb"] > 0
+        assert [r["workload"] for r in run["results"]] == ["cand4-h3-b2", "top3-h3-b1"]
+        for r in run["results"]:
+            assert len(r["latencies_ms"]) == 2 and r["tokens"] > 0 and r["p50_ms"] <= r["p99_ms"]
+    assert report["config"]["threads"] == 1 and "ort-int4-native" in result.stdout
+    assert set(report["targets"]) == set()  # the target workloads were not run
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--workloads", "cand4-h3"], "workload 'cand4-h3'"),
+    (["--workloads", "cand4-h30-b1"], "have 30 history items"),
+    (["--backends", "ort-int3"], "backend 'ort-int3'"),
+    (["--threads", "0"], "--threads >= 1"),
+    (["--backends", "torch-nf4"], "divisible by its block of 64"),  # the tiny model's hidden size is 32
+])
+def test_bench_bad_options(trained: tuple[Path, Any], data_files: tuple[Path, Path], tmp_path: Path,
+                           args: list[str], needle: str) -> None:
+    inter, items = data_files
+    result = invoke("bench", "--model", trained[0], "--interactions", inter, "--items", items, "--backends", "ort-fp32",
+                    "--workloads", "cand4-h3-b1", "--out", tmp_path, "--quiet", *args)
+    assert_usage_error(result, needle)

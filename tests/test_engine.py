@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from export import export_onnx
-from export.validate import sample_steps
+from export.validate import run_onnx, sample_steps
 from hatllm_edge.engine import OnnxBackend
 from hatllm_edge.errors import InputError
 from hatllm_edge.masks import LayerSchedule, build_masks, causal_visibility
@@ -146,3 +146,47 @@ def test_engine_runs_without_torch(onnx_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60,
                             env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
+
+
+def test_token_logprobs_equal_log_softmax_of_the_logits(model: HatLLM, backend: OnnxBackend) -> None:
+    """In-graph log p(target) = log_softmax(logits)[target], on the engine and in PyTorch."""
+    from hatllm_edge.ranking import log_softmax
+    from hatllm_edge.torch_backend import TorchBackend
+
+    s = sample_steps(128)[0]
+    targets = np.random.default_rng(5).integers(0, 128, s.input_ids.shape)
+    logits, _ = backend.forward(s.input_ids, s.position_ids, s.masks, None)
+    want = np.take_along_axis(log_softmax(logits), targets[..., None], axis=2)[..., 0]
+    got, cache = backend.token_logprobs(s.input_ids, s.position_ids, s.masks, None, targets)
+    assert got.shape == targets.shape and np.abs(got - want).max() <= 1e-5
+    assert cache.length == s.input_ids.shape[1]
+    torch_got, _ = TorchBackend(model).token_logprobs(s.input_ids, s.position_ids, s.masks, None, targets)
+    assert np.abs(torch_got - want).max() <= 1e-4
+    with pytest.raises(InputError, match="targets"):
+        backend.token_logprobs(s.input_ids, s.position_ids, s.masks, None, targets[:, 1:])
+
+
+@pytest.mark.parametrize("quant", ["none", "int4", "int8"])
+def test_int8_compute_replaces_every_weight_matmul_and_tracks_native(model: HatLLM, tmp_path: Path, quant: str) -> None:
+    """compute="int8": every weight matmul (LM head included) becomes a signed-int8
+    DynamicQuantizeMatMul at load; the logits stay close to the graph as stored."""
+    import onnx
+
+    from hatllm_edge.lowbit import INT8_OP, int8_compute
+
+    path = export_onnx(model, tmp_path / f"{quant}.onnx", quant=quant)
+    rewritten, changed = int8_compute(onnx.load(str(path)))
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert changed == 4 * 7 + 1 and ops.count(INT8_OP) == changed
+    assert not {"MatMulNBits", "MatMulBnb4", "Gemm"} & set(ops) and "MatMul" not in ops
+    native = OnnxBackend(path, threads=1, compute="native")
+    fast = OnnxBackend(path, threads=1, compute="int8")
+    assert (native.compute, fast.compute) == ("native", "int8")
+    assert OnnxBackend(path, threads=1).compute == ("native" if quant == "none" else "int8")  # auto
+    steps = sample_steps(128)
+    for a, b in zip(run_onnx(native, steps), run_onnx(fast, steps)):
+        assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()  # activations are quantised per tensor
+    with pytest.raises(InputError, match="CPU route"):
+        OnnxBackend(path, device="cuda", compute="int8")
+    with pytest.raises(InputError, match="compute 'fast'"):
+        OnnxBackend(path, compute="fast")  # type: ignore[arg-type]

@@ -267,3 +267,26 @@ def test_failed_export_leaves_no_bundle_and_keeps_model(llama: HatLLM, tmp_path:
     assert list(tmp_path.iterdir()) == []
     after = llama.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_int8_export_matches_its_weights(llama: HatLLM, tmp_path: Path) -> None:
+    """--quant int8: every Linear and the head as 8-bit MatMulNBits (zero point 128 implied),
+    reproduced by the PyTorch model holding the dequantised weights."""
+    path = export_onnx(llama, tmp_path / "m.onnx", quant="int8")
+    model = onnx.load(str(path))
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * len(LINEARS) + 1
+    assert all(a.i == 8 for n in nbits for a in n.attribute if a.name == "bits")
+    report = validate(llama, path)
+    assert report.exact.reference == "dequantized" and report.exact.rel_diff <= 1e-4
+    assert report.parities[1].top1_agreement >= 0.9  # 8 bits barely move a random model
+
+
+def test_8bit_embedding_and_head_save_most_of_their_float_bytes(llama: HatLLM, exported: dict[str, Path], tmp_path: Path) -> None:
+    """The 8-bit embedding and head (a fifth of SmolLM2-135M) are what bring the 4-bit bundle
+    under 30% of fp32 (README); here: they take at most ~30% of their float bytes."""
+    float_head = export_onnx(llama, tmp_path / "f.onnx", quant="int4", embeddings="float").stat().st_size
+    float_bytes = 4 * (llama.lm.model.embed_tokens.weight.numel() + llama.lm.lm_head.weight.numel())
+    assert float_head - exported["int4"].stat().st_size >= 0.7 * float_bytes
+    with pytest.raises(InputError, match="embeddings 'int4'"):
+        export_onnx(llama, tmp_path / "x.onnx", quant="int4", embeddings="int4")  # type: ignore[arg-type]

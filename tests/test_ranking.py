@@ -130,11 +130,11 @@ def test_score_candidates_single_candidate_and_empty_history(backend: TorchBacke
 
 
 def test_score_candidates_batched_and_split_packs_equal_single_users(backend: TorchBackend, prompts: PromptBuilder) -> None:
-    """Two users of different prompt lengths in one batch, candidates split over several packs
-    (a 12-token limit): every score equals that user's unpacked, one-candidate forward."""
+    """Two users of different prompt lengths in one batch, candidates split over several rows
+    (12 tokens) and passes (40 tokens): every score equals that user's one-candidate forward."""
     histories = [HISTORY, HISTORY[:1]]
     lists = [TITLES[:5], TITLES[3:7]]
-    ranked = score_candidates(backend, prompts, histories, lists, pack_tokens=12)
+    ranked = score_candidates(backend, prompts, histories, lists, pack_tokens=12, pass_tokens=40)
     for history, titles, r in zip(histories, lists, ranked):
         assert sorted(r.items) == list(range(len(titles)))
         for i, s in zip(r.items, r.scores):

@@ -1,0 +1,376 @@
+"""``hatllm-edge bench``: every backend on the same seeded workloads, in one process and run.
+
+Each backend is opened (load time measured), warmed up on every workload, then timed
+request by request: at least ``min_repeats`` times and until ``seconds`` per workload have
+passed (at most ``max_repeats``). A request is one call of the shared ranking code
+(:func:`~hatllm_edge.ranking.score_candidates` or :func:`~hatllm_edge.ranking.beam_search`)
+for a batch of users, so every backend runs the very same algorithm. Peak RSS is reset
+before each backend loads (``/proc/self/clear_refs``), so each figure is that backend's own.
+
+Histories are real: the last ``history`` items before each test target of MovieLens-100K;
+candidates are the target plus seeded random catalog items. The prompt keeps every history
+item given (the model's own ``max_history`` is lifted), so 20 items are 20 items.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from hatllm_edge.data import Dataset
+from hatllm_edge.errors import InputError
+from hatllm_edge.prompt import PromptBuilder
+from hatllm_edge.ranker import Ranker, bundle_cache_dir, model_kind
+from hatllm_edge.ranking import beam_search, score_candidates
+
+TORCH_BACKENDS = ("torch-fp32", "torch-bf16", "torch-nf4")
+ORT_QUANTS = {"fp32": "none", "fp16": "none", "nf4": "nf4", "int4": "int4", "int8": "int8"}
+DEFAULT_BACKENDS = ("torch-fp32", "torch-bf16", "torch-nf4", "ort-fp32", "ort-nf4", "ort-int4", "ort-int4-native", "ort-int8")
+CUDA_BACKENDS = ("ort-fp32", "ort-fp16", "ort-int4", "ort-nf4")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One request shape: ``candidates`` > 0 scores that many titles per user, 0 is the
+    full-catalog top-``k`` beam search; ``batch`` users per request."""
+
+    kind: Literal["candidates", "topk"]
+    history: int
+    batch: int
+    candidates: int = 0
+    k: int = 10
+
+    @property
+    def name(self) -> str:
+        what = f"cand{self.candidates}" if self.kind == "candidates" else f"top{self.k}"
+        return f"{what}-h{self.history}-b{self.batch}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Workload":
+        """``cand<C>-h<H>-b<B>`` or ``top<K>-h<H>-b<B>``, e.g. ``cand100-h20-b1``."""
+        match = re.fullmatch(r"(cand|top)(\d+)-h(\d+)-b(\d+)", name.strip())
+        if not match or min(int(g) for g in match.groups()[1:]) < 1:
+            raise InputError(f"workload {name!r}: expected cand<C>-h<H>-b<B> or top<K>-h<H>-b<B> with positive numbers, "
+                             "e.g. cand100-h20-b1 or top10-h10-b8")
+        what, n, h, b = match.group(1), *(int(g) for g in match.groups()[1:])
+        if what == "cand":
+            return cls("candidates", h, b, candidates=n)
+        return cls("topk", h, b, k=n)
+
+
+def default_workloads() -> list[Workload]:
+    """Candidate ranking (history 5/10/20 x 20/100 candidates) and full-catalog top-10
+    (history 10), each at batch 1 and 8."""
+    out = [Workload("candidates", h, b, c) for b in (1, 8) for h in (5, 10, 20) for c in (20, 100)]
+    return out + [Workload("topk", 10, b) for b in (1, 8)]
+
+
+@dataclass
+class Result:
+    backend: str
+    workload: str
+    latencies_ms: list[float]
+    tokens: int  # tokens fed to the model per request
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+    requests_per_s: float = 0.0
+    users_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+    def finish(self, batch: int) -> "Result":
+        lat = np.asarray(self.latencies_ms)
+        self.p50_ms, self.p95_ms, self.p99_ms = (float(np.percentile(lat, q)) for q in (50, 95, 99))
+        self.requests_per_s = 1000.0 / float(lat.mean())
+        self.users_per_s = self.requests_per_s * batch
+        self.tokens_per_s = self.tokens * self.requests_per_s
+        return self
+
+
+@dataclass
+class BackendRun:
+    name: str
+    load_s: float
+    size_mb: float
+    peak_rss_mb: float
+    gpu_mem_mb: float | None
+    results: list[Result] = field(default_factory=list)
+
+
+class _TokenCounter:
+    """Wraps a backend to count the tokens fed to it (padding included: it is computed)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.tokens = backend, 0
+
+    def forward(self, input_ids: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        self.tokens += int(input_ids.size)
+        return self.backend.forward(input_ids, *args, **kwargs)
+
+    def token_logprobs(self, input_ids: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        self.tokens += int(input_ids.size)
+        return self.backend.token_logprobs(input_ids, *args, **kwargs)
+
+    def select(self, cache: Any, index: np.ndarray) -> Any:
+        return self.backend.select(cache, index)
+
+
+def _rss_mb(field_name: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: peak RSS is then the process's peak so far
+
+
+def _gpu_mem_mb() -> float | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return float(out.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx")) / 1e6
+
+
+def open_backend(name: str, checkpoint: Path, device: str, threads: int, progress: bool) -> tuple[Ranker, float]:
+    """The ranker a backend name stands for, and its size on disk (or in memory for torch) in MB.
+    ``ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]``: a bundle exported from ``checkpoint``
+    into the bundle cache on first use; the suffix picks the engine's compute route."""
+    if name in TORCH_BACKENDS:
+        import torch
+
+        torch.set_num_threads(threads)
+        ranker = Ranker.from_checkpoint(checkpoint, bf16=name == "torch-bf16", nf4=name == "torch-nf4")
+        model = ranker.backend.model  # type: ignore[attr-defined]
+        size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        return ranker, size / 1e6
+    parts = name.split("-")
+    if parts[0] != "ort" or len(parts) not in (2, 3) or parts[1] not in ORT_QUANTS or (len(parts) == 3 and parts[2] not in ("native", "int8")):
+        raise InputError(f"backend {name!r}: expected one of {TORCH_BACKENDS} or ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]")
+    quant, dtype = ORT_QUANTS[parts[1]], "fp16" if parts[1] == "fp16" else "fp32"
+    compute = parts[2] if len(parts) == 3 else "auto"
+    folder = bundle_cache_dir(checkpoint, quant if dtype == "fp32" else f"{quant}-{dtype}")
+    if not (folder / "bundle.json").is_file():
+        from export.checkpoint import export_checkpoint
+
+        export_checkpoint(checkpoint, folder, quant, dtype, progress=progress, overwrite=True)  # type: ignore[arg-type]
+    ranker = Ranker.from_bundle(folder, device, threads, compute)  # type: ignore[arg-type]
+    return ranker, _folder_mb(folder)
+
+
+def _requests(data: Dataset, w: Workload, seed: int, count: int) -> list[tuple[list[list[int]], list[list[int]]]]:
+    """``count`` seeded requests: (histories, candidate lists) of ``w.batch`` users each."""
+    rng = random.Random(f"{seed}-{w.name}")
+    examples = [ex for ex in data.split("test", w.history) if len(ex.history) >= w.history]
+    catalog = data.catalog
+    if len(examples) < w.batch:
+        raise InputError(f"workload {w.name}: only {len(examples)} test users have {w.history} history items, "
+                         f"the batch needs {w.batch}")
+    if w.candidates > len(catalog):
+        raise InputError(f"workload {w.name}: {w.candidates} candidates, but the catalog has {len(catalog)} items")
+    out = []
+    for _ in range(count):
+        users = rng.sample(examples, w.batch)
+        histories = [[catalog.index(i) for i in ex.history] for ex in users]
+        cands: list[list[int]] = []
+        for ex in users:
+            if w.kind == "candidates":
+                target = catalog.index(ex.target)
+                pool = [i for i in rng.sample(range(len(catalog)), w.candidates) if i != target]
+                cands.append([target] + pool[: w.candidates - 1])
+        out.append((histories, cands))
+    return out
+
+
+def _runner(ranker: Ranker, prompts: PromptBuilder, w: Workload) -> Callable[[list[list[int]], list[list[int]]], None]:
+    if w.kind == "candidates":
+        return lambda h, c: score_candidates(ranker.backend, prompts, [ranker.titles(x) for x in h], [ranker.titles(x) for x in c])  # type: ignore[return-value]
+    return lambda h, _: beam_search(ranker.backend, prompts, ranker.trie, [ranker.titles(x) for x in h], k=w.k)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    checkpoint: Path
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
+    workloads: tuple[Workload, ...] = tuple(default_workloads())
+    device: Literal["cpu", "cuda"] = "cpu"
+    threads: int = 2
+    min_repeats: int = 3
+    max_repeats: int = 30
+    seconds: float = 6.0  # per backend and workload, after warm-up
+    seed: int = 0
+
+
+def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[str, Any]:
+    """Run every backend on every workload; returns the JSON-able report."""
+    if model_kind(cfg.checkpoint) != "checkpoint":
+        raise InputError(f"{cfg.checkpoint}: bench needs a checkpoint folder (it builds every bundle from it)")
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, str(cfg.threads))
+    requests = {w.name: _requests(data, w, cfg.seed, cfg.max_repeats + 1) for w in cfg.workloads}
+    runs: list[BackendRun] = []
+    bar = tqdm(total=len(cfg.backends) * len(cfg.workloads), desc="bench", unit="run", disable=not progress)
+    for name in cfg.backends:
+        _reset_peak_rss()
+        gpu_before = _gpu_mem_mb() if cfg.device == "cuda" else None
+        start = time.perf_counter()
+        ranker, size = open_backend(name, cfg.checkpoint, cfg.device, cfg.threads, progress)
+        load_s = time.perf_counter() - start
+        if data.catalog.item_ids != ranker.catalog.item_ids:
+            raise InputError(f"{cfg.checkpoint}: its catalog differs from the benchmark data set")
+        counter = _TokenCounter(ranker.backend)
+        ranker.backend = counter  # type: ignore[assignment]
+        prompts = PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0)
+        ranker.trie  # built outside the timings (as a server would at start-up)
+        run = BackendRun(name, round(load_s, 3), round(size, 1), 0.0, None)
+        for w in cfg.workloads:
+            bar.set_postfix_str(f"{name} {w.name}")
+            go, reqs = _runner(ranker, prompts, w), requests[w.name]
+            go(*reqs[-1])  # warm-up
+            counter.tokens = 0
+            latencies: list[float] = []
+            began = time.perf_counter()
+            while len(latencies) < cfg.max_repeats and (len(latencies) < cfg.min_repeats or time.perf_counter() - began < cfg.seconds):
+                t = time.perf_counter()
+                go(*reqs[len(latencies)])
+                latencies.append((time.perf_counter() - t) * 1000)
+            run.results.append(Result(name, w.name, [round(x, 3) for x in latencies], counter.tokens // len(latencies)).finish(w.batch))
+            bar.update()
+        run.peak_rss_mb = round(_rss_mb("VmHWM"), 1)
+        if gpu_before is not None:
+            after = _gpu_mem_mb()
+            run.gpu_mem_mb = None if after is None else after - gpu_before
+        runs.append(run)
+        del ranker, counter
+    bar.close()
+    return {
+        "config": {"checkpoint": str(cfg.checkpoint), "device": cfg.device, "threads": cfg.threads,
+                   "min_repeats": cfg.min_repeats, "max_repeats": cfg.max_repeats, "seconds": cfg.seconds, "seed": cfg.seed,
+                   "workloads": [asdict(w) | {"name": w.name} for w in cfg.workloads]},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "versions": _versions()},
+        "backends": [asdict(r) for r in runs],
+        "targets": targets(runs),
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("onnxruntime", "onnxruntime-gpu", "torch", "transformers", "bitsandbytes"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _p50(runs: Sequence[BackendRun], backend: str, workload: str) -> float | None:
+    for run in runs:
+        if run.name == backend:
+            for r in run.results:
+                if r.workload == workload:
+                    return r.p50_ms
+    return None
+
+
+def targets(runs: Sequence[BackendRun]) -> dict[str, Any]:
+    """The issue's targets, read off this run: the fastest 4-bit-at-rest ORT backend against
+    PyTorch fp32 / bf16 / NF4 on 20 history items x 100 candidates, and full-catalog top-10
+    against PyTorch fp32 (batch 1). Missing figures are left out."""
+    out: dict[str, Any] = {}
+    cand, topk = "cand100-h20-b1", "top10-h10-b1"
+    four_bit = [r.name for r in runs if r.name.startswith(("ort-int4", "ort-nf4"))]
+    best = min(four_bit, key=lambda n: _p50(runs, n, cand) or float("inf"), default=None)
+    if best is not None and _p50(runs, best, cand) is not None:
+        ours = _p50(runs, best, cand)
+        out["candidates"] = {"backend": best, "p50_ms": ours}
+        for ref in TORCH_BACKENDS:
+            theirs = _p50(runs, ref, cand)
+            if theirs is not None and ours:
+                out["candidates"][f"speedup_vs_{ref}"] = round(theirs / ours, 2)
+        out["candidates"]["target_met"] = (out["candidates"].get("speedup_vs_torch-fp32", 0) >= 3
+                                           and all(out["candidates"].get(f"speedup_vs_{r}", 2) > 1 for r in TORCH_BACKENDS))
+    fastest = min((r.name for r in runs if r.name.startswith("ort-")), key=lambda n: _p50(runs, n, topk) or float("inf"), default=None)
+    theirs = _p50(runs, "torch-fp32", topk)
+    if fastest is not None and theirs is not None and _p50(runs, fastest, topk):
+        speedup = theirs / _p50(runs, fastest, topk)  # type: ignore[operator]
+        out["topk"] = {"backend": fastest, "p50_ms": _p50(runs, fastest, topk), "speedup_vs_torch-fp32": round(speedup, 2),
+                       "target_met": speedup >= 2}
+    return out
+
+
+def table(report: dict[str, Any]) -> str:
+    """A plain-text table: one line per backend and workload."""
+    head = f"{'backend':<16} {'workload':<16} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'req/s':>7} {'tok/s':>8} {'n':>3}"
+    lines = [head, "-" * len(head)]
+    for run in report["backends"]:
+        for r in run["results"]:
+            lines.append(f"{run['name']:<16} {r['workload']:<16} {r['p50_ms']:>9.1f} {r['p95_ms']:>9.1f} {r['p99_ms']:>9.1f} "
+                         f"{r['requests_per_s']:>7.2f} {r['tokens_per_s']:>8.0f} {len(r['latencies_ms']):>3}")
+    lines.append("")
+    lines.append(f"{'backend':<16} {'load s':>7} {'size MB':>8} {'peak RSS MB':>12}")
+    for run in report["backends"]:
+        lines.append(f"{run['name']:<16} {run['load_s']:>7.2f} {run['size_mb']:>8.1f} {run['peak_rss_mb']:>12.0f}")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> Path:
+    """Latency distribution per backend, one panel per workload (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = [w["name"] for w in report["config"]["workloads"]]
+    names = [r["name"] for r in report["backends"]]
+    cols = 4
+    rows = -(-len(workloads) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 0.35 * len(names) * rows + 1.5 * rows), squeeze=False)
+    for ax, wname in zip(axes.flat, workloads):
+        data = [next(r["latencies_ms"] for r in run["results"] if r["workload"] == wname) for run in report["backends"]]
+        ax.boxplot(data, vert=False, widths=0.6, showfliers=True)
+        ax.set_yticks(range(1, len(names) + 1), names, fontsize=7)
+        ax.set_xscale("log")
+        ax.set_title(wname, fontsize=9)
+        ax.set_xlabel("latency per request (ms)", fontsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in list(axes.flat)[len(workloads):]:
+        ax.axis("off")
+    cfg = report["config"]
+    fig.suptitle(f"hatllm-edge bench: {cfg['device']}, {cfg['threads']} threads", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "bench.json"
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    return json_path, plot(report, out_dir / "bench.png")
