@@ -180,10 +180,15 @@ def export_onnx(
         raise InputError(f"embeddings {embeddings!r}: expected one of {EMBEDDINGS}")
     spec = read_decoder(model)
     linears = quant if quant in ("nf4", "int8") else "none"
-    proto = build_decoder(spec, quant=linears, dtype=dtype, opset=opset, embeddings=embeddings)
     if quant == "int4":
         int4 = int4 or Int4Options()
-        proto = quantize_int4(proto, int4)
+        unknown = set(int4.eight_bit) - set(LINEARS)
+        if unknown:
+            raise InputError(f"8-bit Linears {sorted(unknown)}: expected names from {LINEARS}")
+    eight_bit = int4.eight_bit if quant == "int4" and int4 else ()
+    proto = build_decoder(spec, quant=linears, dtype=dtype, opset=opset, embeddings=embeddings, eight_bit=eight_bit)
+    if quant == "int4":
+        proto = quantize_int4(proto, int4)  # only the float MatMuls: the 8-bit ones are MatMulNBits already
     props = graph_metadata(spec, quant, dtype, int4, embeddings) | (metadata or {})
     onnx.helper.set_model_props(proto, props)
     size = sum(len(t.raw_data) for t in proto.graph.initializer)

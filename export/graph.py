@@ -146,7 +146,8 @@ def _rope_tables(g: _Graph, spec: DecoderSpec) -> tuple[str, str]:
     return tables[0], tables[1]
 
 
-def _layer(g: _Graph, spec: DecoderSpec, i: int, h: str, cos: str, sin: str, quant: LinearQuant) -> str:
+def _layer(g: _Graph, spec: DecoderSpec, i: int, h: str, cos: str, sin: str, quant: LinearQuant,
+           eight_bit: tuple[str, ...] = ()) -> str:
     """One decoder layer; ``h`` [B, Q, hidden] is the residual stream.
 
         h ─ RMSNorm ─ q,k,v ─ RoPE(q,k) ─ Attention(mask_<kind>, past) ─ o_proj ─ (+h) ─┐
@@ -154,10 +155,14 @@ def _layer(g: _Graph, spec: DecoderSpec, i: int, h: str, cos: str, sin: str, qua
         └─ RMSNorm ─ gate, up ─ SiLU(gate) * up ─ down_proj ─ (+) ─> h
     """
     p, node = f"model.layers.{i}", f"/model/layers.{i}"
+
+    def linear(x: str, name: str) -> str:
+        return _linear(g, spec, x, f"{p}.{name}", "int8" if name in eight_bit else quant)
+
     x = _rms_norm(g, spec, h, f"{p}.input_layernorm.weight", f"{node}/input_layernorm")
-    q = _linear(g, spec, x, f"{p}.self_attn.q_proj", quant)  # [B, Q, H * D]
-    k = _linear(g, spec, x, f"{p}.self_attn.k_proj", quant)  # [B, Q, KV * D]
-    v = _linear(g, spec, x, f"{p}.self_attn.v_proj", quant)
+    q = linear(x, "self_attn.q_proj")  # [B, Q, H * D]
+    k = linear(x, "self_attn.k_proj")  # [B, Q, KV * D]
+    v = linear(x, "self_attn.v_proj")
     q = g.op("RotaryEmbedding", [q, cos, sin], f"{node}/attn/q_rotary/RotaryEmbedding", num_heads=spec.num_heads)
     k = g.op("RotaryEmbedding", [k, cos, sin], f"{node}/attn/k_rotary/RotaryEmbedding", num_heads=spec.num_kv_heads)
     y = g.op(
@@ -167,13 +172,13 @@ def _layer(g: _Graph, spec: DecoderSpec, i: int, h: str, cos: str, sin: str, qua
         outputs=[f"{node}/attn/Attention/output_0", PRESENT.format(i, "key"), PRESENT.format(i, "value")],
         q_num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, scale=spec.attn_scale, is_causal=0,
     )  # [B, Q, H * D]
-    h = g.op("Add", [h, _linear(g, spec, y, f"{p}.self_attn.o_proj", quant)], f"{node}/attn/residual/Add")
+    h = g.op("Add", [h, linear(y, "self_attn.o_proj")], f"{node}/attn/residual/Add")
     x = _rms_norm(g, spec, h, f"{p}.post_attention_layernorm.weight", f"{node}/post_attention_layernorm")
-    gate = _linear(g, spec, x, f"{p}.mlp.gate_proj", quant)
-    up = _linear(g, spec, x, f"{p}.mlp.up_proj", quant)
+    gate = linear(x, "mlp.gate_proj")
+    up = linear(x, "mlp.up_proj")
     act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{node}/mlp/act/Sigmoid")], f"{node}/mlp/act/Mul")
     act = g.op("Mul", [act, up], f"{node}/mlp/Mul")
-    return g.op("Add", [h, _linear(g, spec, act, f"{p}.mlp.down_proj", quant)], f"{node}/mlp/residual/Add")
+    return g.op("Add", [h, linear(act, "mlp.down_proj")], f"{node}/mlp/residual/Add")
 
 
 def _embed(g: _Graph, spec: DecoderSpec, embeddings: Embeddings) -> str:
@@ -234,15 +239,16 @@ def _lm_head(g: _Graph, spec: DecoderSpec, h: str, embeddings: Embeddings) -> st
 
 
 def build_decoder(spec: DecoderSpec, quant: LinearQuant = "none", dtype: Literal["fp32", "fp16"] = "fp32",
-                  opset: int = 23, embeddings: Embeddings = "float") -> onnx.ModelProto:
+                  opset: int = 23, embeddings: Embeddings = "float", eight_bit: tuple[str, ...] = ()) -> onnx.ModelProto:
     """The whole decoder as a ModelProto (weights inline; :func:`export.convert.export_onnx`
-    saves it). ``quant``: the decoder Linears (float ``MatMul``, NF4 or 8-bit); ``embeddings``:
-    the embedding and LM head in the graph dtype or 8-bit."""
+    saves it). ``quant``: the decoder Linears (float ``MatMul``, NF4 or 8-bit); ``eight_bit``:
+    Linears (``mlp.down_proj``, ...) written 8-bit whatever ``quant`` says; ``embeddings``: the
+    embedding and LM head in the graph dtype or 8-bit."""
     g = _Graph(dtype)
     h = _embed(g, spec, embeddings)
     cos, sin = _rope_tables(g, spec)
     for i in range(spec.num_layers):
-        h = _layer(g, spec, i, h, cos, sin, quant)
+        h = _layer(g, spec, i, h, cos, sin, quant, eight_bit)
     _lm_head(g, spec, h, embeddings)
 
     kv_shape = ["batch", spec.num_kv_heads, "past_sequence", spec.head_dim]

@@ -67,17 +67,19 @@ def q8_pack(weight: np.ndarray, block: int = Q8_BLOCK) -> tuple[np.ndarray, np.n
 @dataclass(frozen=True)
 class Int4Options:
     """MatMulNBits settings. ``calibration``: token-id sequences for GPTQ (each [T] int64).
-    ``accuracy_level`` None keeps float32 activations (4 would quantise them to int8 on CPU)."""
+    ``accuracy_level`` None keeps float32 activations (4 would quantise them to int8 on CPU).
+    ``eight_bit``: Linears kept at 8 bits (names as in ``LINEARS``, e.g. ``mlp.down_proj``)."""
 
     algo: Literal["rtn", "hqq", "gptq"] = "rtn"
-    block_size: int = 32
+    block_size: int = 16
     symmetric: bool = False
     accuracy_level: int | None = None
     calibration: tuple[np.ndarray, ...] = ()
+    eight_bit: tuple[str, ...] = ("mlp.down_proj",)
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_type": "int4", "algo": self.algo, "block_size": self.block_size,
-                "symmetric": self.symmetric, "accuracy_level": self.accuracy_level}
+                "symmetric": self.symmetric, "accuracy_level": self.accuracy_level, "eight_bit": list(self.eight_bit)}
 
 
 class _TokenReader(CalibrationDataReader):

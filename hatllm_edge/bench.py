@@ -31,7 +31,7 @@ from hatllm_edge.data import Dataset
 from hatllm_edge.errors import InputError
 from hatllm_edge.prompt import PromptBuilder
 from hatllm_edge.ranker import Ranker, bundle_cache_dir, model_kind
-from hatllm_edge.ranking import beam_search, score_candidates
+from hatllm_edge.ranking import PACK_TOKENS, PASS_TOKENS, beam_search, log_softmax, score_candidates
 
 TORCH_BACKENDS = ("torch-fp32", "torch-bf16", "torch-nf4")
 ORT_QUANTS = {"fp32": "none", "fp16": "none", "nf4": "nf4", "int4": "int4", "int8": "int8"}
@@ -367,6 +367,89 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+class _FullLogits:
+    """Ablation: candidate scores from [B, Q, V] logits handed back and log-softmaxed in NumPy,
+    as the engine did before the graph returned the targets' log-probabilities."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def token_logprobs(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: Any, cache: Any,
+                       targets: np.ndarray) -> tuple[np.ndarray, Any]:
+        logits, cache = self.backend.forward(input_ids, position_ids, masks, cache)
+        return np.take_along_axis(log_softmax(logits), targets[..., None], axis=2)[..., 0], cache
+
+
+# (name, what changes against the shipped engine: int4 bundle, int8 compute, all graph
+# optimisations, the bench's threads, rows of PACK_TOKENS, log-probs computed in the graph)
+ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("shipped engine", {}),
+    ("4-bit MatMulNBits compute (no int8 expansion)", {"compute": "native"}),
+    ("int8 with one activation scale per tensor (DynamicQuantizeMatMul)", {"compute": "int8-tensor"}),
+    ("fp32 bundle", {"quant": "none", "compute": "native"}),
+    ("graph optimisations: basic", {"optimization": "basic"}),
+    ("graph optimisations: none", {"optimization": "none"}),
+    ("1 thread", {"threads": 1}),
+    ("one row per candidate (prompt cache copied per candidate)", {"pack_tokens": 1}),
+    ("all candidates in one packed row", {"pack_tokens": 1 << 20, "pass_tokens": 1 << 20}),
+    ("rows of 64 tokens", {"pack_tokens": 64}),
+    ("rows of 256 tokens", {"pack_tokens": 256}),
+    ("full logits back to NumPy, log-softmax there", {"full_logits": True}),
+)
+
+
+def run_ablation(checkpoint: Path, data: Dataset, workload: Workload, threads: int = 2, repeats: int = 5,
+                 seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+    """Each engine step's effect: the shipped engine on ``workload``, then with one step
+    undone at a time (see :data:`ABLATIONS`); p50 of ``repeats`` timed requests each."""
+    if workload.kind != "candidates":
+        raise InputError(f"ablation workload {workload.name}: needs a candidate workload (cand<C>-h<H>-b<B>)")
+    reqs = _requests(data, workload, seed, repeats + 1)
+    rows = []
+    for name, change in tqdm(ABLATIONS, desc="ablation", disable=not progress):
+        quant = change.get("quant", "int4")
+        folder = bundle_cache_dir(checkpoint, quant)
+        if not (folder / "bundle.json").is_file():
+            from export.checkpoint import export_checkpoint
+
+            export_checkpoint(checkpoint, folder, quant, progress=progress, overwrite=True)  # type: ignore[arg-type]
+        ranker = Ranker.from_bundle(folder, "cpu", change.get("threads", threads), change.get("compute", "int8"),
+                                    change.get("optimization", "all"))
+        backend: Any = _FullLogits(ranker.backend) if change.get("full_logits") else ranker.backend
+        prompts = PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0)
+
+        def go(histories: list[list[int]], cands: list[list[int]]) -> np.ndarray:
+            ranked = score_candidates(backend, prompts, [ranker.titles(h) for h in histories], [ranker.titles(c) for c in cands],
+                                      pack_tokens=change.get("pack_tokens", PACK_TOKENS), pass_tokens=change.get("pass_tokens", PASS_TOKENS))
+            return np.concatenate([np.asarray(r.scores)[np.argsort(r.items)] for r in ranked])
+
+        go(*reqs[-1])
+        times, scores = [], None
+        for h, c in reqs[:repeats]:
+            t = time.perf_counter()
+            got = go(h, c)
+            times.append((time.perf_counter() - t) * 1000)
+            scores = got if scores is None else scores
+        rows.append({"variant": name, "change": change, "p50_ms": float(np.median(times)),
+                     "latencies_ms": [round(x, 3) for x in times], "scores": scores})
+    base = rows[0]
+    for row in rows:
+        row["vs_shipped"] = round(row["p50_ms"] / base["p50_ms"], 2)
+        # the layout and plumbing steps must not change a score; the arithmetic ones may
+        row["max_score_diff"] = float(np.abs(row.pop("scores") - base["scores"]).max()) if row is not base else 0.0
+    base.pop("scores", None)
+    return rows
+
+
+def ablation_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'variant':<60} {'p50 ms':>9} {'x shipped':>10} {'max |score diff|':>17}"]
+    lines += [f"{r['variant']:<60} {r['p50_ms']:>9.1f} {r['vs_shipped']:>10.2f} {r['max_score_diff']:>17.2g}" for r in rows]
+    return "\n".join(lines)
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:

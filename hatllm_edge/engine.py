@@ -21,8 +21,8 @@ import numpy as np
 from hatllm_edge.errors import InputError
 from hatllm_edge.masks import MASK_KINDS, MaskKind
 
-Compute = Literal["auto", "native", "int8"]
-COMPUTES: tuple[Compute, ...] = ("auto", "native", "int8")
+Compute = Literal["auto", "native", "int8", "int8-tensor"]
+COMPUTES: tuple[Compute, ...] = ("auto", "native", "int8", "int8-tensor")
 MODEL_FILE = "model.onnx"
 BUNDLE_FILE = "bundle.json"
 MANIFEST_FILE = "manifest.json"
@@ -90,8 +90,10 @@ class OnnxBackend:
     device "cpu" (CPUExecutionProvider) or "cuda" (CUDAExecutionProvider, never a silent CPU
     fallback); ``threads`` fixes the intra-op thread count (None: ONNX Runtime's default).
     ``compute``: "native" runs the graph as stored; "int8" first expands every weight matmul
-    to signed-int8 ``DynamicQuantizeMatMul`` (:func:`hatllm_edge.lowbit.int8_compute`, CPU
-    only); "auto" = int8 for a quantised graph on the CPU, native otherwise.
+    to signed int8 with activations quantised per token (:func:`hatllm_edge.lowbit.int8_compute`,
+    CPU only); "int8-tensor" the same with one activation scale per tensor
+    (``DynamicQuantizeMatMul``: fewer ops, much less faithful); "auto" = int8 for a quantised
+    graph on the CPU, native otherwise.
     ``optimization``: ONNX Runtime's graph optimisation level ("all", "basic" or "none").
     Exposes ``load_seconds``, ``metadata`` (the graph's metadata_props), ``layer_kinds`` and
     ``compute`` (what was chosen).
@@ -109,7 +111,7 @@ class OnnxBackend:
             raise InputError(f"threads must be >= 1, got {threads}")
         if compute not in COMPUTES:
             raise InputError(f"compute {compute!r}: expected one of {COMPUTES}")
-        if compute == "int8" and device == "cuda":
+        if compute.startswith("int8") and device == "cuda":
             raise InputError("compute int8 (DynamicQuantizeMatMul) is a CPU route; use --compute native or auto on CUDA")
         if device == "cuda":
             available = ort.get_available_providers()
@@ -142,11 +144,12 @@ class OnnxBackend:
 
             stored = onnx.load(str(path))
             quantised = any(p.key == "hatllm.quant" and p.value != "none" for p in stored.metadata_props)
-            compute = "int8" if compute == "int8" or (device == "cpu" and quantised) else "native"
-            if compute == "int8":
-                source = int8_compute(stored)[0].SerializeToString()
+            if compute == "auto":
+                compute = "int8" if device == "cpu" and quantised else "native"
+            if compute != "native":
+                source = int8_compute(stored, "tensor" if compute == "int8-tensor" else "row")[0].SerializeToString()
             del stored
-        self.compute: Literal["native", "int8"] = compute
+        self.compute: Compute = compute
         self.session = ort.InferenceSession(source, options, providers=providers)
         self.load_seconds = time.perf_counter() - start
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
@@ -173,10 +176,11 @@ class OnnxBackend:
 
     @classmethod
     def from_bundle(cls, folder: Path | str, device: Literal["cpu", "cuda"] = "cpu", threads: int | None = None,
-                    verify: bool = True, compute: Compute = "auto") -> OnnxBackend:
+                    verify: bool = True, compute: Compute = "auto",
+                    optimization: Literal["all", "basic", "none"] = "all") -> OnnxBackend:
         """Open ``folder/model.onnx`` after checking the manifest (sizes always, hashes when ``verify``)."""
         verify_bundle(Path(folder), hashes=verify)
-        return cls(Path(folder) / MODEL_FILE, device=device, threads=threads, compute=compute)
+        return cls(Path(folder) / MODEL_FILE, device=device, threads=threads, compute=compute, optimization=optimization)
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: dict[MaskKind, np.ndarray],
                 cache: OrtCache | None, last_only: bool = False) -> tuple[np.ndarray, OrtCache]:

@@ -29,7 +29,7 @@ class EvalConfig:
     batch_users: int = 8
     device: Literal["cpu", "cuda"] = "cpu"  # bundles only
     threads: int | None = None  # bundles only: ONNX Runtime intra-op threads
-    compute: Literal["auto", "native", "int8"] = "auto"  # bundles only: see OnnxBackend
+    compute: Literal["auto", "native", "int8", "int8-tensor"] = "auto"  # bundles only: see OnnxBackend
     dataset: str = "ml-100k"
     interactions: Path | None = None
     items: Path | None = None

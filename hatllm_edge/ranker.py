@@ -20,7 +20,7 @@ from hatllm_edge.prompt import PromptBuilder
 from hatllm_edge.ranking import Ranked, TitleTrie, beam_search, score_candidates
 
 Device = Literal["cpu", "cuda"]
-Compute = Literal["auto", "native", "int8"]
+Compute = Literal["auto", "native", "int8", "int8-tensor"]
 BUNDLE_META = "bundle.json"
 CHECKPOINT_META = "hatllm.json"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "hatllm-ml100k"
@@ -37,11 +37,11 @@ class Ranker:
 
     @classmethod
     def from_bundle(cls, folder: Path, device: Device = "cpu", threads: int | None = None,
-                    compute: Compute = "auto") -> "Ranker":
+                    compute: Compute = "auto", optimization: Literal["all", "basic", "none"] = "all") -> "Ranker":
         """An ONNX Runtime ranker from an exported bundle (manifest checked)."""
         from hatllm_edge.engine import OnnxBackend
 
-        backend = OnnxBackend.from_bundle(folder, device=device, threads=threads, compute=compute)
+        backend = OnnxBackend.from_bundle(folder, device=device, threads=threads, compute=compute, optimization=optimization)
         return cls._assemble(backend, folder, json.loads((folder / BUNDLE_META).read_text(encoding="utf-8")))
 
     @classmethod

@@ -437,3 +437,23 @@ def test_bench_bad_options(trained: tuple[Path, Any], data_files: tuple[Path, Pa
     result = invoke("bench", "--model", trained[0], "--interactions", inter, "--items", items, "--backends", "ort-fp32",
                     "--workloads", "cand4-h3-b1", "--out", tmp_path, "--quiet", *args)
     assert_usage_error(result, needle)
+
+
+def test_bench_ablation_undoes_one_step_at_a_time(trained: tuple[Path, Any], data_files: tuple[Path, Path],
+                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hatllm_edge.bench import ABLATIONS
+
+    monkeypatch.setenv("HATLLM_CACHE", str(tmp_path / "cache"))
+    inter, items = data_files
+    result = invoke("bench", "--ablation", "--model", trained[0], "--interactions", inter, "--items", items,
+                    "--workloads", "cand5-h3-b2", "--threads", 1, "--out", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "ablation.json").read_text())
+    assert [r["variant"] for r in report["rows"]] == [name for name, _ in ABLATIONS]
+    assert report["rows"][0]["vs_shipped"] == 1.0 and all(len(r["latencies_ms"]) == 5 for r in report["rows"])
+    by_name = {r["variant"]: r for r in report["rows"]}
+    for name in ("graph optimisations: none", "1 thread", "one row per candidate (prompt cache copied per candidate)",
+                 "all candidates in one packed row", "full logits back to NumPy, log-softmax there"):
+        assert by_name[name]["max_score_diff"] <= 1e-3, name  # layout and plumbing change no score
+    assert by_name["fp32 bundle"]["max_score_diff"] > 0  # arithmetic does
+    assert "one row per candidate" in result.stdout

@@ -168,25 +168,42 @@ def test_token_logprobs_equal_log_softmax_of_the_logits(model: HatLLM, backend: 
 
 @pytest.mark.parametrize("quant", ["none", "int4", "int8"])
 def test_int8_compute_replaces_every_weight_matmul_and_tracks_native(model: HatLLM, tmp_path: Path, quant: str) -> None:
-    """compute="int8": every weight matmul (LM head included) becomes a signed-int8
-    DynamicQuantizeMatMul at load; the logits stay close to the graph as stored."""
+    """compute="int8": every weight matmul (LM head included) becomes a u8 x s8 MatMulInteger
+    with per-token activation scales at load ("int8-tensor": DynamicQuantizeMatMul); the
+    logits stay close to the graph as stored."""
     import onnx
 
     from hatllm_edge.lowbit import INT8_OP, int8_compute
 
     path = export_onnx(model, tmp_path / f"{quant}.onnx", quant=quant)
-    rewritten, changed = int8_compute(onnx.load(str(path)))
-    ops = [n.op_type for n in rewritten.graph.node]
-    assert changed == 4 * 7 + 1 and ops.count(INT8_OP) == changed
-    assert not {"MatMulNBits", "MatMulBnb4", "Gemm"} & set(ops) and "MatMul" not in ops
+    for activations, op in (("row", "MatMulInteger"), ("tensor", INT8_OP)):
+        rewritten, changed = int8_compute(onnx.load(str(path)), activations)  # type: ignore[arg-type]
+        ops = [n.op_type for n in rewritten.graph.node]
+        assert changed == 4 * 7 + 1 and ops.count(op) == changed
+        assert not {"MatMulNBits", "MatMulBnb4", "Gemm"} & set(ops) and "MatMul" not in ops
     native = OnnxBackend(path, threads=1, compute="native")
     fast = OnnxBackend(path, threads=1, compute="int8")
     assert (native.compute, fast.compute) == ("native", "int8")
     assert OnnxBackend(path, threads=1).compute == ("native" if quant == "none" else "int8")  # auto
     steps = sample_steps(128)
     for a, b in zip(run_onnx(native, steps), run_onnx(fast, steps)):
-        assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()  # activations are quantised per tensor
+        assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()  # int8 weights and activations
     with pytest.raises(InputError, match="CPU route"):
         OnnxBackend(path, device="cuda", compute="int8")
     with pytest.raises(InputError, match="compute 'fast'"):
         OnnxBackend(path, compute="fast")  # type: ignore[arg-type]
+
+
+def test_int8_rows_make_a_token_independent_of_its_batch(onnx_path: Path) -> None:
+    """Per-token activation scales: a row's logits are the same alone or beside a row of
+    other tokens; with one scale per tensor (DynamicQuantizeMatMul) they are not."""
+    s = sample_steps(128, batch=3)[0]
+    rows = {}
+    for compute in ("int8", "int8-tensor"):
+        b = OnnxBackend(onnx_path, threads=1, compute=compute)  # type: ignore[arg-type]
+        alone, _ = b.forward(s.input_ids[:1], s.position_ids[:1], {k: m[:1] for k, m in s.masks.items()}, None)
+        batched, _ = b.forward(s.input_ids, s.position_ids, s.masks, None)
+        rows[compute] = float(np.abs(alone[0] - batched[0]).max())
+    assert rows["int8"] <= 1e-5 < rows["int8-tensor"]
+
+

@@ -143,18 +143,19 @@ def test_int4_weights_within_one_step_and_logits_close(llama: HatLLM, exported: 
     model = onnx.load(str(exported["int4"]))
     bits = {n.name: onnx.helper.get_attribute_value(n.attribute[[a.name for a in n.attribute].index("bits")])
             for n in model.graph.node if n.op_type == "MatMulNBits"}
-    assert sorted(bits.values()) == [4] * (4 * len(LINEARS)) + [8]
-    assert bits["/lm_head/MatMulNBits"] == 8  # the head and the embedding (untied here) in 8 bits
+    # defaults: the down projections, the head and the embedding (untied here) in 8 bits
+    assert sorted(bits.values()) == [4] * (4 * (len(LINEARS) - 1)) + [8] * 5
+    assert bits["/lm_head/MatMulNBits"] == 8
     weights = dequantized_linears(model)
-    eight_bit = {"model.embed_tokens.weight", "lm_head.weight"}
-    assert len(weights) == 4 * len(LINEARS) + 2 and eight_bit <= set(weights)
+    assert len(weights) == 4 * len(LINEARS) + 2
     for name, deq in weights.items():
         w = llama.lm.get_parameter(name).detach().numpy()
-        if name in eight_bit:  # 8-bit symmetric, block 64: within half a step
-            step = np.abs(w.reshape(w.shape[0], -1, 64)).max(-1) / 127
-            assert (np.abs(deq - w).reshape(step.shape + (64,)) <= step[..., None] * 0.501).all()
+        if name in ("model.embed_tokens.weight", "lm_head.weight") or "down_proj" in name:
+            block = 64 if w.shape[1] % 64 == 0 else 32  # 8-bit symmetric: within half a step
+            step = np.abs(w.reshape(w.shape[0], -1, block)).max(-1) / 127
+            assert (np.abs(deq - w).reshape(step.shape + (block,)) <= step[..., None] * 0.501).all(), name
             continue
-        blocks = w.reshape(w.shape[0], -1, 32)
+        blocks = w.reshape(w.shape[0], -1, 16)
         step = (blocks.max(-1) - np.minimum(blocks.min(-1), 0) + 1e-12) / 15  # asymmetric RTN step
         assert (np.abs(deq - w).reshape(blocks.shape) <= step[..., None] * 1.001).all(), name
     report = validate(llama, exported["int4"])
@@ -290,3 +291,15 @@ def test_8bit_embedding_and_head_save_most_of_their_float_bytes(llama: HatLLM, e
     assert float_head - exported["int4"].stat().st_size >= 0.7 * float_bytes
     with pytest.raises(InputError, match="embeddings 'int4'"):
         export_onnx(llama, tmp_path / "x.onnx", quant="int4", embeddings="int4")  # type: ignore[arg-type]
+
+
+def test_int4_keeps_the_named_linears_at_8_bits(llama: HatLLM, tmp_path: Path) -> None:
+    options = Int4Options(eight_bit=("mlp.down_proj",))
+    path = export_onnx(llama, tmp_path / "m.onnx", quant="int4", int4=options)
+    bits = {n.name: [a.i for a in n.attribute if a.name == "bits"][0] for n in onnx.load(str(path)).graph.node
+            if n.op_type == "MatMulNBits"}
+    assert {name for name, b in bits.items() if b == 8} == {f"/model/layers.{i}/mlp/down_proj/MatMulNBits" for i in range(4)} | {"/lm_head/MatMulNBits"}
+    assert sum(b == 4 for b in bits.values()) == 4 * (len(LINEARS) - 1)
+    assert validate(llama, path).exact.rel_diff <= 1e-4
+    with pytest.raises(InputError, match="8-bit Linears \\['down_proj'\\]"):
+        export_onnx(llama, tmp_path / "x.onnx", quant="int4", int4=Int4Options(eight_bit=("down_proj",)))
