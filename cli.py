@@ -227,7 +227,7 @@ def fidelity(
     candidates: Annotated[int, typer.Option(help="Candidates per user (the target plus random items).")] = 100,
     split: Annotated[str, typer.Option(help="valid or test (loo-full).")] = "test",
     threads: ThreadsOpt = None,
-    compute: ComputeOpt = "auto",
+    compute: Annotated[str, typer.Option(help="Engine arithmetic of MODEL (the reference always runs as stored): auto, native, int8 or int8-tensor.")] = "auto",
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
@@ -243,9 +243,11 @@ def fidelity(
     _check_choice("--split", split, ("valid", "test"))
     _check_choice("--compute", compute, COMPUTES)
     data = _run(load_dataset, dataset, interactions, items)
-    ref, other = (_run(open_model, m, threads=threads, compute=compute) for m in (reference, model))
+    ref = _run(open_model, reference, threads=threads, compute="native")  # the reference runs as stored
+    other = _run(open_model, model, threads=threads, compute=compute)
     cfg = FidelityConfig(split=split, users=users, candidates=min(candidates, len(data.catalog)), seed=seed)
-    result = {"reference": str(reference), "model": str(model), **_run(candidate_fidelity, ref, other, data, cfg, not quiet)}
+    result = {"reference": str(reference), "reference_backend": ref.label, "model": str(model), "model_backend": other.label,
+              **_run(candidate_fidelity, ref, other, data, cfg, not quiet)}
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")

@@ -135,7 +135,7 @@ def int8_per_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 Activations = Literal["row", "tensor"]
 
 
-def _int8_rows(a: str, codes: str, scale: str, out: str, name: str) -> list[onnx.NodeProto]:
+def int8_rows(a: str, codes: str, scale: str, out: str, name: str) -> list[onnx.NodeProto]:
     """y = a @ W^T with ``a`` quantised per row (per token) to uint8 around 128 and the
     weights per output channel to int8: the u8 x s8 ``MatMulInteger`` (VNNI), then the two
     scales. Per row, because a per-tensor scale (``DynamicQuantizeMatMul``) is set by the
@@ -159,7 +159,7 @@ def _int8_rows(a: str, codes: str, scale: str, out: str, name: str) -> list[onnx
     ]
 
 
-_INT8_ROW_CONSTS = {
+INT8_ROW_CONSTS = {
     "int8/axes": np.array([-1], np.int64), "int8/eps": np.array(1e-8, np.float32),
     "int8/127": np.array(127.0, np.float32), "int8/128": np.array(128.0, np.float32),
     "int8/a_zero": np.array(128, np.uint8), "int8/b_zero": np.array(0, np.int8),
@@ -169,8 +169,8 @@ _INT8_ROW_CONSTS = {
 def int8_compute(model: onnx.ModelProto, activations: Activations = "row") -> tuple[onnx.ModelProto, int]:
     """``model`` with every matmul that has a constant weight (4-bit, 8-bit or float, LM head
     included) computed in int8: signed int8 weights with one scale per output channel, and
-    activations quantised at run time per row (:func:`_int8_rows`) or per tensor
-    (``DynamicQuantizeMatMul``: one op, but see ``_int8_rows`` for its cost in ranking
+    activations quantised at run time per row (:func:`int8_rows`) or per tensor
+    (``DynamicQuantizeMatMul``: one op, but see ``int8_rows`` for its cost in ranking
     quality). Weights no longer used are dropped. Returns the model and how many nodes changed."""
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     nodes: list[onnx.NodeProto] = []
@@ -188,13 +188,13 @@ def int8_compute(model: onnx.ModelProto, activations: Activations = "row") -> tu
         if node.op_type == "MatMulNBits" and len(node.input) > 5 and node.input[5]:
             raise ValueError(f"{node.name}: MatMulNBits with a bias input is not rewritten (the exporter adds biases apart)")
         if activations == "row":
-            nodes += _int8_rows(a, f"{base}.int8", f"{base}.int8_scale", node.output[0], node.name)
+            nodes += int8_rows(a, f"{base}.int8", f"{base}.int8_scale", node.output[0], node.name)
         else:
             nodes.append(helper.make_node(INT8_OP, [a, f"{base}.int8", f"{base}.int8_scale"], list(node.output),
                                           name=f"{node.name}/{INT8_OP}", domain="com.microsoft"))
         changed += 1
     if activations == "row" and changed:
-        new_inits += [numpy_helper.from_array(v, k) for k, v in _INT8_ROW_CONSTS.items()]
+        new_inits += [numpy_helper.from_array(v, k) for k, v in INT8_ROW_CONSTS.items()]
     used = {name for n in nodes for name in n.input}
     out = onnx.ModelProto()
     out.CopyFrom(model)
