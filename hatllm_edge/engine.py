@@ -24,6 +24,10 @@ from hatllm_edge.masks import MASK_KINDS, MaskKind
 Compute = Literal["auto", "native", "int8", "int8-tensor"]
 COMPUTES: tuple[Compute, ...] = ("auto", "native", "int8", "int8-tensor")
 MODEL_FILE = "model.onnx"
+# The graph contract this engine reads (export.graph); bump it when the contract changes, so
+# that bundles built on first use are rebuilt rather than reused.
+GRAPH_CONTRACT = 2
+REQUIRED_INPUTS = ("input_ids", "position_ids", "logits_to_keep", "target_ids")
 BUNDLE_FILE = "bundle.json"
 MANIFEST_FILE = "manifest.json"
 
@@ -162,6 +166,10 @@ class OnnxBackend:
             raise InputError(f"ONNX model {path} carries no hatllm.layer_kinds metadata; export it with hatllm-edge")
         self.layer_kinds: list[MaskKind] = json.loads(self.metadata["hatllm.layer_kinds"])
         inputs = {i.name: i for i in self.session.get_inputs()}
+        missing = [name for name in REQUIRED_INPUTS if name not in inputs]
+        if missing:
+            raise InputError(f"ONNX model {path} lacks the input(s) {missing} of graph contract {GRAPH_CONTRACT}: it was "
+                             "exported by an older hatllm-edge; export it again (hatllm-edge export)")
         self.mask_kinds: list[MaskKind] = [k for k in MASK_KINDS if f"mask_{k}" in inputs]
         n = len(self.layer_kinds)
         self._past = [f"past_key_values.{i}.{p}" for i in range(n) for p in ("key", "value")]

@@ -117,8 +117,11 @@ class Ranker:
 
 def bundle_cache_dir(checkpoint: Path, quant: str) -> Path:
     """Where the bundle built from ``checkpoint`` on first use lives: keyed by the checkpoint's
-    content, so a retrained checkpoint never reuses a stale bundle."""
-    digest = hashlib.sha256()
+    content and the engine's graph contract, so neither a retrained checkpoint nor a newer
+    engine ever reuses a stale bundle."""
+    from hatllm_edge.engine import GRAPH_CONTRACT
+
+    digest = hashlib.sha256(f"graph-contract-{GRAPH_CONTRACT}".encode())
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".jsonl")):
         digest.update(path.relative_to(checkpoint).as_posix().encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())

@@ -207,3 +207,18 @@ def test_int8_rows_make_a_token_independent_of_its_batch(onnx_path: Path) -> Non
     assert rows["int8"] <= 1e-5 < rows["int8-tensor"]
 
 
+
+
+def test_a_bundle_of_an_older_graph_contract_is_refused(model: HatLLM, tmp_path: Path) -> None:
+    """A graph without target_ids (as exported before contract 2) gets a clear error."""
+    import onnx
+
+    proto = onnx.load(str(export_onnx(model, tmp_path / "m.onnx")))
+    old = [i for i in proto.graph.input if i.name != "target_ids"]
+    del proto.graph.input[:]
+    proto.graph.input.extend(old)
+    for node in proto.graph.node:  # feed the removed input from a constant, as a valid old-style graph
+        node.input[:] = ["position_ids" if n == "target_ids" else n for n in node.input]
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    with pytest.raises(InputError, match="older hatllm-edge; export it again"):
+        OnnxBackend(tmp_path / "old.onnx", compute="native")
