@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from export.convert import DType, Quant, export_onnx
+from export.convert import DType, Quant, export_onnx, resolve_embeddings
 from export.graph import Embeddings
 from export.quantize import Int4Options
 from export.validate import validate
@@ -56,13 +56,6 @@ def _write_files(folder: Path, files: dict[str, Path | bytes]) -> None:
             shutil.copyfile(content, folder / name)
         else:
             raise InputError(f"bundle file {name}: {content} is not a file")
-
-
-def _graph_props(path: Path) -> dict[str, str]:
-    """The metadata_props of a saved graph (its weights are not read)."""
-    import onnx
-
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def write_manifest(folder: Path) -> dict[str, Any]:
@@ -143,7 +136,7 @@ def export_bundle(
             "dtype": dtype,
             "opset": opset,
             "int4": (int4 or Int4Options()).to_dict() if quant == "int4" else None,
-            "embeddings": _graph_props(model_path).get("hatllm.embeddings"),
+            "embeddings": resolve_embeddings(quant, embeddings),
             "layer_kinds": kinds,
             "schedule": model.schedule.to_dict(),
             "model_type": model.config.model_type,

@@ -147,6 +147,11 @@ def graph_metadata(spec: DecoderSpec, quant: Quant, dtype: DType, int4: Int4Opti
     return meta
 
 
+def resolve_embeddings(quant: Quant, embeddings: Embeddings | None) -> Embeddings:
+    """None -> the default for ``quant`` (see :func:`export_onnx`)."""
+    return embeddings or ("int8" if quant in ("int4", "int8") else "float")
+
+
 def export_onnx(
     model: HatLLM,
     path: Path,
@@ -175,7 +180,7 @@ def export_onnx(
         raise InputError(f"dtype {dtype!r}: expected one of {DTYPES}")
     if opset < MIN_OPSET:
         raise InputError(f"opset {opset}: the graph needs opset >= {MIN_OPSET} (Attention, RotaryEmbedding)")
-    embeddings = embeddings or ("int8" if quant in ("int4", "int8") else "float")
+    embeddings = resolve_embeddings(quant, embeddings)
     if embeddings not in EMBEDDINGS:
         raise InputError(f"embeddings {embeddings!r}: expected one of {EMBEDDINGS}")
     spec = read_decoder(model)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from hatllm_edge.data import Dataset
 from hatllm_edge.errors import InputError
 from hatllm_edge.prompt import PromptBuilder
-from hatllm_edge.ranker import Ranker, bundle_cache_dir, model_kind
+from hatllm_edge.ranker import Ranker, cached_bundle, model_kind
 from hatllm_edge.ranking import PACK_TOKENS, PASS_TOKENS, beam_search, log_softmax, score_candidates
 
 TORCH_BACKENDS = ("torch-fp32", "torch-bf16", "torch-nf4")
@@ -171,11 +171,7 @@ def open_backend(name: str, checkpoint: Path, device: str, threads: int, progres
         raise InputError(f"backend {name!r}: expected one of {TORCH_BACKENDS} or ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]")
     quant, dtype = ORT_QUANTS[parts[1]], "fp16" if parts[1] == "fp16" else "fp32"
     compute = parts[2] if len(parts) == 3 else "auto"
-    folder = bundle_cache_dir(checkpoint, quant if dtype == "fp32" else f"{quant}-{dtype}")
-    if not (folder / "bundle.json").is_file():
-        from export.checkpoint import export_checkpoint
-
-        export_checkpoint(checkpoint, folder, quant, dtype, progress=progress, overwrite=True)  # type: ignore[arg-type]
+    folder = cached_bundle(checkpoint, quant, dtype, progress)
     ranker = Ranker.from_bundle(folder, device, threads, compute)  # type: ignore[arg-type]
     return ranker, _folder_mb(folder)
 
@@ -412,12 +408,7 @@ def run_ablation(checkpoint: Path, data: Dataset, workload: Workload, threads: i
     reqs = _requests(data, workload, seed, repeats + 1)
     rows = []
     for name, change in tqdm(ABLATIONS, desc="ablation", disable=not progress):
-        quant = change.get("quant", "int4")
-        folder = bundle_cache_dir(checkpoint, quant)
-        if not (folder / "bundle.json").is_file():
-            from export.checkpoint import export_checkpoint
-
-            export_checkpoint(checkpoint, folder, quant, progress=progress, overwrite=True)  # type: ignore[arg-type]
+        folder = cached_bundle(checkpoint, change.get("quant", "int4"), progress=progress)
         ranker = Ranker.from_bundle(folder, "cpu", change.get("threads", threads), change.get("compute", "int8"),
                                     change.get("optimization", "all"))
         backend: Any = _FullLogits(ranker.backend) if change.get("full_logits") else ranker.backend

@@ -141,6 +141,8 @@ class OnnxBackend:
             options.inter_op_num_threads = 1
         start = time.perf_counter()
         source: str | bytes = str(path)
+        if compute == "auto" and device == "cuda":
+            compute = "native"
         if compute != "native":
             import onnx
 
@@ -149,7 +151,7 @@ class OnnxBackend:
             stored = onnx.load(str(path))
             quantised = any(p.key == "hatllm.quant" and p.value != "none" for p in stored.metadata_props)
             if compute == "auto":
-                compute = "int8" if device == "cpu" and quantised else "native"
+                compute = "int8" if quantised else "native"
             if compute != "native":
                 source = int8_compute(stored, "tensor" if compute == "int8-tensor" else "row")[0].SerializeToString()
             del stored

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hatllm_edge.errors import InputError
-from hatllm_edge.ranker import DEFAULT_CHECKPOINT, Compute, Device, Ranker, bundle_cache_dir, model_kind, open_model
+from hatllm_edge.ranker import DEFAULT_CHECKPOINT, Compute, Device, Ranker, cached_bundle, model_kind, open_model
 
 
 def read_request(path: Path) -> dict[str, Any]:
@@ -48,12 +48,7 @@ def open_ranker(model: Path | None, device: Device, quant: str, backend: str, th
             raise InputError("--backend torch runs on the CPU here; use the onnx backend for --device cuda")
         return open_model(folder)
     if kind == "checkpoint":
-        bundle = bundle_cache_dir(folder, quant)
-        if not (bundle / "bundle.json").is_file():
-            from export.checkpoint import export_checkpoint
-
-            export_checkpoint(folder, bundle, quant, progress=progress, overwrite=True)
-        folder = bundle
+        folder = cached_bundle(folder, quant, progress=progress)
     return open_model(folder, device, threads, compute=compute)
 
 

@@ -129,6 +129,17 @@ def bundle_cache_dir(checkpoint: Path, quant: str) -> Path:
     return root / f"{checkpoint.name}-{digest.hexdigest()[:12]}" / f"onnx-{quant}"
 
 
+def cached_bundle(checkpoint: Path, quant: str, dtype: str = "fp32", progress: bool = True) -> Path:
+    """The bundle of ``checkpoint`` in the cache, exported there (with a progress bar) the
+    first time it is asked for."""
+    folder = bundle_cache_dir(checkpoint, quant if dtype == "fp32" else f"{quant}-{dtype}")
+    if not (folder / BUNDLE_META).is_file():
+        from export.checkpoint import export_checkpoint
+
+        export_checkpoint(checkpoint, folder, quant, dtype, progress=progress, overwrite=True)  # type: ignore[arg-type]
+    return folder
+
+
 def model_kind(folder: Path) -> Literal["bundle", "checkpoint"]:
     if (folder / BUNDLE_META).is_file():
         return "bundle"

@@ -207,16 +207,19 @@ def score_candidates(
         raise ValueError(f"{len(histories)} histories but {len(candidates)} candidate lists")
     encoded = [prompts.prompt(h) for h in histories]
     start = prefill(backend, encoded)
-    answers = [[prompts.answer(t, prompts.answer_segment(p)) for t in titles] for p, titles in zip(encoded, candidates)]
+    segments = [prompts.answer_segment(p) for p in encoded]
+    answers = [[prompts.answer(t, seg) for t in titles] for seg, titles in zip(segments, candidates)]
     totals = [np.zeros(len(a)) for a in answers]
     rows = [(u, pack) for u, a in enumerate(answers) if a for pack in _packs(a, pack_tokens)]
     batch: list[tuple[int, list[int]]] = []
-    for row in rows:
-        width = max(sum(_fed(answers[u][i]) for i in pack) for u, pack in batch + [row])
-        if batch and (len(batch) + 1) * width > pass_tokens:
+    width = 0  # the widest row of the pass being filled
+    for u, pack in rows:
+        row_width = sum(_fed(answers[u][i]) for i in pack)
+        if batch and (len(batch) + 1) * max(width, row_width) > pass_tokens:
             _score_pass(backend, start, answers, batch, totals)
-            batch = []
-        batch.append(row)
+            batch, width = [], 0
+        batch.append((u, pack))
+        width = max(width, row_width)
     if batch:
         _score_pass(backend, start, answers, batch, totals)
     results = []
