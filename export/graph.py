@@ -33,9 +33,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export.quantize import Q8_BLOCK, nf4_pack, q8_pack
+from export.quantize import nf4_pack
 from hatllm_edge.errors import InputError
-from hatllm_edge.lowbit import NF4_BLOCK
+from hatllm_edge.lowbit import NF4_BLOCK, Q8_BLOCK, q8_pack
 
 if TYPE_CHECKING:
     from export.convert import DecoderSpec

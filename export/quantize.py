@@ -7,7 +7,7 @@
 * int4 ``com.microsoft.MatMulNBits`` through ONNX Runtime's ``MatMulNBitsQuantizer`` on the
   finished float graph: RTN (ORT's default block-wise affine quantiser), HQQ, or GPTQ (needs
   calibration token sequences).
-* 8-bit blocks (:func:`q8_pack`): the ``--quant int8`` Linears, and in every quantised bundle
+* 8-bit blocks (:func:`hatllm_edge.lowbit.q8_pack`): the ``--quant int8`` Linears, and in every quantised bundle
   the tied embedding / LM head, which decides the ranking directly and so gets 8 bits, not 4.
 
 Reading them back as float (the validation reference, the engine's int8 expansion) lives in
@@ -25,9 +25,6 @@ import onnx
 from onnxruntime.quantization.calibrate import CalibrationDataReader
 
 from hatllm_edge.lowbit import NF4_BLOCK
-
-Q8_BLOCK = 64
-
 
 def nf4_absmax(state: Any) -> np.ndarray:
     """The float32 absmax [blocks] of a bitsandbytes QuantState, double quantisation expanded."""
@@ -48,20 +45,6 @@ def nf4_pack(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     packed, state = bnbf.quantize_4bit(torch.from_numpy(np.ascontiguousarray(weight, np.float32)),
                                        blocksize=NF4_BLOCK, quant_type="nf4", compress_statistics=False)
     return packed.numpy().reshape(-1), nf4_absmax(state)
-
-
-def q8_pack(weight: np.ndarray, block: int = Q8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """weight [N, K] float -> (codes uint8 [N, K/block, block], scales float32 [N, K/block]):
-    symmetric absmax per block, code = round(w / scale) + 128. The layout of an 8-bit
-    ``MatMulNBits`` weight without zero points, and what the 8-bit embedding gathers from."""
-    n, k = weight.shape
-    if k % block:
-        raise ValueError(f"8-bit blocks of {block} need K divisible by {block}, got K={k}")
-    blocks = weight.reshape(n, k // block, block).astype(np.float32)
-    scales = np.abs(blocks).max(axis=-1) / 127.0
-    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128
-    return codes.astype(np.uint8), scales
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 NF4_BLOCK = 64
+Q8_BLOCK = 64
 # bitsandbytes' NF4 code book (bitsandbytes.functional.get_4bit_type("nf4")), as float32
 NF4_CODE = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -74,6 +75,20 @@ def nbits_unpack(node: onnx.NodeProto, arrays: dict[str, np.ndarray]) -> np.ndar
         zeros = arrays[zp_name].astype(np.float32).reshape(n, blocks)
     w = (codes.reshape(n, blocks, block) - zeros[..., None]) * scales[..., None]
     return w.reshape(n, blocks * block)[:, :k]
+
+
+def q8_pack(weight: np.ndarray, block: int = Q8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """weight [N, K] float -> (codes uint8 [N, K/block, block], scales float32 [N, K/block]):
+    symmetric absmax per block, code = round(w / scale) + 128. The layout of an 8-bit
+    ``MatMulNBits`` weight without zero points, and what the 8-bit embedding gathers from."""
+    n, k = weight.shape
+    if k % block:
+        raise ValueError(f"8-bit blocks of {block} need K divisible by {block}, got K={k}")
+    blocks = weight.reshape(n, k // block, block).astype(np.float32)
+    scales = np.abs(blocks).max(axis=-1) / 127.0
+    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128
+    return codes.astype(np.uint8), scales
 
 
 def q8_unpack(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -135,34 +150,37 @@ def int8_per_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 Activations = Literal["row", "tensor"]
 
 
-def int8_rows(a: str, codes: str, scale: str, out: str, name: str) -> list[onnx.NodeProto]:
-    """y = a @ W^T with ``a`` quantised per row (per token) to uint8 around 128 and the
-    weights per output channel to int8: the u8 x s8 ``MatMulInteger`` (VNNI), then the two
+def int8_rows(a: str, codes: str, scale: str, out: str, name: str, k: int) -> list[onnx.NodeProto]:
+    """y = a @ W^T with ``a`` [..., K] quantised per row (per token) to uint8 around 128 and
+    the weights per output channel to int8: the u8 x s8 integer GEMM (VNNI), then the two
     scales. Per row, because a per-tensor scale (``DynamicQuantizeMatMul``) is set by the
     largest activation in the batch, which LLMs' outlier tokens make 100x the typical one, and
-    because a token's result must not depend on what else is in the batch."""
+    because a token's result must not depend on what else is in the batch.
+
+    Few passes over memory: the rounding is one blocked ``QuantizeLinear`` (block = K along the
+    last axis, so one scale per row), and ``MatMulIntegerToFloat`` applies the channel scales
+    inside the GEMM. Same codes, 2.5x faster than Div/Round/Add/Cast + MatMulInteger/Cast/Mul
+    (``scripts/matmul_kernels.py``)."""
     n = f"{name}/int8"
     return [
         helper.make_node("Abs", [a], [f"{n}/abs"], name=f"{n}/Abs"),
         helper.make_node("ReduceMax", [f"{n}/abs", "int8/axes"], [f"{n}/absmax"], name=f"{n}/ReduceMax", keepdims=1),
         helper.make_node("Max", [f"{n}/absmax", "int8/eps"], [f"{n}/absmax_eps"], name=f"{n}/Max"),
-        helper.make_node("Div", [f"{n}/absmax_eps", "int8/127"], [f"{n}/a_scale"], name=f"{n}/Scale"),
-        helper.make_node("Div", [a, f"{n}/a_scale"], [f"{n}/scaled"], name=f"{n}/Div"),
-        helper.make_node("Round", [f"{n}/scaled"], [f"{n}/rounded"], name=f"{n}/Round"),  # in [-127, 127]
-        helper.make_node("Add", [f"{n}/rounded", "int8/128"], [f"{n}/shifted"], name=f"{n}/Add"),
-        helper.make_node("Cast", [f"{n}/shifted"], [f"{n}/a_u8"], name=f"{n}/Cast", to=onnx.TensorProto.UINT8),
-        helper.make_node("MatMulInteger", [f"{n}/a_u8", codes, "int8/a_zero", "int8/b_zero"], [f"{n}/acc"],
-                         name=f"{n}/MatMulInteger"),
-        helper.make_node("Cast", [f"{n}/acc"], [f"{n}/acc_f"], name=f"{n}/CastAcc", to=onnx.TensorProto.FLOAT),
-        helper.make_node("Mul", [f"{n}/acc_f", f"{n}/a_scale"], [f"{n}/row_scaled"], name=f"{n}/MulRow"),
-        helper.make_node("Mul", [f"{n}/row_scaled", scale], [out], name=f"{n}/MulChannel"),
+        helper.make_node("Div", [f"{n}/absmax_eps", "int8/127"], [f"{n}/a_scale"], name=f"{n}/Scale"),  # [..., 1]
+        helper.make_node("Shape", [f"{n}/a_scale"], [f"{n}/scale_shape"], name=f"{n}/Shape"),
+        helper.make_node("Expand", ["int8/a_zero", f"{n}/scale_shape"], [f"{n}/a_zeros"], name=f"{n}/Expand"),
+        helper.make_node("QuantizeLinear", [a, f"{n}/a_scale", f"{n}/a_zeros"], [f"{n}/a_u8"], name=f"{n}/Quantize",
+                         axis=-1, block_size=k),  # round(a / scale) + 128, in [1, 255]
+        # the integer product scaled per output channel in the GEMM's epilogue, then per row
+        helper.make_node("MatMulIntegerToFloat", [f"{n}/a_u8", codes, "int8/one", scale, "int8/a_zero", "int8/b_zero"],
+                         [f"{n}/channel_scaled"], name=f"{n}/MatMulIntegerToFloat", domain="com.microsoft"),
+        helper.make_node("Mul", [f"{n}/channel_scaled", f"{n}/a_scale"], [out], name=f"{n}/MulRow"),
     ]
 
 
 INT8_ROW_CONSTS = {
     "int8/axes": np.array([-1], np.int64), "int8/eps": np.array(1e-8, np.float32),
-    "int8/127": np.array(127.0, np.float32), "int8/128": np.array(128.0, np.float32),
-    "int8/a_zero": np.array(128, np.uint8), "int8/b_zero": np.array(0, np.int8),
+    "int8/127": np.array(127.0, np.float32), "int8/one": np.array(1.0, np.float32), "int8/a_zero": np.array(128, np.uint8), "int8/b_zero": np.array(0, np.int8),
 }
 
 
@@ -188,7 +206,7 @@ def int8_compute(model: onnx.ModelProto, activations: Activations = "row") -> tu
         if node.op_type == "MatMulNBits" and len(node.input) > 5 and node.input[5]:
             raise ValueError(f"{node.name}: MatMulNBits with a bias input is not rewritten (the exporter adds biases apart)")
         if activations == "row":
-            nodes += int8_rows(a, f"{base}.int8", f"{base}.int8_scale", node.output[0], node.name)
+            nodes += int8_rows(a, f"{base}.int8", f"{base}.int8_scale", node.output[0], node.name, weight.shape[1])
         else:
             nodes.append(helper.make_node(INT8_OP, [a, f"{base}.int8", f"{base}.int8_scale"], list(node.output),
                                           name=f"{node.name}/{INT8_OP}", domain="com.microsoft"))

@@ -4,7 +4,8 @@ int8 expansion (README, "How the engine computes").
 16 chained 576x1536 / 1536x576 matmuls (SmolLM2-135M's MLP shapes) over ROWS rows, each
 kernel with the same seeded weights: fp32 MatMul, MatMulNBits 4- and 8-bit (block 32/64,
 accuracy levels 0 and 4), DynamicQuantizeMatMul (int8 weights, per-tensor activations) and
-the engine's per-token u8 x s8 MatMulInteger route. Prints the mean of 5 runs after a warm-up.
+the engine's per-token u8 x s8 route (blocked QuantizeLinear + MatMulIntegerToFloat). Prints
+the mean of 5 runs after a warm-up.
 
     python scripts/matmul_kernels.py --rows 1200 --threads 2
 """
@@ -19,8 +20,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from export.quantize import q8_pack
-from hatllm_edge.lowbit import INT8_ROW_CONSTS, int8_rows, int8_per_channel
+from hatllm_edge.lowbit import INT8_ROW_CONSTS, int8_per_channel, int8_rows, q8_pack
 
 SHAPES = [(1536, 576) if i % 2 == 0 else (576, 1536) for i in range(16)]  # weight [N, K]
 
@@ -58,7 +58,7 @@ def build(kind: str, weights: list[np.ndarray]) -> bytes:
             if kind == "int8-tensor":
                 nodes.append(helper.make_node("DynamicQuantizeMatMul", [x, f"w{i}", f"s{i}"], [y], domain="com.microsoft"))
             else:
-                nodes += int8_rows(x, f"w{i}", f"s{i}", y, f"/m{i}")
+                nodes += int8_rows(x, f"w{i}", f"s{i}", y, f"/m{i}", w.shape[1])
         x = y
     if kind == "int8-row":
         inits += [numpy_helper.from_array(v, k) for k, v in INT8_ROW_CONSTS.items()]

@@ -168,15 +168,15 @@ def test_token_logprobs_equal_log_softmax_of_the_logits(model: HatLLM, backend: 
 
 @pytest.mark.parametrize("quant", ["none", "int4", "int8"])
 def test_int8_compute_replaces_every_weight_matmul_and_tracks_native(model: HatLLM, tmp_path: Path, quant: str) -> None:
-    """compute="int8": every weight matmul (LM head included) becomes a u8 x s8 MatMulInteger
-    with per-token activation scales at load ("int8-tensor": DynamicQuantizeMatMul); the
+    """compute="int8": every weight matmul (LM head included) becomes a u8 x s8
+    MatMulIntegerToFloat with per-token activation scales at load ("int8-tensor": DynamicQuantizeMatMul); the
     logits stay close to the graph as stored."""
     import onnx
 
     from hatllm_edge.lowbit import INT8_OP, int8_compute
 
     path = export_onnx(model, tmp_path / f"{quant}.onnx", quant=quant)
-    for activations, op in (("row", "MatMulInteger"), ("tensor", INT8_OP)):
+    for activations, op in (("row", "MatMulIntegerToFloat"), ("tensor", INT8_OP)):
         rewritten, changed = int8_compute(onnx.load(str(path)), activations)  # type: ignore[arg-type]
         ops = [n.op_type for n in rewritten.graph.node]
         assert changed == 4 * 7 + 1 and ops.count(op) == changed
@@ -205,8 +205,6 @@ def test_int8_rows_make_a_token_independent_of_its_batch(onnx_path: Path) -> Non
         batched, _ = b.forward(s.input_ids, s.position_ids, s.masks, None)
         rows[compute] = float(np.abs(alone[0] - batched[0]).max())
     assert rows["int8"] <= 1e-5 < rows["int8-tensor"]
-
-
 
 
 def test_a_bundle_of_an_older_graph_contract_is_refused(model: HatLLM, tmp_path: Path) -> None:
