@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from export.convert import DecoderSpec
 
 INT64_MAX = np.iinfo(np.int64).max
+# bumped whenever the exported graph changes without changing its inputs/outputs (the graph
+# contract): bundles cached on first use are keyed by it. 2: log-probs by LogSoftmax.
+GRAPH_REVISION = 2
 LinearQuant = Literal["none", "nf4", "int8"]
 Embeddings = Literal["float", "int8"]
 MASK_INPUT = "mask_{}"
@@ -230,12 +233,12 @@ def _lm_head(g: _Graph, spec: DecoderSpec, h: str, embeddings: Embeddings) -> st
                      "/lm_head/Concat", axis=0)
         logits = g.op("Reshape", [logits, shape], "/lm_head/output/Reshape", outputs=["logits"])
 
+    # LogSoftmax, then pick: 4x faster on the CPU than ReduceLogSumExp (vectorised exp)
     last = g.const("/lm_head/last", np.array([-1], np.int64))
-    lse = g.op("ReduceLogSumExp", [logits, last], "/lm_head/ReduceLogSumExp", keepdims=1)  # [B, Q', 1]
+    logprobs = g.op("LogSoftmax", [logits], "/lm_head/LogSoftmax", axis=-1)  # [B, Q', V]
     column = g.op("Unsqueeze", [targets, last], "/lm_head/targets/Unsqueeze")
-    picked = g.op("GatherElements", [logits, column], "/lm_head/targets/GatherElements", axis=2)  # [B, Q', 1]
-    logprobs = g.op("Sub", [picked, lse], "/lm_head/targets/Sub")
-    return g.op("Squeeze", [logprobs, last], "/lm_head/targets/Squeeze", outputs=["target_logprobs"])
+    picked = g.op("GatherElements", [logprobs, column], "/lm_head/targets/GatherElements", axis=2)  # [B, Q', 1]
+    return g.op("Squeeze", [picked, last], "/lm_head/targets/Squeeze", outputs=["target_logprobs"])
 
 
 def build_decoder(spec: DecoderSpec, quant: LinearQuant = "none", dtype: Literal["fp32", "fp16"] = "fp32",

@@ -117,11 +117,12 @@ class Ranker:
 
 def bundle_cache_dir(checkpoint: Path, quant: str) -> Path:
     """Where the bundle built from ``checkpoint`` on first use lives: keyed by the checkpoint's
-    content and the engine's graph contract, so neither a retrained checkpoint nor a newer
-    engine ever reuses a stale bundle."""
+    content, the engine's graph contract and the exporter's graph revision, so neither a
+    retrained checkpoint nor a newer engine or exporter ever reuses a stale bundle."""
+    from export.graph import GRAPH_REVISION
     from hatllm_edge.engine import GRAPH_CONTRACT
 
-    digest = hashlib.sha256(f"graph-contract-{GRAPH_CONTRACT}".encode())
+    digest = hashlib.sha256(f"graph-contract-{GRAPH_CONTRACT}-revision-{GRAPH_REVISION}".encode())
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".jsonl")):
         digest.update(path.relative_to(checkpoint).as_posix().encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
