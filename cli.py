@@ -332,6 +332,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if {"-q", "--quiet"} & set(sys.argv[1:]):  # --quiet covers transformers' loading bars too
+        os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF loader uses tqdm directly
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         os.environ["TRANSFORMERS_NO_PROGRESS_BAR"] = "1"
         from transformers.utils import logging as hf_logging
