@@ -431,7 +431,8 @@ def run_ablation(checkpoint: Path, data: Dataset, workload: Workload, threads: i
     base = rows[0]
     for row in rows:
         row["vs_shipped"] = round(row["p50_ms"] / base["p50_ms"], 2)
-        # the layout and plumbing steps must not change a score; the arithmetic ones may
+        # layout and plumbing change no score under native compute; under int8 compute their
+        # last-ulp differences can flip rounded activation codes (README, "Latency")
         row["max_score_diff"] = float(np.abs(row.pop("scores") - base["scores"]).max()) if row is not base else 0.0
     base.pop("scores", None)
     return rows

@@ -166,7 +166,7 @@ def int8_rows(a: str, codes: str, scale: str, out: str, name: str, k: int) -> li
         helper.make_node("Abs", [a], [f"{n}/abs"], name=f"{n}/Abs"),
         helper.make_node("ReduceMax", [f"{n}/abs", "int8/axes"], [f"{n}/absmax"], name=f"{n}/ReduceMax", keepdims=1),
         helper.make_node("Max", [f"{n}/absmax", "int8/eps"], [f"{n}/absmax_eps"], name=f"{n}/Max"),
-        helper.make_node("Div", [f"{n}/absmax_eps", "int8/127"], [f"{n}/a_scale"], name=f"{n}/Scale"),  # [..., 1]
+        helper.make_node("Mul", [f"{n}/absmax_eps", "int8/inv127"], [f"{n}/a_scale"], name=f"{n}/Scale"),  # [..., 1]
         helper.make_node("Shape", [f"{n}/a_scale"], [f"{n}/scale_shape"], name=f"{n}/Shape"),
         helper.make_node("Expand", ["int8/a_zero", f"{n}/scale_shape"], [f"{n}/a_zeros"], name=f"{n}/Expand"),
         helper.make_node("QuantizeLinear", [a, f"{n}/a_scale", f"{n}/a_zeros"], [f"{n}/a_u8"], name=f"{n}/Quantize",
@@ -180,7 +180,8 @@ def int8_rows(a: str, codes: str, scale: str, out: str, name: str, k: int) -> li
 
 INT8_ROW_CONSTS = {
     "int8/axes": np.array([-1], np.int64), "int8/eps": np.array(1e-8, np.float32),
-    "int8/127": np.array(127.0, np.float32), "int8/one": np.array(1.0, np.float32), "int8/a_zero": np.array(128, np.uint8), "int8/b_zero": np.array(0, np.int8),
+    "int8/inv127": np.array(1.0 / 127.0, np.float32), "int8/one": np.array(1.0, np.float32),
+    "int8/a_zero": np.array(128, np.uint8), "int8/b_zero": np.array(0, np.int8),
 }
 
 

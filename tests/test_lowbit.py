@@ -44,7 +44,7 @@ def test_int8_rows_equal_per_token_symmetric_quantisation() -> None:
     got = _run(rewritten, x)
 
     codes, w_scale = int8_per_channel(weight)  # [K, N] int8, [N]
-    a_scale = np.maximum(np.abs(x).max(-1, keepdims=True), np.float32(1e-8)) / np.float32(127)
+    a_scale = np.maximum(np.abs(x).max(-1, keepdims=True), np.float32(1e-8)) * np.float32(1 / 127)
     a_codes = np.rint(x / a_scale)  # numpy rounds half to even, as QuantizeLinear does
     assert np.abs(a_codes).max() <= 127
     expected = (a_codes @ codes.astype(np.float32)) * a_scale * w_scale
