@@ -11,10 +11,10 @@ here, because the engine needs them at load time.
   head (``<param>.q8`` + ``<param>.scales``), so it is stored once.
 
 Why :func:`int8_compute`: on this class of CPU ONNX Runtime's 4-bit (and 8-bit block-wise)
-kernels dequantise to float and run no faster than fp32, while ``DynamicQuantizeMatMul``
-with signed int8 weights uses the VNNI int8 dot products (3.5x fp32 at 1,200 rows, measured
-in the README). So a bundle keeps its 4 bits on disk, and the CPU engine expands every
-weight to signed int8 (one scale per output channel) once, when the session loads.
+kernels dequantise to float and run little faster than fp32, while u8 x s8 integer GEMMs use
+the VNNI int8 dot products (about 4x fp32 at 1,200 rows, ``scripts/matmul_kernels.py``). So a
+bundle keeps its 4 bits on disk, and the CPU engine expands every weight to signed int8 (one
+scale per output channel) once, when the session loads.
 """
 
 from __future__ import annotations
