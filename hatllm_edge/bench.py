@@ -439,8 +439,9 @@ def run_ablation(checkpoint: Path, data: Dataset, workload: Workload, threads: i
 
 
 def ablation_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'variant':<60} {'p50 ms':>9} {'x shipped':>10} {'max |score diff|':>17}"]
-    lines += [f"{r['variant']:<60} {r['p50_ms']:>9.1f} {r['vs_shipped']:>10.2f} {r['max_score_diff']:>17.2g}" for r in rows]
+    w = max(len("variant"), *(len(r["variant"]) for r in rows))
+    lines = [f"{'variant':<{w}} {'p50 ms':>9} {'x shipped':>10} {'max |score diff|':>17}"]
+    lines += [f"{r['variant']:<{w}} {r['p50_ms']:>9.1f} {r['vs_shipped']:>10.2f} {r['max_score_diff']:>17.2g}" for r in rows]
     return "\n".join(lines)
 
 
