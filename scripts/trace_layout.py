@@ -1,0 +1,115 @@
+"""Where does a candidate's score start to depend on its packing layout? (README, "int8 scores
+and the packing layout".)
+
+Scores seeded random candidates for one seeded history twice, with rows of ``--pack-a`` and
+``--pack-b`` fed tokens, on a bundle under ``--compute``. Prints how far each candidate's score
+moved, then replays both candidate passes with every node output of ``--layers`` exposed and
+lists, in graph order, the nodes whose output differs at the tokens of one candidate that sits
+alone in a row under layout A and after another candidate under layout B.
+
+    python scripts/trace_layout.py BUNDLE --compute int8 --layers 0,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from hatllm_edge import ranking
+from hatllm_edge.engine import MODEL_FILE
+from hatllm_edge.lowbit import int8_compute
+from hatllm_edge.prompt import PromptBuilder
+from hatllm_edge.ranker import Ranker
+
+
+def _record(ranker: Ranker, history: list[int], candidates: list[int], pack: int) -> tuple[np.ndarray, dict]:
+    """Scores in item order, and the feeds of the (single) candidate pass."""
+    seen: dict = {}
+    backend = ranker.backend
+    inner = backend.token_logprobs
+
+    def spy(ids, positions, masks, cache, targets):  # type: ignore[no-untyped-def]
+        seen.update(ids=ids, positions=positions, masks=masks, targets=targets, cache=[v.numpy() for v in cache.values])
+        return inner(ids, positions, masks, cache, targets)
+
+    backend.token_logprobs = spy  # type: ignore[method-assign]
+    try:
+        ranked = ranking.score_candidates(backend, ranker.prompts, [ranker.titles(history)],
+                                          [ranker.titles(candidates)], pack_tokens=pack)[0]
+    finally:
+        del backend.token_logprobs
+    return np.asarray(ranked.scores)[np.argsort(ranked.items)], seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--compute", default="int8")
+    parser.add_argument("--layers", default="0,8", help="comma-separated layer indices to trace")
+    parser.add_argument("--pack-a", type=int, default=16, help="rows of A: small enough for one candidate per row")
+    parser.add_argument("--pack-b", type=int, default=32)
+    parser.add_argument("--history", type=int, default=20)
+    parser.add_argument("--candidates", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    ranker = Ranker.from_bundle(args.bundle, threads=2, compute=args.compute)
+    ranker.prompts = PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0)
+    rng = random.Random(args.seed)
+    history = rng.sample(range(len(ranker.catalog)), args.history)
+    candidates = rng.sample(range(len(ranker.catalog)), args.candidates)
+    scores_a, a = _record(ranker, history, candidates, args.pack_a)
+    scores_b, b = _record(ranker, history, candidates, args.pack_b)
+    moved = np.abs(scores_a - scores_b)
+    print(f"score |A - B| over {len(candidates)} candidates: max {moved.max():.3g}, mean {moved.mean():.3g} nats")
+
+    # a candidate alone in A's row r, found again after another candidate in B's row 0
+    n = start = -1
+    for r in range(a["ids"].shape[0]):
+        n = int((a["targets"][r] != 0).sum())
+        hits = [c for c in range(1, b["ids"].shape[1] - n + 1) if np.array_equal(b["ids"][0, c:c + n], a["ids"][r, :n])]
+        if hits:
+            start = hits[0]
+            break
+    if start < 0:
+        raise SystemExit("no candidate found in both layouts; try other --pack-a/--pack-b")
+
+    model = onnx.load(str(args.bundle / MODEL_FILE))
+    if args.compute.startswith("int8"):
+        model = int8_compute(model, "tensor" if args.compute == "int8-tensor" else "row")[0]
+    layers = [f"/model/layers.{i}/" for i in args.layers.split(",")]
+    names = [o for node in model.graph.node if any(node.name.startswith(p) for p in layers) for o in node.output]
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in names if o not in present)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def replay(feeds: dict) -> dict[str, np.ndarray]:
+        inputs = {"input_ids": feeds["ids"], "position_ids": feeds["positions"], "target_ids": feeds["targets"],
+                  "logits_to_keep": np.array(0, np.int64)}
+        inputs.update({f"mask_{k}": v for k, v in feeds["masks"].items() if f"mask_{k}" in
+                       {i.name for i in session.get_inputs()}})
+        past = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        inputs.update(zip(past, feeds["cache"]))
+        return dict(zip(names, session.run(names, inputs)))
+
+    out_a, out_b = replay(a), replay(b)
+    print(f"candidate of {n} fed tokens: row {r} alone (A), columns {start}.. of row 0 (B)")
+    print(f"{'max |A - B|':>12} {'max |A|':>10}  node output")
+    for name in names:
+        x, y = out_a[name], out_b[name]
+        if x.ndim < 2 or x.shape[:2] != a["ids"].shape or y.shape[:2] != b["ids"].shape:
+            continue
+        diff = float(np.abs(x[r, :n].astype(np.float64) - y[0, start:start + n]).max())
+        if diff > 0:
+            print(f"{diff:12.3g} {float(np.abs(x[r, :n]).max()):10.4g}  {name}")
+
+
+if __name__ == "__main__":
+    main()
