@@ -2,10 +2,9 @@
 and the packing layout".)
 
 Scores seeded random candidates for one seeded history twice, with rows of ``--pack-a`` and
-``--pack-b`` fed tokens, on a bundle under ``--compute``. Prints how far each candidate's score
-moved, then replays both candidate passes with every node output of ``--layers`` exposed and
-lists, in graph order, the nodes whose output differs at the tokens of one candidate that sits
-alone in a row under layout A and after another candidate under layout B.
+``--pack-b`` fed tokens, on a bundle under ``--compute``. Prints how far the scores moved, then
+replays both candidate passes with every node output of ``--layers`` exposed and lists, in
+graph order, the nodes whose output differs at the tokens of the candidate that moved most.
 
     python scripts/trace_layout.py BUNDLE --compute int8 --layers 0,8
 """
@@ -46,12 +45,22 @@ def _record(ranker: Ranker, history: list[int], candidates: list[int], pack: int
     return np.asarray(ranked.scores)[np.argsort(ranked.items)], seen
 
 
+def _locate(ids: np.ndarray, tokens: np.ndarray) -> tuple[int, int]:
+    """(row, column) where ``tokens`` sit in a pass's input_ids."""
+    n = len(tokens)
+    for r in range(ids.shape[0]):
+        for col in range(ids.shape[1] - n + 1):
+            if np.array_equal(ids[r, col:col + n], tokens):
+                return r, col
+    raise SystemExit("a candidate was not found in its pass")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--compute", default="int8")
     parser.add_argument("--layers", default="0,8", help="comma-separated layer indices to trace")
-    parser.add_argument("--pack-a", type=int, default=16, help="rows of A: small enough for one candidate per row")
+    parser.add_argument("--pack-a", type=int, default=16, help="row size of layout A (16: one candidate per row)")
     parser.add_argument("--pack-b", type=int, default=32)
     parser.add_argument("--history", type=int, default=20)
     parser.add_argument("--candidates", type=int, default=30)
@@ -68,17 +77,13 @@ def main() -> None:
     moved = np.abs(scores_a - scores_b)
     print(f"score |A - B| over {len(candidates)} candidates: max {moved.max():.3g}, mean {moved.mean():.3g} nats")
 
-    # a candidate alone in A's row r, found again after another candidate in B's row 0
-    n = start = -1
-    for r in range(a["ids"].shape[0]):
-        n = int((a["targets"][r] != 0).sum())
-        hits = [c for c in range(1, b["ids"].shape[1] - n + 1) if np.array_equal(b["ids"][0, c:c + n], a["ids"][r, :n])]
-        if hits:
-            start = hits[0]
-            break
-    if start < 0:
-        raise SystemExit("no candidate found in both layouts; try other --pack-a/--pack-b")
-
+    # the candidate whose score moved most, found by its fed tokens in both layouts
+    prompt = ranker.prompts.prompt(ranker.titles(history))
+    segment = ranker.prompts.answer_segment(prompt)
+    fed = [ranker.prompts.answer(t, segment).ids[:-1] for t in ranker.titles(candidates)]
+    c = int(np.argmax(moved))
+    n = len(fed[c])
+    (ra, ca), (rb, cb) = (_locate(f["ids"], fed[c]) for f in (a, b))
     model = onnx.load(str(args.bundle / MODEL_FILE))
     if args.compute.startswith("int8"):
         model = int8_compute(model, "tensor" if args.compute == "int8-tensor" else "row")[0]
@@ -100,15 +105,17 @@ def main() -> None:
         return dict(zip(names, session.run(names, inputs)))
 
     out_a, out_b = replay(a), replay(b)
-    print(f"candidate of {n} fed tokens: row {r} alone (A), columns {start}.. of row 0 (B)")
+    print(f"candidate {c} ({n} fed tokens, score moved {moved[c]:.3g}): row {ra} column {ca} in A, "
+          f"row {rb} column {cb} in B")
     print(f"{'max |A - B|':>12} {'max |A|':>10}  node output")
     for name in names:
         x, y = out_a[name], out_b[name]
         if x.ndim < 2 or x.shape[:2] != a["ids"].shape or y.shape[:2] != b["ids"].shape:
             continue
-        diff = float(np.abs(x[r, :n].astype(np.float64) - y[0, start:start + n]).max())
+        xa, yb = x[ra, ca:ca + n].astype(np.float64), y[rb, cb:cb + n].astype(np.float64)
+        diff = float(np.abs(xa - yb).max())
         if diff > 0:
-            print(f"{diff:12.3g} {float(np.abs(x[r, :n]).max()):10.4g}  {name}")
+            print(f"{diff:12.3g} {float(np.abs(xa).max()):10.4g}  {name}")
 
 
 if __name__ == "__main__":
