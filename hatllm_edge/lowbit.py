@@ -12,7 +12,7 @@ here, because the engine needs them at load time.
 
 Why :func:`int8_compute`: on this class of CPU ONNX Runtime's 4-bit (and 8-bit block-wise)
 kernels dequantise to float and run little faster than fp32, while u8 x s8 integer GEMMs use
-the VNNI int8 dot products (about 4x fp32 at 1,200 rows, ``scripts/matmul_kernels.py``). So a
+the VNNI int8 dot products (3-4x fp32 at 1,200 rows, ``scripts/matmul_kernels.py``). So a
 bundle keeps its 4 bits on disk, and the CPU engine expands every weight to signed int8 (one
 scale per output channel) once, when the session loads.
 """
@@ -159,8 +159,8 @@ def int8_rows(a: str, codes: str, scale: str, out: str, name: str, k: int) -> li
 
     Few passes over memory: the rounding is one blocked ``QuantizeLinear`` (block = K along the
     last axis, so one scale per row), and ``MatMulIntegerToFloat`` applies the channel scales
-    inside the GEMM. The same codes as Div/Round/Add/Cast + MatMulInteger/Cast/Mul/Mul, 2.6x
-    faster (``scripts/matmul_kernels.py``: 121 ms then, 47 ms now)."""
+    inside the GEMM. The same codes as Div/Round/Add/Cast + MatMulInteger/Cast/Mul/Mul, 2.5x
+    faster (the shapes of ``scripts/matmul_kernels.py``: 123 vs 49 ms)."""
     n = f"{name}/int8"
     return [
         helper.make_node("Abs", [a], [f"{n}/abs"], name=f"{n}/Abs"),
