@@ -23,6 +23,7 @@ import torch
 
 from export.graph import Embeddings, build_decoder
 from export.quantize import Int4Options, quantize_int4
+from hatllm_edge.engine import GRAPH_CONTRACT, GRAPH_REVISION
 from hatllm_edge.errors import InputError
 from hatllm_edge.model import SUPPORTED_TYPES, HatLLM
 
@@ -124,7 +125,8 @@ def read_decoder(model: HatLLM) -> DecoderSpec:
 
 def graph_metadata(spec: DecoderSpec, quant: Quant, dtype: DType, int4: Int4Options | None,
                    embeddings: Embeddings = "float") -> dict[str, str]:
-    """The ``hatllm.*`` metadata_props the engine reads (layer kinds, cache geometry, quant)."""
+    """The ``hatllm.*`` metadata_props the engine reads (layer kinds, cache geometry, quant), and
+    which graph contract and revision wrote the graph."""
     meta = {
         "hatllm.layer_kinds": json.dumps(list(spec.layer_kinds)),
         "hatllm.model_type": spec.model_type,
@@ -137,6 +139,8 @@ def graph_metadata(spec: DecoderSpec, quant: Quant, dtype: DType, int4: Int4Opti
         "hatllm.quant": quant,
         "hatllm.dtype": dtype,
         "hatllm.embeddings": embeddings,
+        "hatllm.graph_contract": str(GRAPH_CONTRACT),
+        "hatllm.graph_revision": str(GRAPH_REVISION),
     }
     if quant == "nf4":
         meta["hatllm.quant_config"] = json.dumps({"quant_type": "nf4", "block_size": 64})

@@ -41,9 +41,6 @@ if TYPE_CHECKING:
     from export.convert import DecoderSpec
 
 INT64_MAX = np.iinfo(np.int64).max
-# bumped whenever the exported graph changes without changing its inputs/outputs (the graph
-# contract): bundles cached on first use are keyed by it. 2: log-probs by LogSoftmax.
-GRAPH_REVISION = 2
 LinearQuant = Literal["none", "nf4", "int8"]
 Embeddings = Literal["float", "int8"]
 MASK_INPUT = "mask_{}"

@@ -27,6 +27,10 @@ MODEL_FILE = "model.onnx"
 # The graph contract this engine reads (export.graph); bump it when the contract changes, so
 # that bundles built on first use are rebuilt rather than reused.
 GRAPH_CONTRACT = 2
+# The revision of the graph export.graph writes: bumped when the graph changes within the
+# contract (2: log-probs by LogSoftmax), so cached bundles are rebuilt too. Kept here, not in
+# export, so that finding a cached bundle does not import torch.
+GRAPH_REVISION = 2
 REQUIRED_INPUTS = ("input_ids", "position_ids", "logits_to_keep", "target_ids")
 BUNDLE_FILE = "bundle.json"
 MANIFEST_FILE = "manifest.json"

@@ -119,8 +119,7 @@ def bundle_cache_dir(checkpoint: Path, quant: str) -> Path:
     """Where the bundle built from ``checkpoint`` on first use lives: keyed by the checkpoint's
     content, the engine's graph contract and the exporter's graph revision, so neither a
     retrained checkpoint nor a newer engine or exporter ever reuses a stale bundle."""
-    from export.graph import GRAPH_REVISION
-    from hatllm_edge.engine import GRAPH_CONTRACT
+    from hatllm_edge.engine import GRAPH_CONTRACT, GRAPH_REVISION
 
     digest = hashlib.sha256(f"graph-contract-{GRAPH_CONTRACT}-revision-{GRAPH_REVISION}".encode())
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".jsonl")):

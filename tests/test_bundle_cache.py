@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import export.graph
 from hatllm_edge import engine
 from hatllm_edge.ranker import bundle_cache_dir
 
@@ -26,7 +25,7 @@ def test_cache_key_follows_checkpoint_contract_and_graph_revision(tmp_path: Path
     retrained = bundle_cache_dir(ckpt, "int4")
     assert retrained != first
 
-    monkeypatch.setattr(export.graph, "GRAPH_REVISION", export.graph.GRAPH_REVISION + 1)
+    monkeypatch.setattr(engine, "GRAPH_REVISION", engine.GRAPH_REVISION + 1)
     assert bundle_cache_dir(ckpt, "int4") != retrained
     monkeypatch.undo()
     monkeypatch.setenv("HATLLM_CACHE", str(tmp_path / "cache"))

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from export import export_onnx
 from export.validate import run_onnx, sample_steps
-from hatllm_edge.engine import OnnxBackend
+from hatllm_edge.engine import GRAPH_CONTRACT, GRAPH_REVISION, OnnxBackend
 from hatllm_edge.errors import InputError
 from hatllm_edge.masks import LayerSchedule, build_masks, causal_visibility
 from hatllm_edge.model import HatLLM
@@ -49,6 +49,8 @@ def test_metadata_and_load_time(backend: OnnxBackend) -> None:
     assert backend.layer_kinds == ["in", "or", "or", "cr"]
     assert backend.mask_kinds == ["in", "or", "cr"]
     assert backend.metadata["hatllm.model_type"] == "llama"
+    assert backend.metadata["hatllm.graph_contract"] == str(GRAPH_CONTRACT)
+    assert backend.metadata["hatllm.graph_revision"] == str(GRAPH_REVISION)
     assert 0 < backend.load_seconds < 30
     assert (backend.num_kv_heads, backend.head_dim) == (2, 16)
 
