@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from hatllm_edge.engine import COMPUTES
 from hatllm_edge.errors import HatLLMError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__)
@@ -29,7 +30,6 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gp
 QuantOpt = Annotated[str, typer.Option(help="Weights: int4 (MatMulNBits), nf4 (MatMulBnb4), int8 (8-bit MatMulNBits) or none (fp32).")]
 ComputeOpt = Annotated[str, typer.Option(help="Engine arithmetic: auto (int8 for a quantised bundle on the CPU), native (the graph as stored), int8 (weights expanded to signed int8 at load, activations per token) or int8-tensor (one activation scale per tensor: no faster, much less faithful).")]
 QUANTS = ("int4", "nf4", "int8", "none")
-COMPUTES = ("auto", "native", "int8", "int8-tensor")
 
 
 def _run(fn, *args, **kwargs):  # type: ignore[no-untyped-def]

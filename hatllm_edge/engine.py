@@ -23,6 +23,7 @@ from hatllm_edge.masks import MASK_KINDS, MaskKind
 
 Compute = Literal["auto", "native", "int8", "int8-tensor"]
 COMPUTES: tuple[Compute, ...] = ("auto", "native", "int8", "int8-tensor")
+Optimization = Literal["all", "basic", "none"]
 MODEL_FILE = "model.onnx"
 # The graph contract this engine reads (export.graph); bump it when the contract changes, so
 # that bundles built on first use are rebuilt rather than reused.
@@ -109,7 +110,7 @@ class OnnxBackend:
 
     def __init__(self, onnx_path: Path | str, device: Literal["cpu", "cuda"] = "cpu",
                  threads: int | None = None, device_id: int = 0, compute: Compute = "auto",
-                 optimization: Literal["all", "basic", "none"] = "all") -> None:
+                 optimization: Optimization = "all") -> None:
         import onnxruntime as ort
 
         path = Path(onnx_path)
@@ -120,7 +121,7 @@ class OnnxBackend:
         if compute not in COMPUTES:
             raise InputError(f"compute {compute!r}: expected one of {COMPUTES}")
         if compute.startswith("int8") and device == "cuda":
-            raise InputError("compute int8 (DynamicQuantizeMatMul) is a CPU route; use --compute native or auto on CUDA")
+            raise InputError(f"compute {compute} is a CPU route; use --compute native or auto on CUDA")
         if device == "cuda":
             available = ort.get_available_providers()
             if "CUDAExecutionProvider" not in available:
@@ -191,7 +192,7 @@ class OnnxBackend:
     @classmethod
     def from_bundle(cls, folder: Path | str, device: Literal["cpu", "cuda"] = "cpu", threads: int | None = None,
                     verify: bool = True, compute: Compute = "auto",
-                    optimization: Literal["all", "basic", "none"] = "all") -> OnnxBackend:
+                    optimization: Optimization = "all") -> OnnxBackend:
         """Open ``folder/model.onnx`` after checking the manifest (sizes always, hashes when ``verify``)."""
         verify_bundle(Path(folder), hashes=verify)
         return cls(Path(folder) / MODEL_FILE, device=device, threads=threads, compute=compute, optimization=optimization)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from hatllm_edge.backend import Backend
 from hatllm_edge.data import Dataset, Split, load_dataset
+from hatllm_edge.engine import Compute
 from hatllm_edge.errors import InputError
 from hatllm_edge.metrics import mean_metrics, target_rank
 from hatllm_edge.prompt import PromptBuilder
@@ -29,7 +30,7 @@ class EvalConfig:
     batch_users: int = 8
     device: Literal["cpu", "cuda"] = "cpu"  # bundles only
     threads: int | None = None  # bundles only: ONNX Runtime intra-op threads
-    compute: Literal["auto", "native", "int8", "int8-tensor"] = "auto"  # bundles only: see OnnxBackend
+    compute: Compute = "auto"  # bundles only: see OnnxBackend
     dataset: str = "ml-100k"
     interactions: Path | None = None
     items: Path | None = None

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from hatllm_edge.errors import InputError
-from hatllm_edge.ranker import DEFAULT_CHECKPOINT, Compute, Device, Ranker, cached_bundle, model_kind, open_model
+from hatllm_edge.engine import Compute
+from hatllm_edge.ranker import DEFAULT_CHECKPOINT, Device, Ranker, cached_bundle, model_kind, open_model
 
 
 def read_request(path: Path) -> dict[str, Any]:

@@ -15,12 +15,12 @@ from typing import Any, Literal, Sequence
 
 from hatllm_edge.backend import Backend
 from hatllm_edge.data import Catalog
+from hatllm_edge.engine import Compute, Optimization
 from hatllm_edge.errors import InputError
 from hatllm_edge.prompt import PromptBuilder
 from hatllm_edge.ranking import Ranked, TitleTrie, beam_search, score_candidates
 
 Device = Literal["cpu", "cuda"]
-Compute = Literal["auto", "native", "int8", "int8-tensor"]
 BUNDLE_META = "bundle.json"
 CHECKPOINT_META = "hatllm.json"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "hatllm-ml100k"
@@ -37,7 +37,7 @@ class Ranker:
 
     @classmethod
     def from_bundle(cls, folder: Path, device: Device = "cpu", threads: int | None = None,
-                    compute: Compute = "auto", optimization: Literal["all", "basic", "none"] = "all") -> "Ranker":
+                    compute: Compute = "auto", optimization: Optimization = "all") -> "Ranker":
         """An ONNX Runtime ranker from an exported bundle (manifest checked)."""
         from hatllm_edge.engine import OnnxBackend
 

@@ -95,12 +95,13 @@ def main() -> None:
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
+    graph_inputs = [i.name for i in session.get_inputs()]
+    past = [name for name in graph_inputs if name.startswith("past_key_values.")]
+
     def replay(feeds: dict) -> dict[str, np.ndarray]:
         inputs = {"input_ids": feeds["ids"], "position_ids": feeds["positions"], "target_ids": feeds["targets"],
                   "logits_to_keep": np.array(0, np.int64)}
-        inputs.update({f"mask_{k}": v for k, v in feeds["masks"].items() if f"mask_{k}" in
-                       {i.name for i in session.get_inputs()}})
-        past = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        inputs.update({f"mask_{k}": v for k, v in feeds["masks"].items() if f"mask_{k}" in graph_inputs})
         inputs.update(zip(past, feeds["cache"]))
         return dict(zip(names, session.run(names, inputs)))
 

@@ -171,8 +171,8 @@ def test_token_logprobs_equal_log_softmax_of_the_logits(model: HatLLM, backend: 
 @pytest.mark.parametrize("quant", ["none", "int4", "int8"])
 def test_int8_compute_replaces_every_weight_matmul_and_tracks_native(model: HatLLM, tmp_path: Path, quant: str) -> None:
     """compute="int8": every weight matmul (LM head included) becomes a u8 x s8
-    MatMulIntegerToFloat with per-token activation scales at load ("int8-tensor": DynamicQuantizeMatMul); the
-    logits stay close to the graph as stored."""
+    MatMulIntegerToFloat with per-token activation scales at load ("int8-tensor":
+    DynamicQuantizeMatMul); the logits stay close to the graph as stored."""
     import onnx
 
     from hatllm_edge.lowbit import INT8_OP, int8_compute
