@@ -382,7 +382,7 @@ class _FullLogits:
 
 
 # (name, what changes against the shipped engine: int4 bundle, int8 compute, all graph
-# optimisations, the bench's threads, rows of PACK_TOKENS, log-probs computed in the graph)
+# optimisations, the bench's threads, balanced rows of PACK_TOKENS, log-probs computed in the graph)
 ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("shipped engine", {}),
     ("4-bit MatMulNBits compute (no int8 expansion)", {"compute": "native"}),
@@ -393,6 +393,7 @@ ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("1 thread", {"threads": 1}),
     ("one row per candidate (prompt cache copied per candidate)", {"pack_tokens": 1}),
     ("all candidates in one packed row", {"pack_tokens": 1 << 20, "pass_tokens": 1 << 20}),
+    ("rows filled in order, not balanced", {"balanced": False}),
     ("rows of 64 tokens", {"pack_tokens": 64}),
     ("rows of 256 tokens", {"pack_tokens": 256}),
     ("full logits back to NumPy, log-softmax there", {"full_logits": True}),
@@ -416,7 +417,8 @@ def run_ablation(checkpoint: Path, data: Dataset, workload: Workload, threads: i
 
         def go(histories: list[list[int]], cands: list[list[int]]) -> np.ndarray:
             ranked = score_candidates(backend, prompts, [ranker.titles(h) for h in histories], [ranker.titles(c) for c in cands],
-                                      pack_tokens=change.get("pack_tokens", PACK_TOKENS), pass_tokens=change.get("pass_tokens", PASS_TOKENS))
+                                      pack_tokens=change.get("pack_tokens", PACK_TOKENS), pass_tokens=change.get("pass_tokens", PASS_TOKENS),
+                                      balanced=change.get("balanced", True))
             return np.concatenate([np.asarray(r.scores)[np.argsort(r.items)] for r in ranked])
 
         go(*reqs[-1])

@@ -12,8 +12,8 @@ from conftest import tiny_llama_config
 from hatllm_edge.data import Catalog
 from hatllm_edge.masks import LayerSchedule, build_masks, causal_visibility
 from hatllm_edge.model import HatLLM
-from hatllm_edge.prompt import PromptBuilder
-from hatllm_edge.ranking import TitleTrie, beam_search, log_softmax, score_candidates
+from hatllm_edge.prompt import Encoded, PromptBuilder
+from hatllm_edge.ranking import TitleTrie, _fed, _packs, beam_search, log_softmax, score_candidates
 from hatllm_edge.torch_backend import TorchBackend
 
 TITLES = [
@@ -129,16 +129,45 @@ def test_score_candidates_single_candidate_and_empty_history(backend: TorchBacke
     assert one.scores[0] == pytest.approx(full_forward_score(backend, prompts, [], "Babe (1995)"), abs=1e-4)
 
 
-def test_score_candidates_batched_and_split_packs_equal_single_users(backend: TorchBackend, prompts: PromptBuilder) -> None:
+@pytest.mark.parametrize("balanced", [True, False])
+def test_score_candidates_batched_and_split_packs_equal_single_users(backend: TorchBackend, prompts: PromptBuilder,
+                                                                     balanced: bool) -> None:
     """Two users of different prompt lengths in one batch, candidates split over several rows
     (12 tokens) and passes (40 tokens): every score equals that user's one-candidate forward."""
     histories = [HISTORY, HISTORY[:1]]
     lists = [TITLES[:5], TITLES[3:7]]
-    ranked = score_candidates(backend, prompts, histories, lists, pack_tokens=12, pass_tokens=40)
+    ranked = score_candidates(backend, prompts, histories, lists, pack_tokens=12, pass_tokens=40, balanced=balanced)
     for history, titles, r in zip(histories, lists, ranked):
         assert sorted(r.items) == list(range(len(titles)))
         for i, s in zip(r.items, r.scores):
             assert s == pytest.approx(full_forward_score(backend, prompts, history, titles[i]), abs=1e-4)
+
+
+def _answers(lengths: list[int]) -> list[Encoded]:
+    """Answers that feed ``lengths`` tokens each (an answer feeds all but its last token)."""
+    return [Encoded(np.zeros(n + 1, np.int64), np.zeros(n + 1, np.int64)) for n in lengths]
+
+
+def test_balanced_packs_fill_the_fewest_rows_evenly() -> None:
+    """Every candidate in exactly one row, no row over the limit (but a candidate longer than
+    it, alone), as few rows as the tokens need, and fewer padded slots than filling in order."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 25, 100).tolist() + [200]
+    answers = _answers(lengths)
+    rows = _packs(answers, 128)
+    widths = [sum(lengths[i] for i in row) for row in rows]
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert [row for row, w in zip(rows, widths) if w > 128] == [[100]]
+    normal = [w for row, w in zip(rows, widths) if row != [100]]
+    assert len(normal) == -(-sum(lengths[:100]) // 128)
+    assert max(normal) - min(normal) <= 25  # near-equal widths
+    in_order = _packs(answers[:100], 128, balanced=False)
+    assert [i for row in in_order for i in row] == list(range(100))  # consecutive runs
+    order_width = max(sum(lengths[i] for i in row) for row in in_order)
+    assert len(normal) * max(normal) < len(in_order) * order_width
+    assert _packs(_answers([3, 3, 3]), 1) == [[0], [1], [2]]  # limit below every length: one row each
+    assert _packs(_answers([4, 4, 4]), 4) == [[0], [1], [2]]
+    assert _fed(answers[0]) == lengths[0]
 
 
 def test_score_candidates_rejects_mismatched_lists(backend: TorchBackend, prompts: PromptBuilder) -> None:
