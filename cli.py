@@ -280,6 +280,7 @@ def bench(
     min_repeats: Annotated[int, typer.Option(help="At least this many timed requests per workload.")] = 3,
     max_repeats: Annotated[int, typer.Option(help="At most this many timed requests per workload.")] = 30,
     out: Annotated[Path, typer.Option(help="Folder for bench.json and bench.png (ablation.json with --ablation).")] = Path("bench"),
+    paired: Annotated[int, typer.Option(help="Rounds of the paired target check: on cand100-h20-b1 and top10-h10-b1 the PyTorch references and the chosen ORT backend take turns request by request, so the machine's drift hits them alike (0: off; the verdict then comes from the table).")] = 10,
     ablation: Annotated[bool, typer.Option("--ablation", help="Instead: each engine step undone in turn, on the first workload (default cand100-h20-b1).")] = False,
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
@@ -293,13 +294,14 @@ def bench(
     from hatllm_edge.ranker import DEFAULT_CHECKPOINT
 
     _check_choice("--device", device, ("cpu", "cuda"))
-    if threads < 1 or min_repeats < 1 or max_repeats < min_repeats or seconds < 0:
-        typer.secho("error: need --threads >= 1, 1 <= --min-repeats <= --max-repeats and --seconds >= 0", err=True, fg=typer.colors.RED)
+    if threads < 1 or min_repeats < 1 or max_repeats < min_repeats or seconds < 0 or paired < 0:
+        typer.secho("error: need --threads >= 1, 1 <= --min-repeats <= --max-repeats, --seconds >= 0 and --paired >= 0", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
     chosen = [_run(Workload.parse, w) for w in workloads.split(",")] if workloads else default_workloads()
     names = tuple(b.strip() for b in backends.split(",")) if backends else (CUDA_BACKENDS if device == "cuda" else DEFAULT_BACKENDS)
     cfg = BenchConfig(checkpoint=model or DEFAULT_CHECKPOINT, backends=names, workloads=tuple(chosen),
-                      device=device, threads=threads, min_repeats=min_repeats, max_repeats=max_repeats, seconds=seconds, seed=seed)  # type: ignore[arg-type]
+                      device=device, threads=threads, min_repeats=min_repeats, max_repeats=max_repeats, seconds=seconds, seed=seed,
+                      paired=paired)  # type: ignore[arg-type]
     typer.echo(f"threads: {threads} per backend (ONNX Runtime intra-op / torch); device: {device}", err=True)
     data = _run(load_dataset, dataset, interactions, items)
     if ablation:

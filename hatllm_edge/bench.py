@@ -6,6 +6,8 @@ passed (at most ``max_repeats``). A request is one call of the shared ranking co
 (:func:`~hatllm_edge.ranking.score_candidates` or :func:`~hatllm_edge.ranking.beam_search`)
 for a batch of users, so every backend runs the very same algorithm. Peak RSS is reset
 before each backend loads (``/proc/self/clear_refs``), so each figure is that backend's own.
+The targets are then timed again in a paired check (:func:`run_paired`): the machine's
+speed drifts, and backends that take turns request by request drift together.
 
 Histories are real: the last ``history`` items before each test target of MovieLens-100K;
 candidates are the target plus seeded random catalog items. The prompt keeps every history
@@ -37,6 +39,7 @@ TORCH_BACKENDS = ("torch-fp32", "torch-bf16", "torch-nf4")
 ORT_QUANTS = {"fp32": "none", "fp16": "none", "nf4": "nf4", "int4": "int4", "int8": "int8"}
 DEFAULT_BACKENDS = ("torch-fp32", "torch-bf16", "torch-nf4", "ort-fp32", "ort-nf4", "ort-int4", "ort-int4-native", "ort-int8")
 CUDA_BACKENDS = ("ort-fp32", "ort-fp16", "ort-int4", "ort-nf4")
+CAND_TARGET, TOPK_TARGET = "cand100-h20-b1", "top10-h10-b1"  # the workloads the issue sets targets on
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,7 @@ class BenchConfig:
     max_repeats: int = 30
     seconds: float = 6.0  # per backend and workload, after warm-up
     seed: int = 0
+    paired: int = 10  # rounds of the paired target check (0: off)
 
 
 def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[str, Any]:
@@ -261,15 +265,68 @@ def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[st
         runs.append(run)
         del ranker, counter
     bar.close()
+    paired = run_paired(cfg, requests, runs, progress) if cfg.paired else []
     return {
         "config": {"checkpoint": str(cfg.checkpoint), "device": cfg.device, "threads": cfg.threads,
                    "min_repeats": cfg.min_repeats, "max_repeats": cfg.max_repeats, "seconds": cfg.seconds, "seed": cfg.seed,
-                   "workloads": [asdict(w) | {"name": w.name} for w in cfg.workloads]},
+                   "paired_rounds": cfg.paired, "workloads": [asdict(w) | {"name": w.name} for w in cfg.workloads]},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "versions": _versions()},
         "backends": [asdict(r) for r in runs],
-        "targets": targets(runs),
+        "paired": [asdict(r) for r in paired],
+        # the verdict from the paired check when it ran (drift cancels there), else from the table
+        "targets": targets(paired) if paired else targets(runs),
+        "targets_sequential": targets(runs),
     }
+
+
+def _contenders(runs: Sequence[BackendRun]) -> dict[str, list[str]]:
+    """Target workload -> the backends its verdict compares (see :func:`targets`): the PyTorch
+    references present and the ORT backend the table picks (4-bit at rest for candidates)."""
+    torch_names = [r.name for r in runs if r.name in TORCH_BACKENDS]
+    out = {}
+    for workload, pool in ((CAND_TARGET, [r.name for r in runs if r.name.startswith(("ort-int4", "ort-nf4"))]),
+                           (TOPK_TARGET, [r.name for r in runs if r.name.startswith("ort-")])):
+        timed = [n for n in pool if _p50(runs, n, workload) is not None]
+        refs = [n for n in torch_names if _p50(runs, n, workload) is not None]
+        if timed and refs:
+            out[workload] = refs + [min(timed, key=lambda n: _p50(runs, n, workload))]  # type: ignore[arg-type, return-value]
+    return out
+
+
+def run_paired(cfg: BenchConfig, requests: dict[str, list[Any]], runs: Sequence[BackendRun],
+               progress: bool = True) -> list[BackendRun]:
+    """The target comparisons again, with the contenders loaded side by side and taking turns
+    request by request (the order rotating each round), ``cfg.paired`` rounds per workload.
+
+    Why: on a shared machine the speed drifts by 10-20% over minutes, so two backends timed
+    minutes apart can differ by that much for no reason of their own; taking turns puts both
+    under the same drift."""
+    plan = _contenders(runs)
+    names = list(dict.fromkeys(n for group in plan.values() for n in group))
+    rankers = {n: open_backend(n, cfg.checkpoint, cfg.device, cfg.threads, progress)[0] for n in names}
+    out = {n: BackendRun(n, 0.0, 0.0, 0.0, None) for n in names}
+    workloads = {w.name: w for w in cfg.workloads}
+    rounds = min(cfg.paired, cfg.max_repeats)
+    bar = tqdm(total=rounds * sum(len(g) for g in plan.values()), desc="paired", unit="req", disable=not progress)
+    for wname, group in plan.items():
+        w, reqs = workloads[wname], requests[wname]
+        go = {}
+        for n in group:
+            ranker = rankers[n]
+            go[n] = _runner(ranker, PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0), w)
+            go[n](*reqs[-1])  # warm-up
+        latencies: dict[str, list[float]] = {n: [] for n in group}
+        for i in range(rounds):
+            for n in group[i % len(group):] + group[: i % len(group)]:
+                t = time.perf_counter()
+                go[n](*reqs[i])
+                latencies[n].append(round((time.perf_counter() - t) * 1000, 3))
+                bar.update()
+        for n in group:
+            out[n].results.append(Result(n, wname, latencies[n], 0).finish(w.batch))
+    bar.close()
+    return list(out.values())
 
 
 def _versions() -> dict[str, str]:
@@ -298,7 +355,7 @@ def targets(runs: Sequence[BackendRun]) -> dict[str, Any]:
     PyTorch fp32 / bf16 / NF4 on 20 history items x 100 candidates, and full-catalog top-10
     against PyTorch fp32 (batch 1). Missing figures are left out."""
     out: dict[str, Any] = {}
-    cand, topk = "cand100-h20-b1", "top10-h10-b1"
+    cand, topk = CAND_TARGET, TOPK_TARGET
     four_bit = [r.name for r in runs if r.name.startswith(("ort-int4", "ort-nf4"))]
     best = min(four_bit, key=lambda n: _p50(runs, n, cand) or float("inf"), default=None)
     if best is not None and _p50(runs, best, cand) is not None:
@@ -331,6 +388,12 @@ def table(report: dict[str, Any]) -> str:
     lines.append(f"{'backend':<16} {'load s':>7} {'size MB':>8} {'peak RSS MB':>12}")
     for run in report["backends"]:
         lines.append(f"{run['name']:<16} {run['load_s']:>7.2f} {run['size_mb']:>8.1f} {run['peak_rss_mb']:>12.0f}")
+    if report.get("paired"):
+        lines += ["", f"paired check: the contenders take turns request by request, {report['config']['paired_rounds']} rounds",
+                  f"{'backend':<16} {'workload':<16} {'p50 ms':>9} {'p95 ms':>9}"]
+        for run in report["paired"]:
+            for r in run["results"]:
+                lines.append(f"{run['name']:<16} {r['workload']:<16} {r['p50_ms']:>9.1f} {r['p95_ms']:>9.1f}")
     return "\n".join(lines)
 
 
@@ -348,7 +411,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 0.35 * len(names) * rows + 1.5 * rows), squeeze=False)
     for ax, wname in zip(axes.flat, workloads):
         data = [next(r["latencies_ms"] for r in run["results"] if r["workload"] == wname) for run in report["backends"]]
-        ax.boxplot(data, vert=False, widths=0.6, showfliers=True)
+        ax.boxplot(data, orientation="horizontal", widths=0.6, showfliers=True)
         ax.set_yticks(range(1, len(names) + 1), names, fontsize=7)
         ax.set_xscale("log")
         ax.set_title(wname, fontsize=9)

@@ -405,7 +405,12 @@ def test_rank_exclude_history(bundle: Path, tmp_path: Path) -> None:
 
 def test_bench_runs_every_backend_on_the_same_workloads(trained: tuple[Path, Any], data_files: tuple[Path, Path],
                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hatllm_edge.bench as bench
+
     monkeypatch.setenv("HATLLM_CACHE", str(tmp_path / "cache"))
+    # the tiny data set's stand-ins for the target workloads, so the paired check runs too
+    monkeypatch.setattr(bench, "CAND_TARGET", "cand4-h3-b2")
+    monkeypatch.setattr(bench, "TOPK_TARGET", "top3-h3-b1")
     inter, items = data_files
     backends = "torch-fp32,torch-bf16,ort-fp32,ort-int4,ort-int4-native"
     result = invoke("bench", "--model", trained[0], "--interactions", inter, "--items", items, "--backends", backends,
@@ -421,7 +426,18 @@ def test_bench_runs_every_backend_on_the_same_workloads(trained: tuple[Path, Any
         for r in run["results"]:
             assert len(r["latencies_ms"]) == 2 and r["tokens"] > 0 and r["p50_ms"] <= r["p99_ms"]
     assert report["config"]["threads"] == 1 and "ort-int4-native" in result.stdout
-    assert set(report["targets"]) == set()  # the target workloads were not run
+    # paired check: the references and the picked ORT backend, 2 turns each (max_repeats)
+    paired = {run["name"]: run for run in report["paired"]}
+    cand_pick = report["targets_sequential"]["candidates"]["backend"]
+    assert cand_pick in ("ort-int4", "ort-int4-native") and {"torch-fp32", "torch-bf16", cand_pick} <= set(paired)
+    for run in paired.values():
+        for r in run["results"]:
+            assert len(r["latencies_ms"]) == 2 and r["p50_ms"] > 0
+    assert [r["workload"] for r in paired["torch-fp32"]["results"]] == ["cand4-h3-b2", "top3-h3-b1"]
+    assert report["targets"]["candidates"]["p50_ms"] == next(
+        r["p50_ms"] for r in paired[report["targets"]["candidates"]["backend"]]["results"] if r["workload"] == "cand4-h3-b2")
+    assert {"speedup_vs_torch-fp32", "speedup_vs_torch-bf16", "target_met"} <= set(report["targets"]["candidates"])
+    assert set(report["targets"]["topk"]) >= {"backend", "speedup_vs_torch-fp32"} and "paired check" in result.stdout
 
 
 @pytest.mark.parametrize(("args", "needle"), [
@@ -429,6 +445,7 @@ def test_bench_runs_every_backend_on_the_same_workloads(trained: tuple[Path, Any
     (["--workloads", "cand4-h30-b1"], "have 30 history items"),
     (["--backends", "ort-int3"], "backend 'ort-int3'"),
     (["--threads", "0"], "--threads >= 1"),
+    (["--paired", "-1"], "--paired >= 0"),
     (["--backends", "torch-nf4"], "divisible by its block of 64"),  # the tiny model's hidden size is 32
 ])
 def test_bench_bad_options(trained: tuple[Path, Any], data_files: tuple[Path, Path], tmp_path: Path,
