@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,36 @@ GRAPH_CONTRACT = 2
 # contract (2: log-probs by LogSoftmax), so cached bundles are rebuilt too. Kept here, not in
 # export, so that finding a cached bundle does not import torch.
 GRAPH_REVISION = 2
+# The revision of the graph lowbit.int8_compute writes from a stored one: bumped when that
+# rewrite changes, so expanded graphs cached by an older engine are not reused.
+INT8_REVISION = 1
 REQUIRED_INPUTS = ("input_ids", "position_ids", "logits_to_keep", "target_ids")
 BUNDLE_FILE = "bundle.json"
 MANIFEST_FILE = "manifest.json"
+
+
+def cache_root() -> Path:
+    """Where bundles built on first use and the engine's int8-expanded graphs are kept:
+    ``$HATLLM_CACHE``, else ``~/.cache/hatllm-edge``."""
+    return Path(os.environ.get("HATLLM_CACHE", Path.home() / ".cache" / "hatllm-edge"))
+
+
+def resolve_compute(compute: Compute, device: str, quantised: bool) -> Compute:
+    """What "auto" means: int8 for a quantised graph on the CPU, the graph as stored otherwise."""
+    if compute != "auto":
+        return compute
+    return "int8" if quantised and device == "cpu" else "native"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` under a temporary name, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def file_sha256(path: Path) -> str:
@@ -110,7 +138,7 @@ class OnnxBackend:
 
     def __init__(self, onnx_path: Path | str, device: Literal["cpu", "cuda"] = "cpu",
                  threads: int | None = None, device_id: int = 0, compute: Compute = "auto",
-                 optimization: Optimization = "all") -> None:
+                 optimization: Optimization = "all", cache_key: str | None = None) -> None:
         import onnxruntime as ort
 
         path = Path(onnx_path)
@@ -146,20 +174,10 @@ class OnnxBackend:
             options.inter_op_num_threads = 1
         start = time.perf_counter()
         source: str | bytes = str(path)
-        if compute == "auto" and device == "cuda":
-            compute = "native"
+        if device == "cuda":
+            compute = resolve_compute(compute, device, quantised=False)
         if compute != "native":
-            import onnx
-
-            from hatllm_edge.lowbit import int8_compute
-
-            stored = onnx.load(str(path))
-            quantised = any(p.key == "hatllm.quant" and p.value != "none" for p in stored.metadata_props)
-            if compute == "auto":
-                compute = "int8" if quantised else "native"
-            if compute != "native":
-                source = int8_compute(stored, "tensor" if compute == "int8-tensor" else "row")[0].SerializeToString()
-            del stored
+            source, compute = self._int8_source(path, compute, cache_key)
         self.compute: Compute = compute
         self.session = ort.InferenceSession(source, options, providers=providers)
         self.load_seconds = time.perf_counter() - start
@@ -189,13 +207,55 @@ class OnnxBackend:
         elem = TensorProto.FLOAT16 if self.cache_dtype == np.float16 else TensorProto.FLOAT
         self._select = ort.InferenceSession(_gather_model(len(self._past), elem, 13), options, providers=providers)
 
+    @staticmethod
+    def _int8_source(path: Path, compute: Compute, cache_key: str | None) -> tuple[str | bytes, Compute]:
+        """The graph to run for an int8 route ("auto" resolved by the stored graph's
+        ``hatllm.quant``) and the route taken. The expansion costs seconds at every load, so
+        with a ``cache_key`` (the bundle's verified content) it is kept under
+        :func:`cache_root` and read back from there next time."""
+        activations = "tensor" if compute == "int8-tensor" else "row"
+        cached = None
+        if cache_key is not None:
+            digest = hashlib.sha256(f"{cache_key}-{activations}-int8-revision-{INT8_REVISION}".encode()).hexdigest()[:16]
+            cached = cache_root() / "int8" / f"{digest}.onnx"
+            if cached.is_file():
+                return str(cached), "int8" if compute == "auto" else compute
+        import onnx
+
+        from hatllm_edge.lowbit import int8_compute
+
+        stored = onnx.load(str(path))
+        quantised = any(p.key == "hatllm.quant" and p.value != "none" for p in stored.metadata_props)
+        compute = resolve_compute(compute, "cpu", quantised)
+        if compute == "native":
+            return str(path), compute
+        data = int8_compute(stored, activations)[0].SerializeToString()
+        if cached is not None:
+            try:
+                _write_atomically(cached, data)
+            except OSError:
+                pass  # a read-only or full cache costs the next load its time, nothing else
+        return data, compute
+
     @classmethod
     def from_bundle(cls, folder: Path | str, device: Literal["cpu", "cuda"] = "cpu", threads: int | None = None,
                     verify: bool = True, compute: Compute = "auto",
                     optimization: Optimization = "all") -> OnnxBackend:
-        """Open ``folder/model.onnx`` after checking the manifest (sizes always, hashes when ``verify``)."""
-        verify_bundle(Path(folder), hashes=verify)
-        return cls(Path(folder) / MODEL_FILE, device=device, threads=threads, compute=compute, optimization=optimization)
+        """Open ``folder/model.onnx`` after checking the manifest (sizes always, hashes when
+        ``verify``). With hashes checked, an int8 route's expanded graph is cached (keyed by
+        the graph files' hashes); "auto" is resolved from ``bundle.json``, so a cached graph
+        loads without reading the stored one."""
+        folder = Path(folder)
+        manifest = verify_bundle(folder, hashes=verify)
+        key = None
+        if verify:
+            graph = {n: e["sha256"] for n, e in sorted(manifest["files"].items()) if n.split(".data")[0] == MODEL_FILE}
+            key = json.dumps(graph, sort_keys=True)
+            quant = json.loads((folder / BUNDLE_FILE).read_text(encoding="utf-8")).get("export", {}).get("quant")
+            if quant is not None:
+                compute = resolve_compute(compute, device, quant != "none")
+        return cls(folder / MODEL_FILE, device=device, threads=threads, compute=compute, optimization=optimization,
+                   cache_key=key)
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: dict[MaskKind, np.ndarray],
                 cache: OrtCache | None, last_only: bool = False) -> tuple[np.ndarray, OrtCache]:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from hatllm_edge.backend import Backend
 from hatllm_edge.data import Catalog
-from hatllm_edge.engine import Compute, Optimization
+from hatllm_edge.engine import Compute, Optimization, cache_root
 from hatllm_edge.errors import InputError
 from hatllm_edge.prompt import PromptBuilder
 from hatllm_edge.ranking import Ranked, TitleTrie, beam_search, score_candidates
@@ -125,8 +124,7 @@ def bundle_cache_dir(checkpoint: Path, quant: str) -> Path:
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".jsonl")):
         digest.update(path.relative_to(checkpoint).as_posix().encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
-    root = Path(os.environ.get("HATLLM_CACHE", Path.home() / ".cache" / "hatllm-edge"))
-    return root / f"{checkpoint.name}-{digest.hexdigest()[:12]}" / f"onnx-{quant}"
+    return cache_root() / f"{checkpoint.name}-{digest.hexdigest()[:12]}" / f"onnx-{quant}"
 
 
 def cached_bundle(checkpoint: Path, quant: str, dtype: str = "fp32", progress: bool = True) -> Path:

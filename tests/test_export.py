@@ -225,6 +225,34 @@ def test_bundle_contents_and_manifest(bundle: Path) -> None:
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+def test_int8_graph_is_cached_by_bundle_content(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int8 route's expanded graph is written to the cache on the first load and read back,
+    not expanded again, on the next (same outputs). Other activations are another entry; no
+    entry without checked hashes; the native route writes none."""
+    import hatllm_edge.lowbit as lowbit
+
+    monkeypatch.setenv("HATLLM_CACHE", str(tmp_path / "cache"))
+    steps = sample_steps(128)
+    OnnxBackend.from_bundle(bundle, threads=1, compute="native")
+    assert not (tmp_path / "cache").exists()
+    first = OnnxBackend.from_bundle(bundle, threads=1)  # auto: an nf4 bundle on the CPU computes in int8
+    entries = list((tmp_path / "cache" / "int8").iterdir())
+    assert first.compute == "int8" and len(entries) == 1 and entries[0].suffix == ".onnx"
+
+    def no_expansion(*args: object, **kwargs: object) -> None:
+        raise AssertionError("expanded again")
+
+    monkeypatch.setattr(lowbit, "int8_compute", no_expansion)
+    second = OnnxBackend.from_bundle(bundle, threads=1)
+    assert second.compute == "int8"
+    for a, b in zip(run_onnx(first, steps), run_onnx(second, steps)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(AssertionError, match="expanded again"):
+        OnnxBackend.from_bundle(bundle, threads=1, compute="int8-tensor")  # per-tensor: its own entry
+    with pytest.raises(AssertionError, match="expanded again"):
+        OnnxBackend.from_bundle(bundle, threads=1, verify=False)  # unchecked content: no cache
+
+
 def test_verify_bundle_finds_tampering(bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     copy.mkdir()
