@@ -84,6 +84,7 @@ def evaluate(
     k: Annotated[int, typer.Option(help="Length of the ranked list.")] = 10,
     beams: Annotated[int, typer.Option(help="Beam width (default: k).")] = 0,
     bf16: Annotated[bool, typer.Option(help="Run the model with bf16 weights (faster on this CPU).")] = False,
+    nf4: Annotated[bool, typer.Option(help="Run the checkpoint's decoder Linears as bitsandbytes NF4 (the reference the nf4 bundle mirrors).")] = False,
     batch_users: Annotated[int, typer.Option(help="Users whose beams run together in one batch.")] = 8,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
@@ -101,7 +102,7 @@ def evaluate(
     _check_choice("--device", device, ("cpu", "cuda"))
     _check_choice("--compute", compute, COMPUTES)
     cfg = EvalConfig(
-        checkpoint=checkpoint, split=split, users=users or None, k=k, beams=beams or None, bf16=bf16, batch_users=batch_users, device=device, threads=threads, compute=compute,
+        checkpoint=checkpoint, split=split, users=users or None, k=k, beams=beams or None, bf16=bf16, nf4=nf4, batch_users=batch_users, device=device, threads=threads, compute=compute,
         dataset=dataset, interactions=interactions, items=items,
     )
     result = _run(run_eval, cfg, progress=not quiet)

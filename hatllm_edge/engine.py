@@ -174,8 +174,8 @@ class OnnxBackend:
             options.inter_op_num_threads = 1
         start = time.perf_counter()
         source: str | bytes = str(path)
-        if device == "cuda":
-            compute = resolve_compute(compute, device, quantised=False)
+        if compute == "auto" and device == "cuda":
+            compute = "native"
         if compute != "native":
             source, compute = self._int8_source(path, compute, cache_key)
         self.compute: Compute = compute
@@ -218,8 +218,8 @@ class OnnxBackend:
         if cache_key is not None:
             digest = hashlib.sha256(f"{cache_key}-{activations}-int8-revision-{INT8_REVISION}".encode()).hexdigest()[:16]
             cached = cache_root() / "int8" / f"{digest}.onnx"
-            if cached.is_file():
-                return str(cached), "int8" if compute == "auto" else compute
+            if cached.is_file() and compute != "auto":  # "auto" must first see whether the graph is quantised
+                return str(cached), compute
         import onnx
 
         from hatllm_edge.lowbit import int8_compute

@@ -27,6 +27,7 @@ class EvalConfig:
     k: int = 10
     beams: int | None = None
     bf16: bool = False  # checkpoints only: bf16 weights
+    nf4: bool = False  # checkpoints only: bitsandbytes NF4 decoder Linears (the nf4 bundle's reference)
     batch_users: int = 8
     device: Literal["cpu", "cuda"] = "cpu"  # bundles only
     threads: int | None = None  # bundles only: ONNX Runtime intra-op threads
@@ -67,11 +68,12 @@ def rank_split(
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint (PyTorch, fp32 or bf16 weights) or an ONNX bundle (the engine)."""
+    """Evaluate a checkpoint (PyTorch: fp32 or bf16 weights, or bitsandbytes NF4) or an ONNX
+    bundle (the engine)."""
     from hatllm_edge.ranker import model_kind, open_model
 
     kind = model_kind(cfg.checkpoint)
-    ranker = open_model(cfg.checkpoint, cfg.device, cfg.threads, cfg.bf16, cfg.compute)
+    ranker = open_model(cfg.checkpoint, cfg.device, cfg.threads, cfg.bf16, cfg.compute, cfg.nf4)
     data = load_dataset(cfg.dataset, cfg.interactions, cfg.items)
     if data.catalog.item_ids != ranker.catalog.item_ids:
         raise InputError(f"{cfg.checkpoint}: its catalog differs from data set {data.name!r}; evaluate on the data it was trained on")

@@ -147,9 +147,12 @@ def model_kind(folder: Path) -> Literal["bundle", "checkpoint"]:
 
 
 def open_model(folder: Path, device: Device = "cpu", threads: int | None = None, bf16: bool = False,
-               compute: Compute = "auto") -> Ranker:
+               compute: Compute = "auto", nf4: bool = False) -> Ranker:
     """A ranker for a bundle (the engine; ``compute`` as in :class:`~hatllm_edge.engine.OnnxBackend`)
-    or a checkpoint (PyTorch)."""
+    or a checkpoint (PyTorch; ``bf16`` weights or ``nf4`` bitsandbytes Linears)."""
     if model_kind(folder) == "bundle":
+        if bf16 or nf4:
+            raise InputError(f"{folder} is an ONNX bundle: its weights were fixed at export; --bf16 and --nf4 "
+                             "apply to a PyTorch checkpoint (export with --quant nf4 for an NF4 bundle)")
         return Ranker.from_bundle(folder, device, threads, compute)
-    return Ranker.from_checkpoint(folder, bf16=bf16)
+    return Ranker.from_checkpoint(folder, bf16=bf16, nf4=nf4)

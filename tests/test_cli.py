@@ -291,6 +291,16 @@ def bundle(trained: tuple[Path, Any], tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
+def test_evaluate_weight_flags_belong_to_checkpoints(trained: tuple[Path, Any], bundle: Path, data_files: tuple[Path, Path]) -> None:
+    """--bf16 / --nf4 change a PyTorch checkpoint's weights; on a bundle (weights fixed at
+    export) they are a usage error, and NF4 on a model whose width is not a multiple of
+    bitsandbytes' block is one too."""
+    data = ["--interactions", data_files[0], "--items", data_files[1], "--users", 1, "--quiet"]
+    for flag in ("--bf16", "--nf4"):
+        assert_usage_error(invoke("evaluate", bundle, *data, flag), "ONNX bundle", "--quant nf4")
+    assert_usage_error(invoke("evaluate", trained[0], *data, "--nf4"), "divisible by its block of 64")
+
+
 def write_user(path: Path, **fields: Any) -> Path:
     path.write_text(json.dumps(fields), encoding="utf-8")
     return path
@@ -467,7 +477,9 @@ def test_bench_ablation_undoes_one_step_at_a_time(trained: tuple[Path, Any], dat
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "ablation.json").read_text())
     assert [r["variant"] for r in report["rows"]] == [name for name, _ in ABLATIONS]
-    assert report["rows"][0]["vs_shipped"] == 1.0 and all(len(r["latencies_ms"]) == 5 for r in report["rows"])
+    rows = report["rows"]
+    assert rows[0]["vs_shipped"] == 1.0 and len(rows[0]["latencies_ms"]) == 5 * (len(ABLATIONS) - 1)
+    assert all(len(r["latencies_ms"]) == len(r["shipped_latencies_ms"]) == 5 for r in rows[1:])  # turn by turn
     by_name = {r["variant"]: r for r in report["rows"]}
     for name in ("graph optimisations: none", "1 thread", "one row per candidate (prompt cache copied per candidate)",
                  "all candidates in one packed row", "full logits back to NumPy, log-softmax there"):
