@@ -315,7 +315,9 @@ def run_paired(cfg: BenchConfig, requests: dict[str, list[Any]], runs: Sequence[
         for n in group:
             ranker = rankers[n]
             go[n] = _runner(ranker, PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0), w)
-            go[n](*reqs[-1])  # warm-up
+        for _ in range(2):  # warm-up: in one run torch fp32's first turns after one warm-up took 1.6x its later ones
+            for n in group:
+                go[n](*reqs[-1])
         latencies: dict[str, list[float]] = {n: [] for n in group}
         for i in range(rounds):
             for n in group[i % len(group):] + group[: i % len(group)]:
