@@ -203,7 +203,14 @@ def _requests(data: Dataset, w: Workload, seed: int, count: int) -> list[tuple[l
     return out
 
 
-def _runner(ranker: Ranker, prompts: PromptBuilder, w: Workload) -> Callable[[list[list[int]], list[list[int]]], None]:
+def _all_history(ranker: Ranker) -> PromptBuilder:
+    """The ranker's prompt builder with the model's ``max_history`` lifted: 20 items are 20."""
+    return PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0)
+
+
+def _runner(ranker: Ranker, w: Workload) -> Callable[[list[list[int]], list[list[int]]], None]:
+    """One request of ``w`` on ``ranker``: the shared ranking code, every history item kept."""
+    prompts = _all_history(ranker)
     if w.kind == "candidates":
         return lambda h, c: score_candidates(ranker.backend, prompts, [ranker.titles(x) for x in h], [ranker.titles(x) for x in c])  # type: ignore[return-value]
     return lambda h, _: beam_search(ranker.backend, prompts, ranker.trie, [ranker.titles(x) for x in h], k=w.k)  # type: ignore[return-value]
@@ -242,12 +249,11 @@ def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[st
             raise InputError(f"{cfg.checkpoint}: its catalog differs from the benchmark data set")
         counter = _TokenCounter(ranker.backend)
         ranker.backend = counter  # type: ignore[assignment]
-        prompts = PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0)
         ranker.trie  # built outside the timings (as a server would at start-up)
         run = BackendRun(name, round(load_s, 3), round(size, 1), 0.0, None)
         for w in cfg.workloads:
             bar.set_postfix_str(f"{name} {w.name}")
-            go, reqs = _runner(ranker, prompts, w), requests[w.name]
+            go, reqs = _runner(ranker, w), requests[w.name]
             go(*reqs[-1])  # warm-up
             counter.tokens = 0
             latencies: list[float] = []
@@ -311,10 +317,7 @@ def run_paired(cfg: BenchConfig, requests: dict[str, list[Any]], runs: Sequence[
     bar = tqdm(total=rounds * sum(len(g) for g in plan.values()), desc="paired", unit="req", disable=not progress)
     for wname, group in plan.items():
         w, reqs = workloads[wname], requests[wname]
-        go = {}
-        for n in group:
-            ranker = rankers[n]
-            go[n] = _runner(ranker, PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0), w)
+        go = {n: _runner(rankers[n], w) for n in group}
         for _ in range(2):  # warm-up: in one run torch fp32's first turns after one warm-up took 1.6x its later ones
             for n in group:
                 go[n](*reqs[-1])
@@ -473,7 +476,7 @@ def _ablation_runner(checkpoint: Path, change: dict[str, Any], threads: int,
     ranker = Ranker.from_bundle(folder, "cpu", change.get("threads", threads), change.get("compute", "int8"),
                                 change.get("optimization", "all"))
     backend: Any = _FullLogits(ranker.backend) if change.get("full_logits") else ranker.backend
-    prompts = PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0)
+    prompts = _all_history(ranker)
 
     def go(histories: list[list[int]], cands: list[list[int]]) -> np.ndarray:
         ranked = score_candidates(backend, prompts, [ranker.titles(h) for h in histories], [ranker.titles(c) for c in cands],

@@ -247,13 +247,12 @@ class OnnxBackend:
         loads without reading the stored one."""
         folder = Path(folder)
         manifest = verify_bundle(folder, hashes=verify)
-        key = None
-        if verify:
-            graph = {n: e["sha256"] for n, e in sorted(manifest["files"].items()) if n.split(".data")[0] == MODEL_FILE}
-            key = json.dumps(graph, sort_keys=True)
-            quant = json.loads((folder / BUNDLE_FILE).read_text(encoding="utf-8")).get("export", {}).get("quant")
-            if quant is not None:
-                compute = resolve_compute(compute, device, quant != "none")
+        # the graph files (model.onnx and any external data) by hash: only hashes checked here make a key
+        graph = {n: e["sha256"] for n, e in sorted(manifest["files"].items()) if n.split(".data")[0] == MODEL_FILE}
+        key = json.dumps(graph, sort_keys=True) if verify else None
+        quant = json.loads((folder / BUNDLE_FILE).read_text(encoding="utf-8")).get("export", {}).get("quant")
+        if quant is not None:
+            compute = resolve_compute(compute, device, quant != "none")
         return cls(folder / MODEL_FILE, device=device, threads=threads, compute=compute, optimization=optimization,
                    cache_key=key)
 
