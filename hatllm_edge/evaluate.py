@@ -16,7 +16,7 @@ from hatllm_edge.engine import Compute
 from hatllm_edge.errors import InputError
 from hatllm_edge.metrics import mean_metrics, target_rank
 from hatllm_edge.prompt import PromptBuilder
-from hatllm_edge.ranking import TitleTrie, beam_search
+from hatllm_edge.ranking import TitleTrie, beam_search, prompt_width
 
 
 @dataclass(frozen=True)
@@ -42,15 +42,18 @@ def rank_split(
     users: int | None = None, progress: bool = True, batch_users: int = 8,
 ) -> dict[str, Any]:
     """Beam-search top-k for every user of the split (``batch_users`` users per batch);
-    metrics and per-user target ranks."""
+    metrics and per-user target ranks. Users are batched in order of their prompts' padded
+    width, because a batch only runs prompts of one width together (:func:`prompt_width`)."""
     examples = data.split(split, prompts.max_history)[:users]
+    titles = {ex.user_id: [data.catalog.title(j) for j in ex.history] for ex in examples}
+    order = sorted(examples, key=lambda ex: prompt_width(len(prompts.prompt(titles[ex.user_id]))))
     trie = TitleTrie.build(data.catalog, prompts)
     ranks: dict[str, int | None] = {}
     start = time.time()
     bar = tqdm(total=len(examples), desc=f"evaluate {split}", disable=not progress, unit="user")
-    for i in range(0, len(examples), batch_users):
-        chunk = examples[i : i + batch_users]
-        ranked = beam_search(backend, prompts, trie, [[data.catalog.title(j) for j in ex.history] for ex in chunk], k=k, beams=beams)
+    for i in range(0, len(order), batch_users):
+        chunk = order[i : i + batch_users]
+        ranked = beam_search(backend, prompts, trie, [titles[ex.user_id] for ex in chunk], k=k, beams=beams)
         for ex, r in zip(chunk, ranked):
             ranks[ex.user_id] = target_rank([data.catalog.item_ids[j] for j in r.items], ex.target)
         bar.update(len(chunk))
@@ -63,7 +66,7 @@ def rank_split(
         "wall_s": round(wall, 1),
         "s_per_user": round(wall / max(1, len(examples)), 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "ranks": ranks,
+        "ranks": {ex.user_id: ranks[ex.user_id] for ex in examples},
     }
 
 

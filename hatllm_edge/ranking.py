@@ -67,9 +67,33 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this many tokens (see prompt_width)
+
+
+def prompt_width(length: int) -> int:
+    """The width a prompt of ``length`` tokens is left-padded to, whoever shares its batch.
+
+    ONNX Runtime's attention sums over the whole key length, so the same keys padded to another
+    width round differently in the last bit; the int8 route's per-token quantiser turns such a
+    bit into a different code now and then, and 30 layers grow that into nats. A width that
+    depends on the prompt alone, and batches that only join prompts of one width
+    (:func:`by_width`), make a user's result the same bits alone or in any batch."""
+    return -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
+
+
+def by_width(encoded: Sequence[Encoded]) -> list[list[int]]:
+    """Indices of ``encoded`` grouped by :func:`prompt_width`, each group in input order: the
+    batches that run together."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(encoded):
+        groups.setdefault(prompt_width(len(p)), []).append(i)
+    return list(groups.values())
+
+
 @dataclass(frozen=True)
 class Prefilled:
-    """Prompts run once, left-padded so that every prompt ends at the last column."""
+    """Prompts run once, left-padded to one :func:`prompt_width`, so every prompt ends at the
+    last column."""
 
     logprobs: np.ndarray  # [U, V] next-token log-probabilities after each prompt
     cache: Any  # the backend's cache, U rows of width W
@@ -79,8 +103,9 @@ class Prefilled:
 
 
 def prefill(backend: Backend, encoded: Sequence[Encoded]) -> Prefilled:
-    """Run a batch of prompts in one pass: what beam search and candidate scoring start from."""
-    users, width = len(encoded), max(len(p) for p in encoded)
+    """Run a batch of prompts in one pass (of the widest prompt's :func:`prompt_width`): what
+    beam search and candidate scoring start from."""
+    users, width = len(encoded), prompt_width(max(len(p) for p in encoded))
     ids = np.zeros((users, width), dtype=np.int64)
     segs = np.zeros((users, width), dtype=np.int64)
     valid = np.zeros((users, width), dtype=bool)
@@ -104,12 +129,23 @@ def beam_search(
     """Top-``k`` catalog items for each history by constrained beam search (``beams`` wide,
     default ``k``). All users' beams run as one batch, so each step reads the weights once.
 
-    Per user, every step keeps the ``beams`` best unfinished hypotheses; finished ones (a full
+    Users run in batches of one :func:`prompt_width`, so a user's list is the same alone or
+    in any company. Per user, every step keeps the ``beams`` best unfinished hypotheses; finished ones (a full
     title and its end marker) are collected, and the user is done as soon as none of its
     unfinished hypotheses can still beat its k-th finished one (scores only fall).
     """
     beams = beams or k
     encoded = [prompts.prompt(h) for h in histories]
+    results: list[Ranked] = [Ranked([], [])] * len(encoded)
+    for group in by_width(encoded):
+        for u, ranked in zip(group, _search(backend, prompts, trie, [encoded[u] for u in group], k, beams)):
+            results[u] = ranked
+    return results
+
+
+def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: Sequence[Encoded], k: int,
+            beams: int) -> list[Ranked]:
+    """:func:`beam_search` for one batch of prompts."""
     users = len(encoded)
     answer_seg = np.asarray([prompts.answer_segment(p) for p in encoded])
     start = prefill(backend, encoded)
@@ -217,49 +253,55 @@ def score_candidates(
 ) -> list[Ranked]:
     """Rank each user's candidate titles by log p(title + end marker | prompt), best first.
 
-    The prompts run once, as one batch. Candidates are then packed end to end into rows of at
-    most ``pack_tokens`` tokens: a candidate's positions restart where its prompt ends, and the
-    masks let each of its tokens see its user's prompt (through that user's cached keys) and
-    its own earlier tokens only, so no candidate sees another and no prompt is recomputed.
-    Rows rather than one long row because attention in a packed row costs row length x (prompt
-    + row length): short rows waste less on blocked-out pairs, at the price of one prompt-cache
-    copy per row. Rows of every user run together, ``pass_tokens`` per pass, and only
-    log p(next token) comes back (:meth:`Backend.token_logprobs`), never [T, V] logits.
-    ``normalize`` divides by the answer length. Items index each user's ``candidates``.
+    The prompts run once, in batches of one :func:`prompt_width`. Candidates are then packed
+    end to end into rows of at most ``pack_tokens`` tokens: a candidate's positions restart
+    where its prompt ends, and the masks let each of its tokens see its user's prompt (through
+    that user's cached keys) and its own earlier tokens only, so no candidate sees another and
+    no prompt is recomputed. Rows rather than one long row because attention in a packed row
+    costs row length x (prompt + row length): short rows waste less on blocked-out pairs, at
+    the price of one prompt-cache copy per row. Only log p(next token) comes back
+    (:meth:`Backend.token_logprobs`), never [T, V] logits.
+
+    A user's scores depend on its own request alone, to the bit on the int8 route (see
+    :func:`prompt_width`): each distinct title is scored once, the titles packed in an order
+    of their tokens (so neither the candidates' order nor copies of one move a score), a
+    user's rows all padded to its widest row, and a pass (``pass_tokens`` at most) joins
+    only rows of one width. ``normalize`` divides by the answer length. Items index each
+    user's ``candidates``.
     """
     if len(histories) != len(candidates):
         raise ValueError(f"{len(histories)} histories but {len(candidates)} candidate lists")
     encoded = [prompts.prompt(h) for h in histories]
-    start = prefill(backend, encoded)
-    segments = [prompts.answer_segment(p) for p in encoded]
-    answers = [[prompts.answer(t, seg) for t in titles] for seg, titles in zip(segments, candidates)]
-    totals = [np.zeros(len(a)) for a in answers]
-    rows = [(u, pack) for u, a in enumerate(answers) if a for pack in _packs(a, pack_tokens, balanced)]
-    batch: list[tuple[int, list[int]]] = []
-    width = 0  # the widest row of the pass being filled
-    for u, pack in rows:
-        row_width = sum(_fed(answers[u][i]) for i in pack)
-        if batch and (len(batch) + 1) * max(width, row_width) > pass_tokens:
-            _score_pass(backend, start, answers, batch, totals)
-            batch, width = [], 0
-        batch.append((u, pack))
-        width = max(width, row_width)
-    if batch:
-        _score_pass(backend, start, answers, batch, totals)
-    results = []
-    for a, total in zip(answers, totals):
-        if normalize:
-            total = total / np.asarray([len(x) for x in a], dtype=np.float64)
-        order = np.argsort(-total, kind="stable")
-        results.append(Ranked([int(i) for i in order], [float(total[i]) for i in order]))
+    results: list[Ranked] = [Ranked([], [])] * len(encoded)
+    for group in by_width(encoded):
+        start = prefill(backend, [encoded[u] for u in group])
+        titles = [sorted(set(candidates[u]), key=lambda t, seg=prompts.answer_segment(encoded[u]):
+                         (tuple(prompts.answer(t, seg).ids), t)) for u in group]
+        answers = [[prompts.answer(t, prompts.answer_segment(encoded[u])) for t in distinct]
+                   for u, distinct in zip(group, titles)]
+        totals = [np.zeros(len(a)) for a in answers]
+        by_row_width: dict[int, list[tuple[int, list[int]]]] = {}
+        for g, a in enumerate(answers):
+            packs = _packs(a, pack_tokens, balanced) if a else []
+            widest = max((sum(_fed(a[i]) for i in pack) for pack in packs), default=0)
+            by_row_width.setdefault(widest, []).extend((g, pack) for pack in packs)
+        for width, rows in sorted(by_row_width.items()):
+            per_pass = max(1, pass_tokens // max(1, width))
+            for at in range(0, len(rows), per_pass):
+                _score_pass(backend, start, answers, rows[at : at + per_pass], width, totals)
+        for g, u in enumerate(group):
+            score = dict(zip(titles[g], totals[g] / np.asarray([len(x) for x in answers[g]]) if normalize else totals[g]))
+            total = np.asarray([score[t] for t in candidates[u]], dtype=np.float64)
+            order = np.argsort(-total, kind="stable")
+            results[u] = Ranked([int(i) for i in order], [float(total[i]) for i in order])
     return results
 
 
 def _score_pass(backend: Backend, start: Prefilled, answers: list[list[Encoded]],
-                batch: list[tuple[int, list[int]]], totals: list[np.ndarray]) -> None:
-    """One forward pass: row r holds user batch[r][0]'s candidates batch[r][1], packed (a
-    user may own several rows)."""
-    rows, width = len(batch), max(sum(_fed(answers[u][i]) for i in pack) for u, pack in batch)
+                batch: list[tuple[int, list[int]]], width: int, totals: list[np.ndarray]) -> None:
+    """One forward pass, ``width`` columns: row r holds user batch[r][0]'s candidates
+    batch[r][1], packed (a user may own several rows); users index ``start``."""
+    rows = len(batch)
     ids = np.zeros((rows, width), np.int64)
     targets = np.zeros((rows, width), np.int64)
     q_segs = np.zeros((rows, width), np.int64)
@@ -286,4 +328,4 @@ def _score_pass(backend: Backend, start: Prefilled, answers: list[list[Encoded]]
                                          backend.select(start.cache, users), targets)
     for r, (u, _) in enumerate(batch):
         for c, col, n in spans[r]:
-            totals[u][c] = start.logprobs[u, ids[r, col]] + float(logprobs[r, col : col + n].sum())
+            totals[u][c] = start.logprobs[u, answers[u][c].ids[0]] + float(logprobs[r, col : col + n].sum())

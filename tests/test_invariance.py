@@ -1,0 +1,96 @@
+"""A user's result depends on its own request alone: not on who shares the batch (prompts of
+other lengths), nor on the order of its candidates, nor on copies of one candidate.
+
+On the engine's int8 route a last-bit difference anywhere upstream (attention summed over
+another key length) can move a per-token int8 code, and layers grow that into nats; the
+ranking code gives every user the same layout in any company, so the int8 route must agree
+to the bit, and the float routes to float rounding."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from conftest import tiny_llama_config
+from export import export_onnx
+from hatllm_edge.data import Catalog
+from hatllm_edge.engine import OnnxBackend
+from hatllm_edge.masks import LayerSchedule
+from hatllm_edge.model import HatLLM
+from hatllm_edge.prompt import PromptBuilder
+from hatllm_edge.ranking import PROMPT_BUCKET, TitleTrie, beam_search, by_width, prompt_width, score_candidates
+
+TITLES = [f"{name} ({year})" for name, year in [
+    ("Star Wars", 1977), ("Alien", 1979), ("Aliens", 1986), ("Heat", 1995), ("Fargo", 1996), ("Babe", 1995),
+    ("Toy Story", 1995), ("Toy Story 2", 1999), ("Twelve Monkeys", 1995), ("Casablanca", 1942),
+    ("Vertigo", 1958), ("Jaws", 1975), ("Brazil", 1985), ("Seven", 1995), ("Ran", 1985), ("Clerks", 1994),
+]]
+CATALOG = Catalog(tuple(f"i{n}" for n in range(len(TITLES))), tuple(TITLES))
+# prompts of several lengths: some share a padded width, most do not
+HISTORIES = [TITLES[:1], TITLES[2:9], TITLES[5:7], TITLES[1:12], TITLES[9:10], TITLES[3:8]]
+TOL = {"int8": 0.0, "native": 1e-4}  # the int8 route is exact by construction; float kernels may differ with the row count
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(tiny_llama_config(layers=4, hidden=64, init=0.2)).eval()
+    return export_onnx(HatLLM(lm, LayerSchedule(4, 1, 1)), tmp_path_factory.mktemp("invariance") / "model.onnx", quant="int4")
+
+
+@pytest.fixture(scope="module", params=["int8", "native"])
+def engine(request: pytest.FixtureRequest, onnx_path: Path) -> OnnxBackend:
+    return OnnxBackend(onnx_path, threads=2, compute=request.param)
+
+
+def _scores(ranked) -> dict[int, float]:  # type: ignore[no-untyped-def]
+    return dict(zip(ranked.items, ranked.scores))
+
+
+def test_prompt_widths_depend_on_the_prompt_alone(prompts: PromptBuilder) -> None:
+    encoded = [prompts.prompt(h) for h in HISTORIES]
+    widths = [prompt_width(len(p)) for p in encoded]
+    assert all(w % PROMPT_BUCKET == 0 and len(p) <= w < len(p) + PROMPT_BUCKET for w, p in zip(widths, encoded))
+    groups = by_width(encoded)
+    assert sorted(i for g in groups for i in g) == list(range(len(encoded)))
+    assert all(len({widths[i] for i in g}) == 1 for g in groups)
+    assert len(groups) < len(encoded) < 2 * len(groups) + 2  # the fixture mixes shared and lone widths
+
+
+def test_candidate_scores_batched_equal_alone(engine: OnnxBackend, prompts: PromptBuilder) -> None:
+    rng = random.Random(0)
+    lists = [rng.sample(TITLES, 9) for _ in HISTORIES]
+    together = score_candidates(engine, prompts, HISTORIES, lists, pack_tokens=24, pass_tokens=96)
+    for history, titles, got in zip(HISTORIES, lists, together):
+        alone = score_candidates(engine, prompts, [history], [titles], pack_tokens=24, pass_tokens=96)[0]
+        assert got.items == alone.items
+        np.testing.assert_allclose(got.scores, alone.scores, rtol=0, atol=TOL[engine.compute])
+
+
+def test_candidate_order_and_copies_change_no_score(engine: OnnxBackend, prompts: PromptBuilder) -> None:
+    titles = TITLES[:10]
+    base = _scores(score_candidates(engine, prompts, [HISTORIES[1]], [titles], pack_tokens=24)[0])
+    for seed in range(3):
+        order = random.Random(seed).sample(range(len(titles)), len(titles))
+        shuffled = _scores(score_candidates(engine, prompts, [HISTORIES[1]], [[titles[i] for i in order]], pack_tokens=24)[0])
+        got = np.asarray([shuffled[order.index(i)] for i in range(len(titles))])
+        np.testing.assert_allclose(got, [base[i] for i in range(len(titles))], rtol=0, atol=TOL[engine.compute])
+    copies = score_candidates(engine, prompts, [HISTORIES[1]], [[titles[3]] * 4 + titles[:3]], pack_tokens=24)[0]
+    by_item = _scores(copies)
+    assert len({by_item[i] for i in range(4)}) == 1  # four copies, one score
+    assert by_item[0] == pytest.approx(base[3], abs=TOL[engine.compute])
+
+
+def test_top_k_batched_equals_alone(engine: OnnxBackend, prompts: PromptBuilder) -> None:
+    trie = TitleTrie.build(CATALOG, prompts)
+    for k, beams in ((8, 8), (3, 5)):
+        together = beam_search(engine, prompts, trie, HISTORIES, k=k, beams=beams)
+        for history, got in zip(HISTORIES, together):
+            alone = beam_search(engine, prompts, trie, [history], k=k, beams=beams)[0]
+            assert got.items == alone.items
+            np.testing.assert_allclose(got.scores, alone.scores, rtol=0, atol=TOL[engine.compute])
