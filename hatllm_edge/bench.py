@@ -33,7 +33,7 @@ from hatllm_edge.data import Dataset
 from hatllm_edge.errors import InputError
 from hatllm_edge.prompt import PromptBuilder
 from hatllm_edge.ranker import Ranker, cached_bundle, model_kind
-from hatllm_edge.ranking import PACK_TOKENS, PASS_TOKENS, beam_search, log_softmax, score_candidates
+from hatllm_edge.ranking import PACK_TOKENS, PASS_TOKENS, PROMPT_BUCKET, beam_search, log_softmax, score_candidates
 
 TORCH_BACKENDS = ("torch-fp32", "torch-bf16", "torch-nf4")
 ORT_QUANTS = {"fp32": "none", "fp16": "none", "nf4": "nf4", "int4": "int4", "int8": "int8"}
@@ -450,7 +450,8 @@ class _FullLogits:
 
 
 # (name, what changes against the shipped engine: int4 bundle, int8 compute, all graph
-# optimisations, the bench's threads, balanced rows of PACK_TOKENS, log-probs computed in the graph)
+# optimisations, the bench's threads, balanced rows of PACK_TOKENS, prompts padded to multiples of
+# PROMPT_BUCKET, log-probs computed in the graph)
 ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("shipped engine", {}),
     ("4-bit MatMulNBits compute (no int8 expansion)", {"compute": "native"}),
@@ -464,6 +465,7 @@ ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("rows filled in order, not balanced", {"balanced": False}),
     ("rows of 64 tokens", {"pack_tokens": 64}),
     ("rows of 256 tokens", {"pack_tokens": 256}),
+    ("prompts padded to their own length, not a multiple of 16", {"bucket": 1}),
     ("full logits back to NumPy, log-softmax there", {"full_logits": True}),
 )
 
@@ -481,7 +483,7 @@ def _ablation_runner(checkpoint: Path, change: dict[str, Any], threads: int,
     def go(histories: list[list[int]], cands: list[list[int]]) -> np.ndarray:
         ranked = score_candidates(backend, prompts, [ranker.titles(h) for h in histories], [ranker.titles(c) for c in cands],
                                   pack_tokens=change.get("pack_tokens", PACK_TOKENS), pass_tokens=change.get("pass_tokens", PASS_TOKENS),
-                                  balanced=change.get("balanced", True))
+                                  balanced=change.get("balanced", True), bucket=change.get("bucket", PROMPT_BUCKET))
         return np.concatenate([np.asarray(r.scores)[np.argsort(r.items)] for r in ranked])
 
     return go

@@ -70,23 +70,24 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this many tokens (see prompt_width)
 
 
-def prompt_width(length: int) -> int:
-    """The width a prompt of ``length`` tokens is left-padded to, whoever shares its batch.
+def prompt_width(length: int, bucket: int = PROMPT_BUCKET) -> int:
+    """The width a prompt of ``length`` tokens is left-padded to (a multiple of ``bucket``),
+    whoever shares its batch.
 
     ONNX Runtime's attention sums over the whole key length, so the same keys padded to another
     width round differently in the last bit; the int8 route's per-token quantiser turns such a
     bit into a different code now and then, and 30 layers grow that into nats. A width that
     depends on the prompt alone, and batches that only join prompts of one width
     (:func:`by_width`), make a user's result the same bits alone or in any batch."""
-    return -(-length // PROMPT_BUCKET) * PROMPT_BUCKET
+    return -(-length // bucket) * bucket
 
 
-def by_width(encoded: Sequence[Encoded]) -> list[list[int]]:
+def by_width(encoded: Sequence[Encoded], bucket: int = PROMPT_BUCKET) -> list[list[int]]:
     """Indices of ``encoded`` grouped by :func:`prompt_width`, each group in input order: the
     batches that run together."""
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(encoded):
-        groups.setdefault(prompt_width(len(p)), []).append(i)
+        groups.setdefault(prompt_width(len(p), bucket), []).append(i)
     return list(groups.values())
 
 
@@ -102,10 +103,10 @@ class Prefilled:
     lengths: np.ndarray  # [U] prompt lengths (= the next position)
 
 
-def prefill(backend: Backend, encoded: Sequence[Encoded]) -> Prefilled:
+def prefill(backend: Backend, encoded: Sequence[Encoded], bucket: int = PROMPT_BUCKET) -> Prefilled:
     """Run a batch of prompts in one pass (of the widest prompt's :func:`prompt_width`): what
     beam search and candidate scoring start from."""
-    users, width = len(encoded), prompt_width(max(len(p) for p in encoded))
+    users, width = len(encoded), prompt_width(max(len(p) for p in encoded), bucket)
     ids = np.zeros((users, width), dtype=np.int64)
     segs = np.zeros((users, width), dtype=np.int64)
     valid = np.zeros((users, width), dtype=bool)
@@ -250,6 +251,7 @@ def score_candidates(
     pack_tokens: int = PACK_TOKENS,
     pass_tokens: int = PASS_TOKENS,
     balanced: bool = True,
+    bucket: int = PROMPT_BUCKET,
 ) -> list[Ranked]:
     """Rank each user's candidate titles by log p(title + end marker | prompt), best first.
 
@@ -266,15 +268,15 @@ def score_candidates(
     :func:`prompt_width`): each distinct title is scored once, the titles packed in an order
     of their tokens (so neither the candidates' order nor copies of one move a score), a
     user's rows all padded to its widest row, and a pass (``pass_tokens`` at most) joins
-    only rows of one width. ``normalize`` divides by the answer length. Items index each
+    only rows of one width (``bucket``: see :func:`prompt_width`). ``normalize`` divides by the answer length. Items index each
     user's ``candidates``.
     """
     if len(histories) != len(candidates):
         raise ValueError(f"{len(histories)} histories but {len(candidates)} candidate lists")
     encoded = [prompts.prompt(h) for h in histories]
     results: list[Ranked] = [Ranked([], [])] * len(encoded)
-    for group in by_width(encoded):
-        start = prefill(backend, [encoded[u] for u in group])
+    for group in by_width(encoded, bucket):
+        start = prefill(backend, [encoded[u] for u in group], bucket)
         titles = [sorted(set(candidates[u]), key=lambda t, seg=prompts.answer_segment(encoded[u]):
                          (tuple(prompts.answer(t, seg).ids), t)) for u in group]
         answers = [[prompts.answer(t, prompts.answer_segment(encoded[u])) for t in distinct]
