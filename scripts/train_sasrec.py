@@ -114,7 +114,39 @@ def report(a: argparse.Namespace) -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
     a.out.with_name(a.out.stem + "_valid.json").write_text(json.dumps(out_valid, indent=1) + "\n", encoding="utf-8")
+    log = a.checkpoint / sasrec.LOG_FILE
+    if log.is_file():
+        rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+        a.out.with_name(a.out.stem + "_train_log.jsonl").write_text(log.read_text(encoding="utf-8"), encoding="utf-8")
+        _plot(rows, meta, a.out.with_name(a.out.stem + "_curve.png"))
     print(json.dumps({k: v for k, v in out.items() if k != "ranks"}, indent=1))
+
+
+def _plot(rows: list[dict], meta: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ev = [r for r in rows if "valid" in r]
+    ax.plot([r["epoch"] for r in ev], [r["valid"]["NDCG@10"] for r in ev], label="valid NDCG@10")
+    ax.plot([r["epoch"] for r in ev], [r["valid"]["HR@10"] for r in ev], label="valid HR@10")
+    chosen = (meta.get("training") or {}).get("chosen_epoch")
+    if chosen:
+        ax.axvline(chosen, color="grey", ls=":", label=f"chosen epoch {chosen}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("metric (all users)")
+    ax2 = ax.twinx()
+    ax2.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], color="k", alpha=0.4, label="train loss")
+    ax2.set_ylabel("train cross-entropy")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
+    ax.set_title("SASRec on ml-100k loo-full")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
