@@ -14,15 +14,20 @@ from importlib import metadata as pkg_metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
+from export.calibrate import CALIBRATION_PROMPTS, activation_absmax, calibration_sequences
 from export.convert import DType, Quant, export_onnx, resolve_embeddings
 from export.graph import Embeddings
 from export.quantize import Int4Options
 from export.validate import validate
+from hatllm_edge.checkpoint import CATALOG_FILE, TOKENIZER_FILE
+from hatllm_edge.data import Catalog
 from hatllm_edge.engine import BUNDLE_FILE, MANIFEST_FILE, MODEL_FILE, file_sha256
 from hatllm_edge.errors import HatLLMError, InputError
 from hatllm_edge.model import HatLLM
+from hatllm_edge.prompt import PromptBuilder
 
 RESERVED = (MODEL_FILE, f"{MODEL_FILE}.data", BUNDLE_FILE, MANIFEST_FILE)
 EXACT_TOLERANCE = 1e-3  # max |diff| / max |logit| allowed against the exact reference (fp32 graphs)
@@ -82,6 +87,16 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old)
 
 
+def _calibration(model: HatLLM, folder: Path, meta: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """Activation statistics for the engine's int8 route (:mod:`export.calibrate`), when the
+    bundle carries the tokenizer and catalog to build prompts from; None otherwise."""
+    prompt = meta.get("prompt", {})
+    if not ((folder / TOKENIZER_FILE).is_file() and (folder / CATALOG_FILE).is_file() and "eos_token" in prompt):
+        return None
+    prompts = PromptBuilder.from_file(folder / TOKENIZER_FILE, prompt["eos_token"], prompt.get("max_history", 20))
+    return activation_absmax(model, calibration_sequences(prompts, Catalog.from_jsonl(folder / CATALOG_FILE)))
+
+
 def export_bundle(
     model: HatLLM,
     out_dir: Path,
@@ -117,8 +132,9 @@ def export_bundle(
         hashes = {f"hatllm.file.{name}.sha256": file_sha256(tmp / name) for name in files}
         stages.update()
         stages.set_postfix_str("onnx")
+        calibration = _calibration(model, tmp, meta) if dtype == "fp32" else None
         model_path = export_onnx(model, tmp / MODEL_FILE, quant=quant, dtype=dtype, opset=opset, int4=int4,
-                                 metadata=hashes, embeddings=embeddings)
+                                 metadata=hashes, embeddings=embeddings, calibration=calibration)
         stages.update()
         report = None
         if check:
@@ -144,6 +160,7 @@ def export_bundle(
             "parameters": sum(p.numel() for p in model.parameters()),
             "versions": _versions(),
             "validation": report.to_dict() if report else None,
+            "calibration": {"prompts": CALIBRATION_PROMPTS, "seed": 0} if calibration else None,
         }
         (tmp / BUNDLE_FILE).write_text(json.dumps({**meta, "export": export_info}, indent=2) + "\n")
         stages.update()

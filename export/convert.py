@@ -20,11 +20,13 @@ from typing import Literal
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 from export.graph import Embeddings, build_decoder
 from export.quantize import Int4Options, quantize_int4
 from hatllm_edge.engine import GRAPH_CONTRACT, GRAPH_REVISION
 from hatllm_edge.errors import InputError
+from hatllm_edge.lowbit import CALIBRATION_PREFIX
 from hatllm_edge.model import SUPPORTED_TYPES, HatLLM
 
 Quant = Literal["none", "nf4", "int4", "int8"]
@@ -166,6 +168,7 @@ def export_onnx(
     metadata: dict[str, str] | None = None,
     external_data: bool | None = None,
     embeddings: Embeddings | None = None,
+    calibration: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` as ONNX (graph contract in :mod:`export.graph`).
 
@@ -176,7 +179,9 @@ def export_onnx(
     a 135M model, so a 4-bit bundle would otherwise stay above 30% of fp32), float for nf4,
     which mirrors a bitsandbytes 4-bit model (whose embedding and head stay float) exactly.
     ``external_data`` None: only for models too big for one protobuf (the weights then go to
-    ``<name>.data`` beside it). Returns ``path``.
+    ``<name>.data`` beside it). ``calibration``: per Linear module, the max |input| of each
+    channel (:func:`export.calibrate.activation_absmax`), stored for the engine's int8 route.
+    Returns ``path``.
     """
     if quant not in QUANTS:
         raise InputError(f"quant {quant!r}: expected one of {QUANTS}")
@@ -198,6 +203,8 @@ def export_onnx(
     proto = build_decoder(spec, quant=linears, dtype=dtype, opset=opset, embeddings=embeddings, eight_bit=eight_bit)
     if quant == "int4":
         proto = quantize_int4(proto, int4)  # only the float MatMuls: the 8-bit ones are MatMulNBits already
+    for name, absmax in sorted((calibration or {}).items()):
+        proto.graph.initializer.append(numpy_helper.from_array(absmax.astype(np.float32), f"{CALIBRATION_PREFIX}{name}.absmax"))
     props = graph_metadata(spec, quant, dtype, int4, embeddings) | (metadata or {})
     onnx.helper.set_model_props(proto, props)
     size = sum(len(t.raw_data) for t in proto.graph.initializer)

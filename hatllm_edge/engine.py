@@ -32,12 +32,14 @@ MODEL_FILE = "model.onnx"
 # that bundles built on first use are rebuilt rather than reused.
 GRAPH_CONTRACT = 2
 # The revision of the graph export.graph writes: bumped when the graph changes within the
-# contract (2: log-probs by LogSoftmax), so cached bundles are rebuilt too. Kept here, not in
-# export, so that finding a cached bundle does not import torch.
-GRAPH_REVISION = 2
+# contract (2: log-probs by LogSoftmax; 3: activation statistics for the int8 route), so cached
+# bundles are rebuilt too. Kept here, not in export, so that finding a cached bundle does not
+# import torch.
+GRAPH_REVISION = 3
 # The revision of the graph lowbit.int8_compute writes from a stored one: bumped when that
-# rewrite changes, so expanded graphs cached by an older engine are not reused.
-INT8_REVISION = 1
+# rewrite changes (2: SmoothQuant folded in), so expanded graphs cached by an older engine are
+# not reused.
+INT8_REVISION = 2
 REQUIRED_INPUTS = ("input_ids", "position_ids", "logits_to_keep", "target_ids")
 BUNDLE_FILE = "bundle.json"
 MANIFEST_FILE = "manifest.json"

@@ -19,6 +19,7 @@ scale per output channel) once, when the session loads.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -35,6 +36,10 @@ NF4_CODE = np.array([
     0.7229568362236023, 1.0,
 ], dtype=np.float32)
 INT8_OP = "DynamicQuantizeMatMul"
+# max |input| per channel of each Linear, measured at export (export.calibrate): graph
+# initializers "calibration/<module>.absmax", read by the int8 rewrite's smoothing
+CALIBRATION_PREFIX = "calibration/"
+SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (mean |int8 - native| score error 0.82 -> 0.56 nats at 0.5, 0.70 at 0.8)
 
 
 def nf4_unpack(packed: np.ndarray, absmax: np.ndarray, n: int, k: int, block: int = NF4_BLOCK) -> np.ndarray:
@@ -185,21 +190,109 @@ INT8_ROW_CONSTS = {
 }
 
 
+@dataclass
+class Smoothing:
+    """SmoothQuant folded into the int8 graph: weight columns multiplied by ``columns[node]``,
+    weight rows divided by ``rows[node]`` (a producer whose output channels feed a smoothed
+    input), RMSNorm scale initializers replaced by ``norms[name]``."""
+
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    norms: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _module(node: onnx.NodeProto) -> str:
+    """The Linear module a weight node computes (the tied head reads the embedding's weight)."""
+    return "lm_head" if node.output[0] == "logits" else param_name(node.input[1]).removesuffix(".weight")
+
+
+def _factors(absmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    """s = max|x|^a / max|w|^(1-a), scaled to a geometric mean of 1."""
+    f = np.maximum(absmax, 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha)
+    return (f / np.exp(np.log(f).mean())).astype(np.float32)
+
+
+def smoothing(model: onnx.ModelProto, arrays: dict[str, np.ndarray], weights: dict[str, np.ndarray],
+              alpha: float = SMOOTH_ALPHA) -> Smoothing:
+    """Where each smoothed matmul input's 1/s goes, so that no extra op runs: into the
+    RMSNorm scale that produces it (q/k/v, gate/up; the LM head through its Slice), into the
+    rows of v_proj for the attention output (o_proj; one factor per KV channel, shared by the
+    query heads of its group) and into the rows of up_proj for the MLP product (down_proj).
+    Inputs without calibration or with another producer stay as they are. Exact in float."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    plan = Smoothing()
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        if n.name in weights:
+            readers.setdefault(n.input[0], []).append(n)
+
+    def only_read_by(name: str, nodes: list[onnx.NodeProto]) -> bool:
+        return {id(c) for c in consumers.get(name, [])} == {id(c) for c in nodes}
+
+    for a, nodes in readers.items():
+        stats = [arrays.get(f"{CALIBRATION_PREFIX}{_module(n)}.absmax") for n in nodes]
+        src = producer.get(a)
+        if src is None or any(x is None for x in stats) or not only_read_by(a, nodes):
+            continue
+        absmax = np.max(stats, axis=0)
+        wmax = np.max([np.abs(weights[n.name]).max(axis=0) for n in nodes], axis=0)
+        norm = src
+        if src.op_type == "Slice" and src.input[0] in producer and only_read_by(src.input[0], [src]):
+            norm = producer[src.input[0]]
+        if norm.op_type == "RMSNormalization" and norm.input[1] in arrays and norm.input[1] not in plan.norms:
+            f = _factors(absmax, wmax, alpha)
+            plan.norms[norm.input[1]] = (arrays[norm.input[1]] / f).astype(np.float32)
+        elif src.op_type == "Attention" and src.input[2] in producer and producer[src.input[2]].name in weights \
+                and only_read_by(src.input[2], [src]):
+            attrs = _attrs(src)
+            heads, kv = attrs["q_num_heads"], attrs["kv_num_heads"]
+            group = lambda v: v.reshape(kv, heads // kv, -1).max(axis=1)  # noqa: E731  [heads*dim] -> [kv, dim]
+            f_kv = _factors(group(absmax), group(wmax), alpha)
+            f = np.repeat(f_kv, heads // kv, axis=0).reshape(-1)
+            plan.rows[producer[src.input[2]].name] = f_kv.reshape(-1)
+        elif src.op_type == "Mul":
+            up = [producer[i] for i in src.input if i in producer and producer[i].name in weights and only_read_by(i, [src])]
+            if not up:
+                continue
+            f = _factors(absmax, wmax, alpha)
+            plan.rows[up[0].name] = f
+        else:
+            continue
+        for n in nodes:
+            plan.columns[n.name] = f
+    return plan
+
+
 def int8_compute(model: onnx.ModelProto, activations: Activations = "row") -> tuple[onnx.ModelProto, int]:
     """``model`` with every matmul that has a constant weight (4-bit, 8-bit or float, LM head
     included) computed in int8: signed int8 weights with one scale per output channel, and
     activations quantised at run time per row (:func:`int8_rows`) or per tensor
     (``DynamicQuantizeMatMul``: one op, but see ``int8_rows`` for its cost in ranking
-    quality). Weights no longer used are dropped. Returns the model and how many nodes changed."""
+    quality). Per row, a graph exported with activation statistics is first smoothed
+    (:func:`smoothing`: SmoothQuant folded into the norms and producer weights, no extra op).
+    Weights no longer used are dropped. Returns the model and how many nodes changed."""
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weights = {n.name: w for n in model.graph.node if (w := node_weight(n, arrays)) is not None}
+    plan = smoothing(model, arrays, weights) if activations == "row" else Smoothing()
     nodes: list[onnx.NodeProto] = []
-    new_inits: list[onnx.TensorProto] = []
+    new_inits = [numpy_helper.from_array(v, f"{k}/smoothed") for k, v in plan.norms.items()]
     changed = 0
     for node in model.graph.node:
-        weight = node_weight(node, arrays)
+        weight = weights.get(node.name)
         if weight is None:
+            if node.op_type == "RMSNormalization" and node.input[1] in plan.norms:
+                node = helper.make_node(node.op_type, [node.input[0], f"{node.input[1]}/smoothed", *node.input[2:]],
+                                        list(node.output), name=node.name, domain=node.domain, **_attrs(node))
             nodes.append(node)
             continue
+        if node.name in plan.columns:
+            weight = weight * plan.columns[node.name][None, :]
+        if node.name in plan.rows:
+            weight = weight / plan.rows[node.name][:, None]
         base = param_name(node.input[1])
         codes, scale = int8_per_channel(weight)
         a = node.input[0]
