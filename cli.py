@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 failure, 2 bad input or usage. HATLLM_DEBUG=1 shows tracebac
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import typer
 
 from hatllm_edge.engine import COMPUTES
 from hatllm_edge.errors import HatLLMError
+from hatllm_edge.limits import DEFAULT_BEAMS, MAX_BEAMS, MAX_K
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__)
 
@@ -32,15 +34,58 @@ ComputeOpt = Annotated[str, typer.Option(help="Engine arithmetic: auto (int8 for
 QUANTS = ("int4", "nf4", "int8", "none")
 
 
+def _bounded(flag: str, limit: int, what: str):  # type: ignore[no-untyped-def]
+    """An option callback: the value must be from 1 to ``limit``, else one 'error:' line and
+    exit code 2 (the same bound and wording as the request file's field)."""
+
+    def check(value: Optional[int]) -> Optional[int]:
+        if value is not None and not 1 <= value <= limit:
+            typer.secho(f"error: {flag} is {value}; it must be from 1 to {limit} ({what})", err=True, fg=typer.colors.RED)
+            raise typer.Exit(2)
+        return value
+
+    return check
+
+
+KOpt = Annotated[int, typer.Option(callback=_bounded("--k", MAX_K, "the list length"), help=f"Length of the ranked list, 1-{MAX_K}.")]
+BeamsOpt = Annotated[Optional[int], typer.Option(callback=_bounded("--beams", MAX_BEAMS, "the beam width"), help=f"Beam width of the full-catalog search, 1-{MAX_BEAMS} (default {DEFAULT_BEAMS}); it runs max(beams, k) wide, so with the same beams a shorter list is a prefix of a longer one.")]
+
+
+class _Warnings(logging.Handler):
+    """The library's warnings (a history cut to the model's max_history, a cache entry
+    rebuilt, waiting for another builder) as one 'warning:' line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.secho(f"warning: {record.getMessage()}", err=True, fg=typer.colors.YELLOW)
+
+
+_log = logging.getLogger("hatllm_edge")
+if not any(isinstance(h, _Warnings) for h in _log.handlers):
+    _log.addHandler(_Warnings(logging.WARNING))
+    _log.propagate = False
+
+
+def _fail(e: BaseException) -> typer.Exit:
+    """One line on stderr for ``e`` and the exit to take: 2 for bad input, 1 otherwise."""
+    if isinstance(e, HatLLMError):
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        return typer.Exit(e.exit_code)
+    text = " ".join(str(e).split())[:300] or "(no message)"
+    typer.secho(f"error: unexpected {type(e).__name__}: {text} (HATLLM_DEBUG=1 shows the traceback)", err=True, fg=typer.colors.RED)
+    return typer.Exit(1)
+
+
 def _run(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-    """Call the library; map its typed errors to a one-line message and an exit code."""
+    """Call the library; map its typed errors to a one-line message and exit code 2 (bad
+    input) or 1, and any other failure to one line and exit code 1."""
     try:
         return fn(*args, **kwargs)
-    except HatLLMError as e:
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as e:  # MemoryError, RecursionError included: one line, never a traceback
         if os.environ.get("HATLLM_DEBUG"):
             raise
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(e.exit_code) from None
+        raise _fail(e) from None
 
 
 @app.command()
@@ -81,8 +126,8 @@ def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder (PyTorch) or ONNX bundle folder (the engine).")],
     split: Annotated[str, typer.Option(help="valid or test (loo-full).")] = "test",
     users: Annotated[int, typer.Option(help="Evaluate only the first N users (0 = all).")] = 0,
-    k: Annotated[int, typer.Option(help="Length of the ranked list.")] = 10,
-    beams: Annotated[int, typer.Option(help="Beam width (default: k).")] = 0,
+    k: KOpt = 10,
+    beams: BeamsOpt = None,
     bf16: Annotated[bool, typer.Option(help="Run the model with bf16 weights (faster on this CPU).")] = False,
     nf4: Annotated[bool, typer.Option(help="Run the checkpoint's decoder Linears as bitsandbytes NF4 (the reference the nf4 bundle mirrors).")] = False,
     batch_users: Annotated[int, typer.Option(help="Users whose beams run together in one batch.")] = 8,
@@ -102,7 +147,7 @@ def evaluate(
     _check_choice("--device", device, ("cpu", "cuda"))
     _check_choice("--compute", compute, COMPUTES)
     cfg = EvalConfig(
-        checkpoint=checkpoint, split=split, users=users or None, k=k, beams=beams or None, bf16=bf16, nf4=nf4, batch_users=batch_users, device=device, threads=threads, compute=compute,
+        checkpoint=checkpoint, split=split, users=users or None, k=k, beams=beams, bf16=bf16, nf4=nf4, batch_users=batch_users, device=device, threads=threads, compute=compute,
         dataset=dataset, interactions=interactions, items=items,
     )
     result = _run(run_eval, cfg, progress=not quiet)
@@ -190,9 +235,10 @@ def export_cmd(
 
 @app.command()
 def rank(
-    user: Annotated[Path, typer.Argument(help='JSON: {"history": [ids or titles, oldest first], "candidates"?: [...], "k"?: N}.')],
+    user: Annotated[Path, typer.Argument(help='JSON: {"history": \\[ids or titles, oldest first], "candidates"?: \\[...], "k"?: N, "beams"?: N}.')],
     model: Annotated[Optional[Path], typer.Option(help="ONNX bundle or checkpoint folder (default: the shipped HatLLM model).")] = None,
-    k: Annotated[Optional[int], typer.Option(help="List length (overrides the file's k; default 10).")] = None,
+    k: Annotated[Optional[int], typer.Option(callback=_bounded("--k", MAX_K, "the list length"), help=f"List length, 1-{MAX_K} and at most the catalog size (overrides the file's k; default 10).")] = None,
+    beams: BeamsOpt = None,
     device: DeviceOpt = "cpu",
     quant: Annotated[str, typer.Option(help="Bundle built on first use from a checkpoint: int4, nf4, int8 or none.")] = "int4",
     compute: ComputeOpt = "auto",
@@ -210,7 +256,7 @@ def rank(
     _check_choice("--backend", backend, ("onnx", "torch"))
     _check_choice("--quant", quant, QUANTS)
     _check_choice("--compute", compute, COMPUTES)
-    result = _run(run_rank, user, model, k, device, quant, backend, threads, normalize, not quiet, exclude_history, compute)
+    result = _run(run_rank, user, model, k, device, quant, backend, threads, normalize, not quiet, exclude_history, compute, beams)
     if table:
         typer.echo(f"{'rank':>4}  {'item_id':>8}  {'score':>9}  title")
         for row in result["results"]:
@@ -341,7 +387,12 @@ def main() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    app()
+    try:
+        app()
+    except Exception as e:  # outside _run (printing a result, an option's callback): still one line
+        if os.environ.get("HATLLM_DEBUG"):
+            raise
+        raise SystemExit(_fail(e).exit_code) from None
 
 
 if __name__ == "__main__":

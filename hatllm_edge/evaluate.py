@@ -14,6 +14,7 @@ from hatllm_edge.backend import Backend
 from hatllm_edge.data import Dataset, Split, load_dataset
 from hatllm_edge.engine import Compute
 from hatllm_edge.errors import InputError
+from hatllm_edge.limits import beam_width
 from hatllm_edge.metrics import mean_metrics, target_rank
 from hatllm_edge.prompt import PromptBuilder
 from hatllm_edge.ranking import TitleTrie, beam_search, prompt_width
@@ -25,7 +26,7 @@ class EvalConfig:
     split: Split = "test"
     users: int | None = None  # the first N users of the split (in data order)
     k: int = 10
-    beams: int | None = None
+    beams: int | None = None  # None: limits.DEFAULT_BEAMS; the search runs max(beams, k) wide
     bf16: bool = False  # checkpoints only: bf16 weights
     nf4: bool = False  # checkpoints only: bitsandbytes NF4 decoder Linears (the nf4 bundle's reference)
     batch_users: int = 8
@@ -80,13 +81,14 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     data = load_dataset(cfg.dataset, cfg.interactions, cfg.items)
     if data.catalog.item_ids != ranker.catalog.item_ids:
         raise InputError(f"{cfg.checkpoint}: its catalog differs from data set {data.name!r}; evaluate on the data it was trained on")
-    result = rank_split(ranker.backend, ranker.prompts, data, cfg.split, cfg.k, cfg.beams, cfg.users, progress, cfg.batch_users)
+    width = beam_width(cfg.k, cfg.beams)
+    result = rank_split(ranker.backend, ranker.prompts, data, cfg.split, cfg.k, width, cfg.users, progress, cfg.batch_users)
     return {
         "checkpoint": str(cfg.checkpoint),
         "schedule": ranker.meta["schedule"],
         "backend": ranker.label,
         "k": cfg.k,
-        "beams": cfg.beams or cfg.k,
+        "beams": width,
         "batch_users": cfg.batch_users,
         "threads": cfg.threads if kind == "bundle" else _torch_threads(),
         **result,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -16,6 +17,7 @@ from hatllm_edge.backend import Backend
 from hatllm_edge.data import Catalog
 from hatllm_edge.engine import Compute, Optimization, cache_root
 from hatllm_edge.errors import InputError
+from hatllm_edge.limits import MAX_REF_CHARS, beam_width
 from hatllm_edge.prompt import PromptBuilder
 from hatllm_edge.ranking import Ranked, TitleTrie, beam_search, score_candidates
 
@@ -33,6 +35,7 @@ class Ranker:
     meta: dict[str, Any]
     _trie: TitleTrie | None = field(default=None, repr=False)
     _titles: dict[str, int] | None = field(default=None, repr=False)
+    _loose: dict[str, str] | None = field(default=None, repr=False)
 
     @classmethod
     def from_bundle(cls, folder: Path, device: Device = "cpu", threads: int | None = None,
@@ -78,7 +81,9 @@ class Ranker:
         return self._trie
 
     def resolve(self, refs: Sequence[Any], where: str) -> list[int]:
-        """Catalog indices of items given by id or exact title; errors name the entry."""
+        """Catalog indices of items given by id or exact title; errors name the entry. A
+        reference that matches a title or id only up to case, spacing or Unicode form is
+        refused with the exact one as a hint."""
         if self._titles is None:
             self._titles = {}
             for i, title in enumerate(self.catalog.titles):
@@ -87,21 +92,36 @@ class Ranker:
         for n, ref in enumerate(refs):
             key = str(ref).strip() if isinstance(ref, (str, int)) and not isinstance(ref, bool) else None
             if key is None:
-                raise InputError(f"{where}[{n}]: expected an item id or title (string or integer), got {ref!r}")
+                raise InputError(f"{where}[{n}]: expected an item id or title (string or integer), got {show(ref)}")
+            if len(key) > MAX_REF_CHARS:
+                raise InputError(f"{where}[{n}]: {show(ref)} has {len(key):,} characters; an item id or title has at most "
+                                 f"{MAX_REF_CHARS}")
             if key in self.catalog:
                 out.append(self.catalog.index(key))
             elif key in self._titles:
                 out.append(self._titles[key])
             else:
-                raise InputError(f"{where}[{n}]: {ref!r} is neither an item id nor an exact title in the catalog")
+                near = self._near(key)
+                hint = f"; did you mean {near!r}?" if near is not None else ""
+                raise InputError(f"{where}[{n}]: {show(ref)} is neither an item id nor an exact title in the catalog{hint}")
         return out
+
+    def _near(self, key: str) -> str | None:
+        """The catalog title (or id) equal to ``key`` up to case, whitespace and Unicode form."""
+        if self._loose is None:
+            self._loose = {}
+            for text in (*self.catalog.titles, *self.catalog.item_ids):
+                self._loose.setdefault(loose(text), text)
+        return self._loose.get(loose(key))
 
     def titles(self, indices: Sequence[int]) -> list[str]:
         return [self.catalog.titles[i] for i in indices]
 
     def top_k(self, histories: Sequence[Sequence[int]], k: int = 10, beams: int | None = None) -> list[Ranked]:
-        """Full-catalog top-k for each history (catalog indices, oldest first)."""
-        return beam_search(self.backend, self.prompts, self.trie, [self.titles(h) for h in histories], k=k, beams=beams)
+        """Full-catalog top-k for each history (catalog indices, oldest first), by a beam search
+        :func:`~hatllm_edge.limits.beam_width` wide: ``beams`` (default 10), at least ``k``."""
+        return beam_search(self.backend, self.prompts, self.trie, [self.titles(h) for h in histories], k=k,
+                           beams=beam_width(k, beams))
 
     def score(self, history: Sequence[int], candidates: Sequence[int], normalize: bool = False) -> Ranked:
         """Candidates (catalog indices) ranked by log-probability; items index ``candidates``."""
@@ -156,3 +176,17 @@ def open_model(folder: Path, device: Device = "cpu", threads: int | None = None,
                              "apply to a PyTorch checkpoint (export with --quant nf4 for an NF4 bundle)")
         return Ranker.from_bundle(folder, device, threads, compute)
     return Ranker.from_checkpoint(folder, bf16=bf16, nf4=nf4)
+
+
+def loose(text: str) -> str:
+    """``text`` up to case, whitespace and Unicode form: NFKC, casefolded, runs of whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """A value as a short repr for an error message (a request may hold megabytes)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 4, 4, 2
+    return r.repr(value)

@@ -371,7 +371,7 @@ def test_rank_builds_the_bundle_once_from_a_checkpoint(
         ({"history": []}, "'history' must be a non-empty list"),
         ({"history": ["i1", "nope"]}, "history[1]: 'nope' is neither an item id nor an exact title"),
         ({"history": ["i1"], "candidates": ["i2", 3.5]}, "candidates[1]"),
-        ({"history": ["i1"], "k": 0}, "'k' must be a positive integer"),
+        ({"history": ["i1"], "k": 0}, "field 'k' is 0; it must be from 1 to 100"),
         ({"history": ["i1"], "extra": 1}, "unknown field"),
     ],
 )

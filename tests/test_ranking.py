@@ -269,3 +269,19 @@ def test_title_followed_by_a_quote(prompts: PromptBuilder) -> None:
     assert sorted(got) == [0, 1, 2]
     assert got[1] == pytest.approx(expected[1], abs=1e-4)  # 'Foo"': its quote is a title token
     assert got[0] == pytest.approx(expected[0], abs=1e-4)  # 'Foo': its quote is the end marker
+
+
+@pytest.mark.parametrize("beams", [3, 5])
+def test_fixed_beam_width_gives_lists_that_are_prefixes_of_one_another(
+        backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie, beams: int) -> None:
+    """With the width held fixed, k only says how many finished items to return (and prunes
+    what can no longer enter the top k): the top-k for k = 1..beams are prefixes of one
+    another, so asking for more never reorders or drops what a shorter list held (as it did
+    when the width followed k)."""
+    for history in (HISTORY, *OTHER_HISTORIES):
+        lists = [beam_search(backend, prompts, trie, [history], k=k, beams=beams)[0] for k in range(1, beams + 1)]
+        longest = lists[-1]
+        assert len(longest.items) == beams
+        for k, ranked in enumerate(lists, 1):
+            assert ranked.items == longest.items[:k], (history, k)
+            np.testing.assert_allclose(ranked.scores, longest.scores[:k], atol=1e-6)

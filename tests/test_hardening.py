@@ -1,0 +1,232 @@
+"""Hostile and malformed input, end to end through ``hatllm-edge rank`` on a tiny int4 bundle:
+bounds on every size a request controls, the int8 graph cache verified and bounded, the
+graph's own metadata over bundle.json, the cache directory checked before anything loads, one
+builder per bundle, and no traceback for anything (a seeded fuzz over request shapes)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+from typer.testing import CliRunner
+
+from cli import app
+from conftest import EOS, tiny_llama_config
+from hatllm_edge.limits import MAX_CANDIDATES, MAX_HISTORY, MAX_K, MAX_REF_CHARS
+
+TITLES = ["Alpha (1990)", "Beta (1991)", "Gamma, The (1992)", "Misérables, Les (1995)", "Delta (1993)", "Zeta (1995)"]
+IDS = [f"i{n}" for n in range(1, len(TITLES) + 1)]
+MAX_HISTORY_OF_MODEL = 3
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("HATLLM_DEBUG", raising=False)
+    monkeypatch.setenv("HATLLM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def bundle(tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random 2-layer Llama (IN, CR) exported as an int4 bundle (int8 compute on the CPU),
+    six items, the model reading the last 3 history items."""
+    from export import export_bundle
+    from hatllm_edge.masks import LayerSchedule
+    from hatllm_edge.model import HatLLM
+
+    root = tmp_path_factory.mktemp("hardening")
+    catalog = root / "catalog.jsonl"
+    catalog.write_text("".join(json.dumps({"item_id": i, "title": t}, ensure_ascii=False) + "\n" for i, t in zip(IDS, TITLES)),
+                       encoding="utf-8")
+    torch.manual_seed(0)
+    model = HatLLM(LlamaForCausalLM(tiny_llama_config(init=0.2)).eval(), LayerSchedule(2, 1, 1))
+    meta = {"schedule": {"num_layers": 2, "n_in": 1, "n_cr": 1},
+            "prompt": {"max_history": MAX_HISTORY_OF_MODEL, "eos_token": EOS}}
+    return export_bundle(model, root / "int4", "int4", {"tokenizer.json": tokenizer_json, "catalog.jsonl": catalog}, meta,
+                         progress=False)
+
+
+def invoke(*args: Any) -> Any:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def rank(bundle: Path, user: Path, *extra: Any) -> Any:
+    return invoke("rank", user, "--model", bundle, "--threads", 1, "--quiet", *extra)
+
+
+def write(path: Path, content: Any) -> Path:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
+    return path
+
+
+def assert_clean_exit(result: Any, code: int, *needles: str) -> None:
+    """The exit code, no traceback anywhere, and on failure a last stderr line 'error: ...'
+    that names the problem."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    if code:
+        lines = result.stderr.strip().splitlines()
+        assert lines and lines[-1].startswith("error: ") and len(lines) <= 3, result.stderr
+        for needle in needles:
+            assert needle in lines[-1], (needle, lines[-1])
+
+
+# --------------------------------------------------------------------- bounds on the request
+
+
+@pytest.mark.parametrize(("content", "flags", "needle"), [
+    ({"history": ["i1"]}, ["--k", "-5"], "--k is -5; it must be from 1 to 100"),
+    ({"history": ["i1"]}, ["--k", "0"], "--k is 0; it must be from 1 to 100"),
+    ({"history": ["i1"]}, ["--k", "101"], "--k is 101"),
+    ({"history": ["i1"]}, ["--beams", "0"], "--beams is 0; it must be from 1 to 100"),
+    ({"history": ["i1"], "k": 1_000_000}, [], "field 'k' is 1000000; it must be from 1 to 100"),
+    ({"history": ["i1"], "k": 1e6}, [], "field 'k' must be an integer from 1 to 100"),
+    ({"history": ["i1"], "k": -5}, [], "field 'k' is -5"),
+    ({"history": ["i1"], "k": True}, [], "field 'k' must be an integer"),
+    ({"history": ["i1"], "beams": 101}, [], "field 'beams' is 101; it must be from 1 to 100"),
+    ({"history": ["i1"], "k": 7}, [], "k is 7 but the catalog has 6 items; ask for at most 6"),
+    ({"history": ["i1"]}, ["--k", "7"], "k is 7 but the catalog has 6 items"),
+    ({"history": ["i1"] * (MAX_HISTORY + 1)}, [], f"field 'history' has {MAX_HISTORY + 1:,} items; the limit is {MAX_HISTORY:,}"),
+    ({"history": ["i1"], "candidates": ["i2"] * (MAX_CANDIDATES + 1)}, [], f"the limit is {MAX_CANDIDATES:,}"),
+    ({"history": ["x" * (MAX_REF_CHARS + 1)]}, [], f"has {MAX_REF_CHARS + 1} characters; the limit is {MAX_REF_CHARS}"),
+    ({"history": ["i1"], "candidates": ["i2", "i3", "Beta (1991)"]}, [], "candidates[2]: 'Beta (1991)' is the same item as candidates[0]"),
+    ({"history": ["i1"], "user_id": ["u"]}, [], "field 'user_id' must be a string or an integer"),
+    ('{"history": ["i1"], "k": 3, "k": 5}', [], "field 'k' appears twice"),
+    ('{"history": [' + "9" * 5000 + "]}", [], "more than 4,300 digits"),
+    ('{"history": ["\\ud800"]}', [], "not valid Unicode"),
+    (b'{"history": ["Alpha (1990)\xff"]}', [], "not UTF-8 text (byte 0xff at offset 26)"),
+    ("[" * 100_000 + "]" * 100_000, [], "nested too deeply"),
+])
+def test_request_bounds(bundle: Path, tmp_path: Path, content: Any, flags: list[str], needle: str) -> None:
+    assert_clean_exit(rank(bundle, write(tmp_path / "u.json", content), *flags), 2, needle)
+
+
+def test_a_bom_is_accepted_and_the_largest_k_runs(bundle: Path, tmp_path: Path) -> None:
+    user = write(tmp_path / "u.json", b"\xef\xbb\xbf" + json.dumps({"history": ["i1"], "k": len(TITLES)}).encode())
+    result = rank(bundle, user)
+    assert_clean_exit(result, 0)
+    assert len(json.loads(result.stdout)["results"]) == len(TITLES)
+    assert MAX_K >= len(TITLES)
+
+
+def test_a_history_longer_than_the_model_reads_is_cut_with_a_warning(bundle: Path, tmp_path: Path) -> None:
+    long = rank(bundle, write(tmp_path / "long.json", {"history": ["i1", "i2", "i3", "i4", "i5"], "k": 3}))
+    assert_clean_exit(long, 0)
+    assert ("warning: " in long.stderr and "the history has 5 items; the model reads only the last 3" in long.stderr
+            and "the oldest 2 are left out" in long.stderr)
+    cut = rank(bundle, write(tmp_path / "cut.json", {"history": ["i3", "i4", "i5"], "k": 3}))
+    assert_clean_exit(cut, 0)
+    assert "warning" not in cut.stderr
+    assert json.loads(long.stdout)["results"] == json.loads(cut.stdout)["results"]  # what the model read
+
+
+@pytest.mark.parametrize(("ref", "exact"), [
+    ("alpha (1990)", "Alpha (1990)"),
+    ("  Gamma,   The  (1992) ", "Gamma, The (1992)"),
+    ("Mise\u0301rables, Les (1995)", "Misérables, Les (1995)"),  # NFD of the catalog's NFC title
+    ("ＢＥＴＡ (1991)", "Beta (1991)"),  # full-width letters (NFKC)
+    ("I1", "i1"),
+])
+def test_a_near_title_is_refused_with_the_exact_one(bundle: Path, tmp_path: Path, ref: str, exact: str) -> None:
+    result = rank(bundle, write(tmp_path / "u.json", {"history": ["i2", ref]}))
+    assert_clean_exit(result, 2, "history[1]", "is neither an item id nor an exact title", f"did you mean {exact!r}?")
+
+
+def test_beam_width_is_max_of_beams_and_k_and_lists_are_prefixes(bundle: Path, tmp_path: Path) -> None:
+    lists = []
+    for k in range(1, 5):
+        out = json.loads(rank(bundle, write(tmp_path / "u.json", {"history": ["i1", "i2"], "k": k}), "--beams", 4).stdout)
+        assert out["beams"] == 4
+        lists.append([r["item_id"] for r in out["results"]])
+    assert all(lists[k - 1] == lists[-1][:k] for k in range(1, 5)), lists
+    out = json.loads(rank(bundle, write(tmp_path / "u.json", {"history": ["i1"], "k": 5, "beams": 2})).stdout)
+    assert out["beams"] == 5 and len(out["results"]) == 5  # never narrower than k
+    out = json.loads(rank(bundle, write(tmp_path / "u.json", {"history": ["i1"], "k": 2})).stdout)
+    assert out["beams"] == 10  # DEFAULT_BEAMS
+
+
+# --------------------------------------------------------------------- fuzz: no input prints a traceback
+
+
+def _fuzz_requests(seed: int, n: int) -> list[tuple[str, bytes]]:
+    """Seeded request files of every shape: wrong types, nesting, huge and negative numbers,
+    unknown fields, empty lists, duplicates, long strings, bad bytes. Each comes with a label."""
+    rng = random.Random(seed)
+    good = IDS + TITLES
+    bad = [1, 0, -1, 10**30, "", " ", "x" * (MAX_REF_CHARS + rng.randint(1, 50)), "alpha (1990)", "\u0000", "\ud800"]
+
+    def ref() -> Any:
+        return rng.choice(good) if rng.random() < 0.85 else rng.choice(bad)
+
+    junk: list[Any] = [None, True, False, 0, -1, 1.5, float("inf"), 10**40, "", "s", [], {}, [[]], {"a": 1}, [None],
+                       "x" * 5000, list(range(3)), -(10**20)]
+
+    def value() -> Any:
+        return rng.choice(junk) if rng.random() < 0.5 else [ref() for _ in range(rng.randint(0, 4))]
+
+    out: list[tuple[str, bytes]] = []
+    for i in range(n):
+        req: dict[str, Any] = {"history": [ref() for _ in range(rng.randint(0, 5))]}
+        for field in ("candidates", "k", "beams", "user_id"):
+            if rng.random() < 0.4:
+                req[field] = rng.choice([value(), rng.randint(-3, 8), ref()])
+        if rng.random() < 0.15:
+            req[rng.choice(["extra", "K", "history ", "candidate"])] = value()
+        if rng.random() < 0.15:
+            req["history"] = value()
+        if rng.random() < 0.1:
+            del req["history"]
+        if rng.random() < 0.1:
+            req["candidates"] = [rng.choice(IDS)] * rng.randint(2, 3)  # duplicates
+        data = json.dumps(req if rng.random() > 0.08 else rng.choice([value(), [req], "req", 3])).encode()
+        kind = rng.random()
+        if kind < 0.06:
+            data = data[: rng.randint(0, len(data))]  # truncated
+        elif kind < 0.12:
+            at = rng.randint(0, len(data))
+            data = data[:at] + bytes([rng.choice([0xff, 0xc3, 0x80, 0xfe])]) + data[at:]  # not UTF-8
+        elif kind < 0.15:
+            depth = rng.choice([50, 5000, 200_000])
+            data = b'{"history": ' + b"[" * depth + b"]" * depth + b"}"
+        elif kind < 0.17:
+            data = data.replace(b'"history"', b'"history": [], "history"', 1)  # a repeated key
+        out.append((f"case {i}: {data[:80]!r}", data))
+    return out
+
+
+def test_fuzz_requests_exit_0_or_2_and_never_a_traceback(bundle: Path, tmp_path: Path) -> None:
+    cases = _fuzz_requests(seed=10, n=80)
+    codes = []
+    for label, data in cases:
+        result = rank(bundle, write(tmp_path / "u.json", data))
+        assert result.exit_code in (0, 2), (label, result.exit_code, result.output)
+        assert_clean_exit(result, result.exit_code)
+        if result.exit_code == 0:
+            json.loads(result.stdout)
+        codes.append(result.exit_code)
+    print(f"fuzz: {codes.count(0)} valid, {codes.count(2)} refused")
+    assert codes.count(0) >= 5 and codes.count(2) >= 50  # both kinds were exercised
+
+
+def test_an_unexpected_failure_is_one_line_and_exit_1(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hatllm_edge.rank_request as rank_request
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("something\nbroke")
+
+    monkeypatch.setattr(rank_request, "run_rank", broken)
+    user = write(tmp_path / "u.json", {"history": ["i1"]})
+    result = rank(bundle, user)
+    assert_clean_exit(result, 1)
+    assert result.stderr.strip() == "error: unexpected RuntimeError: something broke (HATLLM_DEBUG=1 shows the traceback)"
+    monkeypatch.setenv("HATLLM_DEBUG", "1")
+    assert isinstance(rank(bundle, user).exception, RuntimeError)  # the traceback, for whoever debugs
