@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +19,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from hatllm_edge.cache import Int8Cache, cache_root, require_writable
 from hatllm_edge.errors import InputError
 from hatllm_edge.masks import MASK_KINDS, MaskKind
+
+log = logging.getLogger("hatllm_edge")
 
 Compute = Literal["auto", "native", "int8", "int8-tensor"]
 # The routes a user may pick. "int8-tensor" (one activation scale per batch tensor) is kept for
@@ -45,12 +48,6 @@ BUNDLE_FILE = "bundle.json"
 MANIFEST_FILE = "manifest.json"
 
 
-def cache_root() -> Path:
-    """Where bundles built on first use and the engine's int8-expanded graphs are kept:
-    ``$HATLLM_CACHE``, else ``~/.cache/hatllm-edge``."""
-    return Path(os.environ.get("HATLLM_CACHE", Path.home() / ".cache" / "hatllm-edge"))
-
-
 def resolve_compute(compute: Compute, device: str, quantised: bool) -> Compute:
     """What "auto" means: int8 for a quantised graph on the CPU, the graph as stored otherwise."""
     if compute != "auto":
@@ -58,15 +55,47 @@ def resolve_compute(compute: Compute, device: str, quantised: bool) -> Compute:
     return "int8" if quantised and device == "cpu" else "native"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` under a temporary name, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line (ONNX Runtime's messages run over several)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_bundle_meta(folder: Path) -> dict[str, Any]:
+    """``bundle.json`` as a dict, or InputError naming what is wrong with it."""
+    path = Path(folder) / BUNDLE_FILE
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise InputError(f"bundle {folder}: {BUNDLE_FILE} is not readable JSON ({_first_line(e)}); re-export the bundle") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("export", {}), dict):
+        raise InputError(f"bundle {folder}: {BUNDLE_FILE} is not a bundle description (no export section); re-export the bundle")
+    return meta
+
+
+# bundle.json's export section against the graph's own metadata_props: the graph wins
+_META_PAIRS = (("quant", "hatllm.quant"), ("dtype", "hatllm.dtype"), ("embeddings", "hatllm.embeddings"),
+               ("layer_kinds", "hatllm.layer_kinds"))
+
+
+def check_bundle_meta(folder: Path, meta: dict[str, Any], manifest: dict[str, Any], graph: dict[str, str]) -> None:
+    """Refuse a bundle whose ``bundle.json`` (or tokenizer/catalog) disagrees with what the graph
+    records about itself: it would run one arithmetic under another's label."""
+    export = meta.get("export", {})
+    for field, key in _META_PAIRS:
+        if field not in export or key not in graph:
+            continue
+        said = json.dumps(export[field]) if field == "layer_kinds" else str(export[field])
+        own = json.dumps(json.loads(graph[key])) if field == "layer_kinds" else graph[key]
+        if said != own:
+            raise InputError(f"bundle {folder}: {BUNDLE_FILE} says {field} {said} but {MODEL_FILE} records {own}; "
+                             "the bundle was edited after export; re-export it")
+    for key, digest in graph.items():  # hatllm.file.<name>.sha256: the files exported with the graph
+        if key.startswith("hatllm.file.") and key.endswith(".sha256"):
+            name = key[len("hatllm.file."): -len(".sha256")]
+            listed = manifest.get("files", {}).get(name, {}).get("sha256")
+            if listed is not None and listed != digest:
+                raise InputError(f"bundle {folder}: {name} is not the file {MODEL_FILE} was exported with; re-export the bundle")
 
 
 def file_sha256(path: Path) -> str:
@@ -82,10 +111,21 @@ def verify_bundle(folder: Path, hashes: bool = True) -> dict[str, Any]:
     same sha256. Returns the manifest; raises InputError naming the first bad file."""
     folder = Path(folder)
     try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
         files = manifest["files"]
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"bundle {folder}: no readable {MANIFEST_FILE} ({e}); is this an exported bundle?") from e
+        if not isinstance(files, dict) or not all(
+                isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str) for e in files.values()):
+            raise ValueError('expected {"files": {name: {"sha256": ..., "size": ...}}}')
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise InputError(f"bundle {folder}: no readable {MANIFEST_FILE} ({_first_line(e)}); is this an exported bundle?") from None
+    bad = [n for n in files if Path(n).name != n or n.startswith(".")]
+    if bad:
+        raise InputError(f"bundle {folder}: {MANIFEST_FILE} lists {bad[0]!r}, not a plain file name of the bundle")
+    # what the engine reads must be covered (the external weights too, when there are any)
+    needed = [MODEL_FILE, BUNDLE_FILE] + ([f"{MODEL_FILE}.data"] if (folder / f"{MODEL_FILE}.data").exists() else [])
+    unlisted = [n for n in needed if n not in files]
+    if unlisted:
+        raise InputError(f"bundle {folder}: {MANIFEST_FILE} does not list {unlisted[0]}; re-export the bundle")
     for name, entry in files.items():
         path = folder / name
         if not path.is_file():
@@ -180,10 +220,22 @@ class OnnxBackend:
         source: str | bytes = str(path)
         if compute == "auto" and device == "cuda":
             compute = "native"
+        cached = None
         if compute != "native":
-            source, compute = self._int8_source(path, compute, cache_key)
+            source, compute, cached = self._int8_source(path, compute, cache_key)
         self.compute: Compute = compute
-        self.session = ort.InferenceSession(source, options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(source, options, providers=providers)
+        except Exception as e:  # ONNX Runtime's own exception types (InvalidProtobuf, Fail, ...) derive from Exception
+            if cached is None:
+                raise InputError(f"ONNX model {path} does not load in ONNX Runtime ({type(e).__name__}: {_first_line(e)}); "
+                                 "re-export the bundle") from None
+            # a cached expansion that matched its hash but does not load: build it again, once
+            log.warning("cached int8 graph %s does not load (%s); rebuilding it from the verified bundle",
+                        cached[0].path(cached[1]), type(e).__name__)
+            cached[0].drop(cached[1])
+            source, compute, _ = self._int8_source(path, compute, cache_key)
+            self.session = ort.InferenceSession(source, options, providers=providers)
         self.load_seconds = time.perf_counter() - start
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             # ORT falls back to CPU when the CUDA libraries fail to load; refuse that here
@@ -193,7 +245,13 @@ class OnnxBackend:
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         if "hatllm.layer_kinds" not in self.metadata:
             raise InputError(f"ONNX model {path} carries no hatllm.layer_kinds metadata; export it with hatllm-edge")
-        self.layer_kinds: list[MaskKind] = json.loads(self.metadata["hatllm.layer_kinds"])
+        try:
+            self.layer_kinds: list[MaskKind] = json.loads(self.metadata["hatllm.layer_kinds"])
+            if not isinstance(self.layer_kinds, list) or not set(self.layer_kinds) <= set(MASK_KINDS):
+                raise ValueError(self.metadata["hatllm.layer_kinds"][:80])
+        except ValueError as e:
+            raise InputError(f"ONNX model {path}: its hatllm.layer_kinds metadata is not a list of {MASK_KINDS} ({e}); "
+                             "re-export it") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         missing = [name for name in REQUIRED_INPUTS if name not in inputs]
         if missing:
@@ -212,34 +270,64 @@ class OnnxBackend:
         self._select = ort.InferenceSession(_gather_model(len(self._past), elem, 13), options, providers=providers)
 
     @staticmethod
-    def _int8_source(path: Path, compute: Compute, cache_key: str | None) -> tuple[str | bytes, Compute]:
+    def _int8_source(path: Path, compute: Compute,
+                     cache_key: str | None) -> tuple[str | bytes, Compute, tuple[Int8Cache, str] | None]:
         """The graph to run for an int8 route ("auto" resolved by the stored graph's
-        ``hatllm.quant``) and the route taken. The expansion costs seconds at every load, so
-        with a ``cache_key`` (the bundle's verified content) it is kept under
-        :func:`cache_root` and read back from there next time."""
+        ``hatllm.quant``), the route taken, and the cache entry it was read from (None when
+        expanded now). The expansion costs seconds at every load, so with a ``cache_key`` (the
+        bundle's verified content) it is kept under :func:`cache_root`, with its own sha256,
+        and read back from there next time only if it still matches; one process expands
+        while others wait for it (a file lock), and the cache keeps the most recently used
+        few."""
         activations = "tensor" if compute == "int8-tensor" else "row"
-        cached = None
-        if cache_key is not None:
-            digest = hashlib.sha256(f"{cache_key}-{activations}-int8-revision-{INT8_REVISION}".encode()).hexdigest()[:16]
-            cached = cache_root() / "int8" / f"{digest}.onnx"
-            if cached.is_file() and compute != "auto":  # "auto" must first see whether the graph is quantised
-                return str(cached), compute
+        if cache_key is None:
+            data, compute = OnnxBackend._expand(path, compute, activations)
+            return data, compute, None
+        key = hashlib.sha256(f"{cache_key}-{activations}-int8-revision-{INT8_REVISION}".encode()).hexdigest()[:16]
+        cache = Int8Cache(cache_root())
+        if compute != "auto":  # "auto" must first see whether the graph is quantised
+            hit = cache.read(key)
+            if hit is not None:
+                return hit, compute, (cache, key)
+        try:
+            require_writable(cache.dir)
+        except InputError as e:
+            log.warning("%s; the int8 expansion (seconds) runs at every load", e)
+            data, compute = OnnxBackend._expand(path, compute, activations)
+            return data, compute, None
+        with cache.lock():
+            if compute != "auto":
+                hit = cache.read(key)  # another process may have written it while we waited
+                if hit is not None:
+                    return hit, compute, (cache, key)
+            data, compute = OnnxBackend._expand(path, compute, activations)
+            if isinstance(data, bytes):
+                try:
+                    cache.write(key, data)
+                except OSError as e:
+                    log.warning("could not keep the int8 graph in %s (%s); the expansion runs again next time",
+                                cache.dir, e.strerror or e)
+        return data, compute, None
+
+    @staticmethod
+    def _expand(path: Path, compute: Compute, activations: str) -> tuple[str | bytes, Compute]:
+        """The stored graph expanded to int8 (bytes), or its path when "auto" finds it is not
+        quantised."""
         import onnx
+        from google.protobuf.message import DecodeError
 
         from hatllm_edge.lowbit import int8_compute
 
-        stored = onnx.load(str(path))
+        try:
+            stored = onnx.load(str(path))
+        except (DecodeError, ValueError, OSError) as e:
+            raise InputError(f"ONNX model {path} is not a readable ONNX graph ({type(e).__name__}: {_first_line(e)}); "
+                             "re-export the bundle") from None
         quantised = any(p.key == "hatllm.quant" and p.value != "none" for p in stored.metadata_props)
         compute = resolve_compute(compute, "cpu", quantised)
         if compute == "native":
             return str(path), compute
-        data = int8_compute(stored, activations)[0].SerializeToString()
-        if cached is not None:
-            try:
-                _write_atomically(cached, data)
-            except OSError:
-                pass  # a read-only or full cache costs the next load its time, nothing else
-        return data, compute
+        return int8_compute(stored, activations)[0].SerializeToString(), compute  # type: ignore[arg-type]
 
     @classmethod
     def from_bundle(cls, folder: Path | str, device: Literal["cpu", "cuda"] = "cpu", threads: int | None = None,
@@ -254,11 +342,14 @@ class OnnxBackend:
         # the graph files (model.onnx and any external data) by hash: only hashes checked here make a key
         graph = {n: e["sha256"] for n, e in sorted(manifest["files"].items()) if n.split(".data")[0] == MODEL_FILE}
         key = json.dumps(graph, sort_keys=True) if verify else None
-        quant = json.loads((folder / BUNDLE_FILE).read_text(encoding="utf-8")).get("export", {}).get("quant")
+        meta = read_bundle_meta(folder)
+        quant = meta.get("export", {}).get("quant")
         if quant is not None:
             compute = resolve_compute(compute, device, quant != "none")
-        return cls(folder / MODEL_FILE, device=device, threads=threads, compute=compute, optimization=optimization,
-                   cache_key=key)
+        backend = cls(folder / MODEL_FILE, device=device, threads=threads, compute=compute, optimization=optimization,
+                      cache_key=key)
+        check_bundle_meta(folder, meta, manifest, backend.metadata)  # the graph's own word wins over bundle.json
+        return backend
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: dict[MaskKind, np.ndarray],
                 cache: OrtCache | None, last_only: bool = False) -> tuple[np.ndarray, OrtCache]:

@@ -7,7 +7,6 @@ Opening a bundle needs no torch; opening a checkpoint (PyTorch backend) does.
 from __future__ import annotations
 
 import hashlib
-import json
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any, Literal, Sequence
 
 from hatllm_edge.backend import Backend
 from hatllm_edge.data import Catalog
-from hatllm_edge.engine import Compute, Optimization, cache_root
+from hatllm_edge.engine import Compute, Optimization, cache_root, read_bundle_meta
 from hatllm_edge.errors import InputError
 from hatllm_edge.limits import MAX_REF_CHARS, beam_width
 from hatllm_edge.prompt import PromptBuilder
@@ -44,7 +43,7 @@ class Ranker:
         from hatllm_edge.engine import OnnxBackend
 
         backend = OnnxBackend.from_bundle(folder, device=device, threads=threads, compute=compute, optimization=optimization)
-        return cls._assemble(backend, folder, json.loads((folder / BUNDLE_META).read_text(encoding="utf-8")))
+        return cls._assemble(backend, folder, read_bundle_meta(folder))
 
     @classmethod
     def from_checkpoint(cls, folder: Path, bf16: bool = False, nf4: bool = False) -> "Ranker":
@@ -62,7 +61,20 @@ class Ranker:
 
     @classmethod
     def _assemble(cls, backend: Backend, folder: Path, meta: dict[str, Any]) -> "Ranker":
-        prompts = PromptBuilder.from_file(folder / "tokenizer.json", meta["prompt"]["eos_token"], meta["prompt"]["max_history"])
+        try:
+            eos, max_history = meta["prompt"]["eos_token"], meta["prompt"]["max_history"]
+            if not isinstance(eos, str) or not isinstance(max_history, int) or isinstance(max_history, bool) or max_history < 0:
+                raise TypeError
+        except (KeyError, TypeError):
+            raise InputError(f"bundle {folder}: {BUNDLE_META} has no valid prompt section (eos_token, max_history); "
+                             "re-export the bundle") from None
+        try:
+            prompts = PromptBuilder.from_file(folder / "tokenizer.json", eos, max_history)
+        except InputError:
+            raise
+        except Exception as e:  # the tokenizers library raises plain Exceptions on a bad file
+            raise InputError(f"bundle {folder}: tokenizer.json does not load ({' '.join(str(e).split())[:200]}); "
+                             "re-export the bundle") from None
         return cls(backend, prompts, Catalog.from_jsonl(folder / "catalog.jsonl"), meta)
 
     @property

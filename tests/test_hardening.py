@@ -6,7 +6,9 @@ builder per bundle, and no traceback for anything (a seeded fuzz over request sh
 from __future__ import annotations
 
 import json
+import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import EOS, tiny_llama_config
+from hatllm_edge.cache import Int8Cache
 from hatllm_edge.limits import MAX_CANDIDATES, MAX_HISTORY, MAX_K, MAX_REF_CHARS
 
 TITLES = ["Alpha (1990)", "Beta (1991)", "Gamma, The (1992)", "Misérables, Les (1995)", "Delta (1993)", "Zeta (1995)"]
@@ -78,6 +81,13 @@ def assert_clean_exit(result: Any, code: int, *needles: str) -> None:
         assert lines and lines[-1].startswith("error: ") and len(lines) <= 3, result.stderr
         for needle in needles:
             assert needle in lines[-1], (needle, lines[-1])
+
+
+def copy_bundle(bundle: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for p in bundle.iterdir():
+        (dest / p.name).write_bytes(p.read_bytes())
+    return dest
 
 
 # --------------------------------------------------------------------- bounds on the request
@@ -152,6 +162,114 @@ def test_beam_width_is_max_of_beams_and_k_and_lists_are_prefixes(bundle: Path, t
     assert out["beams"] == 5 and len(out["results"]) == 5  # never narrower than k
     out = json.loads(rank(bundle, write(tmp_path / "u.json", {"history": ["i1"], "k": 2})).stdout)
     assert out["beams"] == 10  # DEFAULT_BEAMS
+
+
+# --------------------------------------------------------------------- what the engine runs is verified
+
+
+def test_a_damaged_int8_graph_is_rebuilt_not_run(bundle: Path, tmp_path: Path, _cache: Path) -> None:
+    user = write(tmp_path / "u.json", {"history": ["i1", "i2"], "candidates": IDS[2:]})
+    first = rank(bundle, user)
+    assert_clean_exit(first, 0)
+    graphs = list((_cache / "int8").glob("*.onnx"))
+    assert len(graphs) == 1 and (_cache / "int8" / (graphs[0].name + ".sha256")).is_file()
+    good = graphs[0].read_bytes()
+
+    def damaged(data: bytes) -> None:
+        graphs[0].write_bytes(data)
+        result = rank(bundle, user)
+        assert_clean_exit(result, 0)
+        assert "warning: cached int8 graph" in result.stderr and "rebuilding it from the verified bundle" in result.stderr
+        assert json.loads(result.stdout)["results"] == json.loads(first.stdout)["results"]
+        assert graphs[0].read_bytes() == good  # rebuilt, and the next call is silent again
+        again = rank(bundle, user)
+        assert_clean_exit(again, 0)
+        assert "warning" not in again.stderr
+
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x10
+    damaged(bytes(flipped))  # one bit: would have loaded and scored differently
+    zeroed = bytearray(good)
+    zeroed[100:4100] = bytes(4000)
+    damaged(bytes(zeroed))  # a zeroed region: InvalidProtobuf before
+    (graphs[0].parent / (graphs[0].name + ".sha256")).unlink()
+    damaged(good)  # no hash beside it: not trusted
+
+    import hashlib
+
+    graphs[0].write_bytes(b"garbage that hashes right")
+    (graphs[0].parent / (graphs[0].name + ".sha256")).write_text(hashlib.sha256(b"garbage that hashes right").hexdigest())
+    result = rank(bundle, user)  # matches its hash but does not load: rebuilt too
+    assert_clean_exit(result, 0)
+    assert "does not load" in result.stderr and "rebuilding it from the verified bundle" in result.stderr
+    assert json.loads(result.stdout)["results"] == json.loads(first.stdout)["results"]
+
+
+def test_int8_cache_keeps_the_most_recently_used(tmp_path: Path) -> None:
+    cache = Int8Cache(tmp_path, keep=3)
+    for n in range(3):
+        cache.write(f"k{n}", b"graph %d" % n)
+        os.utime(cache.path(f"k{n}"), (time.time() - 100 + n, time.time() - 100 + n))
+    assert cache.read("k0") == b"graph 0"  # a use makes k0 the most recent
+    cache.write("k3", b"graph 3")
+    assert sorted(p.stem for p in (tmp_path / "int8").glob("*.onnx")) == ["k0", "k2", "k3"]
+    assert not (tmp_path / "int8" / "k1.onnx.sha256").exists()
+    (tmp_path / "int8" / ".k9.onnx.999999999.tmp").write_bytes(b"left by a writer that died")
+    cache.evict()
+    assert not list((tmp_path / "int8").glob(".*.tmp"))
+
+
+def test_the_graph_metadata_wins_over_bundle_json(bundle: Path, tmp_path: Path) -> None:
+    from export import write_manifest
+
+    user = write(tmp_path / "u.json", {"history": ["i1"], "k": 2})
+    edited = copy_bundle(bundle, tmp_path / "edited")
+    meta = json.loads((edited / "bundle.json").read_text())
+    meta["export"]["quant"] = "none"
+    (edited / "bundle.json").write_text(json.dumps(meta))
+    write_manifest(edited)  # the manifest regenerated over the edit: the hashes alone pass
+    assert_clean_exit(rank(edited, user), 2, "bundle.json says quant none but model.onnx records int4")
+
+    swapped = copy_bundle(bundle, tmp_path / "swapped")
+    (swapped / "catalog.jsonl").write_text('{"item_id": "i1", "title": "Other"}\n')
+    write_manifest(swapped)
+    assert_clean_exit(rank(swapped, user), 2, "catalog.jsonl is not the file model.onnx was exported with")
+
+
+@pytest.mark.parametrize(("name", "garble", "needle"), [
+    ("model.onnx", lambda b: b[:1000] + bytes(5000) + b[6000:], "model.onnx"),
+    ("model.onnx", lambda b: b"not a graph", "model.onnx"),
+    ("bundle.json", lambda b: b"{garbled", "bundle.json is not readable JSON"),
+    ("bundle.json", lambda b: b"[]", "bundle.json is not a bundle description"),
+    ("tokenizer.json", lambda b: b"{}", "tokenizer.json"),
+])
+def test_a_garbled_bundle_with_a_regenerated_manifest_is_one_line(bundle: Path, tmp_path: Path, name: str,
+                                                                   garble: Any, needle: str) -> None:
+    from export import write_manifest
+
+    bad = copy_bundle(bundle, tmp_path / "bad")
+    (bad / name).write_bytes(garble((bad / name).read_bytes()))
+    write_manifest(bad)
+    for compute in ("auto", "native"):
+        assert_clean_exit(rank(bad, write(tmp_path / "u.json", {"history": ["i1"]}), "--compute", compute), 2, needle)
+
+
+def test_a_manifest_that_leaves_out_the_graph_is_refused(bundle: Path, tmp_path: Path) -> None:
+    bad = copy_bundle(bundle, tmp_path / "bad")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    del manifest["files"]["model.onnx"]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    assert_clean_exit(rank(bad, write(tmp_path / "u.json", {"history": ["i1"]})), 2, "manifest.json does not list model.onnx")
+
+
+# --------------------------------------------------------------------- the cache directory
+
+
+def test_an_unwritable_cache_still_runs_a_built_bundle(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HATLLM_CACHE", "/dev/null/cache")
+    result = rank(bundle, write(tmp_path / "u.json", {"history": ["i1"], "k": 2}))
+    assert_clean_exit(result, 0)
+    assert "warning: cannot write to /dev/null/cache/int8" in result.stderr and "runs at every load" in result.stderr
 
 
 # --------------------------------------------------------------------- fuzz: no input prints a traceback
