@@ -22,6 +22,7 @@ from export.convert import DType, Quant, export_onnx, resolve_embeddings
 from export.graph import Embeddings
 from export.quantize import Int4Options
 from export.validate import validate
+from hatllm_edge.cache import clean_stale, partial_prefix
 from hatllm_edge.checkpoint import CATALOG_FILE, TOKENIZER_FILE
 from hatllm_edge.data import Catalog
 from hatllm_edge.engine import BUNDLE_FILE, MANIFEST_FILE, MODEL_FILE, file_sha256
@@ -124,7 +125,8 @@ def export_bundle(
     if "export" in meta:
         raise InputError("meta already has an 'export' key; pass the checkpoint's hatllm.json content")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    clean_stale(out_dir)  # partial folders of exports that were killed
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out_dir), dir=out_dir.parent))  # names its pid
     stages = tqdm(total=5 if check else 4, desc=f"export {quant}", unit="stage", disable=not progress)
     try:
         stages.set_postfix_str("files")

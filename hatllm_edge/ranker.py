@@ -14,6 +14,7 @@ from typing import Any, Literal, Sequence
 
 from hatllm_edge.backend import Backend
 from hatllm_edge.data import Catalog
+from hatllm_edge.cache import clean_stale, file_lock, require_writable
 from hatllm_edge.engine import Compute, Optimization, cache_root, read_bundle_meta
 from hatllm_edge.errors import InputError
 from hatllm_edge.limits import MAX_REF_CHARS, beam_width
@@ -161,9 +162,17 @@ def bundle_cache_dir(checkpoint: Path, quant: str) -> Path:
 
 def cached_bundle(checkpoint: Path, quant: str, dtype: str = "fp32", progress: bool = True) -> Path:
     """The bundle of ``checkpoint`` in the cache, exported there (with a progress bar) the
-    first time it is asked for."""
+    first time it is asked for. One process builds it, under a file lock beside it; others
+    asking at the same time wait and reuse it. The cache must be writable to build (checked
+    before anything is loaded); a built bundle is only read."""
     folder = bundle_cache_dir(checkpoint, quant if dtype == "fp32" else f"{quant}-{dtype}")
-    if not (folder / BUNDLE_META).is_file():
+    if (folder / BUNDLE_META).is_file():  # published by a rename: bundle.json there = complete
+        return folder
+    require_writable(folder.parent)
+    with file_lock(folder.parent / f".{folder.name}.lock", str(folder)):
+        if (folder / BUNDLE_META).is_file():  # built by another process while we waited
+            return folder
+        clean_stale(folder)
         from export.checkpoint import export_checkpoint
 
         export_checkpoint(checkpoint, folder, quant, dtype, progress=progress, overwrite=True)  # type: ignore[arg-type]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,10 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import EOS, tiny_llama_config
-from hatllm_edge.cache import Int8Cache
+from hatllm_edge.cache import Int8Cache, clean_stale
 from hatllm_edge.limits import MAX_CANDIDATES, MAX_HISTORY, MAX_K, MAX_REF_CHARS
 
+ROOT = Path(__file__).resolve().parent.parent
 TITLES = ["Alpha (1990)", "Beta (1991)", "Gamma, The (1992)", "Misérables, Les (1995)", "Delta (1993)", "Zeta (1995)"]
 IDS = [f"i{n}" for n in range(1, len(TITLES) + 1)]
 MAX_HISTORY_OF_MODEL = 3
@@ -265,11 +268,97 @@ def test_a_manifest_that_leaves_out_the_graph_is_refused(bundle: Path, tmp_path:
 # --------------------------------------------------------------------- the cache directory
 
 
+def fake_checkpoint(folder: Path) -> Path:
+    """Enough of a checkpoint for the bundle cache to key it (nothing here can be loaded)."""
+    folder.mkdir()
+    (folder / "hatllm.json").write_text('{"tiny": true}')
+    return folder
+
+
+@pytest.mark.parametrize(("value", "needle"), [
+    ("", "HATLLM_CACHE is set but empty"),
+    ("  ", "HATLLM_CACHE is set but empty"),
+    ("FILE", "exists and is not a folder"),
+    ("/dev/null/cache", "must be a writable folder"),
+])
+def test_an_unusable_cache_is_refused_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     value: str, needle: str) -> None:
+    import export.checkpoint
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(export.checkpoint, "export_checkpoint", no_loading)
+    if value == "FILE":
+        value = str(write(tmp_path / "a-file", "x"))
+    monkeypatch.setenv("HATLLM_CACHE", value)
+    monkeypatch.chdir(tmp_path)
+    result = invoke("rank", write(tmp_path / "u.json", {"history": ["i1"]}), "--model", fake_checkpoint(tmp_path / "ck"), "-q")
+    assert_clean_exit(result, 2, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["u.json", "ck"] + (["a-file"] if "a-file" in value else []))
+
+
 def test_an_unwritable_cache_still_runs_a_built_bundle(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HATLLM_CACHE", "/dev/null/cache")
     result = rank(bundle, write(tmp_path / "u.json", {"history": ["i1"], "k": 2}))
     assert_clean_exit(result, 0)
     assert "warning: cannot write to /dev/null/cache/int8" in result.stderr and "runs at every load" in result.stderr
+
+
+BUILDER = """
+import os, sys, tempfile, time, types
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from hatllm_edge.cache import partial_prefix
+
+def export_checkpoint(checkpoint, out, quant, dtype, progress=True, overwrite=False):
+    # the publish step of export.bundle: build in a partial folder beside the target, rename
+    with open({log!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out), dir=out.parent))
+    time.sleep(0.5)
+    (tmp / "bundle.json").write_text("{{}}")
+    tmp.rename(out)  # another builder's bundle already there: OSError, Directory not empty
+    return out
+
+sys.modules["export.checkpoint"] = types.SimpleNamespace(export_checkpoint=export_checkpoint)
+from hatllm_edge.ranker import cached_bundle
+print(cached_bundle(Path({checkpoint!r}), "int4", progress=False))
+"""
+
+
+def test_processes_building_one_bundle_take_turns(tmp_path: Path, _cache: Path) -> None:
+    """Four processes ask for the same bundle on an empty cache at once: one builds, the others
+    wait and reuse it (before: each built, and renames onto the published folder failed with
+    'Directory not empty')."""
+    checkpoint = fake_checkpoint(tmp_path / "ck")
+    log = tmp_path / "builds.log"
+    script = BUILDER.format(root=str(ROOT), log=str(log), checkpoint=str(checkpoint))
+    env = {**os.environ, "HATLLM_CACHE": str(_cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1
+    assert len(log.read_text().split()) == 1  # one build
+    folder = Path(outs[0][0].strip())
+    assert (folder / "bundle.json").is_file()
+    assert not [p for p in folder.parent.iterdir() if ".partial-" in p.name]
+    assert sum("waiting for another process" in err for _, err in outs) >= 1
+
+
+def test_stale_partial_folders_are_removed(tmp_path: Path) -> None:
+    target = tmp_path / "onnx-int4"
+    dead = tmp_path / ".onnx-int4.partial-999999999-abc"  # no such pid
+    live = tmp_path / f".onnx-int4.partial-{os.getppid()}-def"  # a live pid, recent
+    old = tmp_path / f".onnx-int4.partial-{os.getppid()}-ghi"  # a live pid (reused?), two hours old
+    legacy = tmp_path / ".onnx-int4.partial-jkl"  # the old naming, without a pid: by age only
+    other = tmp_path / ".onnx-nf4.partial-999999999-abc"  # another target's
+    for p in (dead, live, old, legacy, other):
+        p.mkdir()
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert sorted(clean_stale(target)) == sorted([dead, old])
+    assert live.is_dir() and legacy.is_dir() and other.is_dir()
 
 
 # --------------------------------------------------------------------- fuzz: no input prints a traceback
