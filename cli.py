@@ -30,7 +30,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="Intra-op threads (default: ONNX Runtime's choice).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu and a GPU).")]
 QuantOpt = Annotated[str, typer.Option(help="Weights: int4 (MatMulNBits), nf4 (MatMulBnb4), int8 (8-bit MatMulNBits) or none (fp32).")]
-ComputeOpt = Annotated[str, typer.Option(help="Engine arithmetic: auto (int8 for a quantised bundle on the CPU), native (the graph as stored), int8 (weights expanded to signed int8 at load, activations per token) or int8-tensor (one activation scale per tensor: no faster, much less faithful).")]
+ComputeOpt = Annotated[str, typer.Option(help="Engine arithmetic: auto (int8 for a quantised bundle on the CPU), native (the graph as stored) or int8 (weights expanded to signed int8 at load, activations per token, SmoothQuant-folded).")]
 QUANTS = ("int4", "nf4", "int8", "none")
 
 
@@ -274,7 +274,7 @@ def fidelity(
     candidates: Annotated[int, typer.Option(help="Candidates per user (the target plus random items).")] = 100,
     split: Annotated[str, typer.Option(help="valid or test (loo-full).")] = "test",
     threads: ThreadsOpt = None,
-    compute: Annotated[str, typer.Option(help="Engine arithmetic of MODEL (the reference always runs as stored): auto, native, int8 or int8-tensor.")] = "auto",
+    compute: Annotated[str, typer.Option(help="Engine arithmetic of MODEL (the reference always runs as stored): auto, native or int8.")] = "auto",
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
