@@ -329,6 +329,7 @@ def bench(
     out: Annotated[Path, typer.Option(help="Folder for bench.json and bench.png (ablation.json with --ablation).")] = Path("bench"),
     paired: Annotated[int, typer.Option(help="Rounds of the paired target check: on cand100-h20-b1 and top10-h10-b1 the PyTorch references and the chosen ORT backend take turns request by request, so the machine's drift hits them alike (0: off; the verdict then comes from the table).")] = 10,
     ablation: Annotated[bool, typer.Option("--ablation", help="Instead: each engine step undone in turn, on the first workload (default cand100-h20-b1).")] = False,
+    variants: Annotated[Optional[str], typer.Option(help="With --ablation: only the variants whose name contains one of these comma-separated words (e.g. 'own length').")] = None,
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
@@ -355,7 +356,8 @@ def bench(
         from hatllm_edge.bench import ablation_table, run_ablation
 
         workload = chosen[0] if workloads else Workload.parse("cand100-h20-b1")
-        rows = _run(run_ablation, cfg.checkpoint, data, workload, threads, max(min_repeats, 5), seed, not quiet)
+        only = tuple(v.strip() for v in variants.split(",")) if variants else ()
+        rows = _run(run_ablation, cfg.checkpoint, data, workload, threads, max(min_repeats, 5), seed, not quiet, only)
         out.mkdir(parents=True, exist_ok=True)
         (out / "ablation.json").write_text(json.dumps({"workload": workload.name, "threads": threads, "rows": rows}, indent=1) + "\n")
         typer.echo(ablation_table(rows))

@@ -490,17 +490,20 @@ def _ablation_runner(checkpoint: Path, change: dict[str, Any], threads: int,
 
 
 def run_ablation(checkpoint: Path, data: Dataset, workload: Workload, threads: int = 2, repeats: int = 5,
-                 seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+                 seed: int = 0, progress: bool = True, only: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Each engine step's effect: the shipped engine on ``workload``, and with one step undone
     at a time (see :data:`ABLATIONS`), ``repeats`` timed requests each.
 
     Each variant takes turns with the shipped engine request by request, so the machine's
     drift hits both alike: "x shipped" is the median over requests of the variant's time over
-    the shipped engine's on the same request, and the shipped row pools all its turns."""
+    the shipped engine's on the same request, and the shipped row pools all its turns. ``only``:
+    the variants whose name contains one of these words (default: all)."""
     if workload.kind != "candidates":
         raise InputError(f"ablation workload {workload.name}: needs a candidate workload (cand<C>-h<H>-b<B>)")
     reqs = _requests(data, workload, seed, repeats + 1)
-    (shipped_name, _), variants = ABLATIONS[0], ABLATIONS[1:]
+    (shipped_name, _), variants = ABLATIONS[0], [v for v in ABLATIONS[1:] if not only or any(w in v[0] for w in only)]
+    if not variants:
+        raise InputError(f"no ablation variant's name contains any of {list(only)}; names: {[n for n, _ in ABLATIONS[1:]]}")
     shipped = _ablation_runner(checkpoint, {}, threads, progress)
     shipped(*reqs[-1])  # warm-up
     base_scores = shipped(*reqs[0])

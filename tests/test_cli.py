@@ -489,3 +489,11 @@ def test_bench_ablation_undoes_one_step_at_a_time(trained: tuple[Path, Any], dat
         assert by_name[name]["max_score_diff"] <= 0.05, name
     assert by_name["fp32 bundle"]["max_score_diff"] > 0  # arithmetic does
     assert "one row per candidate" in result.stdout
+    picked = invoke("bench", "--ablation", "--variants", "own length", "--model", trained[0], "--interactions", inter,
+                    "--items", items, "--workloads", "cand5-h3-b2", "--threads", 1, "--out", tmp_path / "one", "--quiet")
+    assert picked.exit_code == 0, picked.output
+    assert [r["variant"] for r in json.loads((tmp_path / "one" / "ablation.json").read_text())["rows"]] == [
+        "shipped engine", "prompts padded to their own length, not a multiple of 16"]
+    assert_usage_error(invoke("bench", "--ablation", "--variants", "nothing like it", "--model", trained[0], "--interactions",
+                              inter, "--items", items, "--workloads", "cand5-h3-b2", "--out", tmp_path / "none", "--quiet"),
+                       "no ablation variant")
