@@ -21,6 +21,8 @@ item earlier in the catalog.
 A checkpoint folder holds ``sasrec.json`` (architecture, item id order, training config and
 outcome), ``model.safetensors`` (the best weights) and, while training, ``train_state.pt``
 (model, optimiser, scheduler, RNG, early-stopping state) to resume from.
+
+From the command line: ``hatllm-edge sasrec train|evaluate|export|report`` (``cli.py``).
 """
 
 from __future__ import annotations
@@ -355,6 +357,26 @@ class TrainConfig:
     threads: int | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        at_least_one = ("max_len", "hidden", "heads", "blocks", "stride", "batch_size", "max_epochs", "patience", "eval_every", "eval_batch")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise InputError(f"SASRec training: {name} is {getattr(self, name)}; it must be at least 1")
+        if self.stride > self.max_len:
+            raise InputError(f"SASRec training: stride {self.stride} is over max_len {self.max_len}")
+        if self.hidden % self.heads:
+            raise InputError(f"SASRec training: hidden {self.hidden} is not a multiple of heads {self.heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"SASRec training: dropout {self.dropout} not in [0, 1)")
+        if not self.lr > 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise InputError(f"SASRec training: need lr > 0, weight_decay >= 0 and warmup_steps >= 0 (got {self.lr}, {self.weight_decay}, {self.warmup_steps})")
+        if self.schedule not in ("constant", "cosine"):
+            raise InputError(f"SASRec training: schedule {self.schedule!r}: expected 'constant' or 'cosine'")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise InputError(f"SASRec training: max_minutes {self.max_minutes} must be above 0")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"SASRec training: threads {self.threads} must be at least 1")
+
     def model_config(self, num_items: int) -> SASRecConfig:
         return SASRecConfig(num_items, self.max_len, self.hidden, self.heads, self.blocks, self.dropout)
 
@@ -398,9 +420,13 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, data: Dataset | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, resume: bool = False, progress: bool = True, data: Dataset | None = None, command: str | None = None,
+) -> dict[str, Any]:
     """Train SASRec, keep the best weights by validation NDCG@10 in ``cfg.out`` and return the
-    summary (also written into ``sasrec.json``). ``resume`` continues from ``train_state.pt``."""
+    summary (also written into ``sasrec.json``, with ``wall_s`` of this call and, when given, the
+    ``command`` that ran it). ``resume`` continues from ``train_state.pt``."""
+    t_call = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = data if data is not None else load_dataset(cfg.dataset, cfg.interactions, cfg.items)
@@ -494,7 +520,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, data: D
     if st["best"] is None:  # no evaluation ran: keep the last weights
         save_checkpoint(out, model, data.catalog.item_ids, meta_extra())
     meta = read_meta(out)
-    meta.update(training=_summary(st, cfg, n_params, threads, steps_per_epoch))
+    meta.update(training={**_summary(st, cfg, n_params, threads, steps_per_epoch), "wall_s": round(time.perf_counter() - t_call, 1)})
+    if command is not None:
+        meta["command"] = command
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return meta["training"]
 
@@ -523,15 +551,17 @@ def evaluate_checkpoint(
     data = load_dataset(dataset, interactions, items)
     _check_catalog(meta, data.catalog, folder)
     max_len = meta["model"]["max_len"]
+    if backend not in ("torch", "onnx"):
+        raise InputError(f"backend {backend!r}: expected 'torch' or 'onnx'")
+    if threads is not None and threads < 1:
+        raise InputError(f"threads {threads} must be at least 1")
+    graph = Path(onnx_path) if onnx_path else folder / ONNX_FILE
+    if backend == "onnx" and not graph.is_file():
+        raise InputError(f"{graph}: no ONNX file (export the checkpoint first: hatllm-edge sasrec export {folder})")
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    if backend == "torch":
-        scorer = torch_scorer(load_checkpoint(folder)[0])
-    elif backend == "onnx":
-        scorer = onnx_scorer(Path(onnx_path) if onnx_path else folder / ONNX_FILE, threads)
-    else:
-        raise InputError(f"backend {backend!r}: expected 'torch' or 'onnx'")
+    scorer = torch_scorer(load_checkpoint(folder)[0]) if backend == "torch" else onnx_scorer(graph, threads)
     res = evaluate_scorer(scorer, data, split, max_len, batch_size)
     wall = time.perf_counter() - t0
     return {"model": "sasrec", "checkpoint": str(folder), "backend": backend, "split": split, "users": res["users"],
@@ -594,3 +624,77 @@ def export_checkpoint_onnx(folder: Path, out: Path | None = None, opset: int = 1
         if report["max_abs_diff"] > 1e-4:
             raise RuntimeError(f"{path}: ONNX Runtime differs from PyTorch by {report['max_abs_diff']:.2e}")
     return report
+
+
+# --------------------------------------------------------------------------- report
+
+
+RANKS_NOTE = "0-based rank of the target among all catalog items (history not removed; ties by catalog order)"
+
+
+def report(
+    folder: Path, out: Path, dataset: str = "ml-100k", interactions: Path | None = None, items: Path | None = None,
+    threads: int | None = None, command: str | None = None,
+) -> dict[str, Any]:
+    """The results of a trained checkpoint, in one go: validation and test on PyTorch, the ONNX
+    export (``<folder>/sasrec.onnx``) checked against PyTorch, and test on ONNX Runtime (its
+    metrics and how many users get the same rank). Writes ``out`` (test, readable by
+    :func:`hatllm_edge.metrics.compare_runs`), ``<out stem>_valid.json`` beside it and, when the
+    checkpoint has a training log, ``<out stem>_train_log.jsonl`` and ``<out stem>_curve.png``.
+    Returns what ``out`` holds."""
+    folder, out = Path(folder), Path(out)
+    meta = read_meta(folder)
+    data_args = (dataset, interactions, items)
+    valid = evaluate_checkpoint(folder, "valid", *data_args, threads=threads)
+    test = evaluate_checkpoint(folder, "test", *data_args, threads=threads)
+    onnx = export_checkpoint_onnx(folder)
+    test_ort = evaluate_checkpoint(folder, "test", *data_args, backend="onnx", threads=threads)
+    same = sum(test_ort["ranks"][u] == r for u, r in test["ranks"].items())
+    onnx.update(test_metrics=test_ort["metrics"], test_same_rank_users=same, test_users=test["users"], test_wall_s=test_ort["wall_s"])
+    common = {"model": "sasrec", "checkpoint": str(folder), "config": meta["model"], "train_config": meta.get("train_config"),
+              "training": meta.get("training"), "train_command": meta.get("command"), "command": command, "ranks_note": RANKS_NOTE}
+    result = {**common, "split": "test", "users": test["users"], "metrics": test["metrics"],
+              "valid_metrics": valid["metrics"], "eval_wall_s": test["wall_s"], "onnx": onnx, "ranks": test["ranks"]}
+    result_valid = {**common, "split": "valid", "users": valid["users"], "metrics": valid["metrics"], "eval_wall_s": valid["wall_s"],
+                    "ranks": valid["ranks"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    out.with_name(out.stem + "_valid.json").write_text(json.dumps(result_valid, indent=1) + "\n", encoding="utf-8")
+    log = folder / LOG_FILE
+    if log.is_file():
+        text = log.read_text(encoding="utf-8")
+        out.with_name(out.stem + "_train_log.jsonl").write_text(text, encoding="utf-8")
+        plot_training([json.loads(line) for line in text.splitlines() if line.strip()], meta, out.with_name(out.stem + "_curve.png"))
+    return result
+
+
+def plot_training(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> Path:
+    """The learning curve from ``train_log.jsonl`` rows: validation NDCG@10 and HR@10 per
+    evaluated epoch, the chosen epoch, and the training loss on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ev = [r for r in rows if "valid" in r]
+    ax.plot([r["epoch"] for r in ev], [r["valid"]["NDCG@10"] for r in ev], label="valid NDCG@10")
+    ax.plot([r["epoch"] for r in ev], [r["valid"]["HR@10"] for r in ev], label="valid HR@10")
+    chosen = (meta.get("training") or {}).get("chosen_epoch")
+    if chosen:
+        ax.axvline(chosen, color="grey", ls=":", label=f"chosen epoch {chosen}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("metric (all users)")
+    ax2 = ax.twinx()
+    ax2.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], color="k", alpha=0.4, label="train loss")
+    ax2.set_ylabel("train cross-entropy")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
+    ax.set_title(f"SASRec on {meta.get('dataset', 'ml-100k')} loo-full")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -497,3 +497,124 @@ def test_bench_ablation_undoes_one_step_at_a_time(trained: tuple[Path, Any], dat
     assert_usage_error(invoke("bench", "--ablation", "--variants", "nothing like it", "--model", trained[0], "--interactions",
                               inter, "--items", items, "--workloads", "cand5-h3-b2", "--out", tmp_path / "none", "--quiet"),
                        "no ablation variant")
+
+
+# --------------------------------------------------------------------------- sasrec
+
+
+def sasrec_train_args(out: Path, data_files: tuple[Path, Path]) -> list[Any]:
+    inter, items = data_files
+    return ["sasrec", "train", out, "--interactions", inter, "--items", items, "--max-len", 8, "--hidden", 16, "--heads", 2,
+            "--blocks", 1, "--stride", 8, "--batch-size", 4, "--warmup-steps", 2, "--max-epochs", 2, "--threads", 1, "--quiet"]
+
+
+def sasrec_valid_at_chosen_epoch(out: Path) -> dict[str, float]:
+    from hatllm_edge.sasrec import read_meta
+
+    return read_meta(out)["training"]["valid_at_chosen_epoch"]
+
+
+@pytest.fixture(scope="module")
+def sasrec_trained(data_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    out = tmp_path_factory.mktemp("sasrec") / "run"
+    return out, invoke(*sasrec_train_args(out, data_files))
+
+
+def test_sasrec_train_writes_a_checkpoint(sasrec_trained: tuple[Path, Any], data_files: tuple[Path, Path]) -> None:
+    from hatllm_edge import sasrec
+
+    out, result = sasrec_trained
+    assert result.exit_code == 0, (result.output, result.exception)
+    summary = last_json(result)
+    assert summary["epochs"] == 2 and summary["chosen_epoch"] in (1, 2) and summary["torch_threads"] == 1
+    assert summary["wall_s"] >= 0
+    for name in (sasrec.CONFIG_FILE, sasrec.WEIGHTS_FILE, sasrec.STATE_FILE, sasrec.LOG_FILE):
+        assert (out / name).is_file(), name
+    meta = sasrec.read_meta(out)
+    assert meta["model"] == {"num_items": 6, "max_len": 8, "hidden": 16, "heads": 2, "blocks": 1, "dropout": 0.2}
+    assert meta["training"] == summary
+    # the command as given: the options set on the command line, in declaration order
+    inter, items = data_files
+    assert meta["command"] == (f"hatllm-edge sasrec train {out} --interactions {inter} --items {items} --max-len 8 --hidden 16 "
+                               "--heads 2 --blocks 1 --stride 8 --batch-size 4 --warmup-steps 2 --max-epochs 2 --threads 1 --quiet")
+
+
+def test_sasrec_train_defaults_are_the_library_defaults() -> None:
+    import typer.main
+
+    from hatllm_edge.sasrec import TrainConfig
+
+    cmd = typer.main.get_command(app).commands["sasrec"].commands["train"]  # type: ignore[attr-defined]
+    defaults = TrainConfig(out=Path("."))
+    options = {p.name: p.default for p in cmd.params if p.name not in ("out", "resume", "quiet", "help")}
+    assert options == {f: getattr(defaults, f) for f in options} and set(options) == set(defaults.to_json()) - {"out"}
+
+
+def test_sasrec_evaluate_export_and_onnx(sasrec_trained: tuple[Path, Any], data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    out, _ = sasrec_trained
+    inter, items = data_files
+    res = tmp_path / "sub" / "valid.json"
+    valid = invoke("sasrec", "evaluate", out, "--split", "valid", "--interactions", inter, "--items", items, "--out", res)
+    assert valid.exit_code == 0, (valid.output, valid.exception)
+    summary, saved = last_json(valid), json.loads(res.read_text())
+    assert summary["split"] == saved["split"] == "valid" and summary["users"] == saved["users"] == 6
+    assert summary["metrics"] == saved["metrics"] == pytest.approx(mean_metrics(list(saved["ranks"].values())))
+    assert set(saved["ranks"]) == set(SEQUENCES) and all(0 <= r < 6 for r in saved["ranks"].values())
+    assert summary["metrics"] == sasrec_valid_at_chosen_epoch(out), "the saved weights are the chosen epoch's"
+    assert saved["command"].startswith(f"hatllm-edge sasrec evaluate {out} --split valid ")
+
+    exported = invoke("sasrec", "export", out, "--out", tmp_path / "g" / "m.onnx", "--opset", 17)
+    assert exported.exit_code == 0, (exported.output, exported.exception)
+    report = last_json(exported)
+    assert report["onnx"] == str(tmp_path / "g" / "m.onnx") and report["opset"] == 17 and report["num_items"] == 6
+    assert report["max_abs_diff"] < 1e-4 and (tmp_path / "g" / "m.onnx").is_file()
+
+    runs = {}
+    for backend in ("torch", "onnx"):
+        r = invoke("sasrec", "evaluate", out, "--backend", backend, "--onnx", tmp_path / "g" / "m.onnx", "--threads", 1,
+                   "--interactions", inter, "--items", items, "--out", tmp_path / f"{backend}.json")
+        assert r.exit_code == 0, (backend, r.output, r.exception)
+        assert last_json(r)["backend"] == backend and last_json(r)["split"] == "test"
+        runs[backend] = json.loads((tmp_path / f"{backend}.json").read_text())["ranks"]
+    assert runs["onnx"] == runs["torch"]
+
+
+def test_sasrec_report_writes_the_results_files(sasrec_trained: tuple[Path, Any], data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    out, _ = sasrec_trained
+    inter, items = data_files
+    dest = tmp_path / "results" / "toy.json"
+    result = invoke("sasrec", "report", out, "--out", dest, "--threads", 1, "--interactions", inter, "--items", items)
+    assert result.exit_code == 0, (result.output, result.exception)
+    summary = last_json(result)
+    assert "ranks" not in summary and summary["split"] == "test" and summary["valid_metrics"] == sasrec_valid_at_chosen_epoch(out)
+    assert summary["onnx"]["test_same_rank_users"] == summary["onnx"]["test_users"] == 6
+    saved = json.loads(dest.read_text())
+    assert saved["command"].startswith(f"hatllm-edge sasrec report {out} --out {dest}")
+    assert saved["train_command"].startswith("hatllm-edge sasrec train ")
+    assert json.loads((tmp_path / "results" / "toy_valid.json").read_text())["split"] == "valid"
+    assert (tmp_path / "results" / "toy_train_log.jsonl").read_text() == (out / "train_log.jsonl").read_text()
+    assert (tmp_path / "results" / "toy_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # compare reads it like any evaluation JSON
+    assert invoke("compare", dest, dest, "--samples", 50).exit_code == 0
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["evaluate", "{ckpt}", "--split", "nope"], "--split must be one of valid, test"),
+    (["evaluate", "{ckpt}", "--backend", "tflite"], "--backend must be one of torch, onnx"),
+    (["evaluate", "{missing}"], "not a SASRec checkpoint"),
+    (["evaluate", "{ckpt}", "--backend", "onnx", "--onnx", "{missing}/m.onnx"], "no ONNX file"),
+    (["evaluate", "{ckpt}", "--threads", "0"], "threads 0"),
+    (["export", "{missing}"], "not a SASRec checkpoint"),
+    (["report", "{missing}", "--out", "{missing}/r.json"], "not a SASRec checkpoint"),
+    (["train", "{new}", "--schedule", "linear"], "--schedule must be one of constant, cosine"),
+    (["train", "{new}", "--batch-size", "0"], "batch_size is 0"),
+    (["train", "{new}", "--stride", "80"], "stride 80 is over max_len 50"),
+    (["train", "{new}", "--hidden", "10", "--heads", "3"], "not a multiple of heads"),
+    (["train", "{new}", "--resume"], "nothing to resume"),
+])
+def test_sasrec_bad_input(sasrec_trained: tuple[Path, Any], data_files: tuple[Path, Path], tmp_path: Path,
+                          args: list[str], needle: str) -> None:
+    args = [a.format(ckpt=sasrec_trained[0], missing=tmp_path / "missing", new=tmp_path / "new") for a in args]
+    data = [] if args[0] == "export" else ["--interactions", data_files[0], "--items", data_files[1]]
+    assert_usage_error(invoke("sasrec", *args, *data), needle)
+    assert not (tmp_path / "missing").exists()
