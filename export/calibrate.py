@@ -53,7 +53,7 @@ def activation_absmax(model: HatLLM, sequences: Iterable[tuple[np.ndarray, np.nd
     def record(name: str):  # type: ignore[no-untyped-def]
         def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1])
-            seen = x[real[-x.shape[0]:]].abs().float().amax(0)  # the head sees the kept positions only
+            seen = x[real].abs().float().amax(0)
             absmax[name] = torch.maximum(absmax[name], seen) if name in absmax else seen
         return hook
 

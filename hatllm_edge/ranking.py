@@ -277,10 +277,13 @@ def score_candidates(
     results: list[Ranked] = [Ranked([], [])] * len(encoded)
     for group in by_width(encoded, bucket):
         start = prefill(backend, [encoded[u] for u in group], bucket)
-        titles = [sorted(set(candidates[u]), key=lambda t, seg=prompts.answer_segment(encoded[u]):
-                         (tuple(prompts.answer(t, seg).ids), t)) for u in group]
-        answers = [[prompts.answer(t, prompts.answer_segment(encoded[u])) for t in distinct]
-                   for u, distinct in zip(group, titles)]
+        titles, answers = [], []
+        for u in group:  # each distinct title once, in order of its tokens
+            seg = prompts.answer_segment(encoded[u])
+            encoded_answers = sorted(((tuple(a.ids), t, a) for t in set(candidates[u]) for a in [prompts.answer(t, seg)]),
+                                     key=lambda x: x[:2])
+            titles.append([t for _, t, _ in encoded_answers])
+            answers.append([a for _, _, a in encoded_answers])
         totals = [np.zeros(len(a)) for a in answers]
         by_row_width: dict[int, list[tuple[int, list[int]]]] = {}
         for g, a in enumerate(answers):
