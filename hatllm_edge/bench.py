@@ -524,7 +524,7 @@ def run_ablation(checkpoint: Path, data: Dataset, workload: Workload, threads: i
         pooled += times["shipped"]
         ratio = np.asarray(times["variant"]) / np.asarray(times["shipped"])
         # layout and plumbing change no score under native compute; under int8 compute their
-        # last-ulp differences can flip rounded activation codes (README, "Latency")
+        # last-ulp differences can flip rounded activation codes (docs/results.md, "Latency")
         rows.append({"variant": name, "change": change, "p50_ms": float(np.median(times["variant"])),
                      "latencies_ms": times["variant"], "shipped_latencies_ms": times["shipped"],
                      "vs_shipped": round(float(np.median(ratio)), 2),

@@ -196,7 +196,7 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
     return results
 
 
-PACK_TOKENS = 128  # tokens per packed row (fastest of 64/128/256 for 100 candidates, README)
+PACK_TOKENS = 128  # tokens per packed row (fastest of 64/128/256 for 100 candidates, docs/results.md)
 PASS_TOKENS = 4096  # rows x width per forward pass
 
 

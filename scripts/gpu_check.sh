@@ -6,7 +6,7 @@
 #   OUT=/tmp/out bash scripts/gpu_check.sh          # ~3-5 min on an H200 once the wheels are in
 #
 # Needs onnxruntime-gpu (the CUDA execution provider). Wheels carried in .whl/ are installed
-# first (--no-index); see the README ("GPU check") for what to carry and its size limits.
+# first (--no-index); see docs/design.md ("GPU check") for what to carry and its size limits.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check}"

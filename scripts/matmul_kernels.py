@@ -1,5 +1,5 @@
 """Which ONNX Runtime matmul kernel is fast on this CPU? The measurement behind the engine's
-int8 expansion (README, "How the engine computes").
+int8 expansion (docs/results.md, "How the engine computes").
 
 16 chained 576x1536 / 1536x576 matmuls (SmolLM2-135M's MLP shapes) over ROWS rows, each
 kernel with the same seeded weights: fp32 MatMul, MatMulNBits 4- and 8-bit (block 32/64,

@@ -1,5 +1,5 @@
-"""Where does a candidate's score start to depend on its packing layout? (README, "int8 scores
-and the packing layout".)
+"""Where does a candidate's score start to depend on its packing layout? (docs/results.md, "A user's
+result does not depend on its batch or on candidate order".)
 
 Scores seeded random candidates for one seeded history twice, with rows of ``--pack-a`` and
 ``--pack-b`` fed tokens, on a bundle under ``--compute``. Prints how far the scores moved, then
