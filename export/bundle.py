@@ -94,7 +94,7 @@ def _calibration(model: HatLLM, folder: Path, meta: dict[str, Any]) -> dict[str,
     prompt = meta.get("prompt", {})
     if not ((folder / TOKENIZER_FILE).is_file() and (folder / CATALOG_FILE).is_file() and "eos_token" in prompt):
         return None
-    prompts = PromptBuilder.from_file(folder / TOKENIZER_FILE, prompt["eos_token"], prompt.get("max_history", 20))
+    prompts = PromptBuilder.from_meta(folder / TOKENIZER_FILE, prompt)
     return activation_absmax(model, calibration_sequences(prompts, Catalog.from_jsonl(folder / CATALOG_FILE)))
 
 

@@ -9,6 +9,7 @@ from export.bundle import export_bundle
 from export.convert import DType, Quant
 from export.graph import Embeddings
 from export.quantize import Int4Options
+from hatllm_edge.assistant import CONFIG_FILE as ASSISTANT_CONFIG, ONNX_FILE as ASSISTANT_ONNX
 from hatllm_edge.checkpoint import CATALOG_FILE, TOKENIZER_FILE, load_checkpoint
 
 
@@ -18,6 +19,8 @@ def export_checkpoint(
 ) -> Path:
     loaded = load_checkpoint(checkpoint)
     files = {TOKENIZER_FILE: checkpoint / TOKENIZER_FILE, CATALOG_FILE: checkpoint / CATALOG_FILE}
+    if (checkpoint / ASSISTANT_CONFIG).is_file():  # the collaborative assistant travels with the model
+        files.update({ASSISTANT_CONFIG: checkpoint / ASSISTANT_CONFIG, ASSISTANT_ONNX: checkpoint / ASSISTANT_ONNX})
     return export_bundle(
         loaded.model, out_dir, quant, files, loaded.meta, progress=progress, dtype=dtype, int4=int4, overwrite=overwrite,
         embeddings=embeddings,

@@ -1,5 +1,10 @@
-"""Training batches: prompt + answer, left-padded so that every answer ends at the last
-column and only the answer's positions need logits."""
+"""Training batches, left-padded, with labels for the answer tokens only.
+
+* :func:`make_batch`: one target per row (prompt + answer); every answer ends at the last
+  column, so only the answer's positions need logits.
+* :func:`make_window_batch`: one window of a user's sequence per row (list template); every
+  title after the window's ``first_target`` is an answer, trained in the same pass.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from hatllm_edge.data import Catalog, Example
+from hatllm_edge.data import Catalog, Example, Window
 from hatllm_edge.masks import MaskKind, build_masks, causal_visibility
 from hatllm_edge.prompt import PromptBuilder
 
@@ -19,37 +24,77 @@ class Batch:
     input_ids: torch.Tensor  # [B, L]
     position_ids: torch.Tensor  # [B, L]
     masks: dict[MaskKind, torch.Tensor]  # kind -> bool [B, 1, L, L]
-    logits_index: torch.Tensor  # [A]: the positions whose logits predict answer tokens
-    labels: torch.Tensor  # [B, A], -100 where not an answer token
+    logits_index: torch.Tensor | None  # [A]: the positions whose logits predict answer tokens (None: all)
+    labels: torch.Tensor  # [B, A] (or [B, L]): the token each kept position predicts, -100 where not an answer token
     segments: torch.Tensor  # [B, L]
+    targets: int  # answers (titles) in the batch
+    tokens: int  # real (not padding) tokens in the batch
 
 
-def make_batch(examples: Sequence[Example], catalog: Catalog, prompts: PromptBuilder) -> Batch:
-    rows = []
-    for ex in examples:
-        p = prompts.prompt([catalog.title(i) for i in ex.history])
-        a = prompts.answer(catalog.title(ex.target), prompts.answer_segment(p))
-        rows.append((np.concatenate([p.ids, a.ids]), np.concatenate([p.segments, a.segments]), len(a)))
-    width = max(len(ids) for ids, _, _ in rows)
-    answer_width = max(n for _, _, n in rows)
+def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of the labelled tokens: the quantity both batch
+    kinds train (a window's sum is the sum of its one-target prompts' sums)."""
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def _pack(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Left-pad token and segment rows to one width; returns ids, segments, validity, width."""
+    width = max(len(ids) for ids, _ in rows)
     b = len(rows)
     ids = np.zeros((b, width), dtype=np.int64)
     segs = np.zeros((b, width), dtype=np.int64)
     valid = np.zeros((b, width), dtype=bool)
-    labels = np.full((b, answer_width), -100, dtype=np.int64)
-    for r, (row_ids, row_segs, n) in enumerate(rows):
+    for r, (row_ids, row_segs) in enumerate(rows):
         ids[r, width - len(row_ids) :] = row_ids
         segs[r, width - len(row_ids) :] = row_segs
         valid[r, width - len(row_ids) :] = True
-        labels[r, answer_width - n :] = row_ids[-n:]
+    return ids, segs, valid, width
+
+
+def make_batch(examples: Sequence[Example], catalog: Catalog, prompts: PromptBuilder) -> Batch:
+    rows, answers = [], []
+    for ex in examples:
+        p = prompts.prompt([catalog.title(i) for i in ex.history])
+        a = prompts.answer(catalog.title(ex.target), prompts.answer_segment(p))
+        rows.append((np.concatenate([p.ids, a.ids]), np.concatenate([p.segments, a.segments])))
+        answers.append(len(a))
+    ids, segs, valid, width = _pack(rows)
+    answer_width = max(answers)
+    labels = np.full((len(rows), answer_width), -100, dtype=np.int64)
+    for r, n in enumerate(answers):
+        labels[r, answer_width - n :] = ids[r, width - n :]
+    return _batch(ids, segs, valid, labels, torch.arange(width - answer_width - 1, width - 1), len(rows))
+
+
+def make_window_batch(windows: Sequence[Window], catalog: Catalog, prompts: PromptBuilder) -> Batch:
+    """One row per window; the label at position p is the token at p + 1 where that token is
+    part of a target's answer (title and end marker)."""
+    rows, spans = [], []
+    for w in windows:
+        encoded, answer_spans = prompts.sequence([catalog.title(i) for i in w.items])
+        rows.append((encoded.ids, encoded.segments))
+        spans.append(answer_spans[w.first_target :])
+    ids, segs, valid, width = _pack(rows)
+    labels = np.full(ids.shape, -100, dtype=np.int64)
+    for r, ((row_ids, _), row_spans) in enumerate(zip(rows, spans)):
+        offset = width - len(row_ids)
+        for span in row_spans:
+            labels[r, offset + span.start - 1 : offset + span.stop - 1] = row_ids[span]
+    return _batch(ids, segs, valid, labels, None, sum(len(x) for x in spans))
+
+
+def _batch(ids: np.ndarray, segs: np.ndarray, valid: np.ndarray, labels: np.ndarray, logits_index: torch.Tensor | None,
+           targets: int) -> Batch:
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
     t = torch.from_numpy
-    masks = build_masks(t(segs), t(segs), causal_visibility(t(valid), width))
+    masks = build_masks(t(segs), t(segs), causal_visibility(t(valid), ids.shape[1]))
     return Batch(
         input_ids=t(ids),
         position_ids=t(positions),
         masks=masks,
-        logits_index=torch.arange(width - answer_width - 1, width - 1),
+        logits_index=logits_index,
         labels=t(labels),
         segments=t(segs),
+        targets=targets,
+        tokens=int(valid.sum()),
     )

@@ -205,7 +205,7 @@ def _requests(data: Dataset, w: Workload, seed: int, count: int) -> list[tuple[l
 
 def _all_history(ranker: Ranker) -> PromptBuilder:
     """The ranker's prompt builder with the model's ``max_history`` lifted: 20 items are 20."""
-    return PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0)
+    return PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0, template=ranker.prompts.template)
 
 
 def _runner(ranker: Ranker, w: Workload) -> Callable[[list[list[int]], list[list[int]]], None]:

@@ -74,5 +74,5 @@ def load_checkpoint(folder: Path, dtype: torch.dtype = torch.float32) -> Loaded:
             raise InputError(f"{folder / FULL_WEIGHTS}: does not fit the base model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
         base.tie_weights()
     schedule = LayerSchedule(**meta["schedule"])
-    prompts = PromptBuilder.from_file(folder / TOKENIZER_FILE, meta["prompt"]["eos_token"], meta["prompt"]["max_history"])
+    prompts = PromptBuilder.from_meta(folder / TOKENIZER_FILE, meta["prompt"])
     return Loaded(HatLLM(base.eval(), schedule), prompts, Catalog.from_jsonl(folder / CATALOG_FILE), meta, folder)

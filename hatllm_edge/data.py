@@ -68,6 +68,20 @@ class Example:
 
 
 @dataclass(frozen=True)
+class Window:
+    """A stretch of a user's training items; ``items[first_target:]`` are trained as targets,
+    each with the items before it in the window as its history."""
+
+    user_id: str
+    items: tuple[str, ...]
+    first_target: int
+
+    def examples(self) -> list[Example]:
+        """The one-target examples this window trains at once."""
+        return [Example(self.user_id, self.items[:t], self.items[t]) for t in range(self.first_target, len(self.items))]
+
+
+@dataclass(frozen=True)
 class Dataset:
     """A catalog and each user's ordered item sequence."""
 
@@ -98,6 +112,28 @@ class Dataset:
             train = seq[:-2]
             for t in range(1, len(train)):
                 out.append(Example(user, train[max(0, t - max_history) : t], train[t]))
+        if limit is not None and limit < len(out):
+            out = random.Random(seed).sample(out, limit)
+        return out
+
+    def train_windows(self, max_history: int, stride: int | None = None, limit: int | None = None, seed: int = 0) -> list["Window"]:
+        """Each user's training part cut into windows of at most ``max_history + 1`` items that
+        together train every prefix target once (every item but a user's first): a window's
+        last ``stride`` items (default ``max_history``) are its targets, each with the window's
+        earlier items as its history, so the earliest target of a window sees
+        ``max_history - stride + 1`` items (fewer at a sequence's start). A seeded sample of
+        ``limit`` windows when given."""
+        stride = stride or max_history
+        if not 1 <= stride <= max_history:
+            raise InputError(f"window stride {stride}: expected 1 to max_history ({max_history})")
+        out = []
+        for user, seq in self.sequences.items():
+            train = seq[:-2]
+            for last in range(len(train) - 1, 0, -stride):  # the last target of each window
+                first = max(1, last - stride + 1)
+                start = max(0, last - max_history)
+                out.append(Window(user, train[start : last + 1], first - start))
+        out.reverse()  # oldest window of each user first: data order, before any shuffle
         if limit is not None and limit < len(out):
             out = random.Random(seed).sample(out, limit)
         return out

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import random
 import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 from tqdm import tqdm
 
 from hatllm_edge.backend import Backend
-from hatllm_edge.data import Dataset, Split, load_dataset
+from hatllm_edge.data import Dataset, Example, Split, load_dataset
 from hatllm_edge.engine import Compute
 from hatllm_edge.errors import InputError
 from hatllm_edge.limits import beam_width
 from hatllm_edge.metrics import mean_metrics, target_rank
 from hatllm_edge.prompt import PromptBuilder
-from hatllm_edge.ranking import TitleTrie, beam_search, prompt_width
+from hatllm_edge.ranking import Fusion, TitleTrie, beam_search, prompt_width
 
 
 @dataclass(frozen=True)
@@ -36,16 +37,47 @@ class EvalConfig:
     dataset: str = "ml-100k"
     interactions: Path | None = None
     items: Path | None = None
+    assist: bool = True  # fuse the model folder's assistant, when it has one
+    assistant: Path | None = None  # or this SASRec checkpoint (sasrec.json + sasrec.onnx)
+    assistant_weight: float | None = None  # None: the model's validated weight
+    renormalise: bool | None = None  # None: the model's validated choice
+    seed: int = 0  # the user sample when ``users`` is given with ``sample``
+    sample: bool = False  # ``users``: a seeded sample instead of the first N
+
+
+def split_examples(data: Dataset, split: Split, max_history: int, users: int | None, sample: bool, seed: int) -> list[Example]:
+    """The split's examples: all, the first ``users``, or a seeded sample of ``users`` (data order)."""
+    examples = data.split(split, max_history)
+    if not users or users >= len(examples):
+        return examples
+    if not sample:
+        return examples[:users]
+    keep = set(random.Random(seed).sample(range(len(examples)), users))
+    return [ex for i, ex in enumerate(examples) if i in keep]
+
+
+def ranker_fusion(ranker: Any, assist: bool = True, weight: float | None = None, renormalise: bool | None = None
+                  ) -> Callable[[Sequence[Example]], Fusion]:
+    """Per batch of examples: the ranker's step scoring for their histories."""
+    def fusion(chunk: Sequence[Example]) -> Fusion:
+        histories = [[ranker.catalog.index(i) for i in ex.history] for ex in chunk]
+        return ranker.fusion(histories, assist, weight, renormalise)
+
+    return fusion
 
 
 def rank_split(
     backend: Backend, prompts: PromptBuilder, data: Dataset, split: Split, k: int, beams: int | None,
-    users: int | None = None, progress: bool = True, batch_users: int = 8,
+    users: int | None = None, progress: bool = True, batch_users: int = 8, examples: list[Example] | None = None,
+    fusion: Callable[[Sequence[Example]], Fusion] | None = None,
 ) -> dict[str, Any]:
-    """Beam-search top-k for every user of the split (``batch_users`` users per batch);
-    metrics and per-user target ranks. Users are batched in order of their prompts' padded
-    width, because a batch only runs prompts of one width together (:func:`prompt_width`)."""
-    examples = data.split(split, prompts.max_history)[:users]
+    """Beam-search top-k for every user of the split, or for ``examples`` when given
+    (``batch_users`` users per batch); metrics and per-user target ranks. Users are batched in
+    order of their prompts' padded width, because a batch only runs prompts of one width
+    together (:func:`prompt_width`). ``fusion`` gives each batch's step scoring (default: the LLM's
+    log-probability)."""
+    if examples is None:
+        examples = data.split(split, prompts.max_history)[:users]
     titles = {ex.user_id: [data.catalog.title(j) for j in ex.history] for ex in examples}
     order = sorted(examples, key=lambda ex: prompt_width(len(prompts.prompt(titles[ex.user_id]))))
     trie = TitleTrie.build(data.catalog, prompts)
@@ -54,7 +86,8 @@ def rank_split(
     bar = tqdm(total=len(examples), desc=f"evaluate {split}", disable=not progress, unit="user")
     for i in range(0, len(order), batch_users):
         chunk = order[i : i + batch_users]
-        ranked = beam_search(backend, prompts, trie, [titles[ex.user_id] for ex in chunk], k=k, beams=beams)
+        ranked = beam_search(backend, prompts, trie, [titles[ex.user_id] for ex in chunk], k=k, beams=beams,
+                             fusion=fusion(chunk) if fusion else Fusion())
         for ex, r in zip(chunk, ranked):
             ranks[ex.user_id] = target_rank([data.catalog.item_ids[j] for j in r.items], ex.target)
         bar.update(len(chunk))
@@ -81,12 +114,23 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     data = load_dataset(cfg.dataset, cfg.interactions, cfg.items)
     if data.catalog.item_ids != ranker.catalog.item_ids:
         raise InputError(f"{cfg.checkpoint}: its catalog differs from data set {data.name!r}; evaluate on the data it was trained on")
+    if cfg.assistant is not None:
+        from hatllm_edge.assistant import Assistant
+
+        ranker.assistant = Assistant.open(cfg.assistant, ranker.catalog, cfg.threads)
     width = beam_width(cfg.k, cfg.beams)
-    result = rank_split(ranker.backend, ranker.prompts, data, cfg.split, cfg.k, width, cfg.users, progress, cfg.batch_users)
+    examples = split_examples(data, cfg.split, ranker.prompts.max_history, cfg.users, cfg.sample, cfg.seed)
+    fusion = ranker_fusion(ranker, cfg.assist, cfg.assistant_weight, cfg.renormalise)
+    renormalise, weight = ranker.scoring(cfg.assist, cfg.assistant_weight, cfg.renormalise)
+    result = rank_split(ranker.backend, ranker.prompts, data, cfg.split, cfg.k, width, progress=progress,
+                        batch_users=cfg.batch_users, examples=examples, fusion=fusion)
     return {
         "checkpoint": str(cfg.checkpoint),
         "schedule": ranker.meta["schedule"],
         "backend": ranker.label,
+        "decoding": {"renormalise": renormalise, "assistant_weight": weight,
+                     "assistant": str(ranker.assistant.folder) if ranker.assistant and weight else None},
+        "users_sample": {"seed": cfg.seed} if cfg.sample and cfg.users else None,
         "k": cfg.k,
         "beams": width,
         "batch_users": cfg.batch_users,

@@ -19,7 +19,7 @@ from hatllm_edge.limits import (DEFAULT_K, MAX_BEAMS, MAX_CANDIDATES, MAX_HISTOR
 from hatllm_edge.ranker import DEFAULT_CHECKPOINT, Device, Ranker, cached_bundle, model_kind, open_model, show
 
 log = logging.getLogger("hatllm_edge")
-FIELDS = ("history", "candidates", "k", "beams", "user_id")
+FIELDS = ("history", "candidates", "k", "beams", "user_id", "assist")
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -66,7 +66,8 @@ def _check_int(req: dict[str, Any], field: str, limit: int, what: str, path: Pat
 
 def read_request(path: Path) -> dict[str, Any]:
     """The request: ``history`` (non-empty list), optional ``candidates`` (list), ``k`` and
-    ``beams`` (ints) and ``user_id``; every size within :mod:`hatllm_edge.limits`."""
+    ``beams`` (ints), ``assist`` (bool: fuse the model's assistant) and ``user_id``; every size
+    within :mod:`hatllm_edge.limits`."""
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:
@@ -102,6 +103,8 @@ def read_request(path: Path) -> dict[str, Any]:
         _check_refs(req["candidates"], "candidates", MAX_CANDIDATES, path)
     _check_int(req, "k", MAX_K, "the list length", path)
     _check_int(req, "beams", MAX_BEAMS, "the beam width", path)
+    if not isinstance(req.get("assist", True), bool):
+        raise InputError(f"{path}: field 'assist' must be true or false, got {show(req['assist'])}")
     user_id = req.get("user_id")
     if user_id is not None:
         if isinstance(user_id, bool) or not isinstance(user_id, (str, int)):
@@ -145,11 +148,13 @@ def _resolve_candidates(ranker: Ranker, refs: list[Any], where: str) -> list[int
 def run_rank(
     user: Path, model: Path | None, k: int | None, device: Device, quant: str, backend: str, threads: int | None,
     normalize: bool, progress: bool, exclude_history: bool = False, compute: Compute = "auto", beams: int | None = None,
+    assist: bool | None = None,
 ) -> dict[str, Any]:
     """Rank for one request. ``k`` and ``beams`` (flags) override the request's; the full-catalog
     search runs ``max(beams, k)`` wide (beams default 10), so a shorter list is a prefix of a
     longer one. ``exclude_history`` drops items the user already has (the ``loo-full``
-    protocol keeps them; a product usually does not)."""
+    protocol keeps them; a product usually does not). ``assist`` (flag, else the request's,
+    default on) fuses the model's collaborative assistant where it ships one."""
     req = read_request(user)
     for name, value, limit, what in (("--k", k, MAX_K, "the list length"), ("--beams", beams, MAX_BEAMS, "the beam width")):
         if value is not None and not 1 <= value <= limit:
@@ -166,17 +171,18 @@ def run_rank(
     if cut and len(history) > cut:
         log.warning("%s: the history has %d items; the model reads only the last %d (its max_history), "
                     "the oldest %d are left out", user, len(history), cut, len(history) - cut)
+    assist = req.get("assist", True) if assist is None else assist
     start = time.perf_counter()
     width = beam_width(k, beams)
     if "candidates" in req:
         candidates = _resolve_candidates(ranker, req["candidates"], f"{user}: candidates")
-        ranked = ranker.score(history, candidates, normalize)
+        ranked = ranker.score(history, candidates, normalize, assist=assist)
         items, scores = [candidates[i] for i in ranked.items], ranked.scores
         mode = "candidates"
     else:
         # ask for enough to fill k after dropping history items; the width stays max(beams, k)
         wanted = min(k + len(set(history)), size) if exclude_history else k
-        ranked = ranker.top_k([history], k=wanted, beams=width)[0]
+        ranked = ranker.top_k([history], k=wanted, beams=width, assist=assist)[0]
         items, scores = ranked.items, ranked.scores
         mode = "full-catalog"
     if exclude_history:
@@ -189,7 +195,8 @@ def run_rank(
         {"rank": r + 1, "item_id": ranker.catalog.item_ids[i], "title": ranker.catalog.titles[i], "score": round(s, 4)}
         for r, (i, s) in enumerate(zip(items, scores))
     ]
-    out: dict[str, Any] = {"user_id": req.get("user_id"), "mode": mode, "backend": ranker.label}
+    out: dict[str, Any] = {"user_id": req.get("user_id"), "mode": mode, "backend": ranker.label,
+                           "assistant_weight": ranker.scoring(assist)[1]}
     if mode == "full-catalog":
         out["beams"] = width
     return {**out, "latency_ms": round(latency, 2), "results": rows}

@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from hatllm_edge.assistant import CONFIG_FILE as ASSISTANT_CONFIG, Assistant
 from hatllm_edge.backend import Backend
 from hatllm_edge.data import Catalog
 from hatllm_edge.cache import clean_stale, file_lock, require_writable
 from hatllm_edge.engine import Compute, Optimization, cache_root, read_bundle_meta
 from hatllm_edge.errors import InputError
 from hatllm_edge.limits import MAX_REF_CHARS, beam_width
-from hatllm_edge.prompt import PromptBuilder
-from hatllm_edge.ranking import Ranked, TitleTrie, beam_search, score_candidates
+from hatllm_edge.prompt import LEGACY_TEMPLATE, TEMPLATES, PromptBuilder
+from hatllm_edge.ranking import Fusion, Ranked, TitleTrie, beam_search, score_candidates
 
 Device = Literal["cpu", "cuda"]
 BUNDLE_META = "bundle.json"
@@ -29,10 +30,16 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "hatllm
 
 @dataclass
 class Ranker:
+    """``meta["decoding"]`` (written by ``hatllm-edge fuse``) says how steps are scored by
+    default: ``renormalise`` over the trie's children, and ``assistant_weight``, the weight of
+    the collaborative assistant (SASRec, ``sasrec.json``/``sasrec.onnx`` in the model folder)
+    chosen on validation."""
+
     backend: Backend
     prompts: PromptBuilder
     catalog: Catalog
     meta: dict[str, Any]
+    assistant: Assistant | None = None
     _trie: TitleTrie | None = field(default=None, repr=False)
     _titles: dict[str, int] | None = field(default=None, repr=False)
     _loose: dict[str, str] | None = field(default=None, repr=False)
@@ -44,7 +51,9 @@ class Ranker:
         from hatllm_edge.engine import OnnxBackend
 
         backend = OnnxBackend.from_bundle(folder, device=device, threads=threads, compute=compute, optimization=optimization)
-        return cls._assemble(backend, folder, read_bundle_meta(folder))
+        ranker = cls._assemble(backend, folder, read_bundle_meta(folder))
+        ranker.assistant = open_assistant(folder, ranker.catalog, threads)
+        return ranker
 
     @classmethod
     def from_checkpoint(cls, folder: Path, bf16: bool = False, nf4: bool = False) -> "Ranker":
@@ -58,19 +67,22 @@ class Ranker:
         loaded = load_checkpoint(folder)
         model = to_nf4(loaded.model) if nf4 else loaded.model
         backend = TorchBackend(model, torch.bfloat16 if bf16 else torch.float32)
-        return cls(backend, loaded.prompts, loaded.catalog, loaded.meta)
+        return cls(backend, loaded.prompts, loaded.catalog, loaded.meta, open_assistant(folder, loaded.catalog))
 
     @classmethod
     def _assemble(cls, backend: Backend, folder: Path, meta: dict[str, Any]) -> "Ranker":
         try:
-            eos, max_history = meta["prompt"]["eos_token"], meta["prompt"]["max_history"]
+            prompt = meta["prompt"]
+            eos, max_history = prompt["eos_token"], prompt["max_history"]
             if not isinstance(eos, str) or not isinstance(max_history, int) or isinstance(max_history, bool) or max_history < 0:
                 raise TypeError
+            if prompt.get("template", LEGACY_TEMPLATE) not in TEMPLATES:
+                raise TypeError
         except (KeyError, TypeError):
-            raise InputError(f"bundle {folder}: {BUNDLE_META} has no valid prompt section (eos_token, max_history); "
-                             "re-export the bundle") from None
+            raise InputError(f"bundle {folder}: {BUNDLE_META} has no valid prompt section (eos_token, max_history, "
+                             f"template one of {TEMPLATES}); re-export the bundle") from None
         try:
-            prompts = PromptBuilder.from_file(folder / "tokenizer.json", eos, max_history)
+            prompts = PromptBuilder.from_meta(folder / "tokenizer.json", prompt)
         except InputError:
             raise
         except Exception as e:  # the tokenizers library raises plain Exceptions on a bad file
@@ -130,21 +142,58 @@ class Ranker:
     def titles(self, indices: Sequence[int]) -> list[str]:
         return [self.catalog.titles[i] for i in indices]
 
-    def top_k(self, histories: Sequence[Sequence[int]], k: int = 10, beams: int | None = None) -> list[Ranked]:
-        """Full-catalog top-k for each history (catalog indices, oldest first), by a beam search
-        :func:`~hatllm_edge.limits.beam_width` wide: ``beams`` (default 10), at least ``k``."""
-        return beam_search(self.backend, self.prompts, self.trie, [self.titles(h) for h in histories], k=k,
-                           beams=beam_width(k, beams))
+    @property
+    def decoding(self) -> dict[str, Any]:
+        return self.meta.get("decoding") or {}
 
-    def score(self, history: Sequence[int], candidates: Sequence[int], normalize: bool = False) -> Ranked:
-        """Candidates (catalog indices) ranked by log-probability; items index ``candidates``."""
-        return self.score_batch([history], [candidates], normalize)[0]
+    def scoring(self, assist: bool = True, weight: float | None = None, renormalise: bool | None = None) -> tuple[bool, float]:
+        """(renormalise, assistant weight) in effect: the model's validated defaults unless
+        overridden; the weight is 0 without ``assist`` or without an assistant in the model folder."""
+        renormalise = bool(self.decoding.get("renormalise", False)) if renormalise is None else renormalise
+        if weight is None:
+            weight = float(self.decoding.get("assistant_weight", 0.0))
+        if weight < 0:
+            raise InputError(f"assistant weight {weight}: must be >= 0")
+        return renormalise, (weight if assist and self.assistant is not None else 0.0)
+
+    def fusion(self, histories: Sequence[Sequence[int]], assist: bool = True, weight: float | None = None,
+               renormalise: bool | None = None) -> Fusion:
+        """How steps are scored for these histories (see :meth:`scoring`)."""
+        renormalise, weight = self.scoring(assist, weight, renormalise)
+        if not weight:
+            return Fusion(renormalise)
+        prior = self.assistant.logprobs([[self.catalog.item_ids[i] for i in h] for h in histories])  # type: ignore[union-attr]
+        return Fusion(renormalise, weight, prior)
+
+    def top_k(self, histories: Sequence[Sequence[int]], k: int = 10, beams: int | None = None, assist: bool = True,
+              weight: float | None = None, renormalise: bool | None = None) -> list[Ranked]:
+        """Full-catalog top-k for each history (catalog indices, oldest first), by a beam search
+        :func:`~hatllm_edge.limits.beam_width` wide: ``beams`` (default 10), at least ``k``;
+        steps scored as :meth:`fusion` says."""
+        return beam_search(self.backend, self.prompts, self.trie, [self.titles(h) for h in histories], k=k,
+                           beams=beam_width(k, beams), fusion=self.fusion(histories, assist, weight, renormalise))
+
+    def score(self, history: Sequence[int], candidates: Sequence[int], normalize: bool = False, assist: bool = True,
+              weight: float | None = None) -> Ranked:
+        """Candidates (catalog indices) ranked by log-probability (plus the assistant's share,
+        as in :meth:`top_k`); items index ``candidates``."""
+        return self.score_batch([history], [candidates], normalize, assist, weight)[0]
 
     def score_batch(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
-                    normalize: bool = False) -> list[Ranked]:
-        """:meth:`score` for several users in one batch (prompts and candidate passes shared)."""
+                    normalize: bool = False, assist: bool = True, weight: float | None = None) -> list[Ranked]:
+        """:meth:`score` for several users in one batch (prompts and candidate passes shared).
+        Candidate scores are the LLM's full-vocabulary log-probabilities (never renormalised)."""
+        fusion = self.fusion(histories, assist, weight, renormalise=False)
+        bonus = [fusion.title_bonus(u, self.catalog) for u in range(len(histories))] if fusion.prior is not None else None
         return score_candidates(self.backend, self.prompts, [self.titles(h) for h in histories],
-                                [self.titles(c) for c in candidates], normalize)
+                                [self.titles(c) for c in candidates], normalize, bonus=bonus)
+
+
+def open_assistant(folder: Path, catalog: Catalog, threads: int | None = None) -> Assistant | None:
+    """The collaborative assistant shipped in a model folder, if there is one."""
+    if not (folder / ASSISTANT_CONFIG).is_file():
+        return None
+    return Assistant.open(folder, catalog, threads)
 
 
 def bundle_cache_dir(checkpoint: Path, quant: str) -> Path:
@@ -154,7 +203,7 @@ def bundle_cache_dir(checkpoint: Path, quant: str) -> Path:
     from hatllm_edge.engine import GRAPH_CONTRACT, GRAPH_REVISION
 
     digest = hashlib.sha256(f"graph-contract-{GRAPH_CONTRACT}-revision-{GRAPH_REVISION}".encode())
-    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".jsonl")):
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".jsonl", ".onnx")):
         digest.update(path.relative_to(checkpoint).as_posix().encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return cache_root() / f"{checkpoint.name}-{digest.hexdigest()[:12]}" / f"onnx-{quant}"

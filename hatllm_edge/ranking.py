@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -32,6 +32,8 @@ class TitleTrie:
     children: list[dict[tuple[int, bool], int]] = field(default_factory=lambda: [{}])
     items: list[list[int]] = field(default_factory=lambda: [[]])
     is_title: list[bool] = field(default_factory=lambda: [False])
+    under: list[list[int]] = field(default_factory=lambda: [[]])  # catalog indices whose sequence passes node n
+    _expanded: dict[int, "Children"] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, catalog: Catalog, prompts: PromptBuilder) -> "TitleTrie":
@@ -40,6 +42,7 @@ class TitleTrie:
         for index, title in enumerate(catalog.titles):
             title_ids = prompts.title_ids(title)
             node = 0
+            trie.under[0].append(index)
             for depth, token in enumerate(title_ids + end):
                 key = (token, depth < len(title_ids))
                 nxt = trie.children[node].get(key)
@@ -49,9 +52,62 @@ class TitleTrie:
                     trie.children.append({})
                     trie.items.append([])
                     trie.is_title.append(key[1])
+                    trie.under.append([])
                 node = nxt
+                trie.under[node].append(index)
             trie.items[node].append(index)
         return trie
+
+    def expand(self, node: int) -> "Children":
+        """The children of ``node`` as arrays (built once per node)."""
+        out = self._expanded.get(node)
+        if out is None:
+            keys = list(self.children[node].items())
+            nodes = np.asarray([c for _, c in keys], dtype=np.int64)
+            tokens = np.asarray([t for (t, _), _ in keys], dtype=np.int64)
+            sizes = [len(self.under[c]) for c in nodes]
+            out = Children(tokens, nodes, np.unique(tokens),
+                           np.asarray([i for c in nodes for i in self.under[c]], dtype=np.int64),
+                           np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if keys else np.zeros(0, np.int64))
+            self._expanded[node] = out
+        return out
+
+
+@dataclass(frozen=True)
+class Children:
+    """A trie node's children: what one beam-search step can append."""
+
+    tokens: np.ndarray  # [C] the token leading to each child
+    nodes: np.ndarray  # [C] the child nodes
+    allowed: np.ndarray  # the distinct tokens: what a renormalised step normalises over
+    items: np.ndarray  # catalog indices under the children, child after child
+    starts: np.ndarray  # [C] where each child's items begin in ``items``
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How a step's score is made: the LLM's token log-probability, renormalised over the trie
+    node's children (``renormalise``: the probabilities of all catalog titles then sum to 1),
+    plus ``weight`` x the log of the assistant's probability mass under the child, divided by
+    the mass under its parent (D3's text-free assistant): summed over a title, the second term
+    is ``weight`` x log p_assistant(item)."""
+
+    renormalise: bool = False
+    weight: float = 0.0
+    prior: np.ndarray | None = None  # [U, N] assistant log-probabilities, catalog order (None: no assistant)
+
+    def rows(self, users: Sequence[int]) -> "Fusion":
+        return Fusion(self.renormalise, self.weight, None if self.prior is None else self.prior[np.asarray(users)])
+
+    def title_bonus(self, u: int, catalog: Catalog) -> dict[str, float]:
+        """Per title: what the assistant adds to a full title's score (its leaf holds every
+        item of that title, as in beam search)."""
+        if self.prior is None or not self.weight:
+            return {}
+        mass: dict[str, float] = {}
+        for i, title in enumerate(catalog.titles):
+            mass[title] = mass.get(title, 0.0) + float(np.exp(self.prior[u, i]))
+        return {t: self.weight * float(np.log(max(m, 1e-300))) for t, m in mass.items()}
 
 
 @dataclass(frozen=True)
@@ -65,6 +121,11 @@ class Ranked:
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def logsumexp(x: np.ndarray) -> float:
+    top = float(x.max())
+    return top + float(np.log(np.exp(x - top).sum()))
 
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this many tokens (see prompt_width)
@@ -126,9 +187,11 @@ def beam_search(
     histories: Sequence[Sequence[str]],
     k: int = 10,
     beams: int | None = None,
+    fusion: Fusion = Fusion(),
 ) -> list[Ranked]:
     """Top-``k`` catalog items for each history by constrained beam search (``beams`` wide,
-    default ``k``). All users' beams run as one batch, so each step reads the weights once.
+    default ``k``), each step scored as ``fusion`` says (default: the LLM's log-probability).
+    All users' beams run as one batch, so each step reads the weights once.
 
     Users run in batches of one :func:`prompt_width`, so a user's list is the same alone or
     in any company. Per user, every step keeps the ``beams`` best unfinished hypotheses; finished ones (a full
@@ -139,45 +202,58 @@ def beam_search(
     encoded = [prompts.prompt(h) for h in histories]
     results: list[Ranked] = [Ranked([], [])] * len(encoded)
     for group in by_width(encoded):
-        for u, ranked in zip(group, _search(backend, prompts, trie, [encoded[u] for u in group], k, beams)):
+        for u, ranked in zip(group, _search(backend, prompts, trie, [encoded[u] for u in group], k, beams, fusion.rows(group))):
             results[u] = ranked
     return results
 
 
 def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: Sequence[Encoded], k: int,
-            beams: int) -> list[Ranked]:
+            beams: int, fusion: Fusion) -> list[Ranked]:
     """:func:`beam_search` for one batch of prompts."""
     users = len(encoded)
     answer_seg = np.asarray([prompts.answer_segment(p) for p in encoded])
     start = prefill(backend, encoded)
     logprobs, cache, key_segs, key_valid, next_pos = start.logprobs, start.cache, start.key_segments, start.key_valid, start.lengths
     row_user, row_node, row_score = np.arange(users), np.zeros(users, dtype=np.int64), np.zeros(users)
+    assist = fusion.prior is not None and fusion.weight != 0
+    prob = np.exp(fusion.prior) if assist else None
+    row_mass = np.zeros(users)  # log assistant mass under each row's node (the root holds it all)
     finished: list[list[tuple[float, int]]] = [[] for _ in range(users)]  # (score, leaf node)
     while len(row_user):
         parents, tokens, children = [], [], []
         for u in range(users):
-            rows = np.flatnonzero(row_user == u)
-            cand = [(row_score[r] + logprobs[r, t], r, t, c) for r in rows for (t, _), c in trie.children[row_node[r]].items()]
+            cand = []
+            for r in np.flatnonzero(row_user == u):
+                ch = trie.expand(row_node[r])
+                step = logprobs[r, ch.tokens]
+                if fusion.renormalise:
+                    step = step - logsumexp(logprobs[r, ch.allowed])
+                mass = np.zeros(len(ch.nodes))
+                if assist:
+                    mass = np.log(np.maximum(np.add.reduceat(prob[u, ch.items], ch.starts), 1e-300))
+                    step = step + fusion.weight * (mass - row_mass[r])
+                cand += zip((row_score[r] + step).tolist(), [r] * len(step), ch.tokens.tolist(), ch.nodes.tolist(), mass.tolist())
             cand.sort(key=lambda x: -x[0])
             kept = []
-            for score, r, t, child in cand:
+            for score, r, t, child, m in cand:
                 if trie.items[child]:
                     finished[u].append((float(score), child))
                 elif len(kept) < beams:
-                    kept.append((score, r, t, child))
+                    kept.append((score, r, t, child, m))
             finished[u].sort(key=lambda f: -f[0])
             bound = finished[u][k - 1][0] if len(finished[u]) >= k else -np.inf
-            for score, r, t, child in kept:
+            for score, r, t, child, m in kept:
                 if score > bound:
                     parents.append(r)
                     tokens.append(t)
-                    children.append((u, child, score))
+                    children.append((u, child, score, m))
         if not parents:
             break
         parent = np.asarray(parents, dtype=np.int64)
-        row_user = np.asarray([u for u, _, _ in children], dtype=np.int64)
-        row_node = np.asarray([c for _, c, _ in children], dtype=np.int64)
-        row_score = np.asarray([s for _, _, s in children])
+        row_user = np.asarray([c[0] for c in children], dtype=np.int64)
+        row_node = np.asarray([c[1] for c in children], dtype=np.int64)
+        row_score = np.asarray([c[2] for c in children])
+        row_mass = np.asarray([c[3] for c in children])
         q_segs = np.where([trie.is_title[n] for n in row_node], answer_seg[row_user], 0)[:, None]
         key_segs = np.concatenate([key_segs[parent], q_segs], axis=1)
         key_valid = np.concatenate([key_valid[parent], np.ones((len(parent), 1), dtype=bool)], axis=1)
@@ -252,8 +328,10 @@ def score_candidates(
     pass_tokens: int = PASS_TOKENS,
     balanced: bool = True,
     bucket: int = PROMPT_BUCKET,
+    bonus: Sequence[Mapping[str, float]] | None = None,
 ) -> list[Ranked]:
-    """Rank each user's candidate titles by log p(title + end marker | prompt), best first.
+    """Rank each user's candidate titles by log p(title + end marker | prompt), plus the
+    user's ``bonus`` of the title where given (the assistant's share, :meth:`Fusion.title_bonus`), best first.
 
     The prompts run once, in batches of one :func:`prompt_width`. Candidates are then packed
     end to end into rows of at most ``pack_tokens`` tokens: a candidate's positions restart
@@ -296,7 +374,8 @@ def score_candidates(
                 _score_pass(backend, start, answers, rows[at : at + per_pass], width, totals)
         for g, u in enumerate(group):
             score = dict(zip(titles[g], totals[g] / np.asarray([len(x) for x in answers[g]]) if normalize else totals[g]))
-            total = np.asarray([score[t] for t in candidates[u]], dtype=np.float64)
+            extra = bonus[u] if bonus is not None else {}
+            total = np.asarray([score[t] + extra.get(t, 0.0) for t in candidates[u]], dtype=np.float64)
             order = np.argsort(-total, kind="stable")
             results[u] = Ranked([int(i) for i in order], [float(total[i]) for i in order])
     return results

@@ -42,20 +42,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hatllm_edge.assistant import (CONFIG_FILE, FORMAT, ONNX_FILE, ONNX_INPUT, ONNX_OUTPUT, PAD, catalog_ids, left_pad,
+                                   ort_session, read_config)
 from hatllm_edge.data import Catalog, Dataset, Example, Split, load_dataset
 from hatllm_edge.errors import InputError
 from hatllm_edge.metrics import mean_metrics
 
-FORMAT = "hatllm-edge/sasrec"
 FORMAT_VERSION = 1
-CONFIG_FILE = "sasrec.json"
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
-ONNX_FILE = "sasrec.onnx"
-PAD = 0
-ONNX_INPUT = "item_ids"
-ONNX_OUTPUT = "scores"
 _MASKED = -1e9  # additive attention bias of a masked key (finite: no NaN, exact zero weight in fp32)
 
 
@@ -161,21 +157,6 @@ class SASRec(nn.Module):
 # --------------------------------------------------------------------------- data
 
 
-def catalog_ids(catalog: Catalog, items: Sequence[str]) -> list[int]:
-    """Item ids -> model ids (catalog position + 1)."""
-    return [catalog.index(i) + 1 for i in items]
-
-
-def left_pad(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
-    """Rows of model ids -> [len(rows), width] int64, each row's last ``width`` ids, left-padded."""
-    out = np.zeros((len(rows), width), dtype=np.int64)
-    for r, row in enumerate(rows):
-        row = list(row)[-width:] if width else []
-        if row:
-            out[r, width - len(row) :] = row
-    return out
-
-
 def training_windows(
     sequences: Sequence[Sequence[int]], max_len: int, stride: int | None = None, rng: np.random.Generator | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -264,12 +245,7 @@ def torch_scorer(model: SASRec) -> Scorer:
 
 
 def onnx_scorer(path: Path, threads: int | None = None) -> Scorer:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, threads)
     return lambda x: sess.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
 
 
@@ -305,17 +281,6 @@ def save_checkpoint(folder: Path, model: SASRec, item_ids: Sequence[str], extra:
     tmp.replace(folder / CONFIG_FILE)
 
 
-def read_meta(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / CONFIG_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except OSError:
-        raise InputError(f"{folder}: not a SASRec checkpoint (no {CONFIG_FILE})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e.msg})") from None
-    if meta.get("format") != FORMAT:
-        raise InputError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
 
 
 def load_checkpoint(folder: Path) -> tuple[SASRec, dict[str, Any]]:
@@ -323,7 +288,7 @@ def load_checkpoint(folder: Path) -> tuple[SASRec, dict[str, Any]]:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    meta = read_meta(folder)
+    meta = read_config(folder)
     model = SASRec(SASRecConfig(**meta["model"]))
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     return model.eval(), meta
@@ -519,7 +484,7 @@ def train(
         st["stopped"] = f"max_epochs {cfg.max_epochs}"
     if st["best"] is None:  # no evaluation ran: keep the last weights
         save_checkpoint(out, model, data.catalog.item_ids, meta_extra())
-    meta = read_meta(out)
+    meta = read_config(out)
     meta.update(training={**_summary(st, cfg, n_params, threads, steps_per_epoch), "wall_s": round(time.perf_counter() - t_call, 1)})
     if command is not None:
         meta["command"] = command
@@ -547,7 +512,7 @@ def evaluate_checkpoint(
     ``users``, ``metrics`` and per-user ``ranks`` (full-catalog, 0-based): the JSON that
     :func:`hatllm_edge.metrics.compare_runs` reads."""
     folder = Path(folder)
-    meta = read_meta(folder)
+    meta = read_config(folder)
     data = load_dataset(dataset, interactions, items)
     _check_catalog(meta, data.catalog, folder)
     max_len = meta["model"]["max_len"]
@@ -643,7 +608,7 @@ def report(
     checkpoint has a training log, ``<out stem>_train_log.jsonl`` and ``<out stem>_curve.png``.
     Returns what ``out`` holds."""
     folder, out = Path(folder), Path(out)
-    meta = read_meta(folder)
+    meta = read_config(folder)
     data_args = (dataset, interactions, items)
     valid = evaluate_checkpoint(folder, "valid", *data_args, threads=threads)
     test = evaluate_checkpoint(folder, "test", *data_args, threads=threads)

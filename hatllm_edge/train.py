@@ -1,28 +1,52 @@
 """Fine-tuning with HatLLM's layer-wise masks: LoRA by default, full fine-tuning as an option.
-Loss: next-token cross-entropy on the answer (target title + end marker) only."""
+
+Two ways to present the data (``mode``):
+
+* ``window`` (default): each row is a window of a user's training sequence in the list
+  template; every title after the window's first is an answer, trained in the same pass as
+  the answer to the titles before it (:meth:`PromptBuilder.sequence`). ~20x fewer tokens per
+  target than one prompt per target, with the same masks and logits per target.
+* ``prompt``: one seeded prefix per row, the answer after the prompt (for comparison).
+
+Loss: next-token cross-entropy over the answer tokens (title and end marker), averaged per
+token. Runs outlive a working session: the full training state is saved every
+``save_every`` steps and ``--resume`` continues from it; every ``eval_every`` steps a fixed
+seeded subset of validation users is ranked (full catalog, beam search) and the checkpoint
+folder always holds the best step by validation NDCG@10.
+"""
 
 from __future__ import annotations
 
 import json
-import math
+import os
 import random
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from hatllm_edge import checkpoint as ckpt
-from hatllm_edge.batching import make_batch
-from hatllm_edge.data import load_dataset
+from hatllm_edge.batching import answer_nll, make_batch, make_window_batch
+from hatllm_edge.data import Dataset, Example, Window, load_dataset
+from hatllm_edge.errors import InputError
 from hatllm_edge.masks import LayerSchedule
 from hatllm_edge.model import BaseModelSpec, HatLLM, load_base
+from hatllm_edge.prompt import PromptBuilder
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+Mode = Literal["window", "prompt"]
+LORA_TARGETS = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.jsonl"
+EVAL_LOG_FILE = "valid_log.jsonl"
+# Fields that may change on --resume: they do not change what a step computes.
+RESUMABLE = ("max_minutes", "eval_every", "eval_users", "save_every")
 
 
 @dataclass(frozen=True)
@@ -34,31 +58,113 @@ class TrainConfig:
     dataset: str = "ml-100k"
     interactions: Path | None = None
     items: Path | None = None
-    examples: int | None = 2048  # seeded sample of the training prefixes; None = all
+    mode: Mode = "window"
+    stride: int | None = None  # window mode: targets per window (default max_history)
+    examples: int | None = None  # seeded sample of windows (or prompts); None = all
     epochs: int = 1
-    batch_size: int = 8
+    batch_size: int = 8  # windows (or prompts) per step
     lr: float = 5e-4
-    warmup: float = 0.05
+    warmup: float = 0.03  # share of the steps; cosine decay after (transformers' schedule)
     weight_decay: float = 0.0
     full: bool = False  # full fine-tuning instead of LoRA
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    lora_targets: Literal["attention", "all"] = "all"
     max_history: int = 20
-    bf16: bool = True  # bf16 autocast (AMX on this CPU); fp32 master weights
+    bf16: bool = True  # bf16 autocast; fp32 master weights
     seed: int = 0
+    eval_every: int = 0  # steps between validations; 0 = only at the end
+    eval_users: int = 100  # the fixed seeded subset of validation users
+    save_every: int = 25  # steps between saved training states
+    max_minutes: float | None = None  # stop (resumably) after this much training time
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["base"] = self.base.to_dict()
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Train and write a checkpoint folder to ``cfg.out``; returns the training summary."""
+def training_units(data: Dataset, cfg: TrainConfig) -> list[Window] | list[Example]:
+    if cfg.mode == "window":
+        return data.train_windows(cfg.max_history, cfg.stride, cfg.examples, cfg.seed)
+    if cfg.mode == "prompt":
+        return data.train_examples(cfg.max_history, cfg.examples, cfg.seed)
+    raise InputError(f"training mode {cfg.mode!r}: expected 'window' or 'prompt'")
+
+
+def plan_batches(sizes: list[int], batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Every step's unit indices, all epochs, fixed by the seed (so a resumed run sees the same
+    order). Each epoch is shuffled, then cut into blocks of 16 batches whose units are sorted
+    by size before batching, so that a batch pads little; the batches of a block are shuffled."""
+    steps: list[list[int]] = []
+    for epoch in range(epochs):
+        rng = random.Random(seed * 1_000_003 + epoch)
+        order = list(range(len(sizes)))
+        rng.shuffle(order)
+        block = 16 * batch_size
+        for b in range(0, len(order), block):
+            chunk = sorted(order[b : b + block], key=lambda i: sizes[i])
+            batches = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+            rng.shuffle(batches)
+            steps += batches
+    return steps
+
+
+def validation_users(data: Dataset, max_history: int, n: int, seed: int) -> list[Example]:
+    """The fixed subset of validation examples that picks the best step (seeded, data order)."""
+    examples = data.split("valid", max_history)
+    if n and n < len(examples):
+        keep = set(random.Random(seed).sample(range(len(examples)), n))
+        examples = [ex for i, ex in enumerate(examples) if i in keep]
+    return examples
+
+
+def validate(model: HatLLM, prompts: PromptBuilder, data: Dataset, examples: list[Example], k: int = 10,
+             bf16: bool = True) -> dict[str, Any]:
+    """Full-catalog NDCG/HR of the current weights on ``examples`` (PyTorch, beam k; bf16
+    autocast keeps the fp32 master weights and halves the cost)."""
+    from hatllm_edge.evaluate import rank_split
+    from hatllm_edge.torch_backend import TorchBackend
+
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            result = rank_split(TorchBackend(model), prompts, data, "valid", k, k, progress=False, examples=examples)
+    finally:
+        model.train()
+    return {"metrics": result["metrics"], "users": result["users"], "wall_s": result["wall_s"]}
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(f".partial-{os.getpid()}")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train (or continue) and keep the best checkpoint in ``cfg.out``; returns the summary."""
+    state_path = cfg.out / STATE_FILE
+    saved = None
+    if resume:
+        if not state_path.is_file():
+            raise InputError(f"{cfg.out}: nothing to resume (no {STATE_FILE}); start without --resume")
+        saved = torch.load(state_path, weights_only=False)
+        before = {k: v for k, v in saved["config"].items() if k not in RESUMABLE}
+        now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
+        changed = sorted(k for k in now if before.get(k) != now[k])
+        if changed:
+            raise InputError(f"--resume with other settings than the run in {cfg.out}: {', '.join(changed)} differ "
+                             f"(only {', '.join(RESUMABLE)} may change)")
+    elif state_path.is_file():
+        raise InputError(f"{cfg.out} holds a run in progress ({STATE_FILE}); continue it with --resume or use another folder")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.interactions, cfg.items)
-    examples = data.train_examples(cfg.max_history, cfg.examples, cfg.seed)
+    units = training_units(data, cfg)
     lm, tokenizer = load_base(cfg.base)
     schedule = LayerSchedule(lm.config.num_hidden_layers, cfg.n_in, cfg.n_cr)
     if cfg.full:
@@ -66,77 +172,131 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
     else:
         from peft import LoraConfig, get_peft_model
 
-        trainable = get_peft_model(
-            lm,
-            LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=list(LORA_TARGETS)),
-        )
+        trainable = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                  target_modules=list(LORA_TARGETS[cfg.lora_targets])))
     model = HatLLM(trainable, schedule).train()
+    prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history)
+    if cfg.mode == "window":
+        sizes = [sum(len(prompts.title_ids(data.catalog.title(i))) for i in u.items) for u in units]
+    else:
+        sizes = [sum(len(prompts.title_ids(data.catalog.title(i))) for i in u.history) for u in units]
+    steps = plan_batches(sizes, cfg.batch_size, cfg.epochs, cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from transformers import get_cosine_schedule_with_warmup
+
+    sched = get_cosine_schedule_with_warmup(optim, max(1, int(cfg.warmup * len(steps))), len(steps))
+    valid_examples = validation_users(data, cfg.max_history, cfg.eval_users, cfg.seed)
+    run: dict[str, Any] = {"step": 0, "train_s": 0.0, "eval_s": 0.0, "tokens": 0, "targets": 0, "best": None}
+    if saved is not None:
+        with torch.no_grad():
+            for n, v in saved["trainable"].items():
+                named[n].copy_(v)
+        optim.load_state_dict(saved["optim"])
+        sched.load_state_dict(saved["sched"])
+        torch.set_rng_state(saved["torch_rng"])
+        run = saved["run"]
     meta = {
         "format": 1,
         "base": cfg.base.to_dict(),
         "model_type": lm.config.model_type,
         "schedule": schedule.to_dict(),
-        "prompt": {"max_history": cfg.max_history, "eos_token": tokenizer.eos_token},
+        "prompt": prompts.meta(),
         "finetune": "full" if cfg.full else "lora",
-        "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k not in ("base", "out")},
-        "data": {"name": data.name, "users": len(data.sequences), "items": len(data.catalog), "train_examples": len(examples)},
+        "train": {k: v for k, v in cfg.to_dict().items() if k not in ("base", "out")},
+        "data": {"name": data.name, "users": len(data.sequences), "items": len(data.catalog), "train_units": len(units),
+                 "train_targets": sum(len(u.items) - u.first_target for u in units) if cfg.mode == "window" else len(units)},
     }
-    from hatllm_edge.prompt import PromptBuilder
-
-    prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warm = max(1, int(cfg.warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (total - s) / max(1, total - warm)) if s >= warm else (s + 1) / warm
-    )
     cfg.out.mkdir(parents=True, exist_ok=True)
-    log_path = cfg.out / "train_log.jsonl"
-    log = log_path.open("w", encoding="utf-8")
-    rng = random.Random(cfg.seed)
-    start, step, losses = time.time(), 0, []
-    bar = tqdm(total=total, desc="train", disable=not progress, unit="step")
+
+    def save_state() -> None:
+        _save_state(state_path, {"config": cfg.to_dict(), "trainable": {n: p.detach().clone() for n, p in named.items()},
+                                 "optim": optim.state_dict(), "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                                 "run": run})
+
+    def write_checkpoint(valid: dict[str, Any] | None) -> None:
+        ckpt.write_common(cfg.out, tokenizer, data.catalog, {**meta, "validation": valid, "train_summary": summary()})
+        if cfg.full:
+            from safetensors.torch import save_file
+
+            tied = lm.config.tie_word_embeddings  # a tied head is the embedding matrix: store it once
+            state = {k: v.contiguous() for k, v in lm.state_dict().items() if not (tied and k == "lm_head.weight")}
+            save_file(state, str(cfg.out / ckpt.FULL_WEIGHTS))
+        else:
+            trainable.save_pretrained(str(cfg.out / ckpt.ADAPTER_DIR))
+
+    def summary() -> dict[str, Any]:
+        return {
+            "steps_done": run["step"],
+            "steps_planned": len(steps),
+            "epochs_done": round(run["step"] / max(1, len(steps)) * cfg.epochs, 3),
+            "targets_seen": run["targets"],
+            "tokens_seen": run["tokens"],
+            "train_s": round(run["train_s"], 1),
+            "eval_s": round(run["eval_s"], 1),
+            "tokens_per_s": round(run["tokens"] / max(1e-9, run["train_s"]), 1),
+            "targets_per_s": round(run["targets"] / max(1e-9, run["train_s"]), 2),
+            "peak_rss_mib": round(_peak_rss_mib(), 1),
+            "torch_threads": torch.get_num_threads(),
+            "best": run["best"],
+        }
+
+    def evaluate_now() -> None:
+        t0 = time.time()
+        valid = validate(model, prompts, data, valid_examples, bf16=cfg.bf16)
+        run["eval_s"] += time.time() - t0
+        record = {"step": run["step"], **valid}
+        with (cfg.out / EVAL_LOG_FILE).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if run["best"] is None or valid["metrics"]["ndcg@10"] > run["best"]["metrics"]["ndcg@10"]:
+            run["best"] = record
+            write_checkpoint(record)
+
+    log = (cfg.out / LOG_FILE).open("a" if resume else "w", encoding="utf-8")
+    if not resume:
+        (cfg.out / EVAL_LOG_FILE).unlink(missing_ok=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
-    for epoch in range(cfg.epochs):
-        order = examples[:]
-        rng.shuffle(order)
-        for i in range(0, len(order), cfg.batch_size):
-            batch = make_batch(order[i : i + cfg.batch_size], data.catalog, prompts)
-            with autocast:
-                logits, _ = model(batch.input_ids, batch.position_ids, batch.masks, logits_index=batch.logits_index)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optim.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-            record = {"step": step, "epoch": epoch, "loss": round(loss.item(), 5), "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - start, 2)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-            bar.update()
+    deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
+    build = make_window_batch if cfg.mode == "window" else make_batch
+    bar = tqdm(total=len(steps), initial=run["step"], desc="train", disable=not progress, unit="step")
+    recent: list[float] = []
+    while run["step"] < len(steps) and not (deadline and time.time() > deadline):
+        t0 = time.time()
+        batch = build([units[i] for i in steps[run["step"]]], data.catalog, prompts)
+        with autocast:
+            logits, _ = model(batch.input_ids, batch.position_ids, batch.masks, logits_index=batch.logits_index)
+        loss = answer_nll(logits, batch.labels) / (batch.labels != -100).sum()
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        sched.step()
+        run["train_s"] += time.time() - t0
+        run["step"] += 1
+        run["tokens"] += batch.tokens
+        run["targets"] += batch.targets
+        recent = (recent + [loss.item()])[-20:]
+        log.write(json.dumps({"step": run["step"], "loss": round(loss.item(), 5), "lr": sched.get_last_lr()[0],
+                              "tokens": batch.tokens, "targets": batch.targets, "step_s": round(time.time() - t0, 3),
+                              "train_s": round(run["train_s"], 1)}) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", tok_s=f"{run['tokens'] / run['train_s']:.0f}")
+        bar.update()
+        if cfg.eval_every and run["step"] % cfg.eval_every == 0:
+            evaluate_now()
+            save_state()
+        elif cfg.save_every and run["step"] % cfg.save_every == 0:
+            save_state()
     bar.close()
     log.close()
-    summary = {
-        "steps": step,
-        "examples_seen": len(examples) * cfg.epochs,
-        "wall_s": round(time.time() - start, 1),
-        "final_loss_avg20": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
-        "peak_rss_mib": round(_peak_rss_mib(), 1),
-        "torch_threads": torch.get_num_threads(),
-    }
-    meta["train_summary"] = summary
-    ckpt.write_common(cfg.out, tokenizer, data.catalog, meta)
-    if cfg.full:
-        from safetensors.torch import save_file
-
-        tied = lm.config.tie_word_embeddings  # a tied head is the embedding matrix: store it once
-        state = {k: v.contiguous() for k, v in lm.state_dict().items() if not (tied and k == "lm_head.weight")}
-        save_file(state, str(cfg.out / ckpt.FULL_WEIGHTS))
-    else:
-        trainable.save_pretrained(str(cfg.out / ckpt.ADAPTER_DIR))
-    return summary
+    finished = run["step"] >= len(steps)
+    if finished and (run["best"] is None or run["best"]["step"] != run["step"]):
+        evaluate_now()
+    save_state()
+    if run["best"] is not None:  # refresh the summary in the best checkpoint's metadata
+        path = cfg.out / ckpt.META_FILE
+        written = json.loads(path.read_text(encoding="utf-8"))
+        written["train_summary"] = summary()
+        path.write_text(json.dumps(written, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {**summary(), "finished": finished}

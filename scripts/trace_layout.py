@@ -68,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
 
     ranker = Ranker.from_bundle(args.bundle, threads=2, compute=args.compute)
-    ranker.prompts = PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0)
+    ranker.prompts = PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0, template=ranker.prompts.template)
     rng = random.Random(args.seed)
     history = rng.sample(range(len(ranker.catalog)), args.history)
     candidates = rng.sample(range(len(ranker.catalog)), args.candidates)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from conftest import tiny_llama_config
-from hatllm_edge.batching import make_batch
-from hatllm_edge.data import Catalog, Example
+from hatllm_edge.batching import answer_nll, make_batch, make_window_batch
+from hatllm_edge.data import Catalog, Example, Window
 from hatllm_edge.masks import LayerSchedule, build_masks, causal_visibility
 from hatllm_edge.model import HatLLM
 from hatllm_edge.prompt import PromptBuilder
@@ -69,3 +69,75 @@ def test_padded_rows_score_as_alone(prompts: PromptBuilder, n_in: int, n_cr: int
         expected = F.cross_entropy(alone[0, -n - 1 : -1], t_ids[0, -n:], reduction="sum")
         got = F.cross_entropy(logits[r], batch.labels[r], ignore_index=-100, reduction="sum")
         assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-4)
+
+
+WINDOWS = [
+    Window("u1", ("a", "b", "c", "d", "c"), 1),  # every title after the first is a target
+    Window("u2", ("d", "b", "a"), 2),  # only the last: the earlier ones were trained by an earlier window
+]
+
+
+def test_window_layout_is_the_prompts_it_replaces(prompts: PromptBuilder) -> None:
+    """Each target's tokens before its answer are exactly its one-target prompt, and its labels
+    are exactly its answer."""
+    batch = make_window_batch(WINDOWS, CATALOG, prompts)
+    assert batch.targets == sum(len(w.examples()) for w in WINDOWS) == 5
+    width = batch.input_ids.shape[1]
+    for r, w in enumerate(WINDOWS):
+        row = batch.input_ids[r].numpy()
+        labelled = np.flatnonzero(batch.labels[r].numpy() != -100)  # positions predicting an answer token
+        spans = np.split(labelled, np.flatnonzero(np.diff(labelled) > 1) + 1)
+        assert len(spans) == len(w.examples())
+        for ex, span in zip(w.examples(), spans):
+            p = prompts.prompt([CATALOG.title(i) for i in ex.history])
+            a = prompts.answer(CATALOG.title(ex.target), prompts.answer_segment(p))
+            start = span[0] + 1  # the first answer token
+            pad = width - len(prompts.sequence([CATALOG.title(i) for i in w.items])[0])
+            assert row[pad:start].tolist() == p.ids.tolist()
+            assert batch.segments[r, pad:start].tolist() == p.segments.tolist()
+            assert row[start : start + len(a)].tolist() == a.ids.tolist()
+            assert batch.segments[r, start : start + len(a)].tolist() == a.segments.tolist()
+            assert batch.labels[r, span].tolist() == a.ids.tolist()
+
+
+@pytest.mark.parametrize("n_in,n_cr", [(0, 0), (1, 1), (2, 0), (0, 2)])
+def test_window_loss_is_the_sum_of_the_one_target_losses(prompts: PromptBuilder, n_in: int, n_cr: int) -> None:
+    """One pass over a window trains each target exactly as its own prompt would: same
+    logits per answer token (so HatLLM's masks need no change), same summed loss."""
+    torch.manual_seed(0)
+    model = HatLLM(LlamaForCausalLM(tiny_llama_config(layers=2, init=0.2)).eval(), LayerSchedule(2, n_in, n_cr))
+    window = make_window_batch(WINDOWS, CATALOG, prompts)
+    examples = [ex for w in WINDOWS for ex in w.examples()]
+    single = make_batch(examples, CATALOG, prompts)
+    with torch.no_grad():
+        w_logits, _ = model(window.input_ids, window.position_ids, window.masks, logits_index=window.logits_index)
+        s_logits, _ = model(single.input_ids, single.position_ids, single.masks, logits_index=single.logits_index)
+    assert answer_nll(w_logits, window.labels).item() == pytest.approx(answer_nll(s_logits, single.labels).item(), rel=1e-5)
+    # per target: the answer tokens' logits agree, not just the sums
+    e = 0
+    for r, w in enumerate(WINDOWS):
+        labelled = np.flatnonzero(window.labels[r].numpy() != -100)
+        for span in np.split(labelled, np.flatnonzero(np.diff(labelled) > 1) + 1):
+            keep = single.labels[e].numpy() != -100
+            torch.testing.assert_close(w_logits[r, span], s_logits[e, keep], rtol=1e-4, atol=1e-4)
+            e += 1
+
+
+def test_windows_cover_every_training_target_once() -> None:
+    from hatllm_edge.data import Dataset
+
+    seqs = {"u1": tuple("abcdefghijkl"), "u2": ("a", "b", "c"), "u3": ("a", "b", "c", "d")}
+    data = Dataset("toy", Catalog(tuple("abcdefghijkl"), tuple("ABCDEFGHIJKL")), seqs)
+    for max_history, stride in [(3, None), (3, 1), (4, 2), (20, None)]:
+        windows = data.train_windows(max_history, stride)
+        got = sorted((ex.user_id, ex.history, ex.target) for w in windows for ex in w.examples())
+        targets = sorted((ex.user_id, ex.target, len(ex.history)) for ex in data.train_examples(max_history))
+        assert sorted((u, t, len(h)) for u, h, t in got) != [] and len(got) == len(targets)
+        assert sorted((u, t) for u, _, t in got) == sorted((u, t) for u, t, _ in targets)
+        for w in windows:
+            assert len(w.items) <= max_history + 1
+            assert len(w.items) - w.first_target <= (stride or max_history)
+            # the earliest target sees max_history - stride + 1 items, unless the sequence starts there
+            seq = seqs[w.user_id][:-2]
+            start = next(i for i in range(len(seq)) if seq[i : i + len(w.items)] == w.items)
+            assert w.first_target == min(start + w.first_target, max_history - (stride or max_history) + 1) or start == 0

@@ -509,9 +509,9 @@ def sasrec_train_args(out: Path, data_files: tuple[Path, Path]) -> list[Any]:
 
 
 def sasrec_valid_at_chosen_epoch(out: Path) -> dict[str, float]:
-    from hatllm_edge.sasrec import read_meta
+    from hatllm_edge.assistant import read_config
 
-    return read_meta(out)["training"]["valid_at_chosen_epoch"]
+    return read_config(out)["training"]["valid_at_chosen_epoch"]
 
 
 @pytest.fixture(scope="module")
@@ -530,7 +530,7 @@ def test_sasrec_train_writes_a_checkpoint(sasrec_trained: tuple[Path, Any], data
     assert summary["wall_s"] >= 0
     for name in (sasrec.CONFIG_FILE, sasrec.WEIGHTS_FILE, sasrec.STATE_FILE, sasrec.LOG_FILE):
         assert (out / name).is_file(), name
-    meta = sasrec.read_meta(out)
+    meta = sasrec.read_config(out)
     assert meta["model"] == {"num_items": 6, "max_len": 8, "hidden": 16, "heads": 2, "blocks": 1, "dropout": 0.2}
     assert meta["training"] == summary
     # the command as given: the options set on the command line, in declaration order

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hatllm_edge.prompt import ANSWER_CLOSE, HEAD, TAIL, PromptBuilder
+from hatllm_edge.prompt import ANSWER_CLOSE, HEAD, ITEM_CLOSE, TAIL, PromptBuilder
 
 TRICKY = [
     "Toy Story (1995)",
@@ -45,14 +45,29 @@ def test_each_segment_decodes_to_exactly_its_title(prompts: PromptBuilder) -> No
         assert tuple(ids.tolist()) == prompts.title_ids(title)  # tokenised on its own
 
 
-def test_template_layout(prompts: PromptBuilder) -> None:
+@pytest.fixture(scope="module")
+def instruct(tokenizer_json: Path) -> PromptBuilder:
+    return PromptBuilder.from_file(tokenizer_json, "<|im_end|>", max_history=20, template="instruct")
+
+
+def test_list_template_layout(prompts: PromptBuilder) -> None:
+    """The answer slot is the next list item: the prompt is the list with an open item."""
     p = prompts.prompt(TRICKY)
-    expected = HEAD + "".join(f'{n}. "{t}"\n' for n, t in enumerate(TRICKY, 1)) + TAIL
-    assert decode(prompts, p.ids) == expected
-    template = "".join([HEAD, *(f'{n}. ""\n' for n in range(1, len(TRICKY) + 1)), TAIL])
+    n = len(TRICKY) + 1
+    assert decode(prompts, p.ids) == HEAD + "".join(f'{i}. "{t}"\n' for i, t in enumerate(TRICKY, 1)) + f'{n}. "'
+    template = "".join([HEAD, *(f'{i}. ""\n' for i in range(1, n)), f'{n}. "'])
     assert decode(prompts, p.ids[p.segments == 0]) == template
-    assert p.segments[: len(prompts.tokenizer.encode(HEAD, add_special_tokens=False).ids)].max() == 0
-    assert (p.segments[-len(prompts.tokenizer.encode(TAIL, add_special_tokens=False).ids) :] == 0).all()
+    assert prompts.end_ids == tuple(prompts.tokenizer.encode(ITEM_CLOSE, add_special_tokens=False).ids)
+
+
+def test_instruct_template_layout(instruct: PromptBuilder) -> None:
+    p = instruct.prompt(TRICKY)
+    expected = HEAD + "".join(f'{n}. "{t}"\n' for n, t in enumerate(TRICKY, 1)) + TAIL
+    assert decode(instruct, p.ids) == expected
+    template = "".join([HEAD, *(f'{n}. ""\n' for n in range(1, len(TRICKY) + 1)), TAIL])
+    assert decode(instruct, p.ids[p.segments == 0]) == template
+    assert p.segments[: len(instruct.tokenizer.encode(HEAD, add_special_tokens=False).ids)].max() == 0
+    assert (p.segments[-len(instruct.tokenizer.encode(TAIL, add_special_tokens=False).ids) :] == 0).all()
 
 
 def test_repeated_item_is_two_segments(prompts: PromptBuilder) -> None:
@@ -63,25 +78,58 @@ def test_repeated_item_is_two_segments(prompts: PromptBuilder) -> None:
     assert prompts.answer_segment(p) == 4
 
 
-def test_answer_segment_and_end_marker(prompts: PromptBuilder) -> None:
-    p = prompts.prompt(TRICKY[:3])
-    seg = prompts.answer_segment(p)
-    assert seg == 4
-    a = prompts.answer("Misérables, Les (1995)", seg)
-    n = len(prompts.title_ids("Misérables, Les (1995)"))
-    assert a.segments.tolist() == [4] * n + [0] * len(prompts.end_ids)
-    assert decode(prompts, a.ids[a.segments == 4]) == "Misérables, Les (1995)"
-    assert prompts.end_ids == tuple(prompts.tokenizer.encode(ANSWER_CLOSE, add_special_tokens=False).ids) + (prompts.eos_id,)
-    assert prompts.end_ids[-1] == prompts.tokenizer.token_to_id("<|im_end|>")
-    assert decode(prompts, a.ids[a.segments == 0]) == '"<|im_end|>'
+def test_answer_segment_and_end_marker(prompts: PromptBuilder, instruct: PromptBuilder) -> None:
+    for builder, close in ((prompts, ITEM_CLOSE), (instruct, '"<|im_end|>')):
+        p = builder.prompt(TRICKY[:3])
+        seg = builder.answer_segment(p)
+        assert seg == 4
+        a = builder.answer("Misérables, Les (1995)", seg)
+        n = len(builder.title_ids("Misérables, Les (1995)"))
+        assert a.segments.tolist() == [4] * n + [0] * len(builder.end_ids)
+        assert decode(builder, a.ids[a.segments == 4]) == "Misérables, Les (1995)"
+        assert decode(builder, a.ids[a.segments == 0]) == close
+    assert instruct.end_ids == tuple(instruct.tokenizer.encode(ANSWER_CLOSE, add_special_tokens=False).ids) + (instruct.eos_id,)
     # prompt + answer reads as one text
-    assert decode(prompts, np.concatenate([p.ids, a.ids])).endswith(TAIL + 'Misérables, Les (1995)"<|im_end|>')
+    p = instruct.prompt(TRICKY[:3])
+    a = instruct.answer("Misérables, Les (1995)", 4)
+    assert decode(instruct, np.concatenate([p.ids, a.ids])).endswith(TAIL + 'Misérables, Les (1995)"<|im_end|>')
 
 
-def test_empty_history(prompts: PromptBuilder) -> None:
+def test_sequence_is_every_prompt_and_its_answer(prompts: PromptBuilder) -> None:
+    """The window layout: the tokens before title i are prompt(titles[:i]), its span is
+    answer(titles[i]); the whole is the prompt of all the titles minus its open item."""
+    encoded, spans = prompts.sequence(TRICKY)
+    assert len(spans) == len(TRICKY)
+    for i, span in enumerate(spans):
+        p = prompts.prompt(TRICKY[:i])
+        a = prompts.answer(TRICKY[i], prompts.answer_segment(p))
+        assert encoded.ids[: span.start].tolist() == p.ids.tolist() and encoded.segments[: span.start].tolist() == p.segments.tolist()
+        assert encoded.ids[span].tolist() == a.ids.tolist() and encoded.segments[span].tolist() == a.segments.tolist()
+    full = prompts.prompt(TRICKY)
+    assert full.ids[: len(encoded)].tolist() == encoded.ids.tolist()
+
+
+def test_sequence_needs_the_list_template(instruct: PromptBuilder) -> None:
+    with pytest.raises(ValueError, match="list"):
+        instruct.sequence(TRICKY)
+
+
+def test_meta_round_trip(tokenizer_json: Path, prompts: PromptBuilder, instruct: PromptBuilder) -> None:
+    for builder in (prompts, instruct):
+        again = PromptBuilder.from_meta(tokenizer_json, builder.meta())
+        assert (again.template, again.max_history, again.eos_id) == (builder.template, builder.max_history, builder.eos_id)
+    # a checkpoint written before templates existed was made with the instruct one
+    legacy = PromptBuilder.from_meta(tokenizer_json, {"eos_token": "<|im_end|>", "max_history": 10})
+    assert legacy.template == "instruct"
+    with pytest.raises(ValueError, match="template"):
+        PromptBuilder.from_meta(tokenizer_json, {"eos_token": "<|im_end|>", "max_history": 10, "template": "chat"})
+
+
+def test_empty_history(prompts: PromptBuilder, instruct: PromptBuilder) -> None:
     p = prompts.prompt([])
-    assert (p.segments == 0).all() and decode(prompts, p.ids) == HEAD + TAIL
+    assert (p.segments == 0).all() and decode(prompts, p.ids) == HEAD + '1. "'
     assert prompts.answer_segment(p) == 1
+    assert decode(instruct, instruct.prompt([]).ids) == HEAD + TAIL
 
 
 def test_max_history_keeps_the_most_recent(tokenizer_json: Path) -> None:

@@ -13,7 +13,7 @@ from hatllm_edge.data import Catalog
 from hatllm_edge.masks import LayerSchedule, build_masks, causal_visibility
 from hatllm_edge.model import HatLLM
 from hatllm_edge.prompt import Encoded, PromptBuilder
-from hatllm_edge.ranking import TitleTrie, _fed, _packs, beam_search, log_softmax, score_candidates
+from hatllm_edge.ranking import Fusion, Ranked, TitleTrie, _fed, _packs, beam_search, log_softmax, score_candidates
 from hatllm_edge.torch_backend import TorchBackend
 
 TITLES = [
@@ -285,3 +285,75 @@ def test_fixed_beam_width_gives_lists_that_are_prefixes_of_one_another(
         for k, ranked in enumerate(lists, 1):
             assert ranked.items == longest.items[:k], (history, k)
             np.testing.assert_allclose(ranked.scores, longest.scores[:k], atol=1e-6)
+
+
+# --------------------------------------------------------------------- renormalised steps and the assistant
+
+
+def leaf_scores(ranked: Ranked) -> dict[int, float]:
+    """One score per distinct title (duplicate titles share a leaf and its score)."""
+    out: dict[str, float] = {}
+    for i, s in zip(ranked.items, ranked.scores):
+        out.setdefault(TITLES[i], s)
+    return out
+
+
+def test_renormalised_scores_sum_to_one_over_the_catalog(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie) -> None:
+    """Log-softmax over the allowed children at every step: the titles' probabilities are a
+    distribution over the catalog (each distinct title once); the plain scores are not."""
+    for history in (HISTORY, []):
+        exact = beam_search(backend, prompts, trie, [history], k=len(TITLES), beams=len(TITLES), fusion=Fusion(renormalise=True))[0]
+        assert len(exact.items) == len(TITLES)
+        assert sum(np.exp(s) for s in leaf_scores(exact).values()) == pytest.approx(1.0, abs=1e-6)
+        plain = beam_search(backend, prompts, trie, [history], k=len(TITLES), beams=len(TITLES))[0]
+        assert sum(np.exp(s) for s in leaf_scores(plain).values()) < 0.5
+
+
+def test_renormalised_scores_are_the_plain_ones_renormalised_per_step(backend: TorchBackend, prompts: PromptBuilder,
+                                                                      trie: TitleTrie) -> None:
+    """A title whose tokens each have one allowed continuation keeps its plain step score; a
+    renormalised score is never below the plain one."""
+    plain = leaf_scores(beam_search(backend, prompts, trie, [HISTORY], k=12, beams=12)[0])
+    renorm = leaf_scores(beam_search(backend, prompts, trie, [HISTORY], k=12, beams=12, fusion=Fusion(renormalise=True))[0])
+    assert set(plain) == set(renorm)
+    assert all(renorm[t] >= plain[t] - 1e-9 for t in plain)
+
+
+def random_prior(users: int, seed: int = 0) -> np.ndarray:
+    logits = np.random.default_rng(seed).normal(scale=2.0, size=(users, len(TITLES)))
+    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("weight", [0.5, 2.0])
+def test_fused_beam_score_is_llm_plus_weight_times_assistant(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie,
+                                                             weight: float) -> None:
+    """Summed over a title, the assistant's per-step mass ratios telescope to weight x log of
+    its probability of the title's leaf (both items of a duplicate title): the fused beam
+    score equals the fused candidate score of the same title."""
+    histories = [HISTORY, OTHER_HISTORIES[0]]
+    prior = random_prior(len(histories))
+    fusion = Fusion(weight=weight, prior=prior)
+    fused = beam_search(backend, prompts, trie, histories, k=len(TITLES), beams=len(TITLES), fusion=fusion)
+    bonus = [fusion.title_bonus(u, CATALOG) for u in range(len(histories))]
+    scored = score_candidates(backend, prompts, histories, [TITLES] * len(histories), bonus=bonus)
+    for u, history in enumerate(histories):
+        llm = brute_force(backend, prompts, history)
+        want = {}
+        for i, t in enumerate(TITLES):
+            mass = sum(np.exp(prior[u, j]) for j, s in enumerate(TITLES) if s == t)
+            want[i] = llm[i] + weight * np.log(mass)
+        assert_same_ranking(fused[u].items, fused[u].scores, want, len(TITLES))
+        candidate = dict(zip(scored[u].items, scored[u].scores))
+        np.testing.assert_allclose([candidate[i] for i in fused[u].items], fused[u].scores, atol=1e-4)
+
+
+def test_heavy_assistant_weight_follows_the_assistant(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie) -> None:
+    prior = random_prior(1, seed=3)
+    ranked = beam_search(backend, prompts, trie, [HISTORY], k=3, beams=3, fusion=Fusion(weight=1000.0, prior=prior))[0]
+    assert ranked.items[0] == int(np.argmax(prior[0]))
+
+
+def test_zero_weight_is_the_llm_alone(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie) -> None:
+    plain = beam_search(backend, prompts, trie, [HISTORY], k=5, beams=5)[0]
+    zero = beam_search(backend, prompts, trie, [HISTORY], k=5, beams=5, fusion=Fusion(weight=0.0, prior=random_prior(1)))[0]
+    assert plain == zero
