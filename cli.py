@@ -40,6 +40,11 @@ class TrainMode(str, Enum):
     prompt = "prompt"
 
 
+class TrainLoss(str, Enum):
+    ce = "ce"
+    msl = "msl"
+
+
 class LoraTargets(str, Enum):
     attention = "attention"
     all = "all"
@@ -124,6 +129,8 @@ def train(
     lora_targets: Annotated[LoraTargets, typer.Option(help="LoRA on the attention projections, or on every decoder Linear.")] = LoraTargets.all,
     max_history: Annotated[int, typer.Option(min=1, help="History items in the prompt (most recent).")] = 20,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (fp32 master weights).")] = True,
+    loss: Annotated[TrainLoss, typer.Option(help="ce: cross-entropy over the vocabulary; msl: softmax over the tokens that continue a real title (pairs with --renormalise).")] = TrainLoss.ce,
+    msl_temperature: Annotated[float, typer.Option(min=0.01, help="Temperature of the msl softmax.")] = 1.0,
     eval_every: Annotated[int, typer.Option(min=0, help="Steps between validations on a fixed user subset (0 = at the end only); the best step is kept.")] = 0,
     eval_users: Annotated[int, typer.Option(min=0, help="Validation users in that subset (seeded; 0 = all).")] = 100,
     save_every: Annotated[int, typer.Option(min=0, help="Steps between saved training states (for --resume).")] = 25,
@@ -145,7 +152,7 @@ def train(
         out=out, n_in=n_in, n_cr=n_cr, base=BaseModelSpec(path=str(Path(base).resolve()) if base else None), dataset=dataset,
         interactions=interactions, items=items, mode=mode.value, stride=stride, examples=examples or None, epochs=epochs,
         batch_size=batch_size, lr=lr, full=full, lora_r=lora_r, lora_targets=lora_targets.value, max_history=max_history,
-        bf16=bf16, seed=seed, eval_every=eval_every, eval_users=eval_users, save_every=save_every, max_minutes=max_minutes,
+        bf16=bf16, loss=loss.value, msl_temperature=msl_temperature, seed=seed, eval_every=eval_every, eval_users=eval_users, save_every=save_every, max_minutes=max_minutes,
     )
     summary = _run(run_train, cfg, resume=resume, progress=not quiet)
     typer.echo(json.dumps(summary))
@@ -192,6 +199,58 @@ def evaluate(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "ranks"}))
+
+
+@app.command()
+def fuse(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder; tuned on the engine (its bundle is built on first use).")],
+    assistant: Annotated[Path, typer.Option(help="SASRec checkpoint folder (sasrec.json + sasrec.onnx), e.g. models/sasrec-ml100k.")],
+    weights: Annotated[str, typer.Option(help="Assistant weights to try, comma-separated (0 = the LLM alone).")] = "0,0.5,1,2",
+    renormalise: Annotated[str, typer.Option(help="Trie renormalisation to try: off, on or both.")] = "both",
+    users: Annotated[int, typer.Option(min=0, help="Seeded sample of validation users (0 = all).")] = 300,
+    seed: SeedOpt = 0,
+    beams: BeamsOpt = None,
+    quant: Annotated[str, typer.Option(help="Bundle the tuning runs on (built from the checkpoint on first use).")] = "int4",
+    backend: Annotated[str, typer.Option(help="onnx (the engine) or torch (PyTorch fp32).")] = "onnx",
+    threads: ThreadsOpt = None,
+    dataset: DatasetOpt = "ml-100k",
+    interactions: InterOpt = None,
+    items: ItemsOpt = None,
+    write: Annotated[bool, typer.Option("--write", help="Store the winner in the checkpoint (hatllm.json 'decoding', assistant files copied in).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="JSON file for the grid (metrics and per-user ranks).")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Choose the decoding on validation: trie renormalisation and the assistant's weight."""
+    from hatllm_edge.data import load_dataset
+    from hatllm_edge.rank_request import open_ranker
+    from hatllm_edge.tune import TuneConfig, tune, write_decoding
+
+    _check_choice("--renormalise", renormalise, ("off", "on", "both"))
+    _check_choice("--backend", backend, ("onnx", "torch"))
+    try:
+        grid = tuple(float(w) for w in weights.split(","))
+    except ValueError:
+        typer.secho(f"error: --weights {weights!r}: expected numbers separated by commas, e.g. 0,0.5,1", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[renormalise]
+    cfg = TuneConfig(assistant=assistant, weights=grid, renormalise=modes, users=users, seed=seed, beams=beams)
+
+    def run() -> dict:
+        ranker = open_ranker(checkpoint, "cpu", quant, backend, threads, not quiet)
+        result = tune(ranker, load_dataset(dataset, interactions, items), cfg, progress=not quiet)
+        if write:
+            write_decoding(checkpoint, assistant, result)
+        return result
+
+    result = _run(run)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    for row in result["grid"]:
+        m = row["metrics"]
+        typer.echo(f"renormalise={str(row['renormalise']).lower():5}  weight={row['assistant_weight']:<5g}  "
+                   f"NDCG@10={m['NDCG@10']:.4f}  HR@10={m['HR@10']:.4f}  ({row['s_per_user']:.2f} s/user)")
+    typer.echo(json.dumps({"chosen": result["chosen"], "users": result["users"], "written": write}))
 
 
 @app.command()

@@ -1,4 +1,6 @@
-"""Training batches, left-padded, with labels for the answer tokens only.
+"""Training batches, left-padded, with labels for the answer tokens only, and the two losses
+over them: cross-entropy over the vocabulary (:func:`answer_nll`) and the masked-softmax loss
+over the tokens that continue a real title (:func:`msl_nll`).
 
 * :func:`make_batch`: one target per row (prompt + answer); every answer ends at the last
   column, so only the answer's positions need logits.
@@ -17,6 +19,7 @@ import torch
 from hatllm_edge.data import Catalog, Example, Window
 from hatllm_edge.masks import MaskKind, build_masks, causal_visibility
 from hatllm_edge.prompt import PromptBuilder
+from hatllm_edge.ranking import TitleTrie
 
 
 @dataclass
@@ -35,6 +38,42 @@ def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token negative log-likelihood of the labelled tokens: the quantity both batch
     kinds train (a window's sum is the sum of its one-target prompts' sums)."""
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def allowed_tokens(batch: Batch, trie: TitleTrie) -> torch.Tensor:
+    """For every labelled position (row-major order, as ``labels != -100`` lists them): the
+    tokens that continue a catalog title there (the trie node's children), -1 padded, [N, C].
+    Each answer is walked from the trie's root, so the end marker's tokens are covered too."""
+    out: list[np.ndarray] = []
+    labels = batch.labels.numpy()
+    segs = batch.segments.numpy()
+    cols = batch.logits_index.numpy() if batch.logits_index is not None else np.arange(labels.shape[1])
+    for r in range(labels.shape[0]):
+        node = 0
+        for j in np.flatnonzero(labels[r] != -100):
+            if j == 0 or labels[r, j - 1] == -100:
+                node = 0  # the first token of an answer
+            ch = trie.expand(node)
+            out.append(ch.allowed)
+            is_title = bool(segs[r, cols[j] + 1] != 0)  # the labelled token's own segment
+            node = trie.children[node][(int(labels[r, j]), is_title)]
+    width = max((len(a) for a in out), default=1)
+    allowed = np.full((len(out), width), -1, dtype=np.int64)
+    for n, a in enumerate(out):
+        allowed[n, : len(a)] = a
+    return torch.from_numpy(allowed)
+
+
+def msl_nll(logits: torch.Tensor, labels: torch.Tensor, allowed: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Summed masked-softmax loss (MSL, Wang et al. SIGIR 2025): at each answer token, the
+    softmax (at ``temperature``) over only the tokens that continue a real title, so the
+    model is not taught to push down tokens no title could use. At temperature 1 it is minus
+    the trie-renormalised log-probability beam search scores with."""
+    keep = labels != -100
+    picked = logits[keep].float() / temperature  # [N, V], row-major like ``allowed``
+    target = picked.gather(1, labels[keep][:, None])[:, 0]
+    options = picked.gather(1, allowed.clamp(min=0)).masked_fill(allowed < 0, float("-inf"))
+    return (torch.logsumexp(options, dim=1) - target).sum()
 
 
 def _pack(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

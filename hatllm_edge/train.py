@@ -8,8 +8,9 @@ Two ways to present the data (``mode``):
   target than one prompt per target, with the same masks and logits per target.
 * ``prompt``: one seeded prefix per row, the answer after the prompt (for comparison).
 
-Loss: next-token cross-entropy over the answer tokens (title and end marker), averaged per
-token. Runs outlive a working session: the full training state is saved every
+Loss over the answer tokens (title and end marker), averaged per token: cross-entropy over
+the vocabulary (``ce``), or the masked-softmax loss over the tokens that continue a real title
+(``msl``), which pairs with trie-renormalised beam search. Runs outlive a working session: the full training state is saved every
 ``save_every`` steps and ``--resume`` continues from it; every ``eval_every`` steps a fixed
 seeded subset of validation users is ranked (full catalog, beam search) and the checkpoint
 folder always holds the best step by validation NDCG@10.
@@ -30,12 +31,13 @@ import torch
 from tqdm import tqdm
 
 from hatllm_edge import checkpoint as ckpt
-from hatllm_edge.batching import answer_nll, make_batch, make_window_batch
+from hatllm_edge.batching import allowed_tokens, answer_nll, make_batch, make_window_batch, msl_nll
 from hatllm_edge.data import Dataset, Example, Window, load_dataset
 from hatllm_edge.errors import InputError
 from hatllm_edge.masks import LayerSchedule
 from hatllm_edge.model import BaseModelSpec, HatLLM, load_base
 from hatllm_edge.prompt import PromptBuilder
+from hatllm_edge.ranking import TitleTrie
 
 Mode = Literal["window", "prompt"]
 LORA_TARGETS = {
@@ -73,6 +75,8 @@ class TrainConfig:
     lora_targets: Literal["attention", "all"] = "all"
     max_history: int = 20
     bf16: bool = True  # bf16 autocast; fp32 master weights
+    loss: Literal["ce", "msl"] = "ce"
+    msl_temperature: float = 1.0
     seed: int = 0
     eval_every: int = 0  # steps between validations; 0 = only at the end
     eval_users: int = 100  # the fixed seeded subset of validation users
@@ -259,6 +263,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
     build = make_window_batch if cfg.mode == "window" else make_batch
+    trie = TitleTrie.build(data.catalog, prompts) if cfg.loss == "msl" else None
     bar = tqdm(total=len(steps), initial=run["step"], desc="train", disable=not progress, unit="step")
     recent: list[float] = []
     while run["step"] < len(steps) and not (deadline and time.time() > deadline):
@@ -266,7 +271,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         batch = build([units[i] for i in steps[run["step"]]], data.catalog, prompts)
         with autocast:
             logits, _ = model(batch.input_ids, batch.position_ids, batch.masks, logits_index=batch.logits_index)
-        loss = answer_nll(logits, batch.labels) / (batch.labels != -100).sum()
+        if trie is not None:
+            total = msl_nll(logits, batch.labels, allowed_tokens(batch, trie), cfg.msl_temperature)
+        else:
+            total = answer_nll(logits, batch.labels)
+        loss = total / (batch.labels != -100).sum()
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

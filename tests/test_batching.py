@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from conftest import tiny_llama_config
-from hatllm_edge.batching import answer_nll, make_batch, make_window_batch
+from hatllm_edge.batching import allowed_tokens, answer_nll, make_batch, make_window_batch, msl_nll
 from hatllm_edge.data import Catalog, Example, Window
 from hatllm_edge.masks import LayerSchedule, build_masks, causal_visibility
 from hatllm_edge.model import HatLLM
@@ -141,3 +141,32 @@ def test_windows_cover_every_training_target_once() -> None:
             seq = seqs[w.user_id][:-2]
             start = next(i for i in range(len(seq)) if seq[i : i + len(w.items)] == w.items)
             assert w.first_target == min(start + w.first_target, max_history - (stride or max_history) + 1) or start == 0
+
+
+def test_msl_at_temperature_one_is_minus_the_renormalised_beam_score(prompts: PromptBuilder) -> None:
+    """The masked-softmax loss of an answer is minus its trie-renormalised log-probability:
+    the loss and the decoding it pairs with agree; and it never exceeds the full-vocabulary loss."""
+    from hatllm_edge.ranking import Fusion, TitleTrie, beam_search
+    from hatllm_edge.torch_backend import TorchBackend
+
+    torch.manual_seed(0)
+    model = HatLLM(LlamaForCausalLM(tiny_llama_config(layers=2, init=0.2)).eval(), LayerSchedule(2, 1, 1))
+    trie = TitleTrie.build(CATALOG, prompts)
+    for build, units in ((make_window_batch, WINDOWS), (make_batch, EXAMPLES)):
+        batch = build(units, CATALOG, prompts)
+        with torch.no_grad():
+            logits, _ = model(batch.input_ids, batch.position_ids, batch.masks, logits_index=batch.logits_index)
+        allowed = allowed_tokens(batch, trie)
+        assert allowed.shape[0] == int((batch.labels != -100).sum())
+        msl = msl_nll(logits, batch.labels, allowed).item()
+        assert msl <= answer_nll(logits, batch.labels).item()
+        examples = [ex for w in units for ex in w.examples()] if build is make_window_batch else units
+        expected = 0.0
+        for ex in examples:
+            ranked = beam_search(TorchBackend(model), prompts, trie, [[CATALOG.title(i) for i in ex.history]],
+                                 k=len(CATALOG), beams=len(CATALOG), fusion=Fusion(renormalise=True))[0]
+            expected -= ranked.scores[ranked.items.index(CATALOG.index(ex.target))]
+        assert msl == pytest.approx(expected, rel=1e-4)
+    # a high temperature flattens the softmax over the allowed tokens: log(choices) per token
+    uniform = float(np.log((allowed >= 0).sum(1).numpy()).sum())
+    assert msl_nll(logits, batch.labels, allowed, temperature=100.0).item() == pytest.approx(uniform, rel=0.05)

@@ -4,6 +4,7 @@ checkpoint, evaluate and popularity report metrics, bad input exits 2 with one l
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import os
 from pathlib import Path
@@ -618,3 +619,49 @@ def test_sasrec_bad_input(sasrec_trained: tuple[Path, Any], data_files: tuple[Pa
     data = [] if args[0] == "export" else ["--interactions", data_files[0], "--items", data_files[1]]
     assert_usage_error(invoke("sasrec", *args, *data), needle)
     assert not (tmp_path / "missing").exists()
+
+
+# --------------------------------------------------------------------------- fusion with the assistant
+
+
+def test_fuse_writes_the_decoding_and_the_assistant_travels_into_the_bundle(
+    trained: tuple[Path, Any], sasrec_trained: tuple[Path, Any], data_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """fuse tunes on validation and stores its choice in the checkpoint; rank then fuses by
+    default (and not with --no-assist or "assist": false); a bundle exported from the
+    checkpoint carries the assistant in its manifest and ranks as PyTorch does."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained[0], ckpt)
+    sasrec_dir, _ = sasrec_trained
+    assert invoke("sasrec", "export", sasrec_dir).exit_code == 0
+    grid = tmp_path / "fuse.json"
+    data = ["--interactions", data_files[0], "--items", data_files[1]]
+    result = invoke("fuse", ckpt, "--assistant", sasrec_dir, "--weights", "0,1", "--renormalise", "both", "--users", 0,
+                    "--backend", "torch", "--out", grid, "--quiet", *data)
+    assert result.exit_code == 0, (result.output, result.exception)
+    saved = json.loads(grid.read_text())
+    assert [(r["renormalise"], r["assistant_weight"]) for r in saved["grid"]] == [(False, 0), (False, 1), (True, 0), (True, 1)]
+    assert saved["users"] == 6 and not (ckpt / "sasrec.onnx").exists()  # no --write: the checkpoint is untouched
+    assert invoke("fuse", ckpt, "--assistant", sasrec_dir, "--weights", "1", "--renormalise", "off", "--users", 0,
+                  "--backend", "torch", "--write", "--quiet", *data).exit_code == 0
+    meta = json.loads((ckpt / "hatllm.json").read_text())
+    assert meta["decoding"]["assistant_weight"] == 1 and meta["decoding"]["renormalise"] is False
+    assert (ckpt / "sasrec.onnx").is_file() and (ckpt / "sasrec.json").is_file()
+    user = write_user(tmp_path / "u.json", history=["i1", "i2"], k=3)
+    fused = json.loads(invoke("rank", user, "--model", ckpt, "--backend", "torch").stdout)
+    alone = json.loads(invoke("rank", user, "--model", ckpt, "--backend", "torch", "--no-assist").stdout)
+    off = json.loads(invoke("rank", write_user(tmp_path / "v.json", history=["i1", "i2"], k=3, assist=False),
+                            "--model", ckpt, "--backend", "torch").stdout)
+    assert fused["assistant_weight"] == 1 and alone["assistant_weight"] == off["assistant_weight"] == 0
+    assert alone["results"] == off["results"] and [r["score"] for r in fused["results"]] != [r["score"] for r in alone["results"]]
+    bundle = tmp_path / "bundle"
+    assert invoke("export", ckpt, bundle, "--quant", "none", "--quiet").exit_code == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())["files"]
+    assert {"sasrec.json", "sasrec.onnx"} <= set(manifest)
+    engine = json.loads(invoke("rank", user, "--model", bundle, "--threads", 1).stdout)
+    assert engine["assistant_weight"] == 1
+    assert [r["item_id"] for r in engine["results"]] == [r["item_id"] for r in fused["results"]]
+    for a, b in zip(engine["results"], fused["results"]):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-3)
+    assert_usage_error(invoke("fuse", ckpt, "--assistant", sasrec_dir, "--weights", "x", "--quiet"), "--weights")
+    assert_usage_error(invoke("rank", write_user(tmp_path / "w.json", history=["i1"], assist="yes"), "--model", bundle), "assist")
