@@ -11,7 +11,7 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -236,7 +236,7 @@ def fuse(
     cfg = TuneConfig(assistant=assistant, weights=grid, renormalise=modes, users=users, seed=seed, beams=beams)
 
     def run() -> dict:
-        ranker = open_ranker(checkpoint, "cpu", quant, backend, threads, not quiet)
+        ranker = open_ranker(checkpoint, "cpu", quant, backend, threads, not quiet, build=bundle_builder())
         result = tune(ranker, load_dataset(dataset, interactions, items), cfg, progress=not quiet)
         if write:
             write_decoding(checkpoint, assistant, result)
@@ -353,7 +353,8 @@ def rank(
     _check_choice("--backend", backend, ("onnx", "torch"))
     _check_choice("--quant", quant, QUANTS)
     _check_choice("--compute", compute, COMPUTES)
-    result = _run(run_rank, user, model, k, device, quant, backend, threads, normalize, not quiet, exclude_history, compute, beams, assist)
+    result = _run(run_rank, user, model, k, device, quant, backend, threads, normalize, not quiet, exclude_history, compute, beams, assist,
+                  bundle_builder())
     if table:
         typer.echo(f"{'rank':>4}  {'item_id':>8}  {'score':>9}  title")
         for row in result["results"]:
@@ -446,7 +447,7 @@ def bench(
     names = tuple(b.strip() for b in backends.split(",")) if backends else (CUDA_BACKENDS if device == "cuda" else DEFAULT_BACKENDS)
     cfg = BenchConfig(checkpoint=model or DEFAULT_CHECKPOINT, backends=names, workloads=tuple(chosen),
                       device=device, threads=threads, min_repeats=min_repeats, max_repeats=max_repeats, seconds=seconds, seed=seed,
-                      paired=paired)  # type: ignore[arg-type]
+                      paired=paired, build=bundle_builder())  # type: ignore[arg-type]
     typer.echo(f"threads: {threads} per backend (ONNX Runtime intra-op / torch); device: {device}", err=True)
     data = _run(load_dataset, dataset, interactions, items)
     if ablation:
@@ -454,7 +455,7 @@ def bench(
 
         workload = chosen[0] if workloads else Workload.parse("cand100-h20-b1")
         only = tuple(v.strip() for v in variants.split(",")) if variants else ()
-        rows = _run(run_ablation, cfg.checkpoint, data, workload, threads, max(min_repeats, 5), seed, not quiet, only)
+        rows = _run(run_ablation, cfg.checkpoint, data, workload, threads, max(min_repeats, 5), seed, not quiet, only, bundle_builder())
         out.mkdir(parents=True, exist_ok=True)
         (out / "ablation.json").write_text(json.dumps({"workload": workload.name, "threads": threads, "rows": rows}, indent=1) + "\n")
         typer.echo(ablation_table(rows))
@@ -596,6 +597,20 @@ def sasrec_report(
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "ranks"}))
 
 
+def bundle_builder() -> Any:
+    """The exporter, for commands that build a checkpoint's bundle on first use; None on an
+    engine-only install (no torch), where they then ask for a bundle instead."""
+    try:
+        from export.checkpoint import export_checkpoint
+    except ImportError:
+        return None
+
+    def build(checkpoint: Path, out: Path, quant: str, dtype: str, progress: bool) -> Path:
+        return export_checkpoint(checkpoint, out, quant, dtype, progress=progress, overwrite=True)  # type: ignore[arg-type]
+
+    return build
+
+
 def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         typer.secho(f"error: {flag} must be one of {', '.join(choices)}; got {value!r}", err=True, fg=typer.colors.RED)
@@ -613,10 +628,7 @@ def main() -> None:
     if {"-q", "--quiet"} & set(sys.argv[1:]):  # --quiet covers transformers' loading bars too
         os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF loader uses tqdm directly
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        os.environ["TRANSFORMERS_NO_PROGRESS_BAR"] = "1"
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        os.environ["TRANSFORMERS_NO_PROGRESS_BAR"] = "1"  # (transformers reads these when a command loads it)
     try:
         app()
     except Exception as e:  # outside _run (printing a result, an option's callback): still one line

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from hatllm_edge.data import Dataset
 from hatllm_edge.errors import InputError
 from hatllm_edge.prompt import PromptBuilder
-from hatllm_edge.ranker import Ranker, cached_bundle, model_kind
+from hatllm_edge.ranker import BundleBuilder, Ranker, cached_bundle, model_kind
 from hatllm_edge.ranking import PACK_TOKENS, PASS_TOKENS, PROMPT_BUCKET, beam_search, log_softmax, score_candidates
 
 TORCH_BACKENDS = ("torch-fp32", "torch-bf16", "torch-nf4")
@@ -157,7 +157,8 @@ def _folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx")) / 1e6
 
 
-def open_backend(name: str, checkpoint: Path, device: str, threads: int, progress: bool) -> tuple[Ranker, float]:
+def open_backend(name: str, checkpoint: Path, device: str, threads: int, progress: bool,
+                 build: BundleBuilder | None = None) -> tuple[Ranker, float]:
     """The ranker a backend name stands for, and its size on disk (or in memory for torch) in MB.
     ``ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]``: a bundle exported from ``checkpoint``
     into the bundle cache on first use; the suffix picks the engine's compute route."""
@@ -174,7 +175,7 @@ def open_backend(name: str, checkpoint: Path, device: str, threads: int, progres
         raise InputError(f"backend {name!r}: expected one of {TORCH_BACKENDS} or ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]")
     quant, dtype = ORT_QUANTS[parts[1]], "fp16" if parts[1] == "fp16" else "fp32"
     compute = parts[2] if len(parts) == 3 else "auto"
-    folder = cached_bundle(checkpoint, quant, dtype, progress)
+    folder = cached_bundle(checkpoint, quant, dtype, progress, build)
     ranker = Ranker.from_bundle(folder, device, threads, compute)  # type: ignore[arg-type]
     return ranker, _folder_mb(folder)
 
@@ -228,6 +229,7 @@ class BenchConfig:
     seconds: float = 6.0  # per backend and workload, after warm-up
     seed: int = 0
     paired: int = 10  # rounds of the paired target check (0: off)
+    build: BundleBuilder | None = None  # exports the bundles (see ranker.cached_bundle)
 
 
 def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[str, Any]:
@@ -243,7 +245,7 @@ def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[st
         _reset_peak_rss()
         gpu_before = _gpu_mem_mb() if cfg.device == "cuda" else None
         start = time.perf_counter()
-        ranker, size = open_backend(name, cfg.checkpoint, cfg.device, cfg.threads, progress)
+        ranker, size = open_backend(name, cfg.checkpoint, cfg.device, cfg.threads, progress, cfg.build)
         load_s = time.perf_counter() - start
         if data.catalog.item_ids != ranker.catalog.item_ids:
             raise InputError(f"{cfg.checkpoint}: its catalog differs from the benchmark data set")
@@ -310,7 +312,7 @@ def run_paired(cfg: BenchConfig, requests: dict[str, list[Any]], runs: Sequence[
     under the same drift."""
     plan = _contenders(runs)
     names = list(dict.fromkeys(n for group in plan.values() for n in group))
-    rankers = {n: open_backend(n, cfg.checkpoint, cfg.device, cfg.threads, progress)[0] for n in names}
+    rankers = {n: open_backend(n, cfg.checkpoint, cfg.device, cfg.threads, progress, cfg.build)[0] for n in names}
     out = {n: BackendRun(n, 0.0, 0.0, 0.0, None) for n in names}
     workloads = {w.name: w for w in cfg.workloads}
     rounds = min(cfg.paired, cfg.max_repeats)
@@ -470,11 +472,11 @@ ABLATIONS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 
-def _ablation_runner(checkpoint: Path, change: dict[str, Any], threads: int,
-                     progress: bool) -> Callable[[list[list[int]], list[list[int]]], np.ndarray]:
+def _ablation_runner(checkpoint: Path, change: dict[str, Any], threads: int, progress: bool,
+                     build: BundleBuilder | None) -> Callable[[list[list[int]], list[list[int]]], np.ndarray]:
     """One variant of :data:`ABLATIONS` opened: a request -> every user's candidate scores
     (in candidate order, concatenated)."""
-    folder = cached_bundle(checkpoint, change.get("quant", "int4"), progress=progress)
+    folder = cached_bundle(checkpoint, change.get("quant", "int4"), progress=progress, build=build)
     ranker = Ranker.from_bundle(folder, "cpu", change.get("threads", threads), change.get("compute", "int8"),
                                 change.get("optimization", "all"))
     backend: Any = _FullLogits(ranker.backend) if change.get("full_logits") else ranker.backend
@@ -490,7 +492,8 @@ def _ablation_runner(checkpoint: Path, change: dict[str, Any], threads: int,
 
 
 def run_ablation(checkpoint: Path, data: Dataset, workload: Workload, threads: int = 2, repeats: int = 5,
-                 seed: int = 0, progress: bool = True, only: Sequence[str] = ()) -> list[dict[str, Any]]:
+                 seed: int = 0, progress: bool = True, only: Sequence[str] = (),
+                 build: BundleBuilder | None = None) -> list[dict[str, Any]]:
     """Each engine step's effect: the shipped engine on ``workload``, and with one step undone
     at a time (see :data:`ABLATIONS`), ``repeats`` timed requests each.
 
@@ -504,13 +507,13 @@ def run_ablation(checkpoint: Path, data: Dataset, workload: Workload, threads: i
     (shipped_name, _), variants = ABLATIONS[0], [v for v in ABLATIONS[1:] if not only or any(w in v[0] for w in only)]
     if not variants:
         raise InputError(f"no ablation variant's name contains any of {list(only)}; names: {[n for n, _ in ABLATIONS[1:]]}")
-    shipped = _ablation_runner(checkpoint, {}, threads, progress)
+    shipped = _ablation_runner(checkpoint, {}, threads, progress, build)
     shipped(*reqs[-1])  # warm-up
     base_scores = shipped(*reqs[0])
     pooled: list[float] = []
     rows = []
     for name, change in tqdm(variants, desc="ablation", disable=not progress):
-        variant = _ablation_runner(checkpoint, change, threads, progress)
+        variant = _ablation_runner(checkpoint, change, threads, progress, build)
         variant(*reqs[-1])
         times: dict[str, list[float]] = {"variant": [], "shipped": []}
         scores = None

@@ -16,7 +16,7 @@ from hatllm_edge.errors import InputError
 from hatllm_edge.engine import Compute, cache_root
 from hatllm_edge.limits import (DEFAULT_K, MAX_BEAMS, MAX_CANDIDATES, MAX_HISTORY, MAX_K, MAX_REF_CHARS, MAX_REQUEST_BYTES,
                                 beam_width)
-from hatllm_edge.ranker import DEFAULT_CHECKPOINT, Device, Ranker, cached_bundle, model_kind, open_model, show
+from hatllm_edge.ranker import DEFAULT_CHECKPOINT, BundleBuilder, Device, Ranker, cached_bundle, model_kind, open_model, show
 
 log = logging.getLogger("hatllm_edge")
 FIELDS = ("history", "candidates", "k", "beams", "user_id", "assist")
@@ -114,9 +114,9 @@ def read_request(path: Path) -> dict[str, Any]:
 
 
 def open_ranker(model: Path | None, device: Device, quant: str, backend: str, threads: int | None, progress: bool,
-                compute: Compute = "auto") -> Ranker:
+                compute: Compute = "auto", build: BundleBuilder | None = None) -> Ranker:
     """The ranker for ``model`` (default: the shipped checkpoint); a checkpoint run on the
-    engine is exported once into the bundle cache."""
+    engine is exported once into the bundle cache by ``build``."""
     folder = model or DEFAULT_CHECKPOINT
     if not folder.is_dir():
         raise InputError(f"model {folder}: no such folder" + ("" if model else " (the default model ships in models/; pass --model)"))
@@ -129,7 +129,7 @@ def open_ranker(model: Path | None, device: Device, quant: str, backend: str, th
         return open_model(folder)
     cache_root()  # an unusable $HATLLM_CACHE is refused here, before anything is loaded
     if kind == "checkpoint":
-        folder = cached_bundle(folder, quant, progress=progress)
+        folder = cached_bundle(folder, quant, progress=progress, build=build)
     return open_model(folder, device, threads, compute=compute)
 
 
@@ -148,7 +148,7 @@ def _resolve_candidates(ranker: Ranker, refs: list[Any], where: str) -> list[int
 def run_rank(
     user: Path, model: Path | None, k: int | None, device: Device, quant: str, backend: str, threads: int | None,
     normalize: bool, progress: bool, exclude_history: bool = False, compute: Compute = "auto", beams: int | None = None,
-    assist: bool | None = None,
+    assist: bool | None = None, build: BundleBuilder | None = None,
 ) -> dict[str, Any]:
     """Rank for one request. ``k`` and ``beams`` (flags) override the request's; the full-catalog
     search runs ``max(beams, k)`` wide (beams default 10), so a shorter list is a prefix of a
@@ -161,7 +161,7 @@ def run_rank(
             raise InputError(f"{name} is {value}; it must be from 1 to {limit} ({what})")
     asked = k or req.get("k")
     beams = beams or req.get("beams")
-    ranker = open_ranker(model, device, quant, backend, threads, progress, compute)
+    ranker = open_ranker(model, device, quant, backend, threads, progress, compute, build)
     size = len(ranker.catalog)
     if asked is not None and asked > size:
         raise InputError(f"k is {asked} but the catalog has {size} items; ask for at most {size}")

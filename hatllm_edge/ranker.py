@@ -10,7 +10,7 @@ import hashlib
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from hatllm_edge.assistant import CONFIG_FILE as ASSISTANT_CONFIG, Assistant
 from hatllm_edge.backend import Backend
@@ -209,22 +209,29 @@ def bundle_cache_dir(checkpoint: Path, quant: str) -> Path:
     return cache_root() / f"{checkpoint.name}-{digest.hexdigest()[:12]}" / f"onnx-{quant}"
 
 
-def cached_bundle(checkpoint: Path, quant: str, dtype: str = "fp32", progress: bool = True) -> Path:
-    """The bundle of ``checkpoint`` in the cache, exported there (with a progress bar) the
-    first time it is asked for. One process builds it, under a file lock beside it; others
-    asking at the same time wait and reuse it. The cache must be writable to build (checked
-    before anything is loaded); a built bundle is only read."""
+BundleBuilder = Callable[[Path, Path, str, str, bool], Any]
+"""Exports checkpoint -> new bundle folder (quant, dtype, progress): the exporter, injected by
+the application (``cli.bundle_builder``), so that this package never imports ``export``."""
+
+
+def cached_bundle(checkpoint: Path, quant: str, dtype: str = "fp32", progress: bool = True,
+                  build: BundleBuilder | None = None) -> Path:
+    """The bundle of ``checkpoint`` in the cache, exported there by ``build`` (with a progress
+    bar) the first time it is asked for. One process builds it, under a file lock beside it;
+    others asking at the same time wait and reuse it. The cache must be writable to build
+    (checked before anything is loaded); a built bundle is only read."""
     folder = bundle_cache_dir(checkpoint, quant if dtype == "fp32" else f"{quant}-{dtype}")
     if (folder / BUNDLE_META).is_file():  # published by a rename: bundle.json there = complete
         return folder
+    if build is None:
+        raise InputError(f"{checkpoint} is a training checkpoint and this install cannot export it (the exporter needs the "
+                         f"training stack: pip install 'hatllm-edge[train]'); or pass an exported bundle with --model")
     require_writable(folder.parent)
     with file_lock(folder.parent / f".{folder.name}.lock", str(folder)):
         if (folder / BUNDLE_META).is_file():  # built by another process while we waited
             return folder
         clean_stale(folder)
-        from export.checkpoint import export_checkpoint
-
-        export_checkpoint(checkpoint, folder, quant, dtype, progress=progress, overwrite=True)  # type: ignore[arg-type]
+        build(checkpoint, folder, quant, dtype, progress)
     return folder
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from hatllm_edge.data import load_dataset
 from hatllm_edge.evaluate import split_examples
 from hatllm_edge.metrics import mean_metrics, target_rank
+from cli import bundle_builder
 from hatllm_edge.rank_request import open_ranker
 
 
@@ -36,7 +37,7 @@ def main() -> None:
     ap.add_argument("--no-assist", action="store_true", help="the LLM alone")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    ranker = open_ranker(args.model, "cpu", "int4", "onnx", args.threads, True)
+    ranker = open_ranker(args.model, "cpu", "int4", "onnx", args.threads, True, build=bundle_builder())
     assist = not args.no_assist
     renormalise, weight = ranker.scoring(assist)
     if renormalise:

@@ -40,7 +40,8 @@ import os
 open(os.path.join({sync!r}, f"ready-{{os.getpid()}}"), "w").close()
 while not os.path.exists(os.path.join({sync!r}, "go")):  # every process has imported: all start together
     time.sleep(0.002)
-folder = cached_bundle(Path({checkpoint!r}), "int4", progress=False)
+folder = cached_bundle(Path({checkpoint!r}), "int4", progress=False,
+                       build=lambda c, o, q, d, p: ec.export_checkpoint(c, o, q, d, progress=p, overwrite=True))
 assert (folder / "bundle.json").is_file(), folder
 print(hatllm_edge.__file__)
 """
@@ -103,7 +104,8 @@ def _publish_worker(barrier, checkpoint: Path, base: Path, rounds: int, build_se
         os.environ["HATLLM_CACHE"] = str(base / str(i))
         barrier.wait()
         try:
-            folder = cached_bundle(checkpoint, "int4", progress=False)
+            folder = cached_bundle(checkpoint, "int4", progress=False,
+                                   build=lambda c, o, q, d, p: ec.export_checkpoint(c, o, q, d, progress=p, overwrite=True))
             if not (folder / "bundle.json").is_file():
                 failures.append("returned a folder without bundle.json")
         except Exception as e:  # noqa: BLE001 - what the old code raised is the point

@@ -4,9 +4,11 @@ checkpoint, evaluate and popularity report metrics, bad input exits 2 with one l
 from __future__ import annotations
 
 import json
-import shutil
 import math
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -665,3 +667,54 @@ def test_fuse_writes_the_decoding_and_the_assistant_travels_into_the_bundle(
         assert a["score"] == pytest.approx(b["score"], abs=1e-3)
     assert_usage_error(invoke("fuse", ckpt, "--assistant", sasrec_dir, "--weights", "x", "--quiet"), "--weights")
     assert_usage_error(invoke("rank", write_user(tmp_path / "w.json", history=["i1"], assist="yes"), "--model", bundle), "assist")
+
+
+# --------------------------------------------------------------------------- layering and the engine-only install
+
+BLOCKED = ("torch", "transformers", "peft", "bitsandbytes", "gguf", "matplotlib", "safetensors", "export")
+
+NO_TRAINING_STACK = """
+import sys
+sys.path.insert(0, {root!r})
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError(f"{{name}} is blocked: the engine must run without it")
+sys.meta_path.insert(0, Block())
+sys.argv = ["hatllm-edge", *{args!r}]
+import cli
+cli.main()
+"""
+
+
+def run_without_training_stack(*args: Any) -> subprocess.CompletedProcess:
+    root = str(Path(__file__).resolve().parent.parent)
+    code = NO_TRAINING_STACK.format(root=root, blocked=BLOCKED, args=[str(a) for a in args])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_rank_on_a_bundle_runs_with_the_training_stack_blocked(bundle: Path, trained: tuple[Path, Any], tmp_path: Path) -> None:
+    """The engine install (numpy, tokenizers, onnx, onnxruntime, typer, tqdm) ranks a bundle:
+    torch, transformers and the exporter are never imported, -q included. A checkpoint then
+    needs its bundle built, which such an install says plainly it cannot do."""
+    user = write_user(tmp_path / "u.json", history=["i1", "i2"], k=3)
+    result = run_without_training_stack("rank", user, "--model", bundle, "-q", "--threads", 1)
+    assert result.returncode == 0, result.stderr
+    assert [r["rank"] for r in json.loads(result.stdout)["results"]] == [1, 2, 3]
+    cands = write_user(tmp_path / "c.json", history=["i1"], candidates=["i2", "i3"])
+    result = run_without_training_stack("rank", cands, "--model", bundle, "-q", "--threads", 1, "--table")
+    assert result.returncode == 0 and "candidates" in result.stdout, result.stderr
+    result = run_without_training_stack("rank", user, "--model", trained[0], "-q")
+    assert result.returncode == 2 and "pip install 'hatllm-edge[train]'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_library_never_imports_the_exporter() -> None:
+    """Layers point down: export/ builds on hatllm_edge, never the other way round (the CLI
+    injects the exporter where a bundle is built on first use)."""
+    import ast
+
+    for path in sorted((Path(__file__).resolve().parent.parent / "hatllm_edge").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "export" or n.startswith("export.") for n in names), (path.name, names)

@@ -306,7 +306,7 @@ def test_an_unwritable_cache_still_runs_a_built_bundle(bundle: Path, tmp_path: P
 
 
 BUILDER = """
-import os, sys, tempfile, time, types
+import os, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from hatllm_edge.cache import partial_prefix
@@ -321,9 +321,9 @@ def export_checkpoint(checkpoint, out, quant, dtype, progress=True, overwrite=Fa
     tmp.rename(out)  # another builder's bundle already there: OSError, Directory not empty
     return out
 
-sys.modules["export.checkpoint"] = types.SimpleNamespace(export_checkpoint=export_checkpoint)
 from hatllm_edge.ranker import cached_bundle
-print(cached_bundle(Path({checkpoint!r}), "int4", progress=False))
+print(cached_bundle(Path({checkpoint!r}), "int4", progress=False,
+                    build=lambda c, o, q, d, p: export_checkpoint(c, o, q, d, progress=p, overwrite=True)))
 """
 
 
