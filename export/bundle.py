@@ -23,14 +23,14 @@ from export.graph import Embeddings
 from export.quantize import Int4Options
 from export.validate import validate
 from hatllm_edge.cache import clean_stale, partial_prefix
-from hatllm_edge.checkpoint import CATALOG_FILE, TOKENIZER_FILE
 from hatllm_edge.data import Catalog
-from hatllm_edge.engine import BUNDLE_FILE, MANIFEST_FILE, MODEL_FILE, file_sha256
+from hatllm_edge.engine import file_sha256
+from hatllm_edge.formats import BUNDLE_META, CATALOG_FILE, MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE
 from hatllm_edge.errors import HatLLMError, InputError
 from hatllm_edge.model import HatLLM
 from hatllm_edge.prompt import PromptBuilder
 
-RESERVED = (MODEL_FILE, f"{MODEL_FILE}.data", BUNDLE_FILE, MANIFEST_FILE)
+RESERVED = (MODEL_FILE, f"{MODEL_FILE}.data", BUNDLE_META, MANIFEST_FILE)
 EXACT_TOLERANCE = 1e-3  # max |diff| / max |logit| allowed against the exact reference (fp32 graphs)
 
 
@@ -164,7 +164,7 @@ def export_bundle(
             "validation": report.to_dict() if report else None,
             "calibration": {"prompts": CALIBRATION_PROMPTS, "seed": 0} if calibration else None,
         }
-        (tmp / BUNDLE_FILE).write_text(json.dumps({**meta, "export": export_info}, indent=2) + "\n")
+        (tmp / BUNDLE_META).write_text(json.dumps({**meta, "export": export_info}, indent=2) + "\n")
         stages.update()
         stages.set_postfix_str("manifest")
         write_manifest(tmp)

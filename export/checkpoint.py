@@ -9,8 +9,8 @@ from export.bundle import export_bundle
 from export.convert import DType, Quant
 from export.graph import Embeddings
 from export.quantize import Int4Options
-from hatllm_edge.assistant import CONFIG_FILE as ASSISTANT_CONFIG, ONNX_FILE as ASSISTANT_ONNX
-from hatllm_edge.checkpoint import CATALOG_FILE, TOKENIZER_FILE, load_checkpoint
+from hatllm_edge.checkpoint import load_checkpoint
+from hatllm_edge.formats import ASSISTANT_CONFIG, ASSISTANT_ONNX, CATALOG_FILE, TOKENIZER_FILE
 
 
 def export_checkpoint(

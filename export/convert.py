@@ -24,7 +24,7 @@ from onnx import numpy_helper
 
 from export.graph import Embeddings, build_decoder
 from export.quantize import Int4Options, quantize_int4
-from hatllm_edge.engine import GRAPH_CONTRACT, GRAPH_REVISION
+from hatllm_edge.formats import GRAPH_CONTRACT, GRAPH_REVISION
 from hatllm_edge.errors import InputError
 from hatllm_edge.lowbit import CALIBRATION_PREFIX
 from hatllm_edge.model import SUPPORTED_TYPES, HatLLM

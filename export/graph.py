@@ -34,6 +34,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export.quantize import nf4_pack
+from hatllm_edge.formats import (INPUT_IDS, LOGITS, LOGITS_TO_KEEP, MASK_INPUT, PAST, POSITION_IDS, PRESENT, TARGET_IDS,
+                                 TARGET_LOGPROBS)
 from hatllm_edge.errors import InputError
 from hatllm_edge.lowbit import NF4_BLOCK, Q8_BLOCK, q8_pack
 
@@ -43,9 +45,6 @@ if TYPE_CHECKING:
 INT64_MAX = np.iinfo(np.int64).max
 LinearQuant = Literal["none", "nf4", "int8"]
 Embeddings = Literal["float", "int8"]
-MASK_INPUT = "mask_{}"
-PAST = "past_key_values.{}.{}"
-PRESENT = "present.{}.{}"
 
 
 class _Graph:
@@ -131,7 +130,7 @@ def _rms_norm(g: _Graph, spec: DecoderSpec, x: str, weight: str, node: str) -> s
 def _rope_tables(g: _Graph, spec: DecoderSpec) -> tuple[str, str]:
     """cos, sin [B, Q, head_dim/2] from position_ids, as Hugging Face computes them
     (float32 position x inv_freq, then x attention_scaling)."""
-    pos = g.op("Cast", ["position_ids"], "/model/rope/Cast", to=TensorProto.FLOAT)
+    pos = g.op("Cast", [POSITION_IDS], "/model/rope/Cast", to=TensorProto.FLOAT)
     pos = g.op("Unsqueeze", [pos, g.const("/model/rope/axes", np.array([-1], np.int64))], "/model/rope/Unsqueeze")
     freqs = g.op("Mul", [pos, g.const("model.rotary_emb.inv_freq", spec.inv_freq)], "/model/rope/Mul")
     tables = []
@@ -186,13 +185,13 @@ def _embed(g: _Graph, spec: DecoderSpec, embeddings: Embeddings) -> str:
     head's ``MatMulNBits`` also reads (one copy on disk): (code - 128) * block scale."""
     name = "model.embed_tokens.weight"
     if embeddings == "float":
-        return g.op("Gather", [g.weight(name, spec.weights[name]), "input_ids"], "/model/embed_tokens/Gather")
+        return g.op("Gather", [g.weight(name, spec.weights[name]), INPUT_IDS], "/model/embed_tokens/Gather")
     codes, scales, _ = _q8_consts(g, name, spec.weights[name])
     node = "/model/embed_tokens"
-    rows = g.op("Gather", [codes, "input_ids"], f"{node}/Gather")  # [B, Q, nb, block]
+    rows = g.op("Gather", [codes, INPUT_IDS], f"{node}/Gather")  # [B, Q, nb, block]
     rows = g.op("Cast", [rows], f"{node}/Cast", to=g.onnx_dtype)
     rows = g.op("Sub", [rows, g.weight(f"{node}/zero_point", np.array(128.0))], f"{node}/Sub")
-    scale = g.op("Gather", [scales, "input_ids"], f"{node}/scales/Gather")  # [B, Q, nb]
+    scale = g.op("Gather", [scales, INPUT_IDS], f"{node}/scales/Gather")  # [B, Q, nb]
     scale = g.op("Unsqueeze", [scale, g.const(f"{node}/axes", np.array([-1], np.int64))], f"{node}/Unsqueeze")
     rows = g.op("Mul", [rows, scale], f"{node}/Mul")
     return g.op("Reshape", [rows, g.const(f"{node}/shape", np.array([0, 0, spec.hidden_size], np.int64))],
@@ -208,18 +207,18 @@ def _lm_head(g: _Graph, spec: DecoderSpec, h: str, embeddings: Embeddings) -> st
     ``int8``: an 8-bit ``MatMulNBits`` over the same codes the embedding gathers from.
     """
     x = _rms_norm(g, spec, h, "model.norm.weight", "/model/norm")
-    keep = g.op("Reshape", ["logits_to_keep", g.const("/lm_head/one", np.array([1], np.int64))], "/lm_head/keep/Reshape")
+    keep = g.op("Reshape", [LOGITS_TO_KEEP, g.const("/lm_head/one", np.array([1], np.int64))], "/lm_head/keep/Reshape")
     start = g.op("Neg", [keep], "/lm_head/keep/Neg")  # -0 = 0: every position
     end, axis = g.const("/lm_head/end", np.array([INT64_MAX], np.int64)), g.const("/lm_head/axis", np.array([1], np.int64))
     x = g.op("Slice", [x, start, end, axis], "/lm_head/keep/Slice")
-    targets = g.op("Slice", ["target_ids", start, end, axis], "/lm_head/targets/Slice")
+    targets = g.op("Slice", [TARGET_IDS, start, end, axis], "/lm_head/targets/Slice")
     head = "lm_head.weight" if "lm_head.weight" in spec.weights else "model.embed_tokens.weight"
     if embeddings == "int8":  # MatMulNBits takes [B, Q', hidden] as is: no reshape, so no copy of the logits
         if g.np_dtype is np.float16:
             logits = _matmul_q8(g, x, head, spec.weights[head], "/lm_head")
-            logits = g.op("Cast", [logits], "/lm_head/Cast", to=TensorProto.FLOAT, outputs=["logits"])
+            logits = g.op("Cast", [logits], "/lm_head/Cast", to=TensorProto.FLOAT, outputs=[LOGITS])
         else:
-            logits = _matmul_q8(g, x, head, spec.weights[head], "/lm_head", outputs=["logits"])
+            logits = _matmul_q8(g, x, head, spec.weights[head], "/lm_head", outputs=[LOGITS])
     else:
         lead = g.op("Shape", [x], "/lm_head/Shape", end=2)  # [B, Q']
         flat = g.op("Reshape", [x, g.const("/lm_head/flat", np.array([-1, spec.hidden_size], np.int64))], "/lm_head/Reshape")
@@ -228,14 +227,14 @@ def _lm_head(g: _Graph, spec: DecoderSpec, h: str, embeddings: Embeddings) -> st
             logits = g.op("Cast", [logits], "/lm_head/Cast", to=TensorProto.FLOAT)
         shape = g.op("Concat", [lead, g.const("/lm_head/vocab", np.array([spec.vocab_size], np.int64))],
                      "/lm_head/Concat", axis=0)
-        logits = g.op("Reshape", [logits, shape], "/lm_head/output/Reshape", outputs=["logits"])
+        logits = g.op("Reshape", [logits, shape], "/lm_head/output/Reshape", outputs=[LOGITS])
 
     # LogSoftmax, then pick: 4x faster on the CPU than ReduceLogSumExp (vectorised exp)
     last = g.const("/lm_head/last", np.array([-1], np.int64))
     logprobs = g.op("LogSoftmax", [logits], "/lm_head/LogSoftmax", axis=-1)  # [B, Q', V]
     column = g.op("Unsqueeze", [targets, last], "/lm_head/targets/Unsqueeze")
     picked = g.op("GatherElements", [logprobs, column], "/lm_head/targets/GatherElements", axis=2)  # [B, Q', 1]
-    return g.op("Squeeze", [picked, last], "/lm_head/targets/Squeeze", outputs=["target_logprobs"])
+    return g.op("Squeeze", [picked, last], "/lm_head/targets/Squeeze", outputs=[TARGET_LOGPROBS])
 
 
 def build_decoder(spec: DecoderSpec, quant: LinearQuant = "none", dtype: Literal["fp32", "fp16"] = "fp32",
@@ -254,20 +253,20 @@ def build_decoder(spec: DecoderSpec, quant: LinearQuant = "none", dtype: Literal
     kv_shape = ["batch", spec.num_kv_heads, "past_sequence", spec.head_dim]
     present_shape = ["batch", spec.num_kv_heads, "total_sequence", spec.head_dim]
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info(POSITION_IDS, TensorProto.INT64, ["batch", "sequence"]),
     ]
     for kind in dict.fromkeys(spec.layer_kinds):
         inputs.append(helper.make_tensor_value_info(
             MASK_INPUT.format(kind), TensorProto.BOOL, ["batch", 1, "sequence", "total_sequence"]))
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_sequence", spec.vocab_size]),
-               helper.make_tensor_value_info("target_logprobs", TensorProto.FLOAT, ["batch", "logits_sequence"])]
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "logits_sequence", spec.vocab_size]),
+               helper.make_tensor_value_info(TARGET_LOGPROBS, TensorProto.FLOAT, ["batch", "logits_sequence"])]
     for i in range(spec.num_layers):
         for part in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(PAST.format(i, part), g.onnx_dtype, kv_shape))
             outputs.append(helper.make_tensor_value_info(PRESENT.format(i, part), g.onnx_dtype, present_shape))
-    inputs.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, []))
-    inputs.append(helper.make_tensor_value_info("target_ids", TensorProto.INT64, ["batch", "sequence"]))
+    inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, []))
+    inputs.append(helper.make_tensor_value_info(TARGET_IDS, TensorProto.INT64, ["batch", "sequence"]))
 
     graph = helper.make_graph(g.nodes, "hatllm_decoder", inputs, outputs, initializer=list(g.initializers.values()))
     opsets = [helper.make_opsetid("", opset)]

@@ -18,14 +18,9 @@ import numpy as np
 
 from hatllm_edge.data import Catalog
 from hatllm_edge.errors import InputError
+from hatllm_edge.formats import ASSISTANT_CONFIG, ASSISTANT_INPUT, ASSISTANT_ONNX, ASSISTANT_OUTPUT, SASREC_FORMAT
 
-FORMAT = "hatllm-edge/sasrec"
-CONFIG_FILE = "sasrec.json"
-ONNX_FILE = "sasrec.onnx"
-ONNX_INPUT = "item_ids"
-ONNX_OUTPUT = "scores"
 PAD = 0
-BUNDLE_DIR = "assistant"  # where a bundle keeps it
 
 
 def catalog_ids(catalog: Catalog, items: Sequence[str]) -> list[int]:
@@ -44,15 +39,15 @@ def left_pad(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / CONFIG_FILE
+    path = Path(folder) / ASSISTANT_CONFIG
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except OSError:
-        raise InputError(f"{folder}: not a SASRec checkpoint (no {CONFIG_FILE})") from None
+        raise InputError(f"{folder}: not a SASRec checkpoint (no {ASSISTANT_CONFIG})") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON ({e.msg})") from None
-    if meta.get("format") != FORMAT:
-        raise InputError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("format") != SASREC_FORMAT:
+        raise InputError(f"{path}: format {meta.get('format')!r}, expected {SASREC_FORMAT!r}")
     return meta
 
 
@@ -82,14 +77,14 @@ class Assistant:
         if tuple(meta.get("item_ids", ())) != catalog.item_ids:
             raise InputError(f"{folder}: the assistant's item ids differ from the model's catalog (order or content); "
                              "train it on the same data set")
-        if not (folder / ONNX_FILE).is_file():
-            raise InputError(f"{folder}: no {ONNX_FILE}; run 'hatllm-edge sasrec export {folder}'")
-        return cls(ort_session(folder / ONNX_FILE, threads), catalog, int(meta["model"]["max_len"]),
+        if not (folder / ASSISTANT_ONNX).is_file():
+            raise InputError(f"{folder}: no {ASSISTANT_ONNX}; run 'hatllm-edge sasrec export {folder}'")
+        return cls(ort_session(folder / ASSISTANT_ONNX, threads), catalog, int(meta["model"]["max_len"]),
                    float(meta.get("fusion", {}).get("weight", 0.0)), folder)
 
     def scores(self, ids: np.ndarray) -> np.ndarray:
         """``item_ids`` rows (model ids, left-padded) -> [B, N] log-probabilities (float32)."""
-        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: ids})[0]
+        return self.session.run([ASSISTANT_OUTPUT], {ASSISTANT_INPUT: ids})[0]
 
     def logprobs(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
         """[U, N] next-item log-probabilities, catalog order, for histories of item ids (the

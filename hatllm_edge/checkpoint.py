@@ -19,15 +19,11 @@ import torch
 
 from hatllm_edge.data import Catalog
 from hatllm_edge.errors import InputError
+from hatllm_edge.formats import ADAPTER_DIR, CATALOG_FILE, CHECKPOINT_META, FULL_WEIGHTS, TOKENIZER_FILE
 from hatllm_edge.masks import LayerSchedule
 from hatllm_edge.model import BaseModelSpec, HatLLM, load_base
 from hatllm_edge.prompt import PromptBuilder
 
-META_FILE = "hatllm.json"
-TOKENIZER_FILE = "tokenizer.json"
-CATALOG_FILE = "catalog.jsonl"
-ADAPTER_DIR = "adapter"
-FULL_WEIGHTS = "model.safetensors"
 
 
 @dataclass
@@ -46,13 +42,13 @@ def write_common(folder: Path, tokenizer: Any, catalog: Catalog, meta: dict[str,
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.backend_tokenizer.save(str(folder / TOKENIZER_FILE))
     (folder / CATALOG_FILE).write_text(catalog.to_jsonl(), encoding="utf-8")
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
-    path = folder / META_FILE
+    path = folder / CHECKPOINT_META
     if not path.is_file():
-        raise InputError(f"{folder}: not a hatllm-edge checkpoint (no {META_FILE}); train one with 'hatllm-edge train'")
+        raise InputError(f"{folder}: not a hatllm-edge checkpoint (no {CHECKPOINT_META}); train one with 'hatllm-edge train'")
     return json.loads(path.read_text(encoding="utf-8"))
 
 

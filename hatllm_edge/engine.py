@@ -21,6 +21,9 @@ import numpy as np
 
 from hatllm_edge.cache import Int8Cache, cache_root, require_writable
 from hatllm_edge.errors import InputError
+from hatllm_edge.formats import (BUNDLE_META, GRAPH_CONTRACT, GRAPH_REVISION, INPUT_IDS, INT8_REVISION, LOGITS, LOGITS_TO_KEEP,
+                                 MANIFEST_FILE, MASK_INPUT, MODEL_FILE, PAST, POSITION_IDS, PRESENT, REQUIRED_INPUTS,
+                                 TARGET_IDS, TARGET_LOGPROBS)
 from hatllm_edge.masks import MASK_KINDS, MaskKind
 
 log = logging.getLogger("hatllm_edge")
@@ -30,22 +33,6 @@ Compute = Literal["auto", "native", "int8", "int8-tensor"]
 # the benchmark's ablation only: by design a user's scores there depend on who shares the batch.
 COMPUTES: tuple[Compute, ...] = ("auto", "native", "int8")
 Optimization = Literal["all", "basic", "none"]
-MODEL_FILE = "model.onnx"
-# The graph contract this engine reads (export.graph); bump it when the contract changes, so
-# that bundles built on first use are rebuilt rather than reused.
-GRAPH_CONTRACT = 2
-# The revision of the graph export.graph writes: bumped when the graph changes within the
-# contract (2: log-probs by LogSoftmax; 3: activation statistics for the int8 route), so cached
-# bundles are rebuilt too. Kept here, not in export, so that finding a cached bundle does not
-# import torch.
-GRAPH_REVISION = 3
-# The revision of the graph lowbit.int8_compute writes from a stored one: bumped when that
-# rewrite changes (2: SmoothQuant folded in), so expanded graphs cached by an older engine are
-# not reused.
-INT8_REVISION = 2
-REQUIRED_INPUTS = ("input_ids", "position_ids", "logits_to_keep", "target_ids")
-BUNDLE_FILE = "bundle.json"
-MANIFEST_FILE = "manifest.json"
 
 
 def resolve_compute(compute: Compute, device: str, quantised: bool) -> Compute:
@@ -63,13 +50,13 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
 
 def read_bundle_meta(folder: Path) -> dict[str, Any]:
     """``bundle.json`` as a dict, or InputError naming what is wrong with it."""
-    path = Path(folder) / BUNDLE_FILE
+    path = Path(folder) / BUNDLE_META
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise InputError(f"bundle {folder}: {BUNDLE_FILE} is not readable JSON ({_first_line(e)}); re-export the bundle") from None
+        raise InputError(f"bundle {folder}: {BUNDLE_META} is not readable JSON ({_first_line(e)}); re-export the bundle") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("export", {}), dict):
-        raise InputError(f"bundle {folder}: {BUNDLE_FILE} is not a bundle description (no export section); re-export the bundle")
+        raise InputError(f"bundle {folder}: {BUNDLE_META} is not a bundle description (no export section); re-export the bundle")
     return meta
 
 
@@ -88,7 +75,7 @@ def check_bundle_meta(folder: Path, meta: dict[str, Any], manifest: dict[str, An
         said = json.dumps(export[field]) if field == "layer_kinds" else str(export[field])
         own = json.dumps(json.loads(graph[key])) if field == "layer_kinds" else graph[key]
         if said != own:
-            raise InputError(f"bundle {folder}: {BUNDLE_FILE} says {field} {said} but {MODEL_FILE} records {own}; "
+            raise InputError(f"bundle {folder}: {BUNDLE_META} says {field} {said} but {MODEL_FILE} records {own}; "
                              "the bundle was edited after export; re-export it")
     for key, digest in graph.items():  # hatllm.file.<name>.sha256: the files exported with the graph
         if key.startswith("hatllm.file.") and key.endswith(".sha256"):
@@ -122,7 +109,7 @@ def verify_bundle(folder: Path, hashes: bool = True) -> dict[str, Any]:
     if bad:
         raise InputError(f"bundle {folder}: {MANIFEST_FILE} lists {bad[0]!r}, not a plain file name of the bundle")
     # what the engine reads must be covered (the external weights too, when there are any)
-    needed = [MODEL_FILE, BUNDLE_FILE] + ([f"{MODEL_FILE}.data"] if (folder / f"{MODEL_FILE}.data").exists() else [])
+    needed = [MODEL_FILE, BUNDLE_META] + ([f"{MODEL_FILE}.data"] if (folder / f"{MODEL_FILE}.data").exists() else [])
     unlisted = [n for n in needed if n not in files]
     if unlisted:
         raise InputError(f"bundle {folder}: {MANIFEST_FILE} does not list {unlisted[0]}; re-export the bundle")
@@ -257,10 +244,10 @@ class OnnxBackend:
         if missing:
             raise InputError(f"ONNX model {path} lacks the input(s) {missing} of graph contract {GRAPH_CONTRACT}: it was "
                              "exported by an older hatllm-edge; export it again (hatllm-edge export)")
-        self.mask_kinds: list[MaskKind] = [k for k in MASK_KINDS if f"mask_{k}" in inputs]
+        self.mask_kinds: list[MaskKind] = [k for k in MASK_KINDS if MASK_INPUT.format(k) in inputs]
         n = len(self.layer_kinds)
-        self._past = [f"past_key_values.{i}.{p}" for i in range(n) for p in ("key", "value")]
-        self._present = [f"present.{i}.{p}" for i in range(n) for p in ("key", "value")]
+        self._past = [PAST.format(i, p) for i in range(n) for p in ("key", "value")]
+        self._present = [PRESENT.format(i, p) for i in range(n) for p in ("key", "value")]
         past = inputs[self._past[0]]
         self.num_kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
         self.cache_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
@@ -378,20 +365,20 @@ class OnnxBackend:
         if cache is not None and cache.batch != batch:
             raise InputError(f"the cache holds {cache.batch} rows, the step has {batch}; select() rows first")
         bind = self.session.io_binding()
-        bind.bind_cpu_input("input_ids", ids)
-        bind.bind_cpu_input("position_ids", pos)
-        bind.bind_cpu_input("target_ids", tgt)
+        bind.bind_cpu_input(INPUT_IDS, ids)
+        bind.bind_cpu_input(POSITION_IDS, pos)
+        bind.bind_cpu_input(TARGET_IDS, tgt)
         host = [ids, pos, tgt]  # keeps the bound host arrays alive until the run ends
         for kind in self.mask_kinds:
             if kind not in masks:
                 raise InputError(f"mask kind {kind!r} is missing; this model needs {self.mask_kinds}")
             mask = np.ascontiguousarray(masks[kind], bool)
             if mask.shape != (batch, 1, q, past_len + q):
-                raise InputError(f"mask_{kind} has shape {mask.shape}, expected {(batch, 1, q, past_len + q)}")
-            bind.bind_cpu_input(f"mask_{kind}", mask)
+                raise InputError(f"{MASK_INPUT.format(kind)} has shape {mask.shape}, expected {(batch, 1, q, past_len + q)}")
+            bind.bind_cpu_input(MASK_INPUT.format(kind), mask)
             host.append(mask)
         keep_value = np.array(keep, np.int64)
-        bind.bind_cpu_input("logits_to_keep", keep_value)
+        bind.bind_cpu_input(LOGITS_TO_KEEP, keep_value)
         host.append(keep_value)
         if cache is None:
             empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.cache_dtype)
@@ -402,8 +389,8 @@ class OnnxBackend:
             for name, value in zip(self._past, cache.values):
                 bind.bind_ortvalue_input(name, value)
         # logits stay on the device when only the target log-probs are read
-        bind.bind_output("logits", "cpu" if want_logits else self.device, self.device_id)
-        bind.bind_output("target_logprobs", "cpu")
+        bind.bind_output(LOGITS, "cpu" if want_logits else self.device, self.device_id)
+        bind.bind_output(TARGET_LOGPROBS, "cpu")
         for name in self._present:
             bind.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(bind)

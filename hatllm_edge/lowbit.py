@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from hatllm_edge.formats import LOGITS
+
 NF4_BLOCK = 64
 Q8_BLOCK = 64
 # bitsandbytes' NF4 code book (bitsandbytes.functional.get_4bit_type("nf4")), as float32
@@ -203,7 +205,7 @@ class Smoothing:
 
 def _module(node: onnx.NodeProto) -> str:
     """The Linear module a weight node computes (the tied head reads the embedding's weight)."""
-    return "lm_head" if node.output[0] == "logits" else param_name(node.input[1]).removesuffix(".weight")
+    return "lm_head" if node.output[0] == LOGITS else param_name(node.input[1]).removesuffix(".weight")
 
 
 def _factors(absmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:

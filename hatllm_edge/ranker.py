@@ -12,19 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from hatllm_edge.assistant import CONFIG_FILE as ASSISTANT_CONFIG, Assistant
+from hatllm_edge.assistant import Assistant
 from hatllm_edge.backend import Backend
 from hatllm_edge.data import Catalog
 from hatllm_edge.cache import clean_stale, file_lock, require_writable
 from hatllm_edge.engine import Compute, Optimization, cache_root, read_bundle_meta
 from hatllm_edge.errors import InputError
+from hatllm_edge import formats
+from hatllm_edge.formats import ASSISTANT_CONFIG, BUNDLE_META, CATALOG_FILE, CHECKPOINT_META, TOKENIZER_FILE
 from hatllm_edge.limits import MAX_REF_CHARS, beam_width
 from hatllm_edge.prompt import LEGACY_TEMPLATE, TEMPLATES, PromptBuilder
 from hatllm_edge.ranking import Fusion, Ranked, TitleTrie, beam_search, score_candidates
 
 Device = Literal["cpu", "cuda"]
-BUNDLE_META = "bundle.json"
-CHECKPOINT_META = "hatllm.json"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "hatllm-ml100k"
 
 
@@ -82,13 +82,13 @@ class Ranker:
             raise InputError(f"bundle {folder}: {BUNDLE_META} has no valid prompt section (eos_token, max_history, "
                              f"template one of {TEMPLATES}); re-export the bundle") from None
         try:
-            prompts = PromptBuilder.from_meta(folder / "tokenizer.json", prompt)
+            prompts = PromptBuilder.from_meta(folder / TOKENIZER_FILE, prompt)
         except InputError:
             raise
         except Exception as e:  # the tokenizers library raises plain Exceptions on a bad file
             raise InputError(f"bundle {folder}: tokenizer.json does not load ({' '.join(str(e).split())[:200]}); "
                              "re-export the bundle") from None
-        return cls(backend, prompts, Catalog.from_jsonl(folder / "catalog.jsonl"), meta)
+        return cls(backend, prompts, Catalog.from_jsonl(folder / CATALOG_FILE), meta)
 
     @property
     def label(self) -> str:
@@ -200,9 +200,7 @@ def bundle_cache_dir(checkpoint: Path, quant: str) -> Path:
     """Where the bundle built from ``checkpoint`` on first use lives: keyed by the checkpoint's
     content, the engine's graph contract and the exporter's graph revision, so neither a
     retrained checkpoint nor a newer engine or exporter ever reuses a stale bundle."""
-    from hatllm_edge.engine import GRAPH_CONTRACT, GRAPH_REVISION
-
-    digest = hashlib.sha256(f"graph-contract-{GRAPH_CONTRACT}-revision-{GRAPH_REVISION}".encode())
+    digest = hashlib.sha256(f"graph-contract-{formats.GRAPH_CONTRACT}-revision-{formats.GRAPH_REVISION}".encode())
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".jsonl", ".onnx")):
         digest.update(path.relative_to(checkpoint).as_posix().encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())

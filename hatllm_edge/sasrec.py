@@ -42,8 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hatllm_edge.assistant import (CONFIG_FILE, FORMAT, ONNX_FILE, ONNX_INPUT, ONNX_OUTPUT, PAD, catalog_ids, left_pad,
-                                   ort_session, read_config)
+from hatllm_edge.assistant import PAD, catalog_ids, left_pad, ort_session, read_config
+from hatllm_edge.formats import ASSISTANT_CONFIG as CONFIG_FILE, ASSISTANT_INPUT as ONNX_INPUT, ASSISTANT_ONNX as ONNX_FILE
+from hatllm_edge.formats import ASSISTANT_OUTPUT as ONNX_OUTPUT, SASREC_FORMAT as FORMAT
 from hatllm_edge.data import Catalog, Dataset, Example, Split, load_dataset
 from hatllm_edge.errors import InputError
 from hatllm_edge.metrics import mean_metrics

@@ -34,6 +34,7 @@ from hatllm_edge import checkpoint as ckpt
 from hatllm_edge.batching import allowed_tokens, answer_nll, make_batch, make_window_batch, msl_nll
 from hatllm_edge.data import Dataset, Example, Window, load_dataset
 from hatllm_edge.errors import InputError
+from hatllm_edge.formats import ADAPTER_DIR, CHECKPOINT_META, FULL_WEIGHTS
 from hatllm_edge.masks import LayerSchedule
 from hatllm_edge.model import BaseModelSpec, HatLLM, load_base
 from hatllm_edge.prompt import PromptBuilder
@@ -226,9 +227,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
             tied = lm.config.tie_word_embeddings  # a tied head is the embedding matrix: store it once
             state = {k: v.contiguous() for k, v in lm.state_dict().items() if not (tied and k == "lm_head.weight")}
-            save_file(state, str(cfg.out / ckpt.FULL_WEIGHTS))
+            save_file(state, str(cfg.out / FULL_WEIGHTS))
         else:
-            trainable.save_pretrained(str(cfg.out / ckpt.ADAPTER_DIR))
+            trainable.save_pretrained(str(cfg.out / ADAPTER_DIR))
 
     def summary() -> dict[str, Any]:
         return {
@@ -304,7 +305,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         evaluate_now()
     save_state()
     if run["best"] is not None:  # refresh the summary in the best checkpoint's metadata
-        path = cfg.out / ckpt.META_FILE
+        path = cfg.out / CHECKPOINT_META
         written = json.loads(path.read_text(encoding="utf-8"))
         written["train_summary"] = summary()
         path.write_text(json.dumps(written, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -13,13 +13,13 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Sequence
 
-from hatllm_edge import assistant as asst
 from hatllm_edge.assistant import Assistant
 from hatllm_edge.data import Dataset
 from hatllm_edge.errors import InputError
 from hatllm_edge.evaluate import rank_split, ranker_fusion, split_examples
 from hatllm_edge.limits import beam_width
-from hatllm_edge.ranker import CHECKPOINT_META, Ranker, model_kind
+from hatllm_edge.formats import ASSISTANT_CONFIG, ASSISTANT_ONNX, CHECKPOINT_META
+from hatllm_edge.ranker import Ranker, model_kind
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def write_decoding(checkpoint: Path, assistant_dir: Path, result: dict[str, Any]
     meta = json.loads((checkpoint / CHECKPOINT_META).read_text(encoding="utf-8"))
     chosen = result["chosen"]
     if chosen["assistant_weight"] > 0:
-        for name in (asst.CONFIG_FILE, asst.ONNX_FILE):
+        for name in (ASSISTANT_CONFIG, ASSISTANT_ONNX):
             shutil.copyfile(assistant_dir / name, checkpoint / name)
     meta["decoding"] = {"renormalise": chosen["renormalise"], "assistant_weight": chosen["assistant_weight"],
                         "chosen_on": {"split": "valid", "users": result["users"], "seed": result["seed"],

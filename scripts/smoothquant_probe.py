@@ -26,7 +26,8 @@ from onnx import helper, numpy_helper
 
 from hatllm_edge import lowbit
 from hatllm_edge.data import load_dataset
-from hatllm_edge.engine import MODEL_FILE, OnnxBackend
+from hatllm_edge.engine import OnnxBackend
+from hatllm_edge.formats import MODEL_FILE
 from hatllm_edge.fidelity import kendall_tau
 from hatllm_edge.masks import build_masks, causal_visibility
 from hatllm_edge.ranker import Ranker

@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from hatllm_edge import ranking
-from hatllm_edge.engine import MODEL_FILE
+from hatllm_edge.formats import MODEL_FILE
 from hatllm_edge.lowbit import int8_compute
 from hatllm_edge.prompt import PromptBuilder
 from hatllm_edge.ranker import Ranker

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hatllm_edge import engine
+from hatllm_edge import formats
 from hatllm_edge.ranker import bundle_cache_dir
 
 
@@ -25,9 +25,9 @@ def test_cache_key_follows_checkpoint_contract_and_graph_revision(tmp_path: Path
     retrained = bundle_cache_dir(ckpt, "int4")
     assert retrained != first
 
-    monkeypatch.setattr(engine, "GRAPH_REVISION", engine.GRAPH_REVISION + 1)
+    monkeypatch.setattr(formats, "GRAPH_REVISION", formats.GRAPH_REVISION + 1)
     assert bundle_cache_dir(ckpt, "int4") != retrained
     monkeypatch.undo()
     monkeypatch.setenv("HATLLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(engine, "GRAPH_CONTRACT", engine.GRAPH_CONTRACT + 1)
+    monkeypatch.setattr(formats, "GRAPH_CONTRACT", formats.GRAPH_CONTRACT + 1)
     assert bundle_cache_dir(ckpt, "int4") != retrained

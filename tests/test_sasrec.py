@@ -168,7 +168,7 @@ def test_training_lowers_the_loss_and_learns_a_deterministic_successor(tmp_path:
     assert log[-1]["loss"] < 0.5 * log[0]["loss"], [r["loss"] for r in log]
     best = max(range(8), key=lambda i: (log[i]["valid"]["NDCG@10"], -i))
     assert summary["chosen_epoch"] == best + 1 and summary["valid_at_chosen_epoch"] == log[best]["valid"]
-    meta = S.read_meta(out)
+    meta = S.read_config(out)
     assert meta["item_ids"] == [str(i) for i in range(1, 13)] and meta["model"]["num_items"] == 12
     # the saved (best) weights reproduce the chosen epoch's validation metrics, on PyTorch and ONNX
     res = S.evaluate_checkpoint(out, "valid", interactions=inter, items=items)
@@ -207,7 +207,7 @@ def test_checkpoint_refuses_another_catalog(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="item ids"):
         S.evaluate_checkpoint(out, "test", interactions=inter, items=other)
     with pytest.raises(InputError, match="not a SASRec checkpoint"):
-        S.read_meta(tmp_path)
+        S.read_config(tmp_path)
 
 
 def test_dataset_object_path_matches_files(tmp_path: Path) -> None:
