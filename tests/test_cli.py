@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -69,8 +70,11 @@ def train_args(out: Path, base: Path | str, data_files: tuple[Path, Path], *extr
 @pytest.fixture(scope="module")
 def trained(tiny_base: Path, data_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    result = invoke(*train_args(out, tiny_base, data_files, "--examples", 16, "--batch-size", 4, "--n-in", 1, "--n-cr", 1))
-    return out, result
+    return out, invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS))
+
+
+# 6 users, one window each (19 targets), 3 windows per step: 2 steps per epoch
+TRAIN_FLAGS = ("--batch-size", 3, "--epochs", 2, "--max-history", 10, "--n-in", 1, "--n-cr", 1, "--save-every", 1)
 
 
 def test_data_files_read_back(data_files: tuple[Path, Path]) -> None:
@@ -83,18 +87,60 @@ def test_train_writes_a_checkpoint(trained: tuple[Path, Any], tiny_base: Path) -
     out, result = trained
     assert result.exit_code == 0, (result.output, result.exception)
     summary = last_json(result)
-    assert summary["steps"] == 4 and summary["examples_seen"] == 16 and math.isfinite(summary["final_loss_avg20"])
-    for name in ("hatllm.json", "tokenizer.json", "catalog.jsonl", "train_log.jsonl",
+    assert summary["steps_done"] == summary["steps_planned"] == 4 and summary["finished"]
+    assert summary["targets_seen"] == 2 * 19 and summary["tokens_per_s"] > 0
+    for name in ("hatllm.json", "tokenizer.json", "catalog.jsonl", "train_log.jsonl", "valid_log.jsonl", "train_state.pt",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (out / name).is_file(), name
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
+    assert sum(r["targets"] for r in log) == 38
     meta = json.loads((out / "hatllm.json").read_text())
     assert meta["schedule"] == {"num_layers": 2, "n_in": 1, "n_cr": 1}
     assert meta["finetune"] == "lora" and meta["model_type"] == "llama"
-    assert meta["prompt"] == {"max_history": 10, "eos_token": "<|im_end|>"}
-    assert meta["data"] == {"name": "inter", "users": 6, "items": 6, "train_examples": 16}
+    assert meta["prompt"] == {"template": "list", "max_history": 10, "eos_token": "<|im_end|>"}
+    assert meta["data"] == {"name": "inter", "users": 6, "items": 6, "train_units": 6, "train_targets": 19}
+    assert meta["validation"]["step"] == 4 and meta["validation"]["users"] == 6  # evaluated at the end, all users
+    assert meta["train"]["mode"] == "window" and meta["train"]["loss"] == "ce"
     assert Path(meta["base"]["path"]) == tiny_base
+
+
+def test_train_resumes_to_the_same_weights(trained: tuple[Path, Any], tiny_base: Path, data_files: tuple[Path, Path],
+                                           tmp_path: Path) -> None:
+    """Stopped after its first step by the time budget and resumed, a run ends with the weights
+    of the run that was never stopped: model, optimiser, schedule, data order and RNG all resume."""
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "run"
+    first = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--max-minutes", 0.00001))
+    assert first.exit_code == 0, first.output
+    assert last_json(first)["steps_done"] == 1 and not last_json(first)["finished"]
+    assert not (out / "adapter").exists()  # no checkpoint before its first validation
+    again = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--max-minutes", 0.00001))
+    assert_usage_error(again, "--resume")  # a run in progress is never overwritten
+    changed = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--lr", 1e-3, "--resume"))
+    assert_usage_error(changed, "lr")
+    resumed = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert last_json(resumed)["steps_done"] == 4 and last_json(resumed)["finished"]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (trained[0] / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in reference], abs=1e-5)
+    got, want = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (out, trained[0]))
+    assert got.keys() == want.keys()
+    for name in got:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
+
+
+def test_train_prompt_mode_and_msl(tiny_base: Path, data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """One target per row (the comparison mode) trains on every prefix; the masked-softmax loss runs."""
+    result = invoke(*train_args(tmp_path / "p", tiny_base, data_files, "--mode", "prompt", "--batch-size", 8, "--loss", "msl"))
+    assert result.exit_code == 0, result.output
+    summary = last_json(result)
+    assert summary["targets_seen"] == 19 and summary["steps_done"] == 3
+    meta = json.loads((tmp_path / "p" / "hatllm.json").read_text())
+    assert meta["train"]["mode"] == "prompt" and meta["train"]["loss"] == "msl" and meta["data"]["train_units"] == 19
 
 
 def test_checkpoint_loads_with_the_adapter_merged(trained: tuple[Path, Any], tiny_base: Path) -> None:
@@ -109,7 +155,19 @@ def test_checkpoint_loads_with_the_adapter_merged(trained: tuple[Path, Any], tin
     q_tuned = loaded.model.lm.model.layers[0].self_attn.q_proj.weight
     q_base = base.model.layers[0].self_attn.q_proj.weight
     assert q_tuned.shape == q_base.shape and not torch.equal(q_tuned, q_base)  # LoRA was trained and merged
-    assert torch.equal(loaded.model.lm.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    up = loaded.model.lm.model.layers[0].mlp.up_proj.weight  # --lora-targets all (default): the MLP too
+    assert not torch.equal(up, base.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(loaded.model.lm.model.layers[0].input_layernorm.weight, base.model.layers[0].input_layernorm.weight)
+
+
+def test_lora_on_attention_only_leaves_the_mlp(tiny_base: Path, data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    result = invoke(*train_args(tmp_path / "a", tiny_base, data_files, "--lora-targets", "attention", "--batch-size", 3))
+    assert result.exit_code == 0, result.output
+    tuned, base = load_checkpoint(tmp_path / "a").model.lm.model.layers[0], LlamaForCausalLM.from_pretrained(tiny_base).model.layers[0]
+    assert not torch.equal(tuned.self_attn.v_proj.weight, base.self_attn.v_proj.weight)
+    assert torch.equal(tuned.mlp.up_proj.weight, base.mlp.up_proj.weight)
 
 
 def test_evaluate(trained: tuple[Path, Any], data_files: tuple[Path, Path], tmp_path: Path) -> None:
@@ -255,7 +313,7 @@ def test_full_finetune_keeps_an_untied_lm_head(tiny_base: Path, data_files: tupl
     """--full: the tiny base has an untied lm_head (LlamaConfig's default), which training
     updates; the checkpoint must give back the trained head, not the base's."""
     out = tmp_path / "full"
-    result = invoke(*train_args(out, tiny_base, data_files, "--full", "--examples", 4, "--batch-size", 4, "--lr", 1e-2))
+    result = invoke(*train_args(out, tiny_base, data_files, "--full", "--batch-size", 3, "--lr", 1e-2))
     assert result.exit_code == 0, (result.output, result.exception)
     assert (out / "model.safetensors").is_file()
     from transformers import LlamaForCausalLM
@@ -272,7 +330,7 @@ def test_real_model_on_ml100k(tmp_path: Path) -> None:
     """The default base (SmolLM2-135M GGUF) on MovieLens-100K: a few LoRA steps, then two
     users of the validation split. Prints the figures."""
     out = tmp_path / "smol"
-    result = invoke("train", out, "--examples", 8, "--batch-size", 4, "--n-in", 2, "--n-cr", 2, "--quiet")
+    result = invoke("train", out, "--examples", 8, "--batch-size", 4, "--n-in", 2, "--n-cr", 2, "--eval-users", 2, "--quiet")
     assert result.exit_code == 0, (result.output, result.exception)
     print(result.stdout)
     assert json.loads((out / "hatllm.json").read_text())["schedule"] == {"num_layers": 30, "n_in": 2, "n_cr": 2}
