@@ -44,7 +44,8 @@ def candidate_fidelity(reference: Ranker, other: Ranker, data: Dataset, cfg: Fid
         pool = [i for i in rng.sample(range(len(data.catalog)), cfg.candidates) if i != target][: cfg.candidates - 1]
         candidates = [target] + pool
         history = [data.catalog.index(i) for i in ex.history]
-        ref, got = reference.score(history, candidates), other.score(history, candidates)
+        # the LLM alone: a fused assistant would add the same bonus to both and flatter the tau
+        ref, got = reference.score(history, candidates, assist=False), other.score(history, candidates, assist=False)
         ref_scores = np.empty(len(candidates))
         got_scores = np.empty(len(candidates))
         ref_scores[ref.items], got_scores[got.items] = ref.scores, got.scores
