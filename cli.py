@@ -435,7 +435,10 @@ def bench(
     quiet: QuietOpt = False,
 ) -> None:
     """Latency of every backend on the same seeded workloads, in one process: table, JSON, PNG."""
-    from hatllm_edge.bench import CUDA_BACKENDS, DEFAULT_BACKENDS, BenchConfig, Workload, default_workloads, run_bench, table, write_report
+    from hatllm_edge.bench.backends import CUDA_BACKENDS, DEFAULT_BACKENDS
+    from hatllm_edge.bench.report import table, write_report
+    from hatllm_edge.bench.timing import BenchConfig, run_bench
+    from hatllm_edge.bench.workloads import Workload, default_workloads
     from hatllm_edge.data import load_dataset
     from hatllm_edge.ranker import DEFAULT_CHECKPOINT
 
@@ -451,7 +454,8 @@ def bench(
     typer.echo(f"threads: {threads} per backend (ONNX Runtime intra-op / torch); device: {device}", err=True)
     data = _run(load_dataset, dataset, interactions, items)
     if ablation:
-        from hatllm_edge.bench import ablation_table, run_ablation
+        from hatllm_edge.bench.ablation import run_ablation
+        from hatllm_edge.bench.report import ablation_table
 
         workload = chosen[0] if workloads else Workload.parse("cand100-h20-b1")
         only = tuple(v.strip() for v in variants.split(",")) if variants else ()

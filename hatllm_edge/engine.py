@@ -21,7 +21,7 @@ import numpy as np
 
 from hatllm_edge.cache import Int8Cache, cache_root, require_writable
 from hatllm_edge.errors import InputError
-from hatllm_edge.formats import (BUNDLE_META, GRAPH_CONTRACT, GRAPH_REVISION, INPUT_IDS, INT8_REVISION, LOGITS, LOGITS_TO_KEEP,
+from hatllm_edge.formats import (BUNDLE_META, GRAPH_CONTRACT, INPUT_IDS, INT8_REVISION, LOGITS, LOGITS_TO_KEEP,
                                  MANIFEST_FILE, MASK_INPUT, MODEL_FILE, PAST, POSITION_IDS, PRESENT, REQUIRED_INPUTS,
                                  TARGET_IDS, TARGET_LOGPROBS)
 from hatllm_edge.masks import MASK_KINDS, MaskKind

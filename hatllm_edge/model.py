@@ -8,7 +8,7 @@ mask from the step context and manages a functional KV cache (new tensors, never
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -476,12 +476,12 @@ def test_rank_exclude_history(bundle: Path, tmp_path: Path) -> None:
 
 def test_bench_runs_every_backend_on_the_same_workloads(trained: tuple[Path, Any], data_files: tuple[Path, Path],
                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hatllm_edge.bench as bench
+    from hatllm_edge.bench import workloads
 
     monkeypatch.setenv("HATLLM_CACHE", str(tmp_path / "cache"))
     # the tiny data set's stand-ins for the target workloads, so the paired check runs too
-    monkeypatch.setattr(bench, "CAND_TARGET", "cand4-h3-b2")
-    monkeypatch.setattr(bench, "TOPK_TARGET", "top3-h3-b1")
+    monkeypatch.setattr(workloads, "CAND_TARGET", "cand4-h3-b2")
+    monkeypatch.setattr(workloads, "TOPK_TARGET", "top3-h3-b1")
     inter, items = data_files
     backends = "torch-fp32,torch-bf16,ort-fp32,ort-int4,ort-int4-native"
     result = invoke("bench", "--model", trained[0], "--interactions", inter, "--items", items, "--backends", backends,
@@ -507,7 +507,9 @@ def test_bench_runs_every_backend_on_the_same_workloads(trained: tuple[Path, Any
     assert [r["workload"] for r in paired["torch-fp32"]["results"]] == ["cand4-h3-b2", "top3-h3-b1"]
     assert report["targets"]["candidates"]["p50_ms"] == next(
         r["p50_ms"] for r in paired[report["targets"]["candidates"]["backend"]]["results"] if r["workload"] == "cand4-h3-b2")
-    assert {"speedup_vs_torch-fp32", "speedup_vs_torch-bf16", "target_met"} <= set(report["targets"]["candidates"])
+    # ratios only: what they mean is the README's to say, not a threshold in the code
+    assert {"speedup_vs_torch-fp32", "speedup_vs_torch-bf16"} <= set(report["targets"]["candidates"])
+    assert not any("target_met" in part for part in report["targets"].values())
     assert set(report["targets"]["topk"]) >= {"backend", "speedup_vs_torch-fp32"} and "paired check" in result.stdout
 
 
@@ -529,7 +531,7 @@ def test_bench_bad_options(trained: tuple[Path, Any], data_files: tuple[Path, Pa
 
 def test_bench_ablation_undoes_one_step_at_a_time(trained: tuple[Path, Any], data_files: tuple[Path, Path],
                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hatllm_edge.bench import ABLATIONS
+    from hatllm_edge.bench.ablation import ABLATIONS
 
     monkeypatch.setenv("HATLLM_CACHE", str(tmp_path / "cache"))
     inter, items = data_files

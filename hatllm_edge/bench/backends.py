@@ -1,0 +1,82 @@
+"""What a backend name stands for (``torch-fp32|bf16|nf4``, ``ort-<quant>[-native|-int8]``), how it
+is opened, and one request of a workload on it through the shared ranking code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from hatllm_edge.bench.workloads import Workload
+from hatllm_edge.errors import InputError
+from hatllm_edge.formats import MODEL_FILE
+from hatllm_edge.prompt import PromptBuilder
+from hatllm_edge.ranker import BundleBuilder, Ranker, cached_bundle
+from hatllm_edge.ranking import beam_search, score_candidates
+
+TORCH_BACKENDS = ("torch-fp32", "torch-bf16", "torch-nf4")
+ORT_QUANTS = {"fp32": "none", "fp16": "none", "nf4": "nf4", "int4": "int4", "int8": "int8"}
+DEFAULT_BACKENDS = ("torch-fp32", "torch-bf16", "torch-nf4", "ort-fp32", "ort-nf4", "ort-int4", "ort-int4-native", "ort-int8")
+CUDA_BACKENDS = ("ort-fp32", "ort-fp16", "ort-int4", "ort-nf4")
+
+
+class TokenCounter:
+    """Wraps a backend to count the tokens fed to it (padding included: it is computed)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.tokens = backend, 0
+
+    def forward(self, input_ids: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        self.tokens += int(input_ids.size)
+        return self.backend.forward(input_ids, *args, **kwargs)
+
+    def token_logprobs(self, input_ids: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        self.tokens += int(input_ids.size)
+        return self.backend.token_logprobs(input_ids, *args, **kwargs)
+
+    def select(self, cache: Any, index: np.ndarray) -> Any:
+        return self.backend.select(cache, index)
+
+
+def folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(MODEL_FILE)) / 1e6
+
+
+def open_backend(name: str, checkpoint: Path, device: str, threads: int, progress: bool,
+                 build: BundleBuilder | None = None) -> tuple[Ranker, float]:
+    """The ranker a backend name stands for, and its size on disk (or in memory for torch) in MB.
+    ``ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]``: a bundle exported from ``checkpoint``
+    into the bundle cache on first use; the suffix picks the engine's compute route."""
+    if name in TORCH_BACKENDS:
+        import torch
+
+        torch.set_num_threads(threads)
+        ranker = Ranker.from_checkpoint(checkpoint, bf16=name == "torch-bf16", nf4=name == "torch-nf4")
+        model = ranker.backend.model  # type: ignore[attr-defined]
+        size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        return ranker, size / 1e6
+    parts = name.split("-")
+    if parts[0] != "ort" or len(parts) not in (2, 3) or parts[1] not in ORT_QUANTS or (len(parts) == 3 and parts[2] not in ("native", "int8")):
+        raise InputError(f"backend {name!r}: expected one of {TORCH_BACKENDS} or ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]")
+    quant, dtype = ORT_QUANTS[parts[1]], "fp16" if parts[1] == "fp16" else "fp32"
+    compute = parts[2] if len(parts) == 3 else "auto"
+    folder = cached_bundle(checkpoint, quant, dtype, progress, build)
+    ranker = Ranker.from_bundle(folder, device, threads, compute)  # type: ignore[arg-type]
+    return ranker, folder_mb(folder)
+
+
+
+def all_history(ranker: Ranker) -> PromptBuilder:
+    """The ranker's prompt builder with the model's ``max_history`` lifted: 20 items are 20."""
+    return PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0, template=ranker.prompts.template)
+
+
+def runner(ranker: Ranker, w: Workload) -> Callable[[list[list[int]], list[list[int]]], None]:
+    """One request of ``w`` on ``ranker``: the shared ranking code, every history item kept."""
+    prompts = all_history(ranker)
+    if w.kind == "candidates":
+        return lambda h, c: score_candidates(ranker.backend, prompts, [ranker.titles(x) for x in h], [ranker.titles(x) for x in c])  # type: ignore[return-value]
+    return lambda h, _: beam_search(ranker.backend, prompts, ranker.trie, [ranker.titles(x) for x in h], k=w.k)  # type: ignore[return-value]
+
+
