@@ -210,7 +210,7 @@ def fuse(
     users: Annotated[int, typer.Option(min=0, help="Seeded sample of validation users (0 = all).")] = 300,
     seed: SeedOpt = 0,
     beams: BeamsOpt = None,
-    quant: Annotated[str, typer.Option(help="Bundle the tuning runs on (built from the checkpoint on first use).")] = "int4",
+    quant: Annotated[Optional[str], typer.Option(help="Bundle the tuning runs on, built from the checkpoint on first use: int4 (default), nf4, int8 or none.")] = None,
     backend: Annotated[str, typer.Option(help="onnx (the engine) or torch (PyTorch fp32).")] = "onnx",
     threads: ThreadsOpt = None,
     dataset: DatasetOpt = "ml-100k",
@@ -336,7 +336,7 @@ def rank(
     k: Annotated[Optional[int], typer.Option(callback=_bounded("--k", MAX_K, "the list length"), help=f"List length, 1-{MAX_K} and at most the catalog size (overrides the file's k; default 10).")] = None,
     beams: BeamsOpt = None,
     device: DeviceOpt = "cpu",
-    quant: Annotated[str, typer.Option(help="Bundle built on first use from a checkpoint: int4, nf4, int8 or none.")] = "int4",
+    quant: Annotated[Optional[str], typer.Option(help="Bundle built on first use from a checkpoint: int4 (default), nf4, int8 or none.")] = None,
     compute: ComputeOpt = "auto",
     backend: Annotated[str, typer.Option(help="onnx (the engine) or torch (PyTorch, from a checkpoint).")] = "onnx",
     threads: ThreadsOpt = None,
@@ -351,7 +351,8 @@ def rank(
 
     _check_choice("--device", device, ("cpu", "cuda"))
     _check_choice("--backend", backend, ("onnx", "torch"))
-    _check_choice("--quant", quant, QUANTS)
+    if quant is not None:
+        _check_choice("--quant", quant, QUANTS)
     _check_choice("--compute", compute, COMPUTES)
     result = _run(run_rank, user, model, k, device, quant, backend, threads, normalize, not quiet, exclude_history, compute, beams, assist,
                   bundle_builder())

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hatllm_edge.errors import InputError
-from hatllm_edge.engine import Compute, cache_root
+from hatllm_edge.engine import Compute, cache_root, read_bundle_meta
 from hatllm_edge.limits import (DEFAULT_K, MAX_BEAMS, MAX_CANDIDATES, MAX_HISTORY, MAX_K, MAX_REF_CHARS, MAX_REQUEST_BYTES,
                                 beam_width)
 from hatllm_edge.ranker import DEFAULT_CHECKPOINT, BundleBuilder, Device, Ranker, cached_bundle, model_kind, open_model, show
@@ -113,10 +113,11 @@ def read_request(path: Path) -> dict[str, Any]:
     return req
 
 
-def open_ranker(model: Path | None, device: Device, quant: str, backend: str, threads: int | None, progress: bool,
+def open_ranker(model: Path | None, device: Device, quant: str | None, backend: str, threads: int | None, progress: bool,
                 compute: Compute = "auto", build: BundleBuilder | None = None) -> Ranker:
     """The ranker for ``model`` (default: the shipped checkpoint); a checkpoint run on the
-    engine is exported once into the bundle cache by ``build``."""
+    engine is exported once into the bundle cache by ``build`` (``quant``, default int4).
+    Every option either applies to what runs or is refused."""
     folder = model or DEFAULT_CHECKPOINT
     if not folder.is_dir():
         raise InputError(f"model {folder}: no such folder" + ("" if model else " (the default model ships in models/; pass --model)"))
@@ -126,10 +127,20 @@ def open_ranker(model: Path | None, device: Device, quant: str, backend: str, th
             raise InputError(f"{folder}: --backend torch needs a checkpoint folder, this is an ONNX bundle")
         if device != "cpu":
             raise InputError("--backend torch runs on the CPU here; use the onnx backend for --device cuda")
+        if compute != "auto" or quant is not None:
+            raise InputError("--compute and --quant choose the engine's bundle and arithmetic; --backend torch runs the "
+                             "checkpoint in PyTorch fp32 (drop them, or use the onnx backend)")
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         return open_model(folder)
     cache_root()  # an unusable $HATLLM_CACHE is refused here, before anything is loaded
     if kind == "checkpoint":
-        folder = cached_bundle(folder, quant, progress=progress, build=build)
+        folder = cached_bundle(folder, quant or "int4", progress=progress, build=build)
+    elif quant is not None:
+        raise InputError(f"--quant chooses the bundle built from a checkpoint; {folder} is a bundle already "
+                         f"(quant {read_bundle_meta(folder).get('export', {}).get('quant', '?')}): drop --quant")
     return open_model(folder, device, threads, compute=compute)
 
 
@@ -146,7 +157,7 @@ def _resolve_candidates(ranker: Ranker, refs: list[Any], where: str) -> list[int
 
 
 def run_rank(
-    user: Path, model: Path | None, k: int | None, device: Device, quant: str, backend: str, threads: int | None,
+    user: Path, model: Path | None, k: int | None, device: Device, quant: str | None, backend: str, threads: int | None,
     normalize: bool, progress: bool, exclude_history: bool = False, compute: Compute = "auto", beams: int | None = None,
     assist: bool | None = None, build: BundleBuilder | None = None,
 ) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--no-assist", action="store_true", help="the LLM alone")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    ranker = open_ranker(args.model, "cpu", "int4", "onnx", args.threads, True, build=bundle_builder())
+    ranker = open_ranker(args.model, "cpu", None, "onnx", args.threads, True, build=bundle_builder())
     assist = not args.no_assist
     renormalise, weight = ranker.scoring(assist)
     if renormalise:

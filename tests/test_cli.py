@@ -778,3 +778,14 @@ def test_the_library_never_imports_the_exporter() -> None:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n == "export" or n.startswith("export.") for n in names), (path.name, names)
+
+
+def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[Path, Any], tmp_path: Path) -> None:
+    """Every rank flag applies to what runs or is refused: --quant on a bundle (its weights are
+    fixed), --quant or --compute with --backend torch (PyTorch fp32 runs)."""
+    user = write_user(tmp_path / "u.json", history=["i1"], k=2)
+    assert_usage_error(invoke("rank", user, "--model", bundle, "--quant", "int4"), "--quant", "bundle already")
+    for flags in (["--compute", "int8"], ["--quant", "nf4"]):
+        assert_usage_error(invoke("rank", user, "--model", trained[0], "--backend", "torch", *flags), "--backend torch")
+    ok = invoke("rank", user, "--model", trained[0], "--backend", "torch", "--threads", 1)
+    assert ok.exit_code == 0, ok.output
