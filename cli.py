@@ -128,6 +128,7 @@ def train(
     lora_r: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
     lora_targets: Annotated[LoraTargets, typer.Option(help="LoRA on the attention projections, or on every decoder Linear.")] = LoraTargets.all,
     max_history: Annotated[int, typer.Option(min=1, help="History items in the prompt (most recent).")] = 20,
+    template: Annotated[str, typer.Option(help="Prompt template: list (the answer is the next list item; needed by --mode window) or instruct.")] = "list",
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (fp32 master weights).")] = True,
     loss: Annotated[TrainLoss, typer.Option(help="ce: cross-entropy over the vocabulary; msl: softmax over the tokens that continue a real title (pairs with --renormalise).")] = TrainLoss.ce,
     msl_temperature: Annotated[float, typer.Option(min=0.01, help="Temperature of the msl softmax.")] = 1.0,
@@ -142,8 +143,10 @@ def train(
 ) -> None:
     """Fine-tune a base LLM with HatLLM's layer-wise masks (n_in = n_cr = 0: plain causal)."""
     from hatllm_edge.model import BaseModelSpec
+    from hatllm_edge.prompt import TEMPLATES
     from hatllm_edge.train import TrainConfig, train as run_train
 
+    _check_choice("--template", template, TEMPLATES)
     if threads:
         import torch
 
@@ -151,7 +154,7 @@ def train(
     cfg = TrainConfig(
         out=out, n_in=n_in, n_cr=n_cr, base=BaseModelSpec(path=str(Path(base).resolve()) if base else None), dataset=dataset,
         interactions=interactions, items=items, mode=mode.value, stride=stride, examples=examples or None, epochs=epochs,
-        batch_size=batch_size, lr=lr, full=full, lora_r=lora_r, lora_targets=lora_targets.value, max_history=max_history,
+        batch_size=batch_size, lr=lr, full=full, lora_r=lora_r, lora_targets=lora_targets.value, max_history=max_history, template=template,
         bf16=bf16, loss=loss.value, msl_temperature=msl_temperature, seed=seed, eval_every=eval_every, eval_users=eval_users, save_every=save_every, max_minutes=max_minutes,
     )
     summary = _run(run_train, cfg, resume=resume, progress=not quiet)

@@ -37,7 +37,7 @@ from hatllm_edge.errors import InputError
 from hatllm_edge.formats import ADAPTER_DIR, CHECKPOINT_META, FULL_WEIGHTS
 from hatllm_edge.masks import LayerSchedule
 from hatllm_edge.model import BaseModelSpec, HatLLM, load_base
-from hatllm_edge.prompt import PromptBuilder
+from hatllm_edge.prompt import PromptBuilder, Template
 from hatllm_edge.ranking import TitleTrie
 
 Mode = Literal["window", "prompt"]
@@ -75,6 +75,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_targets: Literal["attention", "all"] = "all"
     max_history: int = 20
+    template: Template = "list"  # window mode needs "list"; "instruct" reproduces the older prompt
     bf16: bool = True  # bf16 autocast; fp32 master weights
     loss: Literal["ce", "msl"] = "ce"
     msl_temperature: float = 1.0
@@ -152,6 +153,9 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train (or continue) and keep the best checkpoint in ``cfg.out``; returns the summary."""
+    if cfg.mode == "window" and cfg.template != "list":
+        raise InputError(f"--mode window trains every title of a window as an answer, which needs the 'list' template "
+                         f"(got {cfg.template!r}); use --mode prompt with another template")
     state_path = cfg.out / STATE_FILE
     saved = None
     if resume:
@@ -180,7 +184,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         trainable = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                   target_modules=list(LORA_TARGETS[cfg.lora_targets])))
     model = HatLLM(trainable, schedule).train()
-    prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history)
+    prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history, cfg.template)
     if cfg.mode == "window":
         sizes = [sum(len(prompts.title_ids(data.catalog.title(i))) for i in u.items) for u in units]
     else:

@@ -141,6 +141,13 @@ def test_train_prompt_mode_and_msl(tiny_base: Path, data_files: tuple[Path, Path
     assert summary["targets_seen"] == 19 and summary["steps_done"] == 3
     meta = json.loads((tmp_path / "p" / "hatllm.json").read_text())
     assert meta["train"]["mode"] == "prompt" and meta["train"]["loss"] == "msl" and meta["data"]["train_units"] == 19
+    instruct = invoke(*train_args(tmp_path / "i", tiny_base, data_files, "--mode", "prompt", "--template", "instruct",
+                                  "--batch-size", 10))
+    assert instruct.exit_code == 0, instruct.output
+    assert json.loads((tmp_path / "i" / "hatllm.json").read_text())["prompt"]["template"] == "instruct"
+    assert load_checkpoint(tmp_path / "i").prompts.template == "instruct"
+    assert_usage_error(invoke(*train_args(tmp_path / "w", tiny_base, data_files, "--template", "instruct")), "list")
+    assert_usage_error(invoke(*train_args(tmp_path / "x", tiny_base, data_files, "--template", "chat")), "--template")
 
 
 def test_checkpoint_loads_with_the_adapter_merged(trained: tuple[Path, Any], tiny_base: Path) -> None:
