@@ -162,7 +162,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         if not state_path.is_file():
             raise InputError(f"{cfg.out}: nothing to resume (no {STATE_FILE}); start without --resume")
         saved = torch.load(state_path, weights_only=False)
-        before = {k: v for k, v in saved["config"].items() if k not in RESUMABLE}
+        # a field the saved run predates had its default then
+        before = {k: v for k, v in {**TrainConfig(out=cfg.out).to_dict(), **saved["config"]}.items() if k not in RESUMABLE}
         now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
         changed = sorted(k for k in now if before.get(k) != now[k])
         if changed:
