@@ -249,10 +249,10 @@ def fuse(
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
-    for row in result["grid"]:
-        m = row["metrics"]
-        typer.echo(f"renormalise={str(row['renormalise']).lower():5}  weight={row['assistant_weight']:<5g}  "
-                   f"NDCG@10={m['NDCG@10']:.4f}  HR@10={m['HR@10']:.4f}  ({row['s_per_user']:.2f} s/user)")
+    _print_table(["renormalise", "assistant weight", "NDCG@10", "HR@10", "s/user"],
+                 [[str(r["renormalise"]).lower(), f"{r['assistant_weight']:g}", f"{r['metrics']['NDCG@10']:.4f}",
+                   f"{r['metrics']['HR@10']:.4f}", f"{r['s_per_user']:.2f}"] for r in result["grid"]],
+                 caption=f"validation, {result['users']} users, {result['backend']}")
     typer.echo(json.dumps({"chosen": result["chosen"], "users": result["users"], "written": write}))
 
 
@@ -360,10 +360,10 @@ def rank(
     result = _run(run_rank, user, model, k, device, quant, backend, threads, normalize, not quiet, exclude_history, compute, beams, assist,
                   bundle_builder())
     if table:
-        typer.echo(f"{'rank':>4}  {'item_id':>8}  {'score':>9}  title")
-        for row in result["results"]:
-            typer.echo(f"{row['rank']:>4}  {row['item_id']:>8}  {row['score']:>9.3f}  {row['title']}")
-        typer.echo(f"({result['mode']}, {result['backend']}, {result['latency_ms']:.1f} ms)")
+        fused = f", assistant weight {result['assistant_weight']:g}" if result["assistant_weight"] else ""
+        _print_table(["rank", "item_id", "score", "title"],
+                     [[row["rank"], row["item_id"], f"{row['score']:.3f}", row["title"]] for row in result["results"]],
+                     caption=f"{result['mode']}, {result['backend']}{fused}, {result['latency_ms']:.1f} ms")
     else:
         typer.echo(json.dumps(result, ensure_ascii=False, indent=1))
 
@@ -603,6 +603,19 @@ def sasrec_report(
 
     result = _run(sasrec.report, checkpoint, out, dataset, interactions, items, threads, _command(ctx))
     typer.echo(json.dumps({k: v for k, v in result.items() if k != "ranks"}))
+
+
+def _print_table(columns: list[str], rows: list[list[Any]], caption: str = "") -> None:
+    """A table on stdout (rich, which Typer brings); numbers right-aligned."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(*columns, caption=caption or None, box=None, header_style="bold")
+    for column, first in zip(t.columns, rows[0] if rows else []):
+        column.justify = "right" if isinstance(first, (int, float)) or str(first).lstrip("-").replace(".", "", 1).isdigit() else "left"
+    for row in rows:
+        t.add_row(*(str(c) for c in row))
+    Console(soft_wrap=True).print(t)
 
 
 def bundle_builder() -> Any:
