@@ -350,15 +350,17 @@ def rank(
     quiet: QuietOpt = False,
 ) -> None:
     """Rank for one user: full-catalog top-k, or the given candidates; prints JSON or a table."""
-    from hatllm_edge.rank_request import run_rank
+    from hatllm_edge.rank_request import RankOptions, run_rank
 
     _check_choice("--device", device, ("cpu", "cuda"))
     _check_choice("--backend", backend, ("onnx", "torch"))
     if quant is not None:
         _check_choice("--quant", quant, QUANTS)
     _check_choice("--compute", compute, COMPUTES)
-    result = _run(run_rank, user, model, k, device, quant, backend, threads, normalize, not quiet, exclude_history, compute, beams, assist,
-                  bundle_builder())
+    opts = RankOptions(model=model, k=k, beams=beams, device=device, quant=quant, backend=backend,  # type: ignore[arg-type]
+                       compute=compute, threads=threads, normalize=normalize, exclude_history=exclude_history,  # type: ignore[arg-type]
+                       assist=assist)
+    result = _run(run_rank, user, opts, not quiet, bundle_builder())
     if table:
         fused = f", assistant weight {result['assistant_weight']:g}" if result["assistant_weight"] else ""
         _print_table(["rank", "item_id", "score", "title"],

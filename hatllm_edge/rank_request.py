@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,23 +157,34 @@ def _resolve_candidates(ranker: Ranker, refs: list[Any], where: str) -> list[int
     return candidates
 
 
-def run_rank(
-    user: Path, model: Path | None, k: int | None, device: Device, quant: str | None, backend: str, threads: int | None,
-    normalize: bool, progress: bool, exclude_history: bool = False, compute: Compute = "auto", beams: int | None = None,
-    assist: bool | None = None, build: BundleBuilder | None = None,
-) -> dict[str, Any]:
-    """Rank for one request. ``k`` and ``beams`` (flags) override the request's; the full-catalog
-    search runs ``max(beams, k)`` wide (beams default 10), so a shorter list is a prefix of a
-    longer one. ``exclude_history`` drops items the user already has (the ``loo-full``
-    protocol keeps them; a product usually does not). ``assist`` (flag, else the request's,
-    default on) fuses the model's collaborative assistant where it ships one."""
+@dataclass(frozen=True)
+class RankOptions:
+    """What ``hatllm-edge rank`` was asked on the command line (None: the request's, else the default)."""
+
+    model: Path | None = None  # bundle or checkpoint (default: the shipped checkpoint)
+    k: int | None = None  # overrides the request's k
+    beams: int | None = None  # overrides the request's beams; the search is max(beams, k) wide
+    device: Device = "cpu"
+    quant: str | None = None  # the bundle built from a checkpoint (default int4)
+    backend: str = "onnx"  # or torch (a checkpoint in PyTorch fp32)
+    compute: Compute = "auto"
+    threads: int | None = None
+    normalize: bool = False  # length-normalise candidate scores
+    exclude_history: bool = False  # drop items the user already has (loo-full keeps them; a product usually not)
+    assist: bool | None = None  # fuse the model's assistant (default: the request's "assist", else on)
+
+
+def run_rank(user: Path, opts: RankOptions, progress: bool = True, build: BundleBuilder | None = None) -> dict[str, Any]:
+    """Rank for one request: full-catalog top-k by beam search, or the request's candidates. A
+    list for k <= beams is a prefix of a longer one with the same beams."""
+    k, beams, assist, exclude_history = opts.k, opts.beams, opts.assist, opts.exclude_history
     req = read_request(user)
     for name, value, limit, what in (("--k", k, MAX_K, "the list length"), ("--beams", beams, MAX_BEAMS, "the beam width")):
         if value is not None and not 1 <= value <= limit:
             raise InputError(f"{name} is {value}; it must be from 1 to {limit} ({what})")
     asked = k or req.get("k")
     beams = beams or req.get("beams")
-    ranker = open_ranker(model, device, quant, backend, threads, progress, compute, build)
+    ranker = open_ranker(opts.model, opts.device, opts.quant, opts.backend, opts.threads, progress, opts.compute, build)
     size = len(ranker.catalog)
     if asked is not None and asked > size:
         raise InputError(f"k is {asked} but the catalog has {size} items; ask for at most {size}")
@@ -187,7 +199,7 @@ def run_rank(
     width = beam_width(k, beams)
     if "candidates" in req:
         candidates = _resolve_candidates(ranker, req["candidates"], f"{user}: candidates")
-        ranked = ranker.score(history, candidates, normalize, assist=assist)
+        ranked = ranker.score(history, candidates, opts.normalize, assist=assist)
         items, scores = [candidates[i] for i in ranked.items], ranked.scores
         mode = "candidates"
     else:
