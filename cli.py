@@ -328,7 +328,8 @@ def export_cmd(
     _check_choice("--int4-algo", int4_algo, ("rtn", "hqq", "gptq"))
     eight_bit = tuple(n.strip() for n in int4_8bit.split(",")) if int4_8bit not in ("", "none") else ()
     int4 = Int4Options(algo=int4_algo, block_size=int4_block, eight_bit=eight_bit) if quant == "int4" else None
-    folder = _run(export_checkpoint, checkpoint, out, quant, dtype, int4, overwrite, not quiet, embeddings)
+    folder = _run(export_checkpoint, checkpoint, out, quant=quant, dtype=dtype, int4=int4, overwrite=overwrite, progress=not quiet,
+                  embeddings=embeddings)
     typer.echo(json.dumps({"bundle": str(folder), **json.loads((folder / "bundle.json").read_text())["export"]["sizes"]}))
 
 
