@@ -256,10 +256,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         t0 = time.time()
         valid = validate(model, prompts, data, valid_examples, bf16=cfg.bf16)
         run["eval_s"] += time.time() - t0
+        run["last_eval"] = run["step"]
         record = {"step": run["step"], **valid}
         with (cfg.out / EVAL_LOG_FILE).open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if run["best"] is None or valid["metrics"]["ndcg@10"] > run["best"]["metrics"]["ndcg@10"]:
+        if run["best"] is None or valid["metrics"]["NDCG@10"] > run["best"]["metrics"]["NDCG@10"]:
             run["best"] = record
             write_checkpoint(record)
 
@@ -306,7 +307,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     bar.close()
     log.close()
     finished = run["step"] >= len(steps)
-    if finished and (run["best"] is None or run["best"]["step"] != run["step"]):
+    if finished and run.get("last_eval") != run["step"]:
         evaluate_now()
     save_state()
     if run["best"] is not None:  # refresh the summary in the best checkpoint's metadata

@@ -105,6 +105,20 @@ def test_train_writes_a_checkpoint(trained: tuple[Path, Any], tiny_base: Path) -
     assert Path(meta["base"]["path"]) == tiny_base
 
 
+def test_train_keeps_the_best_validated_step(tiny_base: Path, data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """Validated every 2 steps of 4, the checkpoint holds the step with the best NDCG@10 (the
+    earlier one on a tie) and says which."""
+    out = tmp_path / "run"
+    result = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--eval-every", 2))
+    assert result.exit_code == 0, result.output
+    evals = [json.loads(line) for line in (out / "valid_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2, 4]
+    best = max(evals, key=lambda e: (e["metrics"]["NDCG@10"], -e["step"]))
+    meta = json.loads((out / "hatllm.json").read_text())
+    assert meta["validation"]["step"] == best["step"] == last_json(result)["best"]["step"]
+    assert meta["train_summary"]["steps_done"] == 4
+
+
 def test_train_resumes_to_the_same_weights(trained: tuple[Path, Any], tiny_base: Path, data_files: tuple[Path, Path],
                                            tmp_path: Path) -> None:
     """Stopped after its first step by the time budget and resumed, a run ends with the weights
