@@ -15,7 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from export import export_onnx
 from export.validate import run_onnx, sample_steps
-from hatllm_edge.engine import GRAPH_CONTRACT, GRAPH_REVISION, OnnxBackend
+from hatllm_edge.engine import OnnxBackend
+from hatllm_edge.formats import GRAPH_CONTRACT, GRAPH_REVISION
 from hatllm_edge.errors import InputError
 from hatllm_edge.masks import LayerSchedule, build_masks, causal_visibility
 from hatllm_edge.model import HatLLM
