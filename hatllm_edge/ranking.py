@@ -105,8 +105,8 @@ class Fusion:
         if self.prior is None or not self.weight:
             return {}
         mass: dict[str, float] = {}
-        for i, title in enumerate(catalog.titles):
-            mass[title] = mass.get(title, 0.0) + float(np.exp(self.prior[u, i]))
+        for title, p in zip(catalog.titles, np.exp(self.prior[u]).tolist()):
+            mass[title] = mass.get(title, 0.0) + p
         return {t: self.weight * float(np.log(max(m, 1e-300))) for t, m in mass.items()}
 
 

@@ -186,10 +186,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                                                   target_modules=list(LORA_TARGETS[cfg.lora_targets])))
     model = HatLLM(trainable, schedule).train()
     prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history, cfg.template)
-    if cfg.mode == "window":
-        sizes = [sum(len(prompts.title_ids(data.catalog.title(i))) for i in u.items) for u in units]
-    else:
-        sizes = [sum(len(prompts.title_ids(data.catalog.title(i))) for i in u.history) for u in units]
+    sizes = [sum(len(prompts.title_ids(data.catalog.title(i))) for i in (u.items if cfg.mode == "window" else u.history))
+             for u in units]
     steps = plan_batches(sizes, cfg.batch_size, cfg.epochs, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
