@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import replace
 from importlib import metadata as pkg_metadata
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from export.validate import validate
 from hatllm_edge.cache import clean_stale, partial_prefix
 from hatllm_edge.data import Catalog
 from hatllm_edge.engine import file_sha256
-from hatllm_edge.formats import BUNDLE_META, CATALOG_FILE, MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE
+from hatllm_edge.formats import BUNDLE_META, CATALOG_FILE, MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ModelMeta
 from hatllm_edge.errors import HatLLMError, InputError
 from hatllm_edge.model import HatLLM
 from hatllm_edge.prompt import PromptBuilder
@@ -88,13 +89,12 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old)
 
 
-def _calibration(model: HatLLM, folder: Path, meta: dict[str, Any]) -> dict[str, np.ndarray] | None:
+def _calibration(model: HatLLM, folder: Path, meta: ModelMeta) -> dict[str, np.ndarray] | None:
     """Activation statistics for the engine's int8 route (:mod:`export.calibrate`), when the
     bundle carries the tokenizer and catalog to build prompts from; None otherwise."""
-    prompt = meta.get("prompt", {})
-    if not ((folder / TOKENIZER_FILE).is_file() and (folder / CATALOG_FILE).is_file() and "eos_token" in prompt):
+    if not ((folder / TOKENIZER_FILE).is_file() and (folder / CATALOG_FILE).is_file()):
         return None
-    prompts = PromptBuilder.from_meta(folder / TOKENIZER_FILE, prompt)
+    prompts = PromptBuilder.from_meta(folder / TOKENIZER_FILE, meta.prompt)
     return activation_absmax(model, calibration_sequences(prompts, Catalog.from_jsonl(folder / CATALOG_FILE)))
 
 
@@ -103,7 +103,7 @@ def export_bundle(
     out_dir: Path,
     quant: Quant,
     files: dict[str, Path | bytes],
-    meta: dict[str, Any],
+    meta: ModelMeta,
     opset: int = 23,
     progress: bool = True,
     dtype: DType = "fp32",
@@ -122,8 +122,8 @@ def export_bundle(
     """
     out_dir = Path(out_dir)
     _check_out(out_dir, overwrite)
-    if "export" in meta:
-        raise InputError("meta already has an 'export' key; pass the checkpoint's hatllm.json content")
+    if meta.export is not None:
+        raise InputError("meta already has an export section; pass the checkpoint's hatllm.json content")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out_dir)  # partial folders of exports that were killed
     tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out_dir), dir=out_dir.parent))  # names its pid
@@ -164,7 +164,7 @@ def export_bundle(
             "validation": report.to_dict() if report else None,
             "calibration": {"prompts": CALIBRATION_PROMPTS, "seed": 0} if calibration else None,
         }
-        (tmp / BUNDLE_META).write_text(json.dumps({**meta, "export": export_info}, indent=2) + "\n")
+        replace(meta, export=export_info).write(tmp / BUNDLE_META)
         stages.update()
         stages.set_postfix_str("manifest")
         write_manifest(tmp)

@@ -24,14 +24,13 @@ from onnx import numpy_helper
 
 from export.graph import Embeddings, build_decoder
 from export.quantize import Int4Options, quantize_int4
-from hatllm_edge.formats import GRAPH_CONTRACT, GRAPH_REVISION
+from hatllm_edge.formats import GRAPH_CONTRACT, GRAPH_REVISION, QUANTS
 from hatllm_edge.errors import InputError
 from hatllm_edge.lowbit import CALIBRATION_PREFIX
 from hatllm_edge.model import SUPPORTED_TYPES, HatLLM
 
 Quant = Literal["none", "nf4", "int4", "int8"]
 DType = Literal["fp32", "fp16"]
-QUANTS: tuple[Quant, ...] = ("none", "nf4", "int4", "int8")
 EMBEDDINGS: tuple[Embeddings, ...] = ("float", "int8")
 DTYPES: tuple[DType, ...] = ("fp32", "fp16")
 MIN_OPSET = 23  # Attention, RotaryEmbedding and RMSNormalization enter the standard here

@@ -219,10 +219,10 @@ def analyze(cfg: AnalyzeConfig, progress: bool = True) -> dict[str, dict[str, An
         if n == 0:
             examples = sample_examples(data, cfg.split, cfg.examples, cfg.seed, loaded.prompts.max_history)
             if cfg.include_base:
-                lm, _ = load_base(BaseModelSpec(**loaded.meta["base"]))
+                lm, _ = load_base(BaseModelSpec(**loaded.meta.base))
                 base = HatLLM(lm, LayerSchedule(lm.config.num_hidden_layers))
                 results["base"] = _run_one(base, loaded.prompts, data.catalog, examples, cfg, progress, "base")
-                results["base"]["source"] = loaded.meta["base"]
+                results["base"]["source"] = loaded.meta.base
                 del base, lm
         results[label] = _run_one(loaded.model, loaded.prompts, data.catalog, examples, cfg, progress, label)
         results[label]["source"] = str(folder)

@@ -10,7 +10,6 @@ need, so they take no model flags.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 
 from hatllm_edge.data import Catalog
 from hatllm_edge.errors import InputError
-from hatllm_edge.formats import ADAPTER_DIR, CATALOG_FILE, CHECKPOINT_META, FULL_WEIGHTS, TOKENIZER_FILE
+from hatllm_edge.formats import ADAPTER_DIR, CATALOG_FILE, CHECKPOINT_META, FULL_WEIGHTS, TOKENIZER_FILE, ModelMeta
 from hatllm_edge.masks import LayerSchedule
 from hatllm_edge.model import BaseModelSpec, HatLLM, load_base
 from hatllm_edge.prompt import PromptBuilder
@@ -33,35 +32,35 @@ class Loaded:
     model: HatLLM
     prompts: PromptBuilder
     catalog: Catalog
-    meta: dict[str, Any]
+    meta: ModelMeta
     folder: Path | None
 
 
-def write_common(folder: Path, tokenizer: Any, catalog: Catalog, meta: dict[str, Any]) -> None:
+def write_common(folder: Path, tokenizer: Any, catalog: Catalog, meta: ModelMeta) -> None:
     """Write tokenizer, catalog and metadata (the weights are written by the caller)."""
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.backend_tokenizer.save(str(folder / TOKENIZER_FILE))
     (folder / CATALOG_FILE).write_text(catalog.to_jsonl(), encoding="utf-8")
-    (folder / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    meta.write(folder / CHECKPOINT_META)
 
 
-def read_meta(folder: Path) -> dict[str, Any]:
+def read_meta(folder: Path) -> ModelMeta:
     path = folder / CHECKPOINT_META
     if not path.is_file():
         raise InputError(f"{folder}: not a hatllm-edge checkpoint (no {CHECKPOINT_META}); train one with 'hatllm-edge train'")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return ModelMeta.read(path)
 
 
 def load_checkpoint(folder: Path, dtype: torch.dtype = torch.float32) -> Loaded:
     """Load a checkpoint folder: base weights from where ``hatllm.json`` says, then the
     adapter (merged, so inference runs on plain weights) or the full weights."""
     meta = read_meta(folder)
-    base, tokenizer = load_base(BaseModelSpec(**meta["base"]), dtype=dtype)
-    if meta["finetune"] == "lora":
+    base, tokenizer = load_base(BaseModelSpec(**meta.base), dtype=dtype)
+    if meta.finetune == "lora":
         from peft import PeftModel
 
         base = PeftModel.from_pretrained(base, str(folder / ADAPTER_DIR)).merge_and_unload()
-    elif meta["finetune"] == "full":
+    elif meta.finetune == "full":
         from safetensors.torch import load_file
 
         result = base.load_state_dict(load_file(str(folder / FULL_WEIGHTS)), strict=False)
@@ -69,6 +68,6 @@ def load_checkpoint(folder: Path, dtype: torch.dtype = torch.float32) -> Loaded:
         if missing or result.unexpected_keys:
             raise InputError(f"{folder / FULL_WEIGHTS}: does not fit the base model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
         base.tie_weights()
-    schedule = LayerSchedule(**meta["schedule"])
-    prompts = PromptBuilder.from_meta(folder / TOKENIZER_FILE, meta["prompt"])
+    schedule = LayerSchedule(**meta.schedule)
+    prompts = PromptBuilder.from_meta(folder / TOKENIZER_FILE, meta.prompt)
     return Loaded(HatLLM(base.eval(), schedule), prompts, Catalog.from_jsonl(folder / CATALOG_FILE), meta, folder)

@@ -21,7 +21,7 @@ import numpy as np
 
 from hatllm_edge.cache import Int8Cache, cache_root, require_writable
 from hatllm_edge.errors import InputError
-from hatllm_edge.formats import (BUNDLE_META, GRAPH_CONTRACT, INPUT_IDS, INT8_REVISION, LOGITS, LOGITS_TO_KEEP,
+from hatllm_edge.formats import (BUNDLE_META, ModelMeta, GRAPH_CONTRACT, INPUT_IDS, INT8_REVISION, LOGITS, LOGITS_TO_KEEP,
                                  MANIFEST_FILE, MASK_INPUT, MODEL_FILE, PAST, POSITION_IDS, PRESENT, REQUIRED_INPUTS,
                                  TARGET_IDS, TARGET_LOGPROBS)
 from hatllm_edge.masks import MASK_KINDS, MaskKind
@@ -48,14 +48,13 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def read_bundle_meta(folder: Path) -> dict[str, Any]:
-    """``bundle.json`` as a dict, or InputError naming what is wrong with it."""
-    path = Path(folder) / BUNDLE_META
+def read_bundle_meta(folder: Path) -> ModelMeta:
+    """``bundle.json``, or InputError naming what is wrong with it."""
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise InputError(f"bundle {folder}: {BUNDLE_META} is not readable JSON ({_first_line(e)}); re-export the bundle") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("export", {}), dict):
+        meta = ModelMeta.read(Path(folder) / BUNDLE_META)
+    except InputError as e:
+        raise InputError(f"bundle {folder}: {e}; re-export the bundle") from None
+    if meta.export is None:
         raise InputError(f"bundle {folder}: {BUNDLE_META} is not a bundle description (no export section); re-export the bundle")
     return meta
 
@@ -65,10 +64,10 @@ _META_PAIRS = (("quant", "hatllm.quant"), ("dtype", "hatllm.dtype"), ("embedding
                ("layer_kinds", "hatllm.layer_kinds"))
 
 
-def check_bundle_meta(folder: Path, meta: dict[str, Any], manifest: dict[str, Any], graph: dict[str, str]) -> None:
+def check_bundle_meta(folder: Path, meta: ModelMeta, manifest: dict[str, Any], graph: dict[str, str]) -> None:
     """Refuse a bundle whose ``bundle.json`` (or tokenizer/catalog) disagrees with what the graph
     records about itself: it would run one arithmetic under another's label."""
-    export = meta.get("export", {})
+    export = meta.export or {}
     for field, key in _META_PAIRS:
         if field not in export or key not in graph:
             continue
@@ -330,7 +329,7 @@ class OnnxBackend:
         graph = {n: e["sha256"] for n, e in sorted(manifest["files"].items()) if n.split(".data")[0] == MODEL_FILE}
         key = json.dumps(graph, sort_keys=True) if verify else None
         meta = read_bundle_meta(folder)
-        quant = meta.get("export", {}).get("quant")
+        quant = (meta.export or {}).get("quant")
         if quant is not None:
             compute = resolve_compute(compute, device, quant != "none")
         backend = cls(folder / MODEL_FILE, device=device, threads=threads, compute=compute, optimization=optimization,

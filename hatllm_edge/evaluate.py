@@ -126,7 +126,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
                         batch_users=cfg.batch_users, examples=examples, fusion=fusion)
     return {
         "checkpoint": str(cfg.checkpoint),
-        "schedule": ranker.meta["schedule"],
+        "schedule": ranker.meta.schedule,
         "backend": ranker.label,
         "decoding": {"renormalise": renormalise, "assistant_weight": weight,
                      "assistant": str(ranker.assistant.folder) if ranker.assistant and weight else None},

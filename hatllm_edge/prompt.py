@@ -27,12 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from hatllm_edge.errors import InputError
+from hatllm_edge.formats import PromptMeta
 
 HEAD = "Here is a user's history of items, oldest first:\n"
 TAIL = 'The next item the user will choose is "'
@@ -42,7 +43,6 @@ ANSWER_CLOSE = '"'  # instruct template: the answer ends with this and the end t
 
 Template = Literal["list", "instruct"]
 TEMPLATES: tuple[Template, ...] = ("list", "instruct")
-LEGACY_TEMPLATE: Template = "instruct"  # what a checkpoint without a "template" entry was made with
 
 
 @dataclass(frozen=True)
@@ -77,14 +77,13 @@ class PromptBuilder:
         return cls(tok, eos_id, max_history, template)
 
     @classmethod
-    def from_meta(cls, tokenizer_json: Path, prompt: dict[str, Any]) -> "PromptBuilder":
+    def from_meta(cls, tokenizer_json: Path, prompt: PromptMeta) -> "PromptBuilder":
         """From a checkpoint's or bundle's ``prompt`` section (see :meth:`meta`)."""
-        return cls.from_file(tokenizer_json, prompt["eos_token"], prompt.get("max_history", 20), prompt.get("template", LEGACY_TEMPLATE))
+        return cls.from_file(tokenizer_json, prompt.eos_token, prompt.max_history, prompt.template)  # type: ignore[arg-type]
 
-    def meta(self) -> dict[str, Any]:
+    def meta(self) -> PromptMeta:
         """The ``prompt`` section that checkpoints and bundles carry."""
-        eos = self.tokenizer.id_to_token(self.eos_id)
-        return {"template": self.template, "max_history": self.max_history, "eos_token": eos}
+        return PromptMeta(self.tokenizer.id_to_token(self.eos_id), self.max_history, self.template)
 
     def _encode_uncached(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(text, add_special_tokens=False).ids)

@@ -141,7 +141,7 @@ def open_ranker(model: Path | None, device: Device, quant: str | None, backend: 
         folder = cached_bundle(folder, quant or "int4", progress=progress, build=build)
     elif quant is not None:
         raise InputError(f"--quant chooses the bundle built from a checkpoint; {folder} is a bundle already "
-                         f"(quant {read_bundle_meta(folder).get('export', {}).get('quant', '?')}): drop --quant")
+                         f"(quant {(read_bundle_meta(folder).export or {}).get('quant', '?')}): drop --quant")
     return open_model(folder, device, threads, compute=compute)
 
 

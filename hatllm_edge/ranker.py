@@ -19,9 +19,9 @@ from hatllm_edge.cache import clean_stale, file_lock, require_writable
 from hatllm_edge.engine import Compute, Optimization, cache_root, read_bundle_meta
 from hatllm_edge.errors import InputError
 from hatllm_edge import formats
-from hatllm_edge.formats import ASSISTANT_CONFIG, BUNDLE_META, CATALOG_FILE, CHECKPOINT_META, TOKENIZER_FILE
+from hatllm_edge.formats import ASSISTANT_CONFIG, BUNDLE_META, CATALOG_FILE, CHECKPOINT_META, TOKENIZER_FILE, Decoding, ModelMeta
 from hatllm_edge.limits import MAX_REF_CHARS, beam_width
-from hatllm_edge.prompt import LEGACY_TEMPLATE, TEMPLATES, PromptBuilder
+from hatllm_edge.prompt import TEMPLATES, PromptBuilder
 from hatllm_edge.ranking import Fusion, Ranked, TitleTrie, beam_search, score_candidates
 
 Device = Literal["cpu", "cuda"]
@@ -30,7 +30,7 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "hatllm
 
 @dataclass
 class Ranker:
-    """``meta["decoding"]`` (written by ``hatllm-edge fuse``) says how steps are scored by
+    """``meta.decoding`` (written by ``hatllm-edge fuse``) says how steps are scored by
     default: ``renormalise`` over the trie's children, and ``assistant_weight``, the weight of
     the collaborative assistant (SASRec, ``sasrec.json``/``sasrec.onnx`` in the model folder)
     chosen on validation."""
@@ -38,7 +38,7 @@ class Ranker:
     backend: Backend
     prompts: PromptBuilder
     catalog: Catalog
-    meta: dict[str, Any]
+    meta: ModelMeta
     assistant: Assistant | None = None
     _trie: TitleTrie | None = field(default=None, repr=False)
     _titles: dict[str, int] | None = field(default=None, repr=False)
@@ -70,19 +70,12 @@ class Ranker:
         return cls(backend, loaded.prompts, loaded.catalog, loaded.meta, open_assistant(folder, loaded.catalog))
 
     @classmethod
-    def _assemble(cls, backend: Backend, folder: Path, meta: dict[str, Any]) -> "Ranker":
+    def _assemble(cls, backend: Backend, folder: Path, meta: ModelMeta) -> "Ranker":
+        if meta.prompt.template not in TEMPLATES:
+            raise InputError(f"bundle {folder}: {BUNDLE_META} names prompt template {meta.prompt.template!r}, not one of "
+                             f"{TEMPLATES}; re-export the bundle")
         try:
-            prompt = meta["prompt"]
-            eos, max_history = prompt["eos_token"], prompt["max_history"]
-            if not isinstance(eos, str) or not isinstance(max_history, int) or isinstance(max_history, bool) or max_history < 0:
-                raise TypeError
-            if prompt.get("template", LEGACY_TEMPLATE) not in TEMPLATES:
-                raise TypeError
-        except (KeyError, TypeError):
-            raise InputError(f"bundle {folder}: {BUNDLE_META} has no valid prompt section (eos_token, max_history, "
-                             f"template one of {TEMPLATES}); re-export the bundle") from None
-        try:
-            prompts = PromptBuilder.from_meta(folder / TOKENIZER_FILE, prompt)
+            prompts = PromptBuilder.from_meta(folder / TOKENIZER_FILE, meta.prompt)
         except InputError:
             raise
         except Exception as e:  # the tokenizers library raises plain Exceptions on a bad file
@@ -96,7 +89,7 @@ class Ranker:
         compute = getattr(self.backend, "compute", None)
         if compute is None:
             return f"torch-{self.backend.dtype_name}"  # type: ignore[attr-defined]
-        export = self.meta.get("export", {})
+        export = self.meta.export or {}
         return f"onnx-{export.get('quant', '?')}-{export.get('dtype', '?')}-{self.backend.device}-{compute}"  # type: ignore[attr-defined]
 
     @property
@@ -143,15 +136,15 @@ class Ranker:
         return [self.catalog.titles[i] for i in indices]
 
     @property
-    def decoding(self) -> dict[str, Any]:
-        return self.meta.get("decoding") or {}
+    def decoding(self) -> Decoding:
+        return self.meta.decoding or Decoding()
 
     def scoring(self, assist: bool = True, weight: float | None = None, renormalise: bool | None = None) -> tuple[bool, float]:
         """(renormalise, assistant weight) in effect: the model's validated defaults unless
         overridden; the weight is 0 without ``assist`` or without an assistant in the model folder."""
-        renormalise = bool(self.decoding.get("renormalise", False)) if renormalise is None else renormalise
+        renormalise = self.decoding.renormalise if renormalise is None else renormalise
         if weight is None:
-            weight = float(self.decoding.get("assistant_weight", 0.0))
+            weight = self.decoding.assistant_weight
         if weight < 0:
             raise InputError(f"assistant weight {weight}: must be >= 0")
         return renormalise, (weight if assist and self.assistant is not None else 0.0)

@@ -23,7 +23,7 @@ import os
 import random
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +34,7 @@ from hatllm_edge import checkpoint as ckpt
 from hatllm_edge.batching import allowed_tokens, answer_nll, make_batch, make_window_batch, msl_nll
 from hatllm_edge.data import Dataset, Example, Window, load_dataset
 from hatllm_edge.errors import InputError
-from hatllm_edge.formats import ADAPTER_DIR, CHECKPOINT_META, FULL_WEIGHTS
+from hatllm_edge.formats import ADAPTER_DIR, CHECKPOINT_META, FULL_WEIGHTS, ModelMeta
 from hatllm_edge.masks import LayerSchedule
 from hatllm_edge.model import BaseModelSpec, HatLLM, load_base
 from hatllm_edge.prompt import PromptBuilder, Template
@@ -205,17 +205,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         sched.load_state_dict(saved["sched"])
         torch.set_rng_state(saved["torch_rng"])
         run = saved["run"]
-    meta = {
-        "format": 1,
-        "base": cfg.base.to_dict(),
-        "model_type": lm.config.model_type,
-        "schedule": schedule.to_dict(),
-        "prompt": prompts.meta(),
-        "finetune": "full" if cfg.full else "lora",
-        "train": {k: v for k, v in cfg.to_dict().items() if k not in ("base", "out")},
-        "data": {"name": data.name, "users": len(data.sequences), "items": len(data.catalog), "train_units": len(units),
-                 "train_targets": sum(len(u.items) - u.first_target for u in units) if cfg.mode == "window" else len(units)},
-    }
+    meta = ModelMeta(
+        base=cfg.base.to_dict(), model_type=lm.config.model_type, schedule=schedule.to_dict(), prompt=prompts.meta(),
+        finetune="full" if cfg.full else "lora", train={k: v for k, v in cfg.to_dict().items() if k not in ("base", "out")},
+        data={"name": data.name, "users": len(data.sequences), "items": len(data.catalog), "train_units": len(units),
+              "train_targets": sum(len(u.items) - u.first_target for u in units) if cfg.mode == "window" else len(units)})
     cfg.out.mkdir(parents=True, exist_ok=True)
 
     def save_state() -> None:
@@ -224,7 +218,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                                  "run": run})
 
     def write_checkpoint(valid: dict[str, Any] | None) -> None:
-        ckpt.write_common(cfg.out, tokenizer, data.catalog, {**meta, "validation": valid, "train_summary": summary()})
+        ckpt.write_common(cfg.out, tokenizer, data.catalog, replace(meta, validation=valid, train_summary=summary()))
         if cfg.full:
             from safetensors.torch import save_file
 
@@ -310,7 +304,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     save_state()
     if run["best"] is not None:  # refresh the summary in the best checkpoint's metadata
         path = cfg.out / CHECKPOINT_META
-        written = json.loads(path.read_text(encoding="utf-8"))
-        written["train_summary"] = summary()
-        path.write_text(json.dumps(written, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        written = ModelMeta.read(path)
+        written.train_summary = summary()
+        written.write(path)
     return {**summary(), "finished": finished}

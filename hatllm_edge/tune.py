@@ -6,7 +6,6 @@ and ``sasrec.onnx`` are copied beside the weights, and every bundle built from i
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from itertools import product
@@ -18,7 +17,7 @@ from hatllm_edge.data import Dataset
 from hatllm_edge.errors import InputError
 from hatllm_edge.evaluate import rank_split, ranker_fusion, split_examples
 from hatllm_edge.limits import beam_width
-from hatllm_edge.formats import ASSISTANT_CONFIG, ASSISTANT_ONNX, CHECKPOINT_META
+from hatllm_edge.formats import ASSISTANT_CONFIG, ASSISTANT_ONNX, CHECKPOINT_META, Decoding, ModelMeta
 from hatllm_edge.ranker import Ranker, model_kind
 
 
@@ -62,13 +61,12 @@ def write_decoding(checkpoint: Path, assistant_dir: Path, result: dict[str, Any]
     """Store the chosen decoding in ``checkpoint`` and copy the assistant beside it."""
     if model_kind(checkpoint) != "checkpoint":
         raise InputError(f"{checkpoint}: the decoding is written into a training checkpoint (bundles are built from it)")
-    meta = json.loads((checkpoint / CHECKPOINT_META).read_text(encoding="utf-8"))
+    meta = ModelMeta.read(checkpoint / CHECKPOINT_META)
     chosen = result["chosen"]
     if chosen["assistant_weight"] > 0:
         for name in (ASSISTANT_CONFIG, ASSISTANT_ONNX):
             shutil.copyfile(assistant_dir / name, checkpoint / name)
-    meta["decoding"] = {"renormalise": chosen["renormalise"], "assistant_weight": chosen["assistant_weight"],
-                        "chosen_on": {"split": "valid", "users": result["users"], "seed": result["seed"],
-                                      "backend": result["backend"], "metrics": chosen["metrics"],
-                                      "grid": [{k: v for k, v in r.items() if k != "ranks"} for r in result["grid"]]}}
-    (checkpoint / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    meta.decoding = Decoding(chosen["renormalise"], chosen["assistant_weight"],
+                             {"split": "valid", "users": result["users"], "seed": result["seed"], "backend": result["backend"],
+                              "metrics": chosen["metrics"], "grid": [{k: v for k, v in r.items() if k != "ranks"} for r in result["grid"]]})
+    meta.write(checkpoint / CHECKPOINT_META)

@@ -62,3 +62,10 @@ def tiny_base(hf_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Pa
     LlamaForCausalLM(tiny_llama_config(init=0.1)).save_pretrained(folder)
     hf_tokenizer.save_pretrained(folder)
     return folder
+
+
+def model_meta(model: Any, max_history: int = 10) -> Any:
+    """The metadata a bundle of ``model`` needs (what a checkpoint's hatllm.json holds)."""
+    from hatllm_edge.formats import ModelMeta, PromptMeta
+
+    return ModelMeta(schedule=model.schedule.to_dict(), prompt=PromptMeta(EOS, max_history, "list"))

@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hatllm_edge.analyze import attention_skew, bucket_masks, layer_masses, layer_summary, plot_skew, skew_table, summarize
 from hatllm_edge.data import Catalog, Example
+from hatllm_edge.formats import ModelMeta, PromptMeta
 from hatllm_edge.masks import LayerSchedule
 from hatllm_edge.model import HatLLM
 from hatllm_edge.prompt import PromptBuilder
@@ -139,9 +140,9 @@ def test_cli_writes_json_and_png(lm: LlamaForCausalLM, hf_tokenizer: Any, tmp_pa
     lm.save_pretrained(base)
     hf_tokenizer.save_pretrained(base)
     ckpt = tmp_path / "ckpt"
-    meta = {"format": 1, "base": {"path": str(base), "gguf_file": None}, "model_type": "llama",
-            "schedule": {"num_layers": LAYERS, "n_in": 1, "n_cr": 1},
-            "prompt": {"max_history": 5, "eos_token": hf_tokenizer.eos_token}, "finetune": "full"}
+    meta = ModelMeta(base={"path": str(base), "gguf_file": None}, model_type="llama",
+                     schedule={"num_layers": LAYERS, "n_in": 1, "n_cr": 1},
+                     prompt=PromptMeta(hf_tokenizer.eos_token, 5), finetune="full")
     write_common(ckpt, hf_tokenizer, CATALOG, meta)
     save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(ckpt / FULL_WEIGHTS))
     items = tmp_path / "items.tsv"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from conftest import model_meta, tiny_llama_config
 from export import Int4Options, export_bundle, export_onnx, validate, verify_bundle
 from export.convert import LINEARS
 from export.quantize import nf4_absmax, nf4_pack
@@ -201,11 +202,14 @@ def test_refuses_what_it_cannot_export(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundle(llama: HatLLM, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def bundle(tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An nf4 bundle with a real tokenizer and catalog, so that export calibrates the int8 route."""
+    torch.manual_seed(0)
+    llama = HatLLM(LlamaForCausalLM(tiny_llama_config(layers=4)).eval(), LayerSchedule(4, 1, 1))
     root = tmp_path_factory.mktemp("bundles")
-    (root / "catalog.jsonl").write_text('{"id": 1, "title": "A"}\n')
-    files = {"tokenizer.json": b'{"model": {}}', "catalog.jsonl": root / "catalog.jsonl"}
-    return export_bundle(llama, root / "out", "nf4", files, {"schedule": {"n_in": 1}}, progress=False)
+    (root / "catalog.jsonl").write_text('{"item_id": "1", "title": "A"}\n')
+    files = {"tokenizer.json": tokenizer_json, "catalog.jsonl": root / "catalog.jsonl"}
+    return export_bundle(llama, root / "out", "nf4", files, model_meta(llama), progress=False)
 
 
 def test_bundle_contents_and_manifest(bundle: Path) -> None:
@@ -216,8 +220,9 @@ def test_bundle_contents_and_manifest(bundle: Path) -> None:
     for name, entry in manifest.items():
         assert entry == {"sha256": file_sha256(bundle / name), "size": (bundle / name).stat().st_size}
     info = json.loads((bundle / "bundle.json").read_text())
-    assert info["schedule"] == {"n_in": 1}
+    assert info["schedule"] == {"num_layers": 4, "n_in": 1, "n_cr": 1} and info["prompt"]["template"] == "list"
     export = info["export"]
+    assert export["calibration"] is not None  # the prompts were built from the bundle's tokenizer and catalog
     assert export["quant"] == "nf4" and export["layer_kinds"] == ["in", "or", "or", "cr"]
     assert export["validation"]["dequantized"]["rel_diff"] <= 1e-4 and "onnxruntime" in export["versions"]
     meta = OnnxBackend.from_bundle(bundle, threads=1).metadata
@@ -274,9 +279,9 @@ def test_bundle_refuses_non_empty_out_unless_overwrite(llama: HatLLM, tmp_path: 
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(InputError, match="not empty"):
-        export_bundle(llama, out, "none", {}, {}, progress=False)
+        export_bundle(llama, out, "none", {}, model_meta(llama), progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    export_bundle(llama, out, "none", {}, {}, progress=False, overwrite=True)
+    export_bundle(llama, out, "none", {}, model_meta(llama), progress=False, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -285,14 +290,14 @@ def test_failed_export_leaves_no_bundle_and_keeps_model(llama: HatLLM, tmp_path:
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     before = {k: v.clone() for k, v in llama.state_dict().items()}
     with pytest.raises(InputError, match="is not a file"):
-        export_bundle(llama, tmp_path / "a", "none", {"catalog.jsonl": tmp_path / "missing"}, {}, progress=False)
+        export_bundle(llama, tmp_path / "a", "none", {"catalog.jsonl": tmp_path / "missing"}, model_meta(llama), progress=False)
 
     def broken(*args: object, **kwargs: object) -> None:
         raise HatLLMError("validation blew up")
 
     monkeypatch.setattr("export.bundle.validate", broken)
     with pytest.raises(HatLLMError, match="blew up"):
-        export_bundle(llama, tmp_path / "b", "int4", {}, {}, progress=False)
+        export_bundle(llama, tmp_path / "b", "int4", {}, model_meta(llama), progress=False)
     assert list(tmp_path.iterdir()) == []
     after = llama.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -23,6 +23,7 @@ from cli import app
 from conftest import EOS, tiny_llama_config
 from hatllm_edge.cache import Int8Cache, clean_stale
 from hatllm_edge.limits import MAX_CANDIDATES, MAX_HISTORY, MAX_K, MAX_REF_CHARS
+from hatllm_edge.formats import ModelMeta, PromptMeta
 
 ROOT = Path(__file__).resolve().parent.parent
 TITLES = ["Alpha (1990)", "Beta (1991)", "Gamma, The (1992)", "Misérables, Les (1995)", "Delta (1993)", "Zeta (1995)"]
@@ -51,8 +52,7 @@ def bundle(tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
                        encoding="utf-8")
     torch.manual_seed(0)
     model = HatLLM(LlamaForCausalLM(tiny_llama_config(init=0.2)).eval(), LayerSchedule(2, 1, 1))
-    meta = {"schedule": {"num_layers": 2, "n_in": 1, "n_cr": 1},
-            "prompt": {"max_history": MAX_HISTORY_OF_MODEL, "eos_token": EOS}}
+    meta = ModelMeta(schedule=model.schedule.to_dict(), prompt=PromptMeta(EOS, MAX_HISTORY_OF_MODEL))
     return export_bundle(model, root / "int4", "int4", {"tokenizer.json": tokenizer_json, "catalog.jsonl": catalog}, meta,
                          progress=False)
 
@@ -243,7 +243,7 @@ def test_the_graph_metadata_wins_over_bundle_json(bundle: Path, tmp_path: Path) 
     ("model.onnx", lambda b: b[:1000] + bytes(5000) + b[6000:], "model.onnx"),
     ("model.onnx", lambda b: b"not a graph", "model.onnx"),
     ("bundle.json", lambda b: b"{garbled", "bundle.json is not readable JSON"),
-    ("bundle.json", lambda b: b"[]", "bundle.json is not a bundle description"),
+    ("bundle.json", lambda b: b"[]", "bundle.json: expected a JSON object"),
     ("tokenizer.json", lambda b: b"{}", "tokenizer.json"),
 ])
 def test_a_garbled_bundle_with_a_regenerated_manifest_is_one_line(bundle: Path, tmp_path: Path, name: str,

@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from conftest import tiny_llama_config
 from hatllm_edge.errors import InputError
-from hatllm_edge.masks import MASK_KINDS, LayerSchedule, build_masks, causal_visibility
+from hatllm_edge.masks import LayerSchedule, build_masks, causal_visibility
 from hatllm_edge.model import BaseModelSpec, HatLLM, load_base
 
 VOCAB = 97

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hatllm_edge.formats import PromptMeta
 from hatllm_edge.prompt import ANSWER_CLOSE, HEAD, ITEM_CLOSE, TAIL, PromptBuilder
 
 TRICKY = [
@@ -119,10 +120,10 @@ def test_meta_round_trip(tokenizer_json: Path, prompts: PromptBuilder, instruct:
         again = PromptBuilder.from_meta(tokenizer_json, builder.meta())
         assert (again.template, again.max_history, again.eos_id) == (builder.template, builder.max_history, builder.eos_id)
     # a checkpoint written before templates existed was made with the instruct one
-    legacy = PromptBuilder.from_meta(tokenizer_json, {"eos_token": "<|im_end|>", "max_history": 10})
+    legacy = PromptBuilder.from_meta(tokenizer_json, PromptMeta.parse({"eos_token": "<|im_end|>", "max_history": 10}, "meta"))
     assert legacy.template == "instruct"
     with pytest.raises(ValueError, match="template"):
-        PromptBuilder.from_meta(tokenizer_json, {"eos_token": "<|im_end|>", "max_history": 10, "template": "chat"})
+        PromptBuilder.from_meta(tokenizer_json, PromptMeta("<|im_end|>", 10, "chat"))
 
 
 def test_empty_history(prompts: PromptBuilder, instruct: PromptBuilder) -> None:

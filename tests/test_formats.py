@@ -1,0 +1,58 @@
+"""The metadata records: the shipped model's hatllm.json reads and writes back byte for byte,
+unknown keys survive, and each malformed section is refused with its name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hatllm_edge.errors import InputError
+from hatllm_edge.formats import Decoding, ModelMeta, PromptMeta
+from hatllm_edge.ranker import DEFAULT_CHECKPOINT
+
+SHIPPED = DEFAULT_CHECKPOINT / "hatllm.json"
+MINIMAL = {"schedule": {"num_layers": 2, "n_in": 1, "n_cr": 1}, "prompt": {"eos_token": "<|im_end|>", "max_history": 5}}
+
+
+def test_shipped_metadata_round_trips(tmp_path: Path) -> None:
+    meta = ModelMeta.read(SHIPPED)
+    assert meta.prompt == PromptMeta("<|im_end|>", 20, "list") and meta.finetune == "lora"
+    assert isinstance(meta.decoding, Decoding) and meta.decoding.assistant_weight > 0
+    meta.write(tmp_path / "hatllm.json")
+    assert (tmp_path / "hatllm.json").read_text(encoding="utf-8") == SHIPPED.read_text(encoding="utf-8")
+
+
+def test_defaults_and_unknown_keys(tmp_path: Path) -> None:
+    meta = ModelMeta.parse({**MINIMAL, "future": {"x": 1}}, "m")
+    assert meta.prompt.template == "instruct"  # written before templates were named
+    assert meta.decoding is None and meta.export is None and meta.extra == {"future": {"x": 1}}
+    meta.write(tmp_path / "m.json")
+    again = ModelMeta.read(tmp_path / "m.json")
+    assert again == meta and json.loads((tmp_path / "m.json").read_text())["future"] == {"x": 1}
+    assert not list(tmp_path.glob(".*"))  # the temporary file was renamed into place
+
+
+@pytest.mark.parametrize(("change", "section"), [
+    ({"schedule": {"num_layers": 2, "n_in": 1}}, "schedule"),
+    ({"schedule": {"num_layers": "2", "n_in": 1, "n_cr": 1}}, "schedule"),
+    ({"prompt": {"max_history": 5}}, "prompt"),
+    ({"prompt": {"eos_token": "e", "max_history": -1}}, "prompt"),
+    ({"prompt": "list"}, "prompt"),
+    ({"finetune": "qlora"}, "finetune"),
+    ({"decoding": {"assistant_weight": -1}}, "decoding"),
+    ({"decoding": {"renormalise": "yes"}}, "decoding"),
+    ({"export": []}, "export"),
+])
+def test_malformed_sections_are_named(change: dict, section: str) -> None:
+    with pytest.raises(InputError, match=rf"where\.json: {section}"):
+        ModelMeta.parse({**MINIMAL, **change}, "where.json")
+
+
+def test_unreadable_file_is_an_input_error(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(InputError, match="bad.json is not readable JSON"):
+        ModelMeta.read(tmp_path / "bad.json")
+    with pytest.raises(InputError, match="expected a JSON object"):
+        ModelMeta.parse([1], "x")
