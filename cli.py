@@ -11,15 +11,61 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Sequence
 
 import typer
+from typer.core import TyperGroup
 
 from hatllm_edge.engine import COMPUTES
 from hatllm_edge.errors import HatLLMError
+from hatllm_edge.formats import QUANTS
 from hatllm_edge.limits import DEFAULT_BEAMS, MAX_BEAMS, MAX_K
+from hatllm_edge.prompt import TEMPLATES
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__)
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (an unknown option, a value outside its choices, a missing argument) as one
+    'error:' line and exit code 2, like every other bad input, instead of a boxed panel."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as e:  # typer's (vendored click's) usage and parameter errors
+            if type(e).__name__ == "NoArgsIsHelpError":
+                e.show()  # type: ignore[attr-defined]  # the help text, asked for by giving no arguments
+                sys.exit(2)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            message = (e.format_message() if hasattr(e, "format_message") else str(e)).replace("Value error, ", "")
+            typer.secho(f"error: {message}{hint}", err=True, fg=typer.colors.RED)
+            sys.exit(getattr(e, "exit_code", 2))
+        except typer.Abort:
+            typer.secho("error: aborted", err=True, fg=typer.colors.RED)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help=__doc__)
+
+
+def _choice(name: str, values: Sequence[str]) -> Any:
+    """A Typer choice type built from the library's own tuple of names, so they cannot drift."""
+    return Enum(name, [(v, v) for v in values], type=str)
+
+
+Split = _choice("Split", ("valid", "test"))
+Device = _choice("Device", ("cpu", "cuda"))
+Backend = _choice("Backend", ("onnx", "torch"))
+Compute = _choice("Compute", COMPUTES)
+Quant = _choice("Quant", QUANTS)
+DType = _choice("DType", ("fp32", "fp16"))
+Embeddings = _choice("Embeddings", ("int8", "float"))
+Int4Algo = _choice("Int4Algo", ("rtn", "hqq", "gptq"))
+Renormalise = _choice("Renormalise", ("off", "on", "both"))
+Template = _choice("Template", TEMPLATES)
+LRSchedule = _choice("LRSchedule", ("constant", "cosine"))
 
 # Shared option types, defined once.
 CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint folder written by 'hatllm-edge train'.")]
@@ -49,10 +95,10 @@ class LoraTargets(str, Enum):
     attention = "attention"
     all = "all"
 
-DeviceOpt = Annotated[str, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu and a GPU).")]
-QuantOpt = Annotated[str, typer.Option(help="Weights: int4 (MatMulNBits), nf4 (MatMulBnb4), int8 (8-bit MatMulNBits) or none (fp32).")]
-ComputeOpt = Annotated[str, typer.Option(help="Engine arithmetic: auto (int8 for a quantised bundle on the CPU), native (the graph as stored) or int8 (weights expanded to signed int8 at load, activations per token, SmoothQuant-folded).")]
-QUANTS = ("int4", "nf4", "int8", "none")
+DeviceOpt = Annotated[Device, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu and a GPU).")]
+QuantOpt = Annotated[Quant, typer.Option(help="Weights: int4 (MatMulNBits), nf4 (MatMulBnb4), int8 (8-bit MatMulNBits) or none (fp32).")]
+ComputeOpt = Annotated[Compute, typer.Option(help="Engine arithmetic: auto (int8 for a quantised bundle on the CPU), native (the graph as stored) or int8 (weights expanded to signed int8 at load, activations per token, SmoothQuant-folded).")]
+SplitOpt = Annotated[Split, typer.Option(help="valid or test (loo-full).")]
 
 
 def _bounded(flag: str, limit: int, what: str):  # type: ignore[no-untyped-def]
@@ -128,7 +174,7 @@ def train(
     lora_r: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
     lora_targets: Annotated[LoraTargets, typer.Option(help="LoRA on the attention projections, or on every decoder Linear.")] = LoraTargets.all,
     max_history: Annotated[int, typer.Option(min=1, help="History items in the prompt (most recent).")] = 20,
-    template: Annotated[str, typer.Option(help="Prompt template: list (the answer is the next list item; needed by --mode window) or instruct.")] = "list",
+    template: Annotated[Template, typer.Option(help="Prompt template: list (the answer is the next list item; needed by --mode window) or instruct.")] = Template("list"),
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (fp32 master weights).")] = True,
     loss: Annotated[TrainLoss, typer.Option(help="ce: cross-entropy over the vocabulary; msl: softmax over the tokens that continue a real title (pairs with --renormalise).")] = TrainLoss.ce,
     msl_temperature: Annotated[float, typer.Option(min=0.01, help="Temperature of the msl softmax.")] = 1.0,
@@ -143,10 +189,8 @@ def train(
 ) -> None:
     """Fine-tune a base LLM with HatLLM's layer-wise masks (n_in = n_cr = 0: plain causal)."""
     from hatllm_edge.model import BaseModelSpec
-    from hatllm_edge.prompt import TEMPLATES
     from hatllm_edge.train import TrainConfig, train as run_train
 
-    _check_choice("--template", template, TEMPLATES)
     if threads:
         import torch
 
@@ -154,7 +198,7 @@ def train(
     cfg = TrainConfig(
         out=out, n_in=n_in, n_cr=n_cr, base=BaseModelSpec(path=str(Path(base).resolve()) if base else None), dataset=dataset,
         interactions=interactions, items=items, mode=mode.value, stride=stride, examples=examples or None, epochs=epochs,
-        batch_size=batch_size, lr=lr, full=full, lora_r=lora_r, lora_targets=lora_targets.value, max_history=max_history, template=template,
+        batch_size=batch_size, lr=lr, full=full, lora_r=lora_r, lora_targets=lora_targets.value, max_history=max_history, template=template.value,
         bf16=bf16, loss=loss.value, msl_temperature=msl_temperature, seed=seed, eval_every=eval_every, eval_users=eval_users, save_every=save_every, max_minutes=max_minutes,
     )
     summary = _run(run_train, cfg, resume=resume, progress=not quiet)
@@ -164,16 +208,16 @@ def train(
 @app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder (PyTorch) or ONNX bundle folder (the engine).")],
-    split: Annotated[str, typer.Option(help="valid or test (loo-full).")] = "test",
+    split: SplitOpt = Split("test"),
     users: Annotated[int, typer.Option(help="Evaluate only the first N users (0 = all).")] = 0,
     k: KOpt = 10,
     beams: BeamsOpt = None,
     bf16: Annotated[bool, typer.Option(help="Run the model with bf16 weights (faster on this CPU).")] = False,
     nf4: Annotated[bool, typer.Option(help="Run the checkpoint's decoder Linears as bitsandbytes NF4 (the reference the nf4 bundle mirrors).")] = False,
     batch_users: Annotated[int, typer.Option(help="Users whose beams run together in one batch.")] = 8,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = Device("cpu"),
     threads: ThreadsOpt = None,
-    compute: ComputeOpt = "auto",
+    compute: ComputeOpt = Compute("auto"),
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
@@ -189,11 +233,9 @@ def evaluate(
     """Full-catalog evaluation (loo-full): constrained beam search, HR@1/5/10, NDCG@5/10."""
     from hatllm_edge.evaluate import EvalConfig, evaluate as run_eval
 
-    _check_choice("--split", split, ("valid", "test"))
-    _check_choice("--device", device, ("cpu", "cuda"))
-    _check_choice("--compute", compute, COMPUTES)
     cfg = EvalConfig(
-        checkpoint=checkpoint, split=split, users=users or None, k=k, beams=beams, bf16=bf16, nf4=nf4, batch_users=batch_users, device=device, threads=threads, compute=compute,
+        checkpoint=checkpoint, split=split.value, users=users or None, k=k, beams=beams, bf16=bf16, nf4=nf4, batch_users=batch_users,
+        device=device.value, threads=threads, compute=compute.value,
         dataset=dataset, interactions=interactions, items=items, assist=assist, assistant=assistant,
         assistant_weight=assistant_weight, renormalise=renormalise, seed=seed, sample=sample,
     )
@@ -209,12 +251,12 @@ def fuse(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder; tuned on the engine (its bundle is built on first use).")],
     assistant: Annotated[Path, typer.Option(help="SASRec checkpoint folder (sasrec.json + sasrec.onnx), e.g. models/sasrec-ml100k.")],
     weights: Annotated[str, typer.Option(help="Assistant weights to try, comma-separated (0 = the LLM alone).")] = "0,0.5,1,2",
-    renormalise: Annotated[str, typer.Option(help="Trie renormalisation to try: off, on or both.")] = "both",
+    renormalise: Annotated[Renormalise, typer.Option(help="Trie renormalisation to try: off, on or both.")] = Renormalise("both"),
     users: Annotated[int, typer.Option(min=0, help="Seeded sample of validation users (0 = all).")] = 300,
     seed: SeedOpt = 0,
     beams: BeamsOpt = None,
-    quant: Annotated[Optional[str], typer.Option(help="Bundle the tuning runs on, built from the checkpoint on first use: int4 (default), nf4, int8 or none.")] = None,
-    backend: Annotated[str, typer.Option(help="onnx (the engine) or torch (PyTorch fp32).")] = "onnx",
+    quant: Annotated[Optional[Quant], typer.Option(help="Bundle the tuning runs on, built from the checkpoint on first use: int4 (default), nf4, int8 or none.")] = None,
+    backend: Annotated[Backend, typer.Option(help="onnx (the engine) or torch (PyTorch fp32).")] = Backend("onnx"),
     threads: ThreadsOpt = None,
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
@@ -228,18 +270,16 @@ def fuse(
     from hatllm_edge.rank_request import open_ranker
     from hatllm_edge.tune import TuneConfig, tune, write_decoding
 
-    _check_choice("--renormalise", renormalise, ("off", "on", "both"))
-    _check_choice("--backend", backend, ("onnx", "torch"))
     try:
         grid = tuple(float(w) for w in weights.split(","))
     except ValueError:
         typer.secho(f"error: --weights {weights!r}: expected numbers separated by commas, e.g. 0,0.5,1", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
-    modes = {"off": (False,), "on": (True,), "both": (False, True)}[renormalise]
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[renormalise.value]
     cfg = TuneConfig(assistant=assistant, weights=grid, renormalise=modes, users=users, seed=seed, beams=beams)
 
     def run() -> dict:
-        ranker = open_ranker(checkpoint, "cpu", quant, backend, threads, not quiet, build=bundle_builder())
+        ranker = open_ranker(checkpoint, "cpu", quant and quant.value, backend.value, threads, not quiet, build=bundle_builder())
         result = tune(ranker, load_dataset(dataset, interactions, items), cfg, progress=not quiet)
         if write:
             write_decoding(checkpoint, assistant, result)
@@ -258,7 +298,7 @@ def fuse(
 
 @app.command()
 def popularity(
-    split: Annotated[str, typer.Option(help="valid or test (loo-full).")] = "test",
+    split: SplitOpt = Split("test"),
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
@@ -267,7 +307,7 @@ def popularity(
     """The most-popular baseline on the same split, for scale."""
     from hatllm_edge.evaluate import popularity_baseline
 
-    result = _run(popularity_baseline, split, dataset, interactions, items)
+    result = _run(popularity_baseline, split.value, dataset, interactions, items)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
@@ -280,7 +320,7 @@ def analyze(
     label: Annotated[Optional[list[str]], typer.Option(help="Name of each checkpoint, in order (default: folder name).")] = None,
     include_base: Annotated[bool, typer.Option(help="Also the untuned base model of the first checkpoint (label 'base').")] = True,
     examples: Annotated[int, typer.Option(help="Seeded sample of the split's examples (0 = all).")] = 64,
-    split: Annotated[str, typer.Option(help="valid or test (loo-full).")] = "valid",
+    split: SplitOpt = Split("valid"),
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 4,
     plain_masks: Annotated[bool, typer.Option("--plain-masks", help="Force the causal (OR) mask on every layer instead of the model's own.")] = False,
     dataset: DatasetOpt = "ml-100k",
@@ -295,7 +335,7 @@ def analyze(
 
     cfg = AnalyzeConfig(
         checkpoints=tuple(checkpoints), labels=tuple(label or ()), include_base=include_base, examples=examples or None,
-        split=split, seed=seed, batch_size=batch_size, plain_masks=plain_masks, out_dir=out_dir,
+        split=split.value, seed=seed, batch_size=batch_size, plain_masks=plain_masks, out_dir=out_dir,
         dataset=dataset, interactions=interactions, items=items,
     )
     results = _run(run_analyze, cfg, progress=not quiet)
@@ -308,12 +348,12 @@ def analyze(
 def export_cmd(
     checkpoint: CheckpointArg,
     out: Annotated[Path, typer.Argument(help="New folder for the ONNX bundle.")],
-    quant: QuantOpt = "int4",
-    dtype: Annotated[str, typer.Option(help="fp32, or fp16 (for GPU).")] = "fp32",
-    int4_algo: Annotated[str, typer.Option(help="int4 quantiser: rtn, hqq or gptq.")] = "rtn",
+    quant: QuantOpt = Quant("int4"),
+    dtype: Annotated[DType, typer.Option(help="fp32, or fp16 (for GPU).")] = DType("fp32"),
+    int4_algo: Annotated[Int4Algo, typer.Option(help="int4 quantiser: rtn, hqq or gptq.")] = Int4Algo("rtn"),
     int4_block: Annotated[int, typer.Option(help="int4 block size (16: Kendall's tau 0.84 vs 0.80 at 32, docs/results.md).")] = 16,
     int4_8bit: Annotated[str, typer.Option("--int4-8bit", help="Comma-separated Linears kept at 8 bits in an int4 bundle ('none' for all 4-bit).")] = "mlp.down_proj",
-    embeddings: Annotated[Optional[str], typer.Option(help="Embedding / LM head: int8 or float (default: int8 for int4 and int8, float for nf4 and none).")] = None,
+    embeddings: Annotated[Optional[Embeddings], typer.Option(help="Embedding / LM head: int8 or float (default: int8 for int4 and int8, float for nf4 and none).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -321,16 +361,13 @@ def export_cmd(
     from export.checkpoint import export_checkpoint
     from export.quantize import Int4Options
 
-    _check_choice("--quant", quant, QUANTS)
-    _check_choice("--dtype", dtype, ("fp32", "fp16"))
-    if embeddings is not None:
-        _check_choice("--embeddings", embeddings, ("int8", "float"))
-    _check_choice("--int4-algo", int4_algo, ("rtn", "hqq", "gptq"))
+    from hatllm_edge.engine import read_bundle_meta
+
     eight_bit = tuple(n.strip() for n in int4_8bit.split(",")) if int4_8bit not in ("", "none") else ()
-    int4 = Int4Options(algo=int4_algo, block_size=int4_block, eight_bit=eight_bit) if quant == "int4" else None
-    folder = _run(export_checkpoint, checkpoint, out, quant=quant, dtype=dtype, int4=int4, overwrite=overwrite, progress=not quiet,
-                  embeddings=embeddings)
-    typer.echo(json.dumps({"bundle": str(folder), **json.loads((folder / "bundle.json").read_text())["export"]["sizes"]}))
+    int4 = Int4Options(algo=int4_algo.value, block_size=int4_block, eight_bit=eight_bit) if quant.value == "int4" else None
+    folder = _run(export_checkpoint, checkpoint, out, quant=quant.value, dtype=dtype.value, int4=int4, overwrite=overwrite,
+                  progress=not quiet, embeddings=embeddings and embeddings.value)
+    typer.echo(json.dumps({"bundle": str(folder), **(read_bundle_meta(folder).export or {})["sizes"]}))
 
 
 @app.command()
@@ -339,10 +376,10 @@ def rank(
     model: Annotated[Optional[Path], typer.Option(help="ONNX bundle or checkpoint folder (default: the shipped HatLLM model).")] = None,
     k: Annotated[Optional[int], typer.Option(callback=_bounded("--k", MAX_K, "the list length"), help=f"List length, 1-{MAX_K} and at most the catalog size (overrides the file's k; default 10).")] = None,
     beams: BeamsOpt = None,
-    device: DeviceOpt = "cpu",
-    quant: Annotated[Optional[str], typer.Option(help="Bundle built on first use from a checkpoint: int4 (default), nf4, int8 or none.")] = None,
-    compute: ComputeOpt = "auto",
-    backend: Annotated[str, typer.Option(help="onnx (the engine) or torch (PyTorch, from a checkpoint).")] = "onnx",
+    device: DeviceOpt = Device("cpu"),
+    quant: Annotated[Optional[Quant], typer.Option(help="Bundle built on first use from a checkpoint: int4 (default), nf4, int8 or none.")] = None,
+    compute: ComputeOpt = Compute("auto"),
+    backend: Annotated[Backend, typer.Option(help="onnx (the engine) or torch (PyTorch, from a checkpoint).")] = Backend("onnx"),
     threads: ThreadsOpt = None,
     normalize: Annotated[bool, typer.Option(help="Length-normalise candidate scores.")] = False,
     exclude_history: Annotated[bool, typer.Option(help="Leave out items already in the history.")] = False,
@@ -353,13 +390,8 @@ def rank(
     """Rank for one user: full-catalog top-k, or the given candidates; prints JSON or a table."""
     from hatllm_edge.rank_request import RankOptions, run_rank
 
-    _check_choice("--device", device, ("cpu", "cuda"))
-    _check_choice("--backend", backend, ("onnx", "torch"))
-    if quant is not None:
-        _check_choice("--quant", quant, QUANTS)
-    _check_choice("--compute", compute, COMPUTES)
-    opts = RankOptions(model=model, k=k, beams=beams, device=device, quant=quant, backend=backend,  # type: ignore[arg-type]
-                       compute=compute, threads=threads, normalize=normalize, exclude_history=exclude_history,  # type: ignore[arg-type]
+    opts = RankOptions(model=model, k=k, beams=beams, device=device.value, quant=quant and quant.value, backend=backend.value,
+                       compute=compute.value, threads=threads, normalize=normalize, exclude_history=exclude_history,  # type: ignore[arg-type]
                        assist=assist)
     result = _run(run_rank, user, opts, not quiet, bundle_builder())
     if table:
@@ -377,9 +409,9 @@ def fidelity(
     model: Annotated[Path, typer.Argument(help="Model to compare: bundle or checkpoint.")],
     users: Annotated[int, typer.Option(help="Seeded sample of users.")] = 50,
     candidates: Annotated[int, typer.Option(help="Candidates per user (the target plus random items).")] = 100,
-    split: Annotated[str, typer.Option(help="valid or test (loo-full).")] = "test",
+    split: SplitOpt = Split("test"),
     threads: ThreadsOpt = None,
-    compute: Annotated[str, typer.Option(help="Engine arithmetic of MODEL (the reference always runs as stored): auto, native or int8.")] = "auto",
+    compute: Annotated[Compute, typer.Option(help="Engine arithmetic of MODEL (the reference always runs as stored): auto, native or int8.")] = Compute("auto"),
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
@@ -392,12 +424,10 @@ def fidelity(
     from hatllm_edge.fidelity import FidelityConfig, candidate_fidelity
     from hatllm_edge.ranker import open_model
 
-    _check_choice("--split", split, ("valid", "test"))
-    _check_choice("--compute", compute, COMPUTES)
     data = _run(load_dataset, dataset, interactions, items)
     ref = _run(open_model, reference, threads=threads, compute="native")  # the reference runs as stored
-    other = _run(open_model, model, threads=threads, compute=compute)
-    cfg = FidelityConfig(split=split, users=users, candidates=min(candidates, len(data.catalog)), seed=seed)
+    other = _run(open_model, model, threads=threads, compute=compute.value)
+    cfg = FidelityConfig(split=split.value, users=users, candidates=min(candidates, len(data.catalog)), seed=seed)
     result = {"reference": str(reference), "reference_backend": ref.label, "model": str(model), "model_backend": other.label,
               **_run(candidate_fidelity, ref, other, data, cfg, not quiet)}
     if out:
@@ -424,7 +454,7 @@ def compare(
 @app.command()
 def bench(
     model: Annotated[Optional[Path], typer.Option(help="Checkpoint folder (default: the shipped HatLLM model); every bundle is built from it on first use.")] = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = Device("cpu"),
     threads: Annotated[int, typer.Option(help="Threads for every backend (ONNX Runtime intra-op, torch).")] = 2,
     backends: Annotated[Optional[str], typer.Option(help="Comma-separated: torch-fp32, torch-bf16, torch-nf4, ort-<fp32|fp16|nf4|int4|int8>[-native|-int8] (default: all for the device).")] = None,
     workloads: Annotated[Optional[str], typer.Option(help="Comma-separated cand<C>-h<H>-b<B> / top<K>-h<H>-b<B>, e.g. cand100-h20-b1,top10-h10-b1 (default: the 14 of docs/results.md).")] = None,
@@ -449,7 +479,7 @@ def bench(
     from hatllm_edge.data import load_dataset
     from hatllm_edge.ranker import DEFAULT_CHECKPOINT
 
-    _check_choice("--device", device, ("cpu", "cuda"))
+    device = device.value
     if threads < 1 or min_repeats < 1 or max_repeats < min_repeats or seconds < 0 or paired < 0:
         typer.secho("error: need --threads >= 1, 1 <= --min-repeats <= --max-repeats, --seconds >= 0 and --paired >= 0", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
@@ -500,7 +530,7 @@ def _command(ctx: typer.Context) -> str:
         if source is None or source.name != "COMMANDLINE":
             continue
         value = ctx.params[param.name]
-        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        values = [v.value if isinstance(v, Enum) else v for v in (value if isinstance(value, (list, tuple)) else [value])]
         if param.param_type_name == "argument":
             words += [str(v) for v in values]
         elif getattr(param, "is_flag", False):
@@ -527,7 +557,7 @@ def sasrec_train(
     batch_size: Annotated[int, typer.Option(help="Windows per step.")] = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate after the warm-up.")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 0.0,
-    schedule: Annotated[str, typer.Option(help="After the linear warm-up: constant, or cosine (to --max-epochs).")] = "constant",
+    schedule: Annotated[LRSchedule, typer.Option(help="After the linear warm-up: constant, or cosine (to --max-epochs).")] = LRSchedule("constant"),
     warmup_steps: Annotated[int, typer.Option(help="Steps of linear warm-up.")] = 100,
     max_epochs: Annotated[int, typer.Option(help="Epochs at most.")] = 200,
     patience: Annotated[int, typer.Option(help="Stop after this many evaluations without a better validation NDCG@10.")] = 20,
@@ -542,11 +572,10 @@ def sasrec_train(
     """Train SASRec on the loo-full split; keep the best weights by validation NDCG@10."""
     from hatllm_edge import sasrec
 
-    _check_choice("--schedule", schedule, ("constant", "cosine"))
     cfg = _run(
         sasrec.TrainConfig, out=out, dataset=dataset, interactions=interactions, items=items, max_len=max_len, hidden=hidden,
         heads=heads, blocks=blocks, dropout=dropout, stride=stride, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        schedule=schedule, warmup_steps=warmup_steps, max_epochs=max_epochs, patience=patience, eval_every=eval_every,
+        schedule=schedule.value, warmup_steps=warmup_steps, max_epochs=max_epochs, patience=patience, eval_every=eval_every,
         max_minutes=max_minutes, eval_batch=eval_batch, threads=threads, seed=seed,
     )
     summary = _run(sasrec.train, cfg, resume=resume, progress=not quiet, command=_command(ctx))
@@ -557,8 +586,8 @@ def sasrec_train(
 def sasrec_evaluate(
     ctx: typer.Context,
     checkpoint: SASRecCheckpointArg,
-    split: Annotated[str, typer.Option(help="valid or test (loo-full).")] = "test",
-    backend: Annotated[str, typer.Option(help="torch (the checkpoint) or onnx (its exported graph, ONNX Runtime).")] = "torch",
+    split: SplitOpt = Split("test"),
+    backend: Annotated[Backend, typer.Option(help="torch (the checkpoint) or onnx (its exported graph, ONNX Runtime).")] = Backend("torch"),
     onnx: Annotated[Optional[Path], typer.Option(help="ONNX file for --backend onnx (default: CHECKPOINT/sasrec.onnx).")] = None,
     threads: SASRecThreadsOpt = None,
     dataset: DatasetOpt = "ml-100k",
@@ -569,9 +598,7 @@ def sasrec_evaluate(
     """Full-catalog evaluation (loo-full): HR@1/5/10, NDCG@5/10 and per-user ranks."""
     from hatllm_edge import sasrec
 
-    _check_choice("--split", split, ("valid", "test"))
-    _check_choice("--backend", backend, ("torch", "onnx"))
-    result = _run(sasrec.evaluate_checkpoint, checkpoint, split, dataset, interactions, items, backend, onnx, threads)
+    result = _run(sasrec.evaluate_checkpoint, checkpoint, split.value, dataset, interactions, items, backend.value, onnx, threads)
     result["command"] = _command(ctx)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -633,12 +660,6 @@ def bundle_builder() -> Any:
         return export_checkpoint(checkpoint, out, quant, dtype, progress=progress, overwrite=True)  # type: ignore[arg-type]
 
     return build
-
-
-def _check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        typer.secho(f"error: {flag} must be one of {', '.join(choices)}; got {value!r}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
 
 
 def main() -> None:

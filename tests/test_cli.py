@@ -683,14 +683,14 @@ def test_sasrec_report_writes_the_results_files(sasrec_trained: tuple[Path, Any]
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["evaluate", "{ckpt}", "--split", "nope"], "--split must be one of valid, test"),
-    (["evaluate", "{ckpt}", "--backend", "tflite"], "--backend must be one of torch, onnx"),
+    (["evaluate", "{ckpt}", "--split", "nope"], "Invalid value for '--split': 'nope' is not one of 'valid', 'test'"),
+    (["evaluate", "{ckpt}", "--backend", "tflite"], "Invalid value for '--backend'"),
     (["evaluate", "{missing}"], "not a SASRec checkpoint"),
     (["evaluate", "{ckpt}", "--backend", "onnx", "--onnx", "{missing}/m.onnx"], "no ONNX file"),
     (["evaluate", "{ckpt}", "--threads", "0"], "threads 0"),
     (["export", "{missing}"], "not a SASRec checkpoint"),
     (["report", "{missing}", "--out", "{missing}/r.json"], "not a SASRec checkpoint"),
-    (["train", "{new}", "--schedule", "linear"], "--schedule must be one of constant, cosine"),
+    (["train", "{new}", "--schedule", "linear"], "Invalid value for '--schedule'"),
     (["train", "{new}", "--batch-size", "0"], "batch_size is 0"),
     (["train", "{new}", "--stride", "80"], "stride 80 is over max_len 50"),
     (["train", "{new}", "--hidden", "10", "--heads", "3"], "not a multiple of heads"),
@@ -810,3 +810,19 @@ def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[P
         assert_usage_error(invoke("rank", user, "--model", trained[0], "--backend", "torch", *flags), "--backend torch")
     ok = invoke("rank", user, "--model", trained[0], "--backend", "torch", "--threads", 1)
     assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["rank", "examples/user.json", "--bogus"], "No such option: --bogus (see '"),
+    (["rank"], "Missing argument 'user'"),
+    (["rank", "examples/user.json", "--quant", "int3"], "Invalid value for '--quant': 'int3' is not one of 'int4', 'nf4', 'int8', 'none'"),
+    (["rank", "examples/user.json", "--compute", "fast"], "Invalid value for '--compute'"),
+    (["export", "models/x", "out", "--int4-algo", "awq"], "Invalid value for '--int4-algo'"),
+    (["train", "out", "--template", "chat"], "Invalid value for '--template': 'chat' is not one of 'list', 'instruct'"),
+    (["fuse", "models/x", "--assistant", "a", "--renormalise", "maybe"], "Invalid value for '--renormalise'"),
+    (["evaluate", "models/x", "--device", "tpu"], "Invalid value for '--device'"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_usage_errors_are_one_line(args: list[str], needle: str) -> None:
+    """Typer's own usage errors read like every other bad input: one 'error:' line, exit code 2."""
+    assert_usage_error(invoke(*args), needle)
