@@ -94,3 +94,19 @@ def test_top_k_batched_equals_alone(engine: OnnxBackend, prompts: PromptBuilder)
             alone = beam_search(engine, prompts, trie, [history], k=k, beams=beams)[0]
             assert got.items == alone.items
             np.testing.assert_allclose(got.scores, alone.scores, rtol=0, atol=TOL[engine.compute])
+
+
+def test_the_shipped_assistant_gives_a_user_the_same_log_probs_in_any_batch() -> None:
+    """The fused score's other half: SASRec's ONNX graph, run for a batch of users (as evaluate
+    and fuse do) or for one (as rank does), gives each user the same log-probabilities to the bit."""
+    from hatllm_edge.assistant import Assistant
+    from hatllm_edge.data import load_dataset
+    from hatllm_edge.ranker import DEFAULT_CHECKPOINT
+
+    data = load_dataset("ml-100k", None, None)
+    assistant = Assistant.open(DEFAULT_CHECKPOINT, data.catalog, threads=2)
+    histories = [seq[: 3 + n * 7 % 60] for n, seq in enumerate(list(data.sequences.values())[:24])]  # lengths 3-62
+    batch = assistant.logprobs(histories)
+    alone = np.stack([assistant.logprobs([h])[0] for h in histories])
+    assert np.array_equal(batch, alone)
+    assert np.allclose(np.exp(batch).sum(axis=1), 1.0)
