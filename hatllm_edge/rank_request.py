@@ -42,7 +42,7 @@ def _check_text(value: str, where: str) -> None:
         raise InputError(f"{where}: {show(value)} is not valid Unicode (a lone surrogate escape)") from None
 
 
-def _check_refs(refs: Any, field: str, limit: int, path: Path) -> None:
+def _check_refs(refs: Any, field: str, limit: int, path: str) -> None:
     if not isinstance(refs, list) or not refs:
         raise InputError(f"{path}: field {field!r} must be a non-empty list of item ids or titles"
                          + (", oldest first" if field == "history" else ""))
@@ -55,7 +55,7 @@ def _check_refs(refs: Any, field: str, limit: int, path: Path) -> None:
         _check_text(str(ref), f"{path}: {field}[{n}]")
 
 
-def _check_int(req: dict[str, Any], field: str, limit: int, what: str, path: Path) -> None:
+def _check_int(req: dict[str, Any], field: str, limit: int, what: str, path: str) -> None:
     if field not in req:
         return
     value = req[field]
@@ -66,9 +66,7 @@ def _check_int(req: dict[str, Any], field: str, limit: int, what: str, path: Pat
 
 
 def read_request(path: Path) -> dict[str, Any]:
-    """The request: ``history`` (non-empty list), optional ``candidates`` (list), ``k`` and
-    ``beams`` (ints), ``assist`` (bool: fuse the model's assistant) and ``user_id``; every size
-    within :mod:`hatllm_edge.limits`."""
+    """The request in the JSON file ``path`` (see :func:`check_request`)."""
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:
@@ -76,6 +74,11 @@ def read_request(path: Path) -> dict[str, Any]:
             raw = f.read(MAX_REQUEST_BYTES + 1)
     except OSError as e:
         raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
+    return parse_request(raw, str(path))
+
+
+def parse_request(raw: bytes, path: str) -> dict[str, Any]:
+    """A request from the bytes of a JSON document (a file, an HTTP body); errors name ``path``."""
     if len(raw) > MAX_REQUEST_BYTES:
         raise InputError(f"{path}: larger than the {MAX_REQUEST_BYTES // 2**20} MiB a request may have")
     try:
@@ -93,6 +96,14 @@ def read_request(path: Path) -> dict[str, Any]:
     except ValueError as e:  # Python reads no integer of more than 4,300 digits
         why = "an integer with more than 4,300 digits" if "digits" in str(e) else " ".join(str(e).split())[:100]
         raise InputError(f"{path}: not a usable JSON value ({why})") from None
+    return check_request(req, path)
+
+
+def check_request(req: Any, path: str) -> dict[str, Any]:
+    """A parsed request, checked before any model is loaded: ``history`` (non-empty list),
+    optional ``candidates`` (list), ``k`` and ``beams`` (ints), ``assist`` (bool: fuse the
+    model's assistant) and ``user_id``; every size within :mod:`hatllm_edge.limits`. Errors
+    name ``path`` (the file, or the request's place in a batch)."""
     if not isinstance(req, dict):
         raise InputError(f'{path}: expected a JSON object like {{"history": [...]}}')
     unknown = set(req) - set(FIELDS)
@@ -174,52 +185,102 @@ class RankOptions:
     assist: bool | None = None  # fuse the model's assistant (default: the request's "assist", else on)
 
 
-def run_rank(user: Path, opts: RankOptions, progress: bool = True, build: BundleBuilder | None = None) -> dict[str, Any]:
-    """Rank for one request: full-catalog top-k by beam search, or the request's candidates. A
-    list for k <= beams is a prefix of a longer one with the same beams."""
-    k, beams, assist, exclude_history = opts.k, opts.beams, opts.assist, opts.exclude_history
-    req = read_request(user)
-    for name, value, limit, what in (("--k", k, MAX_K, "the list length"), ("--beams", beams, MAX_BEAMS, "the beam width")):
+@dataclass(frozen=True)
+class Prepared:
+    """A checked request resolved against a model's catalog: what one ranking needs."""
+
+    user_id: Any
+    history: tuple[int, ...]  # catalog indices, oldest first
+    candidates: tuple[int, ...] | None  # catalog indices; None: full-catalog top-k
+    k: int
+    width: int  # the beam width of a full-catalog search
+    assist: bool
+    normalize: bool
+    exclude_history: bool
+
+    @property
+    def wanted(self) -> int:
+        """Items the search asks for: enough to fill k after dropping history items."""
+        return self.k + len(set(self.history)) if self.exclude_history else self.k
+
+    def group(self) -> tuple[Any, ...]:
+        """Requests with the same group rank together in one engine call; each one's result
+        is then what it would be alone (batching never changes a result: tests/test_invariance.py)."""
+        if self.candidates is not None:
+            return ("candidates", self.assist, self.normalize)
+        return ("full-catalog", self.assist, self.wanted, self.width)
+
+
+def check_options(opts: RankOptions) -> None:
+    """The overrides' bounds, checked before a model is loaded."""
+    for name, value, limit, what in (("--k", opts.k, MAX_K, "the list length"), ("--beams", opts.beams, MAX_BEAMS, "the beam width")):
         if value is not None and not 1 <= value <= limit:
             raise InputError(f"{name} is {value}; it must be from 1 to {limit} ({what})")
-    asked = k or req.get("k")
-    beams = beams or req.get("beams")
-    ranker = open_ranker(opts.model, opts.device, opts.quant, opts.backend, opts.threads, progress, opts.compute, build)
+
+
+def prepare(ranker: Ranker, req: dict[str, Any], where: str, opts: RankOptions) -> Prepared:
+    """Resolve a checked request (:func:`check_request`) against the model; ``opts`` (the
+    command line's or the server's, :func:`check_options`) override the request's k, beams
+    and assist."""
     size = len(ranker.catalog)
+    asked = opts.k or req.get("k")
     if asked is not None and asked > size:
         raise InputError(f"k is {asked} but the catalog has {size} items; ask for at most {size}")
     k = asked or min(DEFAULT_K, size)
-    history = ranker.resolve(req["history"], f"{user}: history")
+    history = ranker.resolve(req["history"], f"{where}: history")
     cut = ranker.prompts.max_history
     if cut and len(history) > cut:
         log.warning("%s: the history has %d items; the model reads only the last %d (its max_history), "
-                    "the oldest %d are left out", user, len(history), cut, len(history) - cut)
-    assist = req.get("assist", True) if assist is None else assist
-    start = time.perf_counter()
-    width = beam_width(k, beams)
-    if "candidates" in req:
-        candidates = _resolve_candidates(ranker, req["candidates"], f"{user}: candidates")
-        ranked = ranker.score(history, candidates, opts.normalize, assist=assist)
-        items, scores = [candidates[i] for i in ranked.items], ranked.scores
-        mode = "candidates"
-    else:
-        # ask for enough to fill k after dropping history items; the width stays max(beams, k)
-        wanted = min(k + len(set(history)), size) if exclude_history else k
-        ranked = ranker.top_k([history], k=wanted, beams=width, assist=assist)[0]
-        items, scores = ranked.items, ranked.scores
-        mode = "full-catalog"
-    if exclude_history:
-        seen = set(history)
+                    "the oldest %d are left out", where, len(history), cut, len(history) - cut)
+    candidates = _resolve_candidates(ranker, req["candidates"], f"{where}: candidates") if "candidates" in req else None
+    return Prepared(req.get("user_id"), tuple(history), None if candidates is None else tuple(candidates), k,
+                    beam_width(k, opts.beams or req.get("beams")), req.get("assist", True) if opts.assist is None else opts.assist,
+                    opts.normalize, opts.exclude_history)
+
+
+def rank_prepared(ranker: Ranker, requests: list[Prepared]) -> list[dict[str, Any]]:
+    """Rank requests in as few engine calls as their groups allow; results in request order,
+    each in ``rank``'s JSON rows (``latency_ms``: its group's wall time)."""
+    results: list[dict[str, Any]] = [{} for _ in requests]
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for n, p in enumerate(requests):
+        groups.setdefault(p.group(), []).append(n)
+    size = len(ranker.catalog)
+    for members in groups.values():
+        batch = [requests[n] for n in members]
+        first = batch[0]
+        start = time.perf_counter()
+        if first.candidates is not None:
+            ranked = ranker.score_batch([p.history for p in batch], [p.candidates for p in batch],  # type: ignore[misc]
+                                        first.normalize, assist=first.assist)
+            lists = [([p.candidates[i] for i in r.items], r.scores) for p, r in zip(batch, ranked)]  # type: ignore[index]
+        else:
+            ranked = ranker.top_k([p.history for p in batch], k=min(first.wanted, size), beams=first.width, assist=first.assist)
+            lists = [(r.items, r.scores) for r in ranked]
+        latency = (time.perf_counter() - start) * 1000
+        for n, p, (items, scores) in zip(members, batch, lists):
+            results[n] = _result(ranker, p, list(items), list(scores), latency)
+    return results
+
+
+def _result(ranker: Ranker, p: Prepared, items: list[int], scores: list[float], latency: float) -> dict[str, Any]:
+    if p.exclude_history:
+        seen = set(p.history)
         kept = [(i, s) for i, s in zip(items, scores) if i not in seen]
         items, scores = [i for i, _ in kept], [s for _, s in kept]
-    items, scores = items[:k], scores[:k]
-    latency = (time.perf_counter() - start) * 1000
-    rows = [
-        {"rank": r + 1, "item_id": ranker.catalog.item_ids[i], "title": ranker.catalog.titles[i], "score": round(s, 4)}
-        for r, (i, s) in enumerate(zip(items, scores))
-    ]
-    out: dict[str, Any] = {"user_id": req.get("user_id"), "mode": mode, "backend": ranker.label,
-                           "assistant_weight": ranker.scoring(assist)[1]}
+    rows = [{"rank": r + 1, "item_id": ranker.catalog.item_ids[i], "title": ranker.catalog.titles[i], "score": round(s, 4)}
+            for r, (i, s) in enumerate(zip(items[: p.k], scores[: p.k]))]
+    mode = "candidates" if p.candidates is not None else "full-catalog"
+    out: dict[str, Any] = {"user_id": p.user_id, "mode": mode, "backend": ranker.label, "assistant_weight": ranker.scoring(p.assist)[1]}
     if mode == "full-catalog":
-        out["beams"] = width
+        out["beams"] = p.width
     return {**out, "latency_ms": round(latency, 2), "results": rows}
+
+
+def run_rank(user: Path, opts: RankOptions, progress: bool = True, build: BundleBuilder | None = None) -> dict[str, Any]:
+    """Rank for one request file: full-catalog top-k by beam search, or the request's
+    candidates. A list for k <= beams is a prefix of a longer one with the same beams."""
+    req = read_request(user)
+    check_options(opts)
+    ranker = open_ranker(opts.model, opts.device, opts.quant, opts.backend, opts.threads, progress, opts.compute, build)
+    return rank_prepared(ranker, [prepare(ranker, req, str(user), opts)])[0]

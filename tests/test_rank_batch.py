@@ -1,0 +1,106 @@
+"""Many requests, one engine call per group: each result equals the request ranked alone, in
+request order; requests are checked from bytes with the same messages as a user.json file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from conftest import EOS, tiny_llama_config
+from hatllm_edge.errors import InputError
+from hatllm_edge.formats import ModelMeta, PromptMeta
+from hatllm_edge.rank_request import RankOptions, parse_request, prepare, rank_prepared
+from hatllm_edge.ranker import Ranker
+
+TITLES = ["Alpha (1990)", "Beta (1991)", "Gamma, The (1992)", "Delta (1993)", "Epsilon (1994)", "Zeta (1995)",
+          "Eta (1996)", "Theta (1997)", "Iota (1998)", "Kappa (1999)"]
+IDS = [f"i{n}" for n in range(1, len(TITLES) + 1)]
+
+
+@pytest.fixture(scope="module")
+def ranker(tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Ranker:
+    """A tiny random IN/CR Llama as an int4 bundle on the engine's int8 route, the route on
+    which a last-bit difference in company would show."""
+    from export import export_bundle
+    from hatllm_edge.masks import LayerSchedule
+    from hatllm_edge.model import HatLLM
+
+    root = tmp_path_factory.mktemp("batch")
+    (root / "catalog.jsonl").write_text("".join(json.dumps({"item_id": i, "title": t}) + "\n" for i, t in zip(IDS, TITLES)))
+    torch.manual_seed(0)
+    model = HatLLM(LlamaForCausalLM(tiny_llama_config(init=0.2)).eval(), LayerSchedule(2, 1, 1))
+    meta = ModelMeta(schedule=model.schedule.to_dict(), prompt=PromptMeta(EOS, 5, "list"))
+    bundle = export_bundle(model, root / "int4", "int4", {"tokenizer.json": tokenizer_json, "catalog.jsonl": root / "catalog.jsonl"},
+                           meta, progress=False)
+    return Ranker.from_bundle(bundle, threads=1)
+
+
+REQUESTS: list[dict[str, Any]] = [
+    {"history": ["i1", "i2"], "user_id": "a"},
+    {"history": ["Gamma, The (1992)"], "k": 3},
+    {"history": ["i4", "i5", "i6", "i7", "i8", "i9"], "user_id": 7},  # longer than the model reads
+    {"history": ["i2"], "candidates": ["i3", "i1", "i10"]},
+    {"history": ["i9", "i3", "i1"], "k": 3, "beams": 4},
+    {"history": ["i10", "i2", "i3"], "candidates": ["i4", "i5"]},
+    {"history": ["i6"], "k": 3},
+    {"history": ["i5", "i6"], "user_id": "h"},
+]
+
+
+def rows(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != "latency_ms"}
+
+
+@pytest.mark.parametrize("exclude_history", [False, True])
+def test_requests_ranked_together_equal_each_alone(ranker: Ranker, exclude_history: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    opts = RankOptions(exclude_history=exclude_history)
+    prepared = [prepare(ranker, parse_request(json.dumps(r).encode(), f"request {n}"), f"request {n}", opts)
+                for n, r in enumerate(REQUESTS)]
+    alone = [rank_prepared(ranker, [p])[0] for p in prepared]
+    calls = []
+    for name in ("top_k", "score_batch"):
+        method = getattr(ranker, name)
+        monkeypatch.setattr(ranker, name, lambda *a, _m=method, _n=name, **kw: calls.append(_n) or _m(*a, **kw))
+    together = rank_prepared(ranker, prepared)
+    assert [rows(r) for r in together] == [rows(r) for r in alone]
+    assert [r["user_id"] for r in together] == [r.get("user_id") for r in REQUESTS]
+    for r, req in zip(together, REQUESTS):
+        pool = set(req.get("candidates", IDS)) - (set(ranker.catalog.item_ids[i] for i in ranker.resolve(req["history"], "h"))
+                                                  if exclude_history else set())
+        assert len(r["results"]) == min(req.get("k", 10), len(pool))
+    # one call for the candidate requests, one per (list length, beam width) of the full-catalog ones
+    assert calls.count("score_batch") == 1 and len(calls) == (5 if exclude_history else 4) < len(REQUESTS)
+    if exclude_history:
+        for r, req in zip(together, REQUESTS):
+            history = set(ranker.resolve(req["history"], "h"))
+            assert not history & {ranker.catalog.index(row["item_id"]) for row in r["results"]}
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    (b'{"history": []}', "request 3: field 'history' must be a non-empty list"),
+    (b'{"history": ["i1"], "k": 0}', "request 3: field 'k' is 0; it must be from 1 to"),
+    (b'{"history": ["i1"], "colour": "red"}', "request 3: unknown field(s) 'colour'"),
+    (b'{"history": ["i1"], "history": ["i2"]}', "request 3: field 'history' appears twice"),
+    (b'[1, 2]', 'request 3: expected a JSON object like {"history": [...]}'),
+    (b'{"history": ["i1"]', "request 3:1: not valid JSON"),
+    (b'\xff\xfe', "request 3: not UTF-8 text"),
+])
+def test_a_request_from_bytes_is_checked_like_a_file(body: bytes, needle: str) -> None:
+    with pytest.raises(InputError) as e:
+        parse_request(body, "request 3")
+    assert needle in str(e.value)
+
+
+def test_resolution_errors_name_the_request(ranker: Ranker) -> None:
+    with pytest.raises(InputError, match=r"request 5: history\[1\]: 'Omega \(2000\)' is neither an item id nor an exact title"):
+        prepare(ranker, {"history": ["i1", "Omega (2000)"]}, "request 5", RankOptions())
+    with pytest.raises(InputError, match="request 5: candidates\\[1\\]: 'i3' is the same item as candidates\\[0\\]"):
+        prepare(ranker, {"history": ["i1"], "candidates": ["i3", "i3"]}, "request 5", RankOptions())
+    with pytest.raises(InputError, match="k is 20 but the catalog has 10 items"):
+        prepare(ranker, {"history": ["i1"], "k": 20}, "request 5", RankOptions())
