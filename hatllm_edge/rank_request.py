@@ -156,6 +156,18 @@ def open_ranker(model: Path | None, device: Device, quant: str | None, backend: 
     return open_model(folder, device, threads, compute=compute)
 
 
+def open_bundle(model: Path | None, progress: bool, build: BundleBuilder | None = None, quant: str = "int4") -> Path:
+    """The bundle a server runs: ``model`` if it is one, else the checkpoint's cached bundle
+    (built by ``build`` on first use; default model: the shipped checkpoint)."""
+    folder = model or DEFAULT_CHECKPOINT
+    if not folder.is_dir():
+        raise InputError(f"model {folder}: no such folder")
+    if model_kind(folder) == "bundle":
+        return folder
+    cache_root()
+    return cached_bundle(folder, quant, progress=progress, build=build)
+
+
 def _resolve_candidates(ranker: Ranker, refs: list[Any], where: str) -> list[int]:
     """Catalog indices of the candidates; one item named twice is refused."""
     candidates = ranker.resolve(refs, where)

@@ -69,3 +69,28 @@ def model_meta(model: Any, max_history: int = 10) -> Any:
     from hatllm_edge.formats import ModelMeta, PromptMeta
 
     return ModelMeta(schedule=model.schedule.to_dict(), prompt=PromptMeta(EOS, max_history, "list"))
+
+
+def tiny_bundle(root: Path, tokenizer_json: Path, titles: list[str], ids: list[str], max_history: int,
+                template: str = "list") -> Path:
+    """A tiny random 2-layer Llama (IN, CR) exported as an int4 bundle (the engine's int8 route on
+    the CPU) over a catalog of ``titles``, reading the last ``max_history`` history items."""
+    import json
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from export import export_bundle
+    from hatllm_edge.formats import ModelMeta, PromptMeta
+    from hatllm_edge.masks import LayerSchedule
+    from hatllm_edge.model import HatLLM
+
+    root.mkdir(parents=True, exist_ok=True)
+    catalog = root / "catalog.jsonl"
+    catalog.write_text("".join(json.dumps({"item_id": i, "title": t}, ensure_ascii=False) + "\n" for i, t in zip(ids, titles)),
+                       encoding="utf-8")
+    torch.manual_seed(0)
+    model = HatLLM(LlamaForCausalLM(tiny_llama_config(init=0.2)).eval(), LayerSchedule(2, 1, 1))
+    meta = ModelMeta(schedule=model.schedule.to_dict(), prompt=PromptMeta(EOS, max_history, template))
+    return export_bundle(model, root / "int4", "int4", {"tokenizer.json": tokenizer_json, "catalog.jsonl": catalog}, meta,
+                         progress=False)

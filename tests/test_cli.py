@@ -822,6 +822,10 @@ def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[P
     (["fuse", "models/x", "--assistant", "a", "--renormalise", "maybe"], "Invalid value for '--renormalise'"),
     (["evaluate", "models/x", "--device", "tpu"], "Invalid value for '--device'"),
     (["nosuch"], "No such command 'nosuch'"),
+    (["serve", "--replicas", "many"], "--replicas 'many': expected a number >= 1 or 'auto'"),
+    (["serve", "--port", "0"], "Invalid value for '--port'"),
+    (["loadtest", "http://192.0.2.1:8000/rank", "-n", "1"], "not a loopback address"),
+    (["loadtest", "http://127.0.0.1:9/rank", "-c", "0"], "Invalid value for '-c'"),
 ])
 def test_usage_errors_are_one_line(args: list[str], needle: str) -> None:
     """Typer's own usage errors read like every other bad input: one 'error:' line, exit code 2."""

@@ -15,15 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from transformers import LlamaForCausalLM
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import EOS, tiny_llama_config
+from conftest import tiny_bundle
 from hatllm_edge.cache import Int8Cache, clean_stale
 from hatllm_edge.limits import MAX_CANDIDATES, MAX_HISTORY, MAX_K, MAX_REF_CHARS
-from hatllm_edge.formats import ModelMeta, PromptMeta
 
 ROOT = Path(__file__).resolve().parent.parent
 TITLES = ["Alpha (1990)", "Beta (1991)", "Gamma, The (1992)", "Misérables, Les (1995)", "Delta (1993)", "Zeta (1995)"]
@@ -40,21 +37,8 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle(tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random 2-layer Llama (IN, CR) exported as an int4 bundle (int8 compute on the CPU),
-    six items, the model reading the last 3 history items."""
-    from export import export_bundle
-    from hatllm_edge.masks import LayerSchedule
-    from hatllm_edge.model import HatLLM
-
-    root = tmp_path_factory.mktemp("hardening")
-    catalog = root / "catalog.jsonl"
-    catalog.write_text("".join(json.dumps({"item_id": i, "title": t}, ensure_ascii=False) + "\n" for i, t in zip(IDS, TITLES)),
-                       encoding="utf-8")
-    torch.manual_seed(0)
-    model = HatLLM(LlamaForCausalLM(tiny_llama_config(init=0.2)).eval(), LayerSchedule(2, 1, 1))
-    meta = ModelMeta(schedule=model.schedule.to_dict(), prompt=PromptMeta(EOS, MAX_HISTORY_OF_MODEL))
-    return export_bundle(model, root / "int4", "int4", {"tokenizer.json": tokenizer_json, "catalog.jsonl": catalog}, meta,
-                         progress=False)
+    """Six items, the model reading the last 3 history items."""
+    return tiny_bundle(tmp_path_factory.mktemp("hardening"), tokenizer_json, TITLES, IDS, MAX_HISTORY_OF_MODEL, "instruct")
 
 
 def invoke(*args: Any) -> Any:

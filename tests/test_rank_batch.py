@@ -8,12 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from transformers import LlamaForCausalLM
 
-from conftest import EOS, tiny_llama_config
+from conftest import tiny_bundle
 from hatllm_edge.errors import InputError
-from hatllm_edge.formats import ModelMeta, PromptMeta
 from hatllm_edge.rank_request import RankOptions, parse_request, prepare, rank_prepared
 from hatllm_edge.ranker import Ranker
 
@@ -24,20 +21,8 @@ IDS = [f"i{n}" for n in range(1, len(TITLES) + 1)]
 
 @pytest.fixture(scope="module")
 def ranker(tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Ranker:
-    """A tiny random IN/CR Llama as an int4 bundle on the engine's int8 route, the route on
-    which a last-bit difference in company would show."""
-    from export import export_bundle
-    from hatllm_edge.masks import LayerSchedule
-    from hatllm_edge.model import HatLLM
-
-    root = tmp_path_factory.mktemp("batch")
-    (root / "catalog.jsonl").write_text("".join(json.dumps({"item_id": i, "title": t}) + "\n" for i, t in zip(IDS, TITLES)))
-    torch.manual_seed(0)
-    model = HatLLM(LlamaForCausalLM(tiny_llama_config(init=0.2)).eval(), LayerSchedule(2, 1, 1))
-    meta = ModelMeta(schedule=model.schedule.to_dict(), prompt=PromptMeta(EOS, 5, "list"))
-    bundle = export_bundle(model, root / "int4", "int4", {"tokenizer.json": tokenizer_json, "catalog.jsonl": root / "catalog.jsonl"},
-                           meta, progress=False)
-    return Ranker.from_bundle(bundle, threads=1)
+    """On the engine's int8 route, where a last-bit difference in company would show."""
+    return Ranker.from_bundle(tiny_bundle(tmp_path_factory.mktemp("batch"), tokenizer_json, TITLES, IDS, 5), threads=1)
 
 
 REQUESTS: list[dict[str, Any]] = [

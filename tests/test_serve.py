@@ -1,0 +1,132 @@
+"""The server on a real local Ray cluster (loopback only, torn down after): the HTTP answer is
+``hatllm-edge rank``'s, bad input is a 400 with the message, concurrent requests are ranked in
+fewer engine calls than requests with each result unchanged, a full queue answers 503, and the
+load test counts what it sent."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from conftest import tiny_bundle
+from hatllm_edge.loadtest import LoadConfig, check_target, run_load
+from hatllm_edge.errors import InputError
+
+ray = pytest.importorskip("ray", reason="the serve extra (pip install 'hatllm-edge[serve]')")
+
+TITLES = ["Alpha (1990)", "Beta (1991)", "Gamma, The (1992)", "Delta (1993)", "Epsilon (1994)", "Zeta (1995)"]
+IDS = [f"i{n}" for n in range(1, len(TITLES) + 1)]
+REQUESTS = [{"history": IDS[: 1 + n % 4], "k": 3, "user_id": n} for n in range(6)] + [
+    {"history": ["i2", "i3"], "candidates": ["i1", "i4", "i6"], "user_id": "c1"},
+    {"history": ["i5"], "candidates": ["i2", "i3"], "user_id": "c2"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def bundle(tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_bundle(tmp_path_factory.mktemp("serve"), tokenizer_json, TITLES, IDS, 5)
+
+
+@pytest.fixture(scope="module")
+def server(bundle: Path) -> Any:
+    """The application on a local one-node Ray cluster; a long batch wait so that concurrent
+    requests meet in one batch, and a queue of 4 so that a burst overflows it."""
+    from ray import serve
+
+    from hatllm_edge.serve_app import APP_NAME, ROUTE, ServeConfig, build_app
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        cfg = ServeConfig(bundle=bundle, threads=1, max_batch=8, batch_wait_s=0.5, max_queued=4)
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix=ROUTE)
+        yield f"http://127.0.0.1:{port}{ROUTE}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        text = e.read()
+        return e.code, json.loads(text) if text.startswith(b"{") else {"raw": text.decode(errors="replace")}
+
+
+def stats(url: str) -> dict[str, int]:
+    with urllib.request.urlopen(url + "/stats", timeout=30) as response:
+        return json.loads(response.read())
+
+
+def unlatency(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != "latency_ms"}
+
+
+def rank_cli(bundle: Path, request: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    path = tmp_path / "user.json"
+    path.write_text(json.dumps(request))
+    result = CliRunner().invoke(app, ["rank", str(path), "--model", str(bundle), "-q", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_the_answer_is_ranks_and_bad_input_is_a_400(server: str, bundle: Path, tmp_path: Path) -> None:
+    for request in (REQUESTS[3], REQUESTS[6]):
+        status, body = post(server, json.dumps(request).encode())
+        assert status == 200 and unlatency(body) == unlatency(rank_cli(bundle, request, tmp_path))
+    status, body = post(server, b'{"history": ["i1", "Omega (2000)"]}')
+    assert status == 400 and "history[1]: 'Omega (2000)' is neither an item id nor an exact title" in body["error"]
+    status, body = post(server, b'{"history": []}')
+    assert status == 400 and "field 'history' must be a non-empty list" in body["error"]
+
+
+def test_concurrent_requests_share_engine_calls_and_keep_their_results(server: str) -> None:
+    alone = [post(server, json.dumps(r).encode()) for r in REQUESTS]
+    before = stats(server)
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:
+        together = list(pool.map(lambda r: post(server, json.dumps(r).encode()), REQUESTS))
+    after = stats(server)
+    assert all(status == 200 for status, _ in together)
+    assert [unlatency(b) for _, b in together] == [unlatency(b) for _, b in alone]
+    assert after["requests"] - before["requests"] == len(REQUESTS)
+    assert after["engine_calls"] - before["engine_calls"] < len(REQUESTS)
+
+
+def test_a_burst_past_the_queue_bound_is_answered_503_not_queued(server: str) -> None:
+    # 8 in the replica (max_ongoing 2 x max_batch 8 = 16 would take them all): send far more than
+    # the replica's 16 plus the queue's 4; the rest must come back 503 at once
+    body = json.dumps(REQUESTS[0]).encode()
+    with ThreadPoolExecutor(48) as pool:
+        statuses = [s for s, _ in pool.map(lambda _: post(server, body), range(48))]
+    assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) >= 16
+
+
+def test_loadtest_counts_what_it_sent(server: str) -> None:
+    result = run_load(LoadConfig(url=server, bodies=(json.dumps(REQUESTS[0]).encode(),), requests=6, concurrency=2, deadline_s=120))
+    assert result["sent"] == result["ok"] == 6 and result["errors"] == 0 and result["p50_ms"] > 0
+
+
+def test_loadtest_stays_on_loopback_unless_told() -> None:
+    with pytest.raises(InputError, match="not a loopback address"):
+        check_target("http://192.0.2.1:8000/rank", allow_remote=False)
+    with pytest.raises(InputError, match="expected an http"):
+        check_target("ftp://127.0.0.1/rank", allow_remote=False)
+    check_target("http://localhost:8000/rank", allow_remote=False)
