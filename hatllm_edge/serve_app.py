@@ -79,6 +79,21 @@ def build_app(cfg: ServeConfig) -> Any:
     return RankDeployment.bind()  # type: ignore[attr-defined]
 
 
+def app_builder(args: dict[str, Any]) -> Any:
+    """The application from a Ray Serve config file's ``args`` (``serve deploy serve_config.yaml``):
+    ``bundle`` (required), and any other :class:`ServeConfig` field; ``replicas: auto`` autoscales."""
+    if "bundle" not in args:
+        raise ValueError("serve_config.yaml: the application's args need 'bundle' (an exported bundle folder)")
+    known = set(ServeConfig.__dataclass_fields__)
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"serve_config.yaml: unknown args {unknown}; allowed: {sorted(known)}")
+    fields = {**args, "bundle": Path(args["bundle"])}
+    if fields.get("replicas") == "auto":
+        fields["replicas"] = None
+    return build_app(ServeConfig(**fields))
+
+
 def serve_forever(cfg: ServeConfig, host: str, port: int, address: str | None) -> None:
     """Start (or join, with ``address``) a Ray cluster, run the application on ``host:port``
     and block until interrupted; the application is deleted on the way out."""

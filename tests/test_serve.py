@@ -130,3 +130,17 @@ def test_loadtest_stays_on_loopback_unless_told() -> None:
     with pytest.raises(InputError, match="expected an http"):
         check_target("ftp://127.0.0.1/rank", allow_remote=False)
     check_target("http://localhost:8000/rank", allow_remote=False)
+
+
+def test_the_cluster_config_builds_the_same_application(bundle: Path) -> None:
+    """serve_config.yaml's args are ServeConfig's: the example file names only known ones."""
+    import yaml
+
+    from hatllm_edge.serve_app import ServeConfig, app_builder
+
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "serve_config.yaml").read_text())
+    args = config["applications"][0]["args"]
+    assert set(args) <= set(ServeConfig.__dataclass_fields__)
+    assert app_builder({**args, "bundle": str(bundle)}) is not None
+    with pytest.raises(ValueError, match="unknown args \\['colour'\\]"):
+        app_builder({"bundle": str(bundle), "colour": "red"})
