@@ -96,11 +96,18 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 def serve_forever(cfg: ServeConfig, host: str, port: int, address: str | None) -> None:
     """Start (or join, with ``address``) a Ray cluster, run the application on ``host:port``
-    and block until interrupted; the application is deleted on the way out."""
+    and block until interrupted (Ctrl-C, or SIGTERM as a service manager sends it); Serve is
+    shut down on the way out."""
+    import signal
+
     import ray
     from ray import serve
 
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
     ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    signal.signal(signal.SIGTERM, stop)  # after ray.init, whose own handler only dumps a trace and dies
     serve.start(http_options={"host": host, "port": port})
     try:
         serve.run(build_app(cfg), name=APP_NAME, route_prefix=ROUTE, blocking=True)
