@@ -190,7 +190,7 @@ class ModelMeta:
                "prompt": self.prompt.to_dict(), "finetune": self.finetune, "train": self.train, "data": self.data,
                "validation": self.validation, "train_summary": self.train_summary,
                "decoding": self.decoding.to_dict() if self.decoding else None, "export": self.export, **self.extra}
-        return {k: v for k, v in out.items() if v is not None or k in ("base",)}
+        return {k: v for k, v in out.items() if v is not None}
 
     def write(self, path: Path) -> None:
         """Written whole to a temporary file, then renamed: a reader never sees half of it."""

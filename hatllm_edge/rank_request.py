@@ -130,9 +130,7 @@ def open_ranker(model: Path | None, device: Device, quant: str | None, backend: 
     """The ranker for ``model`` (default: the shipped checkpoint); a checkpoint run on the
     engine is exported once into the bundle cache by ``build`` (``quant``, default int4).
     Every option either applies to what runs or is refused."""
-    folder = model or DEFAULT_CHECKPOINT
-    if not folder.is_dir():
-        raise InputError(f"model {folder}: no such folder" + ("" if model else " (the default model ships in models/; pass --model)"))
+    folder = _model_folder(model)
     kind = model_kind(folder)
     if backend == "torch":
         if kind != "checkpoint":
@@ -147,24 +145,26 @@ def open_ranker(model: Path | None, device: Device, quant: str | None, backend: 
 
             torch.set_num_threads(threads)
         return open_model(folder)
-    cache_root()  # an unusable $HATLLM_CACHE is refused here, before anything is loaded
-    if kind == "checkpoint":
-        folder = cached_bundle(folder, quant or "int4", progress=progress, build=build)
-    elif quant is not None:
+    if kind == "bundle" and quant is not None:
         raise InputError(f"--quant chooses the bundle built from a checkpoint; {folder} is a bundle already "
                          f"(quant {(read_bundle_meta(folder).export or {}).get('quant', '?')}): drop --quant")
-    return open_model(folder, device, threads, compute=compute)
+    return open_model(open_bundle(folder, progress, build, quant or "int4"), device, threads, compute=compute)
+
+
+def _model_folder(model: Path | None) -> Path:
+    folder = model or DEFAULT_CHECKPOINT
+    if not folder.is_dir():
+        raise InputError(f"model {folder}: no such folder" + ("" if model else " (the default model ships in models/; pass --model)"))
+    return folder
 
 
 def open_bundle(model: Path | None, progress: bool, build: BundleBuilder | None = None, quant: str = "int4") -> Path:
-    """The bundle a server runs: ``model`` if it is one, else the checkpoint's cached bundle
+    """The bundle the engine runs: ``model`` if it is one, else the checkpoint's cached bundle
     (built by ``build`` on first use; default model: the shipped checkpoint)."""
-    folder = model or DEFAULT_CHECKPOINT
-    if not folder.is_dir():
-        raise InputError(f"model {folder}: no such folder")
+    folder = _model_folder(model)
+    cache_root()  # an unusable $HATLLM_CACHE (bundles built, int8 graphs kept) is refused before anything loads
     if model_kind(folder) == "bundle":
         return folder
-    cache_root()
     return cached_bundle(folder, quant, progress=progress, build=build)
 
 
