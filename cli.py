@@ -176,6 +176,7 @@ def train(
     max_history: Annotated[int, typer.Option(min=1, help="History items in the prompt (most recent).")] = 20,
     template: Annotated[Template, typer.Option(help="Prompt template: list (the answer is the next list item; needed by --mode window) or instruct.")] = Template("list"),
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (fp32 master weights).")] = True,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (see docs/training.md for what it buys here).")] = False,
     loss: Annotated[TrainLoss, typer.Option(help="ce: cross-entropy over the vocabulary; msl: softmax over the tokens that continue a real title (pairs with --renormalise).")] = TrainLoss.ce,
     msl_temperature: Annotated[float, typer.Option(min=0.01, help="Temperature of the msl softmax.")] = 1.0,
     eval_every: Annotated[int, typer.Option(min=0, help="Steps between validations on a fixed user subset (0 = at the end only); the best step is kept.")] = 0,
@@ -199,7 +200,7 @@ def train(
         out=out, n_in=n_in, n_cr=n_cr, base=BaseModelSpec(path=str(Path(base).resolve()) if base else None), dataset=dataset,
         interactions=interactions, items=items, mode=mode.value, stride=stride, examples=examples or None, epochs=epochs,
         batch_size=batch_size, lr=lr, full=full, lora_r=lora_r, lora_targets=lora_targets.value, max_history=max_history, template=template.value,
-        bf16=bf16, loss=loss.value, msl_temperature=msl_temperature, seed=seed, eval_every=eval_every, eval_users=eval_users, save_every=save_every, max_minutes=max_minutes,
+        bf16=bf16, compile=compile, loss=loss.value, msl_temperature=msl_temperature, seed=seed, eval_every=eval_every, eval_users=eval_users, save_every=save_every, max_minutes=max_minutes,
     )
     summary = _run(run_train, cfg, resume=resume, progress=not quiet)
     typer.echo(json.dumps(summary))

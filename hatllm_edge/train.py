@@ -38,7 +38,7 @@ from hatllm_edge.formats import ADAPTER_DIR, CHECKPOINT_META, FULL_WEIGHTS, Mode
 from hatllm_edge.masks import LayerSchedule
 from hatllm_edge.model import BaseModelSpec, HatLLM, load_base
 from hatllm_edge.prompt import PromptBuilder, Template
-from hatllm_edge.ranking import TitleTrie
+from hatllm_edge.ranking import Fusion, TitleTrie
 
 Mode = Literal["window", "prompt"]
 LORA_TARGETS = {
@@ -48,8 +48,8 @@ LORA_TARGETS = {
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 EVAL_LOG_FILE = "valid_log.jsonl"
-# Fields that may change on --resume: they do not change what a step computes.
-RESUMABLE = ("max_minutes", "eval_every", "eval_users", "save_every")
+# Fields that may change on --resume: they do not change what a step computes (compile: only its rounding).
+RESUMABLE = ("max_minutes", "eval_every", "eval_users", "save_every", "compile")
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class TrainConfig:
     max_history: int = 20
     template: Template = "list"  # window mode needs "list"; "instruct" reproduces the older prompt
     bf16: bool = True  # bf16 autocast; fp32 master weights
+    compile: bool = False  # torch.compile the model (dynamic shapes: batches differ in width)
     loss: Literal["ce", "msl"] = "ce"
     msl_temperature: float = 1.0
     seed: int = 0
@@ -131,18 +132,20 @@ def validation_users(data: Dataset, max_history: int, n: int, seed: int) -> list
 
 
 def validate(model: HatLLM, prompts: PromptBuilder, data: Dataset, examples: list[Example], k: int = 10,
-             bf16: bool = True) -> dict[str, Any]:
+             bf16: bool = True, renormalise: bool = False) -> dict[str, Any]:
     """Full-catalog NDCG/HR of the current weights on ``examples`` (PyTorch, beam k; bf16
-    autocast keeps the fp32 master weights and halves the cost)."""
+    autocast keeps the fp32 master weights and halves the cost). ``renormalise``: beam steps
+    scored over the trie node's children, the decoding that matches the masked-softmax loss."""
     from hatllm_edge.evaluate import rank_split
     from hatllm_edge.torch_backend import TorchBackend
 
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            result = rank_split(TorchBackend(model), prompts, data, "valid", k, k, progress=False, examples=examples)
+            result = rank_split(TorchBackend(model), prompts, data, "valid", k, k, progress=False, examples=examples,
+                                fusion=lambda chunk: Fusion(renormalise=renormalise))
     finally:
         model.train()
-    return {"metrics": result["metrics"], "users": result["users"], "wall_s": result["wall_s"]}
+    return {"metrics": result["metrics"], "users": result["users"], "renormalise": renormalise, "wall_s": result["wall_s"]}
 
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
@@ -185,6 +188,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         trainable = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                   target_modules=list(LORA_TARGETS[cfg.lora_targets])))
     model = HatLLM(trainable, schedule).train()
+    forward = torch.compile(model, dynamic=True) if cfg.compile else model
     prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history, cfg.template)
     sizes = [sum(len(prompts.title_ids(data.catalog.title(i))) for i in (u.items if cfg.mode == "window" else u.history))
              for u in units]
@@ -246,7 +250,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     def evaluate_now() -> None:
         t0 = time.time()
-        valid = validate(model, prompts, data, valid_examples, bf16=cfg.bf16)
+        valid = validate(model, prompts, data, valid_examples, bf16=cfg.bf16, renormalise=cfg.loss == "msl")
         run["eval_s"] += time.time() - t0
         run["last_eval"] = run["step"]
         record = {"step": run["step"], **valid}
@@ -269,7 +273,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         t0 = time.time()
         batch = build([units[i] for i in steps[run["step"]]], data.catalog, prompts)
         with autocast:
-            logits, _ = model(batch.input_ids, batch.position_ids, batch.masks, logits_index=batch.logits_index)
+            logits, _ = forward(batch.input_ids, batch.position_ids, batch.masks, logits_index=batch.logits_index)
         if trie is not None:
             total = msl_nll(logits, batch.labels, allowed_tokens(batch, trie), cfg.msl_temperature)
         else:
@@ -286,7 +290,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         run["targets"] += batch.targets
         recent = (recent + [loss.item()])[-20:]
         log.write(json.dumps({"step": run["step"], "loss": round(loss.item(), 5), "lr": sched.get_last_lr()[0],
-                              "tokens": batch.tokens, "targets": batch.targets, "step_s": round(time.time() - t0, 3),
+                              "tokens": batch.tokens, "slots": batch.input_ids.numel(), "targets": batch.targets, "step_s": round(time.time() - t0, 3),
                               "train_s": round(run["train_s"], 1)}) + "\n")
         log.flush()
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", tok_s=f"{run['tokens'] / run['train_s']:.0f}")

@@ -101,6 +101,7 @@ def test_train_writes_a_checkpoint(trained: tuple[Path, Any], tiny_base: Path) -
     assert meta["prompt"] == {"template": "list", "max_history": 10, "eos_token": "<|im_end|>"}
     assert meta["data"] == {"name": "inter", "users": 6, "items": 6, "train_units": 6, "train_targets": 19}
     assert meta["validation"]["step"] == 4 and meta["validation"]["users"] == 6  # evaluated at the end, all users
+    assert meta["validation"]["renormalise"] is False
     assert meta["train"]["mode"] == "window" and meta["train"]["loss"] == "ce"
     assert Path(meta["base"]["path"]) == tiny_base
 
@@ -155,6 +156,7 @@ def test_train_prompt_mode_and_msl(tiny_base: Path, data_files: tuple[Path, Path
     assert summary["targets_seen"] == 19 and summary["steps_done"] == 3
     meta = json.loads((tmp_path / "p" / "hatllm.json").read_text())
     assert meta["train"]["mode"] == "prompt" and meta["train"]["loss"] == "msl" and meta["data"]["train_units"] == 19
+    assert meta["validation"]["renormalise"]  # validated with the decoding that matches the loss
     instruct = invoke(*train_args(tmp_path / "i", tiny_base, data_files, "--mode", "prompt", "--template", "instruct",
                                   "--batch-size", 10))
     assert instruct.exit_code == 0, instruct.output
