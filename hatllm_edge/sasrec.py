@@ -376,7 +376,8 @@ def window_loss(model: SASRec, inputs: torch.Tensor, targets: torch.Tensor) -> t
     return F.cross_entropy(logits, targets[sel] - 1), int(sel.sum())
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU model (lscpu's "Model name"), recorded beside every speed figure."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -500,7 +501,7 @@ def _summary(st: dict[str, Any], cfg: TrainConfig, n_params: int, threads: int, 
         "train_s": round(st["train_s"], 1), "eval_s": round(st["eval_s"], 1),
         "targets_per_s": round(st["targets"] / st["train_s"], 1) if st["train_s"] else None,
         "windows_per_s": round(st["windows"] / st["train_s"], 1) if st["train_s"] else None,
-        "torch_threads": threads, "cpu": _cpu_name(), "torch": torch.__version__,
+        "torch_threads": threads, "cpu": cpu_name(), "torch": torch.__version__,
     }
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from hatllm_edge.sasrec import cpu_name
 from hatllm_edge.train import LOG_FILE, TrainConfig, train
 
 VARIANTS = {
@@ -31,13 +31,6 @@ VARIANTS = {
     "bf16-1thread": dict(bf16=True, threads=1),
     "bf16-compile": dict(bf16=True, threads=2, compile=True),
 }
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def measure(name: str, steps: int, n_in: int, n_cr: int, threads: int, **fields: bool) -> dict:
@@ -80,7 +73,7 @@ def main() -> None:
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["speed_vs_first"] = round(r["tokens_per_s"] / base, 3)
-    result = {"cpu": cpu_model(), "torch": torch.__version__, "n_in": args.n_in, "n_cr": args.n_cr,
+    result = {"cpu": cpu_name(), "torch": torch.__version__, "n_in": args.n_in, "n_cr": args.n_cr,
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "variants": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
