@@ -167,19 +167,21 @@ class Ranker:
                            beams=beam_width(k, beams), fusion=self.fusion(histories, assist, weight, renormalise))
 
     def score(self, history: Sequence[int], candidates: Sequence[int], normalize: bool = False, assist: bool = True,
-              weight: float | None = None) -> Ranked:
+              weight: float | None = None, renormalise: bool | None = None) -> Ranked:
         """Candidates (catalog indices) ranked by log-probability (plus the assistant's share,
         as in :meth:`top_k`); items index ``candidates``."""
-        return self.score_batch([history], [candidates], normalize, assist, weight)[0]
+        return self.score_batch([history], [candidates], normalize, assist, weight, renormalise)[0]
 
     def score_batch(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
-                    normalize: bool = False, assist: bool = True, weight: float | None = None) -> list[Ranked]:
+                    normalize: bool = False, assist: bool = True, weight: float | None = None,
+                    renormalise: bool | None = None) -> list[Ranked]:
         """:meth:`score` for several users in one batch (prompts and candidate passes shared).
-        Candidate scores are the LLM's full-vocabulary log-probabilities (never renormalised)."""
-        fusion = self.fusion(histories, assist, weight, renormalise=False)
+        Scored as :meth:`fusion` says, so a candidate's score is what :meth:`top_k` gives its title."""
+        fusion = self.fusion(histories, assist, weight, renormalise)
         bonus = [fusion.title_bonus(u, self.catalog) for u in range(len(histories))] if fusion.prior is not None else None
         return score_candidates(self.backend, self.prompts, [self.titles(h) for h in histories],
-                                [self.titles(c) for c in candidates], normalize, bonus=bonus)
+                                [self.titles(c) for c in candidates], normalize, bonus=bonus,
+                                renormalise=self.trie if fusion.renormalise else None)
 
 
 def open_assistant(folder: Path, catalog: Catalog, threads: int | None = None) -> Assistant | None:

@@ -33,6 +33,7 @@ class TitleTrie:
     items: list[list[int]] = field(default_factory=lambda: [[]])
     is_title: list[bool] = field(default_factory=lambda: [False])
     under: list[list[int]] = field(default_factory=lambda: [[]])  # catalog indices whose sequence passes node n
+    paths: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per title: the node before each of its tokens
     _expanded: dict[int, "Children"] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -41,7 +42,7 @@ class TitleTrie:
         end = prompts.end_ids
         for index, title in enumerate(catalog.titles):
             title_ids = prompts.title_ids(title)
-            node = 0
+            node, path = 0, [0]
             trie.under[0].append(index)
             for depth, token in enumerate(title_ids + end):
                 key = (token, depth < len(title_ids))
@@ -55,7 +56,9 @@ class TitleTrie:
                     trie.under.append([])
                 node = nxt
                 trie.under[node].append(index)
+                path.append(node)
             trie.items[node].append(index)
+            trie.paths[title] = tuple(path[:-1])
         return trie
 
     def expand(self, node: int) -> "Children":
@@ -274,6 +277,7 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
 
 PACK_TOKENS = 128  # tokens per packed row (fastest of 64/128/256 for 100 candidates, docs/results.md)
 PASS_TOKENS = 4096  # rows x width per forward pass
+RENORM_PASS_TOKENS = 1024  # the same when renormalising: each pass returns [rows, width, V] float32 logits (~200 MB)
 
 
 def _fed(answer: Encoded) -> int:
@@ -329,9 +333,13 @@ def score_candidates(
     balanced: bool = True,
     bucket: int = PROMPT_BUCKET,
     bonus: Sequence[Mapping[str, float]] | None = None,
+    renormalise: TitleTrie | None = None,
 ) -> list[Ranked]:
     """Rank each user's candidate titles by log p(title + end marker | prompt), plus the
     user's ``bonus`` of the title where given (the assistant's share, :meth:`Fusion.title_bonus`), best first.
+    With ``renormalise`` (the catalog's title tree), each token's probability is taken over
+    the children of its trie node only, as a renormalised beam step is, so a candidate scores
+    exactly what beam search gives its title (candidates must then be catalog titles).
 
     The prompts run once, in batches of one :func:`prompt_width`. Candidates are then packed
     end to end into rows of at most ``pack_tokens`` tokens: a candidate's positions restart
@@ -351,6 +359,12 @@ def score_candidates(
     """
     if len(histories) != len(candidates):
         raise ValueError(f"{len(histories)} histories but {len(candidates)} candidate lists")
+    if renormalise is not None:
+        unknown = sorted({t for c in candidates for t in c} - renormalise.paths.keys())
+        if unknown:
+            raise ValueError(f"renormalised scores need catalog titles; not in the title tree: {unknown[:3]}")
+        # a renormalised pass hands back [rows, width, V] logits: fewer tokens per pass bound that memory
+        pass_tokens = min(pass_tokens, RENORM_PASS_TOKENS)
     encoded = [prompts.prompt(h) for h in histories]
     results: list[Ranked] = [Ranked([], [])] * len(encoded)
     for group in by_width(encoded, bucket):
@@ -371,7 +385,8 @@ def score_candidates(
         for width, rows in sorted(by_row_width.items()):
             per_pass = max(1, pass_tokens // max(1, width))
             for at in range(0, len(rows), per_pass):
-                _score_pass(backend, start, answers, rows[at : at + per_pass], width, totals)
+                _score_pass(backend, start, answers, rows[at : at + per_pass], width, totals,
+                            None if renormalise is None else (renormalise, [[renormalise.paths[t] for t in ts] for ts in titles]))
         for g, u in enumerate(group):
             score = dict(zip(titles[g], totals[g] / np.asarray([len(x) for x in answers[g]]) if normalize else totals[g]))
             extra = bonus[u] if bonus is not None else {}
@@ -382,9 +397,12 @@ def score_candidates(
 
 
 def _score_pass(backend: Backend, start: Prefilled, answers: list[list[Encoded]],
-                batch: list[tuple[int, list[int]]], width: int, totals: list[np.ndarray]) -> None:
+                batch: list[tuple[int, list[int]]], width: int, totals: list[np.ndarray],
+                renormalise: tuple[TitleTrie, list[list[tuple[int, ...]]]] | None = None) -> None:
     """One forward pass, ``width`` columns: row r holds user batch[r][0]'s candidates
-    batch[r][1], packed (a user may own several rows); users index ``start``."""
+    batch[r][1], packed (a user may own several rows); users index ``start``.
+    ``renormalise``: the title tree and, per user and candidate, the trie node before each
+    answer token; each token's log-probability is then taken over that node's children."""
     rows = len(batch)
     ids = np.zeros((rows, width), np.int64)
     targets = np.zeros((rows, width), np.int64)
@@ -408,8 +426,26 @@ def _score_pass(backend: Backend, start: Prefilled, answers: list[list[Encoded]]
     own = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0)
     visible = np.concatenate([np.broadcast_to(start.key_valid[users][:, None, :], (rows, width, start.key_valid.shape[1])),
                               own & np.tril(np.ones((width, width), dtype=bool))], axis=2)
-    logprobs, _ = backend.token_logprobs(ids, positions, build_masks(q_segs, key_segs, visible),
-                                         backend.select(start.cache, users), targets)
+    masks, cache = build_masks(q_segs, key_segs, visible), backend.select(start.cache, users)
+    if renormalise is None:
+        logprobs, _ = backend.token_logprobs(ids, positions, masks, cache, targets)
+        for r, (u, _) in enumerate(batch):
+            for c, col, n in spans[r]:
+                totals[u][c] = start.logprobs[u, answers[u][c].ids[0]] + float(logprobs[r, col : col + n].sum())
+        return
+    trie, paths = renormalise
+    logits, _ = backend.forward(ids, positions, masks, cache)
     for r, (u, _) in enumerate(batch):
         for c, col, n in spans[r]:
-            totals[u][c] = start.logprobs[u, answers[u][c].ids[0]] + float(logprobs[r, col : col + n].sum())
+            ids_c, path = answers[u][c].ids, paths[u][c]
+            total = _renormalised(start.logprobs[u], trie.expand(path[0]).allowed, ids_c[0])
+            for j in range(n):  # column col + j reads token j and gives token j + 1, below node path[j + 1]
+                allowed = trie.expand(path[j + 1]).allowed
+                if len(allowed) > 1:  # a lone child takes all the mass: its step is 0
+                    total += _renormalised(logits[r, col + j], allowed, ids_c[j + 1])
+            totals[u][c] = total
+
+
+def _renormalised(scores: np.ndarray, allowed: np.ndarray, token: int) -> float:
+    """log p(token) over the ``allowed`` tokens only, from logits or log-probabilities [V]."""
+    return float(scores[token]) - logsumexp(scores[allowed].astype(np.float64))

@@ -319,6 +319,33 @@ def test_renormalised_scores_are_the_plain_ones_renormalised_per_step(backend: T
     assert all(renorm[t] >= plain[t] - 1e-9 for t in plain)
 
 
+@pytest.mark.parametrize("weight", [0.0, 2.0])
+def test_renormalised_candidate_scores_are_the_renormalised_beam_scores(backend: TorchBackend, prompts: PromptBuilder,
+                                                                          trie: TitleTrie, weight: float) -> None:
+    """Scored through the candidate path with the title tree, every title gets the score a
+    renormalised beam gives it (with and without the assistant), so the candidate scores of
+    the whole catalog are a distribution too; small packed rows split titles across passes."""
+    histories = [HISTORY, *OTHER_HISTORIES]
+    fusion = Fusion(renormalise=True, weight=weight, prior=random_prior(len(histories), seed=1) if weight else None)
+    beams = beam_search(backend, prompts, trie, histories, k=len(TITLES), beams=len(TITLES), fusion=fusion)
+    bonus = [fusion.title_bonus(u, CATALOG) for u in range(len(histories))] if weight else None
+    for pack_tokens in (128, 6):
+        scored = score_candidates(backend, prompts, histories, [TITLES] * len(histories), pack_tokens=pack_tokens,
+                                  bonus=bonus, renormalise=trie)
+        for u in range(len(histories)):
+            candidate = dict(zip(scored[u].items, scored[u].scores))
+            np.testing.assert_allclose([candidate[i] for i in beams[u].items], beams[u].scores, atol=1e-4)
+            if not weight:
+                assert sum(np.exp(s) for s in leaf_scores(scored[u]).values()) == pytest.approx(1.0, abs=1e-6)
+    plain = score_candidates(backend, prompts, [HISTORY], [TITLES])[0]
+    assert dict(zip(plain.items, plain.scores)) != pytest.approx(dict(zip(scored[0].items, scored[0].scores)))
+
+
+def test_renormalised_candidates_must_be_catalog_titles(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie) -> None:
+    with pytest.raises(ValueError, match="not in the title tree"):
+        score_candidates(backend, prompts, [HISTORY], [["Alien", "Not A Catalog Title"]], renormalise=trie)
+
+
 def random_prior(users: int, seed: int = 0) -> np.ndarray:
     logits = np.random.default_rng(seed).normal(scale=2.0, size=(users, len(TITLES)))
     return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
