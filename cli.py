@@ -413,6 +413,7 @@ def fidelity(
     split: SplitOpt = Split("test"),
     threads: ThreadsOpt = None,
     compute: Annotated[Compute, typer.Option(help="Engine arithmetic of MODEL (the reference always runs as stored): auto, native or int8.")] = Compute("auto"),
+    renormalise: Annotated[Optional[bool], typer.Option("--renormalise/--no-renormalise", help="Score both with trie-renormalised steps or raw ones (default: the reference's decoding).")] = None,
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
@@ -428,7 +429,8 @@ def fidelity(
     data = _run(load_dataset, dataset, interactions, items)
     ref = _run(open_model, reference, threads=threads, compute="native")  # the reference runs as stored
     other = _run(open_model, model, threads=threads, compute=compute.value)
-    cfg = FidelityConfig(split=split.value, users=users, candidates=min(candidates, len(data.catalog)), seed=seed)
+    cfg = FidelityConfig(split=split.value, users=users, candidates=min(candidates, len(data.catalog)), seed=seed,
+                         renormalise=renormalise)
     result = {"reference": str(reference), "reference_backend": ref.label, "model": str(model), "model_backend": other.label,
               **_run(candidate_fidelity, ref, other, data, cfg, not quiet)}
     if out:

@@ -30,11 +30,14 @@ class FidelityConfig:
     users: int = 50
     candidates: int = 100
     seed: int = 0
+    renormalise: bool | None = None  # None: the reference's decoding; both sides always score alike
 
 
 def candidate_fidelity(reference: Ranker, other: Ranker, data: Dataset, cfg: FidelityConfig, progress: bool = True) -> dict[str, Any]:
     """Score the same seeded candidate sets (the target plus random catalog items) for a
-    seeded sample of users on both rankers; mean and spread of Kendall's tau, top-1 agreement."""
+    seeded sample of users on both rankers, with one decoding for both (raw or trie-renormalised
+    steps: the reference's unless ``cfg`` says); mean and spread of Kendall's tau, top-1 agreement."""
+    renormalise = reference.scoring(False, renormalise=cfg.renormalise)[0]
     rng = random.Random(cfg.seed)
     examples = data.split(cfg.split, reference.prompts.max_history)
     examples = rng.sample(examples, min(cfg.users, len(examples)))
@@ -45,7 +48,8 @@ def candidate_fidelity(reference: Ranker, other: Ranker, data: Dataset, cfg: Fid
         candidates = [target] + pool
         history = [data.catalog.index(i) for i in ex.history]
         # the LLM alone: a fused assistant would add the same bonus to both and flatter the tau
-        ref, got = reference.score(history, candidates, assist=False), other.score(history, candidates, assist=False)
+        ref = reference.score(history, candidates, assist=False, renormalise=renormalise)
+        got = other.score(history, candidates, assist=False, renormalise=renormalise)
         ref_scores = np.empty(len(candidates))
         got_scores = np.empty(len(candidates))
         ref_scores[ref.items], got_scores[got.items] = ref.scores, got.scores
@@ -57,6 +61,7 @@ def candidate_fidelity(reference: Ranker, other: Ranker, data: Dataset, cfg: Fid
         "candidates": cfg.candidates,
         "split": cfg.split,
         "seed": cfg.seed,
+        "renormalise": renormalise,
         "kendall_tau_mean": float(tau.mean()),
         "kendall_tau_min": float(tau.min()),
         "kendall_tau_p10": float(np.percentile(tau, 10)),

@@ -486,6 +486,23 @@ def test_fidelity_of_an_fp32_bundle_is_perfect(trained: tuple[Path, Any], bundle
     out = last_json(result)
     assert out["users"] == 3 and out["candidates"] == 5
     assert out["kendall_tau_mean"] == pytest.approx(1.0) and out["top1_agreement"] == 1.0
+    assert out["renormalise"] is False
+
+
+def test_fidelity_scores_both_models_with_the_reference_decoding(trained: tuple[Path, Any], bundle: Path,
+                                                                 data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """A reference that decodes with renormalised steps against a bundle exported before that
+    choice was stored: both are scored renormalised, so the fp32 bundle still agrees exactly."""
+    reference = tmp_path / "renormalised"
+    shutil.copytree(trained[0], reference)
+    meta = json.loads((reference / "hatllm.json").read_text())
+    meta["decoding"] = {"renormalise": True, "assistant_weight": 0.0}
+    (reference / "hatllm.json").write_text(json.dumps(meta))
+    inter, items = data_files
+    args = ("--users", 3, "--candidates", 5, "--split", "valid", "--interactions", inter, "--items", items, "--threads", 1, "--quiet")
+    out = last_json(invoke("fidelity", reference, bundle, *args))
+    assert out["renormalise"] is True and out["kendall_tau_mean"] == pytest.approx(1.0)
+    assert last_json(invoke("fidelity", reference, bundle, *args, "--no-renormalise"))["renormalise"] is False
 
 
 def test_rank_exclude_history(bundle: Path, tmp_path: Path) -> None:
