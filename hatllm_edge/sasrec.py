@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -47,6 +46,7 @@ from hatllm_edge.formats import ASSISTANT_CONFIG as CONFIG_FILE, ASSISTANT_INPUT
 from hatllm_edge.formats import ASSISTANT_OUTPUT as ONNX_OUTPUT, SASREC_FORMAT as FORMAT
 from hatllm_edge.data import Catalog, Dataset, Example, Split, load_dataset
 from hatllm_edge.errors import InputError
+from hatllm_edge.machine import cpu_name
 from hatllm_edge.metrics import mean_metrics
 
 FORMAT_VERSION = 1
@@ -374,17 +374,6 @@ def window_loss(model: SASRec, inputs: torch.Tensor, targets: torch.Tensor) -> t
     sel = targets != PAD
     logits = model.item_logits(hidden[sel])
     return F.cross_entropy(logits, targets[sel] - 1), int(sel.sum())
-
-
-def cpu_name() -> str:
-    """The CPU model (lscpu's "Model name"), recorded beside every speed figure."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def train(

@@ -23,7 +23,7 @@ from hatllm_edge.evaluate import split_examples
 from hatllm_edge.metrics import mean_metrics, target_rank
 from cli import bundle_builder
 from hatllm_edge.rank_request import open_ranker
-from hatllm_edge.sasrec import cpu_name
+from hatllm_edge.machine import cpu_name
 
 
 def main() -> None:

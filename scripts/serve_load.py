@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from hatllm_edge.loadtest import LoadConfig, run_load, summary_line
+from hatllm_edge.machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = {"candidates": ROOT / "examples" / "user_candidates.json", "top10": ROOT / "examples" / "user.json"}
@@ -101,7 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     size = lambda n: max(2, int(n * args.scale))  # noqa: E731
     url = f"http://127.0.0.1:{args.port}/rank"
-    result: dict[str, Any] = {"bundle": str(args.bundle), "cpu": platform.processor() or platform.machine(),
+    result: dict[str, Any] = {"bundle": str(args.bundle), "cpu": cpu_name(),
                               "cores": os.cpu_count(), "load": [], "per_process": {}}
 
     # one replica with the machine's two cores, batches of up to 8

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from hatllm_edge.sasrec import cpu_name
+from hatllm_edge.machine import cpu_name
 from hatllm_edge.train import LOG_FILE, TrainConfig, train
 
 VARIANTS = {
