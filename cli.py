@@ -396,10 +396,11 @@ def rank(
                        assist=assist)
     result = _run(run_rank, user, opts, not quiet, bundle_builder())
     if table:
-        fused = f", assistant weight {result['assistant_weight']:g}" if result["assistant_weight"] else ""
+        decoding = ", renormalised" if result["renormalise"] else ""
+        decoding += f", assistant weight {result['assistant_weight']:g}" if result["assistant_weight"] else ""
         _print_table(["rank", "item_id", "score", "title"],
                      [[row["rank"], row["item_id"], f"{row['score']:.3f}", row["title"]] for row in result["results"]],
-                     caption=f"{result['mode']}, {result['backend']}{fused}, {result['latency_ms']:.1f} ms")
+                     caption=f"{result['mode']}, {result['backend']}{decoding}, {result['latency_ms']:.1f} ms")
     else:
         typer.echo(json.dumps(result, ensure_ascii=False, indent=1))
 

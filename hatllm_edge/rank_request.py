@@ -283,7 +283,9 @@ def _result(ranker: Ranker, p: Prepared, items: list[int], scores: list[float], 
     rows = [{"rank": r + 1, "item_id": ranker.catalog.item_ids[i], "title": ranker.catalog.titles[i], "score": round(s, 4)}
             for r, (i, s) in enumerate(zip(items[: p.k], scores[: p.k]))]
     mode = "candidates" if p.candidates is not None else "full-catalog"
-    out: dict[str, Any] = {"user_id": p.user_id, "mode": mode, "backend": ranker.label, "assistant_weight": ranker.scoring(p.assist)[1]}
+    renormalise, weight = ranker.scoring(p.assist)
+    out: dict[str, Any] = {"user_id": p.user_id, "mode": mode, "backend": ranker.label, "renormalise": renormalise,
+                           "assistant_weight": weight}
     if mode == "full-catalog":
         out["beams"] = p.width
     return {**out, "latency_ms": round(latency, 2), "results": rows}

@@ -761,10 +761,19 @@ def test_fuse_writes_the_decoding_and_the_assistant_travels_into_the_bundle(
     manifest = json.loads((bundle / "manifest.json").read_text())["files"]
     assert {"sasrec.json", "sasrec.onnx"} <= set(manifest)
     engine = json.loads(invoke("rank", user, "--model", bundle, "--threads", 1).stdout)
-    assert engine["assistant_weight"] == 1
+    assert engine["assistant_weight"] == 1 and engine["renormalise"] is False
     assert [r["item_id"] for r in engine["results"]] == [r["item_id"] for r in fused["results"]]
     for a, b in zip(engine["results"], fused["results"]):
         assert a["score"] == pytest.approx(b["score"], abs=1e-3)
+    # a model that decodes renormalised: a candidate request scores what the full-catalog beam gave
+    meta["decoding"]["renormalise"] = True
+    (ckpt / "hatllm.json").write_text(json.dumps(meta))
+    top = json.loads(invoke("rank", user, "--model", ckpt, "--backend", "torch").stdout)
+    picked = write_user(tmp_path / "p.json", history=["i1", "i2"], candidates=[r["item_id"] for r in top["results"]][::-1])
+    scored = json.loads(invoke("rank", picked, "--model", ckpt, "--backend", "torch").stdout)
+    assert top["renormalise"] is scored["renormalise"] is True
+    assert {r["item_id"]: r["score"] for r in scored["results"]} == pytest.approx({r["item_id"]: r["score"] for r in top["results"]}, abs=1e-3)
+    assert [r["score"] for r in top["results"]] != pytest.approx([r["score"] for r in fused["results"]], abs=1e-3)
     assert_usage_error(invoke("fuse", ckpt, "--assistant", sasrec_dir, "--weights", "x", "--quiet"), "--weights")
     assert_usage_error(invoke("rank", write_user(tmp_path / "w.json", history=["i1"], assist="yes"), "--model", bundle), "assist")
 
