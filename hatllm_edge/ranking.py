@@ -377,6 +377,7 @@ def score_candidates(
             titles.append([t for _, t, _ in encoded_answers])
             answers.append([a for _, _, a in encoded_answers])
         totals = [np.zeros(len(a)) for a in answers]
+        trie_paths = None if renormalise is None else (renormalise, [[renormalise.paths[t] for t in ts] for ts in titles])
         by_row_width: dict[int, list[tuple[int, list[int]]]] = {}
         for g, a in enumerate(answers):
             packs = _packs(a, pack_tokens, balanced) if a else []
@@ -385,8 +386,7 @@ def score_candidates(
         for width, rows in sorted(by_row_width.items()):
             per_pass = max(1, pass_tokens // max(1, width))
             for at in range(0, len(rows), per_pass):
-                _score_pass(backend, start, answers, rows[at : at + per_pass], width, totals,
-                            None if renormalise is None else (renormalise, [[renormalise.paths[t] for t in ts] for ts in titles]))
+                _score_pass(backend, start, answers, rows[at : at + per_pass], width, totals, trie_paths)
         for g, u in enumerate(group):
             score = dict(zip(titles[g], totals[g] / np.asarray([len(x) for x in answers[g]]) if normalize else totals[g]))
             extra = bonus[u] if bonus is not None else {}

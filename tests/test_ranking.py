@@ -341,6 +341,21 @@ def test_renormalised_candidate_scores_are_the_renormalised_beam_scores(backend:
     assert dict(zip(plain.items, plain.scores)) != pytest.approx(dict(zip(scored[0].items, scored[0].scores)))
 
 
+def test_renormalised_candidate_scores_do_not_depend_on_batch_or_order(backend: TorchBackend, prompts: PromptBuilder,
+                                                                          trie: TitleTrie) -> None:
+    """A user's renormalised scores are the same alone, batched with others, and with its
+    candidates reversed."""
+    histories = [HISTORY, *OTHER_HISTORIES]
+    cands = [TITLES[:7], TITLES[3:], TITLES, TITLES[::2]]
+    together = score_candidates(backend, prompts, histories, cands, renormalise=trie)
+    for u, (h, c) in enumerate(zip(histories, cands)):
+        alone = score_candidates(backend, prompts, [h], [c], renormalise=trie)[0]
+        flipped = score_candidates(backend, prompts, [h], [c[::-1]], renormalise=trie)[0]
+        by_title = dict(zip((c[i] for i in alone.items), alone.scores))
+        assert dict(zip((c[i] for i in together[u].items), together[u].scores)) == pytest.approx(by_title, abs=1e-5)
+        assert dict(zip((c[::-1][i] for i in flipped.items), flipped.scores)) == pytest.approx(by_title, abs=1e-5)
+
+
 def test_renormalised_candidates_must_be_catalog_titles(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie) -> None:
     with pytest.raises(ValueError, match="not in the title tree"):
         score_candidates(backend, prompts, [HISTORY], [["Alien", "Not A Catalog Title"]], renormalise=trie)
