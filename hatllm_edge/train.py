@@ -50,6 +50,8 @@ LOG_FILE = "train_log.jsonl"
 EVAL_LOG_FILE = "valid_log.jsonl"
 # Fields that may change on --resume: they do not change what a step computes (compile: only its rounding).
 RESUMABLE = ("max_minutes", "eval_every", "eval_users", "save_every", "compile")
+VALID_SEED = 0
+PREDATED = {"loss": "ce"}  # the value of a field whose default changed, for states saved before it existed
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class TrainConfig:
     examples: int | None = None  # seeded sample of windows (or prompts); None = all
     epochs: int = 1
     batch_size: int = 8  # windows (or prompts) per step
-    lr: float = 5e-4
+    lr: float = 1e-3
     warmup: float = 0.03  # share of the steps; cosine decay after (transformers' schedule)
     weight_decay: float = 0.0
     full: bool = False  # full fine-tuning instead of LoRA
@@ -78,9 +80,10 @@ class TrainConfig:
     template: Template = "list"  # window mode needs "list"; "instruct" reproduces the older prompt
     bf16: bool = True  # bf16 autocast; fp32 master weights
     compile: bool = False  # torch.compile the model (dynamic shapes: batches differ in width)
-    loss: Literal["ce", "msl"] = "ce"
+    loss: Literal["ce", "msl"] = "msl"  # the shipped recipe; runs saved before the field trained with "ce"
     msl_temperature: float = 1.0
     seed: int = 0
+    init_from: str | None = None  # a LoRA checkpoint whose adapter starts the run (fresh optimiser and schedule)
     eval_every: int = 0  # steps between validations; 0 = only at the end
     eval_users: int = 100  # the fixed seeded subset of validation users
     save_every: int = 25  # steps between saved training states
@@ -122,8 +125,9 @@ def plan_batches(sizes: list[int], batch_size: int, epochs: int, seed: int) -> l
     return steps
 
 
-def validation_users(data: Dataset, max_history: int, n: int, seed: int) -> list[Example]:
-    """The fixed subset of validation examples that picks the best step (seeded, data order)."""
+def validation_users(data: Dataset, max_history: int, n: int, seed: int = VALID_SEED) -> list[Example]:
+    """The fixed subset of validation examples that picks the best step (seeded, data order).
+    Its seed is not the run's, so runs of different seeds are chosen on the same users."""
     examples = data.split("valid", max_history)
     if n and n < len(examples):
         keep = set(random.Random(seed).sample(range(len(examples)), n))
@@ -154,6 +158,32 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _load_init(trainable: Any, cfg: TrainConfig) -> None:
+    """Start from another run's LoRA adapter: it must have been trained on the same base with the
+    same LoRA shape, so every trainable weight is replaced and none is left at its initial value."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(cfg.init_from)
+    meta = ckpt.read_meta(folder)
+    if cfg.full or meta.finetune != "lora":
+        raise InputError(f"--init-from {folder}: continues a LoRA run, so both must be LoRA "
+                         f"(it is {meta.finetune}, this run {'full' if cfg.full else 'lora'})")
+    if meta.base != cfg.base.to_dict():
+        raise InputError(f"--init-from {folder}: trained on base {meta.base}, this run uses {cfg.base.to_dict()}; pass the same --base")
+    shape = {k: meta.train.get(k) for k in ("lora_r", "lora_alpha", "lora_targets")}
+    want = {k: getattr(cfg, k) for k in shape}
+    if shape != want:
+        raise InputError(f"--init-from {folder}: its adapter has {shape}, this run asks for {want}; use the same --lora-r and --lora-targets")
+    weights = load_file(str(folder / ADAPTER_DIR / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(trainable, weights)
+    lora = {n for n, p in trainable.named_parameters() if p.requires_grad}
+    missing = sorted(n for n in result.missing_keys if n in lora)
+    if missing or result.unexpected_keys or len(weights) != len(lora):
+        raise InputError(f"--init-from {folder}: its adapter does not fit this model "
+                         f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train (or continue) and keep the best checkpoint in ``cfg.out``; returns the summary."""
     if cfg.mode == "window" and cfg.template != "list":
@@ -166,7 +196,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             raise InputError(f"{cfg.out}: nothing to resume (no {STATE_FILE}); start without --resume")
         saved = torch.load(state_path, weights_only=False)
         # a field the saved run predates had its default then
-        before = {k: v for k, v in {**TrainConfig(out=cfg.out).to_dict(), **saved["config"]}.items() if k not in RESUMABLE}
+        then = {**TrainConfig(out=cfg.out).to_dict(), **PREDATED, **saved["config"]}
+        before = {k: v for k, v in then.items() if k not in RESUMABLE}
         now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
         changed = sorted(k for k in now if before.get(k) != now[k])
         if changed:
@@ -187,6 +218,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
         trainable = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                   target_modules=list(LORA_TARGETS[cfg.lora_targets])))
+    if cfg.init_from:
+        _load_init(trainable, cfg)
     model = HatLLM(trainable, schedule).train()
     forward = torch.compile(model, dynamic=True) if cfg.compile else model
     prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history, cfg.template)
@@ -199,7 +232,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     from transformers import get_cosine_schedule_with_warmup
 
     sched = get_cosine_schedule_with_warmup(optim, max(1, int(cfg.warmup * len(steps))), len(steps))
-    valid_examples = validation_users(data, cfg.max_history, cfg.eval_users, cfg.seed)
+    valid_examples = validation_users(data, cfg.max_history, cfg.eval_users)
     run: dict[str, Any] = {"step": 0, "train_s": 0.0, "eval_s": 0.0, "tokens": 0, "targets": 0, "best": None}
     if saved is not None:
         with torch.no_grad():
@@ -269,6 +302,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     trie = TitleTrie.build(data.catalog, prompts) if cfg.loss == "msl" else None
     bar = tqdm(total=len(steps), initial=run["step"], desc="train", disable=not progress, unit="step")
     recent: list[float] = []
+    if cfg.init_from and cfg.eval_every and run.get("last_eval") is None:  # the start competes for "best" too
+        evaluate_now()
+        save_state()
     while run["step"] < len(steps) and not (deadline and time.time() > deadline):
         t0 = time.time()
         batch = build([units[i] for i in steps[run["step"]]], data.catalog, prompts)

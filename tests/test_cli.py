@@ -74,7 +74,7 @@ def trained(tiny_base: Path, data_files: tuple[Path, Path], tmp_path_factory: py
 
 
 # 6 users, one window each (19 targets), 3 windows per step: 2 steps per epoch
-TRAIN_FLAGS = ("--batch-size", 3, "--epochs", 2, "--max-history", 10, "--n-in", 1, "--n-cr", 1, "--save-every", 1)
+TRAIN_FLAGS = ("--batch-size", 3, "--epochs", 2, "--max-history", 10, "--n-in", 1, "--n-cr", 1, "--save-every", 1, "--loss", "ce")
 
 
 def test_data_files_read_back(data_files: tuple[Path, Path]) -> None:
@@ -146,6 +146,30 @@ def test_train_resumes_to_the_same_weights(trained: tuple[Path, Any], tiny_base:
     assert got.keys() == want.keys()
     for name in got:
         np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
+
+
+def test_train_init_from_continues_a_checkpoint(trained: tuple[Path, Any], tiny_base: Path, data_files: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    """--init-from starts from another run's adapter: validated at step 0 (here the time budget
+    stops it right after) it holds that run's weights and scores what that run scored on the
+    same users, even with another seed; an adapter of another shape is refused."""
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "again"
+    result = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--init-from", trained[0], "--eval-every", 2,
+                                "--seed", 1, "--max-minutes", 0.00001))
+    assert result.exit_code == 0, result.output
+    assert last_json(result)["steps_done"] == 0 and last_json(result)["best"]["step"] == 0
+    got, want = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (out, trained[0]))
+    assert got.keys() == want.keys()
+    for name in got:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    start = json.loads((trained[0] / "hatllm.json").read_text())["validation"]
+    assert last_json(result)["best"]["metrics"] == pytest.approx(start["metrics"])
+    meta = json.loads((out / "hatllm.json").read_text())
+    assert Path(meta["train"]["init_from"]) == trained[0].resolve() and meta["train"]["seed"] == 1
+    wrong = invoke(*train_args(tmp_path / "r8", tiny_base, data_files, *TRAIN_FLAGS, "--init-from", trained[0], "--lora-r", 8))
+    assert_usage_error(wrong, "lora_r")
 
 
 def test_train_prompt_mode_and_msl(tiny_base: Path, data_files: tuple[Path, Path], tmp_path: Path) -> None:
@@ -640,6 +664,19 @@ def test_sasrec_train_writes_a_checkpoint(sasrec_trained: tuple[Path, Any], data
     inter, items = data_files
     assert meta["command"] == (f"hatllm-edge sasrec train {out} --interactions {inter} --items {items} --max-len 8 --hidden 16 "
                                "--heads 2 --blocks 1 --stride 8 --batch-size 4 --warmup-steps 2 --max-epochs 2 --threads 1 --quiet")
+
+
+def test_train_defaults_are_the_library_defaults_and_the_shipped_recipe() -> None:
+    import typer.main
+
+    from hatllm_edge.train import TrainConfig
+
+    cmd = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
+    defaults = TrainConfig(out=Path(".")).to_dict()
+    options = {p.name: p.default for p in cmd.params if p.name in defaults and p.name not in ("out", "base")}
+    assert options.pop("examples") == 0 and defaults["examples"] is None  # 0 on the command line: every window
+    assert options == {f: defaults[f] for f in options}
+    assert len(options) >= 25 and defaults["loss"] == "msl" and defaults["lr"] == 1e-3
 
 
 def test_sasrec_train_defaults_are_the_library_defaults() -> None:
