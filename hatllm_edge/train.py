@@ -13,7 +13,8 @@ the vocabulary (``ce``), or the masked-softmax loss over the tokens that continu
 (``msl``), which pairs with trie-renormalised beam search. Runs outlive a working session: the full training state is saved every
 ``save_every`` steps and ``--resume`` continues from it; every ``eval_every`` steps a fixed
 seeded subset of validation users is ranked (full catalog, beam search) and the checkpoint
-folder always holds the best step by validation NDCG@10.
+folder always holds the best step by validation NDCG@10; a finished run also writes its last
+step to ``last/``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ LORA_TARGETS = {
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 EVAL_LOG_FILE = "valid_log.jsonl"
+LAST_DIR = "last"  # a finished run's last step, as a checkpoint folder of its own
 # Fields that may change on --resume: they do not change what a step computes (compile: only its rounding).
 RESUMABLE = ("max_minutes", "eval_every", "eval_users", "save_every", "compile")
 VALID_SEED = 0
@@ -254,16 +256,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                                  "optim": optim.state_dict(), "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                                  "run": run})
 
-    def write_checkpoint(valid: dict[str, Any] | None) -> None:
-        ckpt.write_common(cfg.out, tokenizer, data.catalog, replace(meta, validation=valid, train_summary=summary()))
+    def write_checkpoint(valid: dict[str, Any] | None, folder: Path = cfg.out) -> None:
+        ckpt.write_common(folder, tokenizer, data.catalog, replace(meta, validation=valid, train_summary=summary()))
         if cfg.full:
             from safetensors.torch import save_file
 
             tied = lm.config.tie_word_embeddings  # a tied head is the embedding matrix: store it once
             state = {k: v.contiguous() for k, v in lm.state_dict().items() if not (tied and k == "lm_head.weight")}
-            save_file(state, str(cfg.out / FULL_WEIGHTS))
+            save_file(state, str(folder / FULL_WEIGHTS))
         else:
-            trainable.save_pretrained(str(cfg.out / ADAPTER_DIR))
+            trainable.save_pretrained(str(folder / ADAPTER_DIR))
 
     def summary() -> dict[str, Any]:
         return {
@@ -342,6 +344,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if finished and run.get("last_eval") != run["step"]:
         evaluate_now()
     save_state()
+    if finished:  # the last step beside the best: a larger sample than the run's validation may prefer it
+        evals = [json.loads(line) for line in (cfg.out / EVAL_LOG_FILE).read_text(encoding="utf-8").splitlines()]
+        write_checkpoint(next((e for e in evals if e["step"] == run["step"]), None), cfg.out / LAST_DIR)
     if run["best"] is not None:  # refresh the summary in the best checkpoint's metadata
         path = cfg.out / CHECKPOINT_META
         written = ModelMeta.read(path)

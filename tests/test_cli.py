@@ -118,6 +118,8 @@ def test_train_keeps_the_best_validated_step(tiny_base: Path, data_files: tuple[
     meta = json.loads((out / "hatllm.json").read_text())
     assert meta["validation"]["step"] == best["step"] == last_json(result)["best"]["step"]
     assert meta["train_summary"]["steps_done"] == 4
+    last = json.loads((out / "last" / "hatllm.json").read_text())  # the finished run's last step, beside the best
+    assert last["validation"] == evals[-1] and (out / "last" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_train_resumes_to_the_same_weights(trained: tuple[Path, Any], tiny_base: Path, data_files: tuple[Path, Path],
@@ -133,7 +135,7 @@ def test_train_resumes_to_the_same_weights(trained: tuple[Path, Any], tiny_base:
     assert not (out / "adapter").exists()  # no checkpoint before its first validation
     again = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--max-minutes", 0.00001))
     assert_usage_error(again, "--resume")  # a run in progress is never overwritten
-    changed = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--lr", 1e-3, "--resume"))
+    changed = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--lr", 2e-3, "--resume"))
     assert_usage_error(changed, "lr")
     resumed = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--resume"))
     assert resumed.exit_code == 0, resumed.output
