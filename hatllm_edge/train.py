@@ -252,6 +252,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     cfg.out.mkdir(parents=True, exist_ok=True)
 
     def save_state() -> None:
+        run["peak_rss_mib"] = max(run.get("peak_rss_mib", 0.0), _peak_rss_mib())
         _save_state(state_path, {"config": cfg.to_dict(), "trainable": {n: p.detach().clone() for n, p in named.items()},
                                  "optim": optim.state_dict(), "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                                  "run": run})
@@ -268,6 +269,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             trainable.save_pretrained(str(folder / ADAPTER_DIR))
 
     def summary() -> dict[str, Any]:
+        run["peak_rss_mib"] = max(run.get("peak_rss_mib", 0.0), _peak_rss_mib())  # over every process of a resumed run
         return {
             "steps_done": run["step"],
             "steps_planned": len(steps),
@@ -278,7 +280,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             "eval_s": round(run["eval_s"], 1),
             "tokens_per_s": round(run["tokens"] / max(1e-9, run["train_s"]), 1),
             "targets_per_s": round(run["targets"] / max(1e-9, run["train_s"]), 2),
-            "peak_rss_mib": round(_peak_rss_mib(), 1),
+            "peak_rss_mib": round(run["peak_rss_mib"], 1),
             "torch_threads": torch.get_num_threads(),
             "best": run["best"],
         }

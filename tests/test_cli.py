@@ -137,9 +137,13 @@ def test_train_resumes_to_the_same_weights(trained: tuple[Path, Any], tiny_base:
     assert_usage_error(again, "--resume")  # a run in progress is never overwritten
     changed = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--lr", 2e-3, "--resume"))
     assert_usage_error(changed, "lr")
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    state["run"]["peak_rss_mib"] = 1e9  # as if the stopped process had peaked there
+    torch.save(state, out / "train_state.pt")
     resumed = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--resume"))
     assert resumed.exit_code == 0, resumed.output
     assert last_json(resumed)["steps_done"] == 4 and last_json(resumed)["finished"]
+    assert last_json(resumed)["peak_rss_mib"] == 1e9  # the peak over every process of the run
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     reference = [json.loads(line) for line in (trained[0] / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
