@@ -267,6 +267,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             save_file(state, str(folder / FULL_WEIGHTS))
         else:
             trainable.save_pretrained(str(folder / ADAPTER_DIR))
+            (folder / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's model card: local paths, no facts
 
     def summary() -> dict[str, Any]:
         run["peak_rss_mib"] = max(run.get("peak_rss_mib", 0.0), _peak_rss_mib())  # over every process of a resumed run

@@ -92,6 +92,7 @@ def test_train_writes_a_checkpoint(trained: tuple[Path, Any], tiny_base: Path) -
     for name in ("hatllm.json", "tokenizer.json", "catalog.jsonl", "train_log.jsonl", "valid_log.jsonl", "train_state.pt",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (out / name).is_file(), name
+    assert not (out / "adapter" / "README.md").exists()  # peft's model card, with this machine's paths
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
     assert sum(r["targets"] for r in log) == 38
