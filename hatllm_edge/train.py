@@ -127,12 +127,12 @@ def plan_batches(sizes: list[int], batch_size: int, epochs: int, seed: int) -> l
     return steps
 
 
-def validation_users(data: Dataset, max_history: int, n: int, seed: int = VALID_SEED) -> list[Example]:
+def validation_users(data: Dataset, max_history: int, n: int) -> list[Example]:
     """The fixed subset of validation examples that picks the best step (seeded, data order).
     Its seed is not the run's, so runs of different seeds are chosen on the same users."""
     examples = data.split("valid", max_history)
     if n and n < len(examples):
-        keep = set(random.Random(seed).sample(range(len(examples)), n))
+        keep = set(random.Random(VALID_SEED).sample(range(len(examples)), n))
         examples = [ex for i, ex in enumerate(examples) if i in keep]
     return examples
 
@@ -251,8 +251,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
               "train_targets": sum(len(u.items) - u.first_target for u in units) if cfg.mode == "window" else len(units)})
     cfg.out.mkdir(parents=True, exist_ok=True)
 
-    def save_state() -> None:
+    def note_peak() -> float:  # the peak over every process of a resumed run
         run["peak_rss_mib"] = max(run.get("peak_rss_mib", 0.0), _peak_rss_mib())
+        return run["peak_rss_mib"]
+
+    def save_state() -> None:
+        note_peak()
         _save_state(state_path, {"config": cfg.to_dict(), "trainable": {n: p.detach().clone() for n, p in named.items()},
                                  "optim": optim.state_dict(), "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                                  "run": run})
@@ -270,7 +274,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             (folder / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's model card: local paths, no facts
 
     def summary() -> dict[str, Any]:
-        run["peak_rss_mib"] = max(run.get("peak_rss_mib", 0.0), _peak_rss_mib())  # over every process of a resumed run
         return {
             "steps_done": run["step"],
             "steps_planned": len(steps),
@@ -281,7 +284,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             "eval_s": round(run["eval_s"], 1),
             "tokens_per_s": round(run["tokens"] / max(1e-9, run["train_s"]), 1),
             "targets_per_s": round(run["targets"] / max(1e-9, run["train_s"]), 2),
-            "peak_rss_mib": round(run["peak_rss_mib"], 1),
+            "peak_rss_mib": round(note_peak(), 1),
             "torch_threads": torch.get_num_threads(),
             "best": run["best"],
         }
