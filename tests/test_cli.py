@@ -63,8 +63,8 @@ def assert_usage_error(result: Any, *needles: str) -> None:
 
 
 def train_args(out: Path, base: Path | str, data_files: tuple[Path, Path], *extra: Any) -> list[Any]:
-    inter, items = data_files
-    return ["train", out, "--base", base, "--interactions", inter, "--items", items, *extra, "--quiet"]
+    inter, items = data_files  # the tiny base has 2 layers: 1 IN and 1 CR unless `extra` says otherwise
+    return ["train", out, "--base", base, "--interactions", inter, "--items", items, "--n-in", 1, "--n-cr", 1, *extra, "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -684,6 +684,7 @@ def test_train_defaults_are_the_library_defaults_and_the_shipped_recipe() -> Non
     assert options.pop("examples") == 0 and defaults["examples"] is None  # 0 on the command line: every window
     assert options == {f: defaults[f] for f in options}
     assert len(options) >= 25 and defaults["loss"] == "msl" and defaults["lr"] == 1e-3
+    assert (defaults["n_in"], defaults["n_cr"]) == (3, 3)  # the shipped schedule
 
 
 def test_sasrec_train_defaults_are_the_library_defaults() -> None:
