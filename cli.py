@@ -208,6 +208,23 @@ def train(
 
 
 @app.command()
+def average(
+    out: Annotated[Path, typer.Argument(help="New checkpoint folder for the average.")],
+    checkpoints: Annotated[list[Path], typer.Argument(help="Two or more checkpoints of one base, schedule, prompt and catalog (e.g. training rounds).")],
+    weights: Annotated[Optional[str], typer.Option(help="Weight per checkpoint, comma-separated (normalised; default equal).")] = None,
+) -> None:
+    """Average checkpoints in weight space (exact for LoRA: the mean of the weight updates)."""
+    from hatllm_edge.average import average_checkpoints
+
+    try:
+        parsed = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        typer.secho(f"error: --weights {weights!r}: expected numbers separated by commas, e.g. 1,1", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(_run(average_checkpoints, checkpoints, out, parsed)))
+
+
+@app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder (PyTorch) or ONNX bundle folder (the engine).")],
     split: SplitOpt = Split("test"),

@@ -179,6 +179,50 @@ def test_train_init_from_continues_a_checkpoint(trained: tuple[Path, Any], tiny_
     assert_usage_error(wrong, "lora_r")
 
 
+def _perturbed_copy(src: Path, dst: Path, seed: int) -> Path:
+    """``src`` with every adapter tensor replaced by seeded noise: another 'round' of it."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    path = dst / "adapter" / "adapter_model.safetensors"
+    gen = torch.Generator().manual_seed(seed)
+    save_file({k: 0.05 * torch.randn(v.shape, generator=gen) for k, v in load_file(str(path)).items()}, str(path))
+    return dst
+
+
+def test_average_is_the_mean_of_the_merged_weights(trained: tuple[Path, Any], tmp_path: Path) -> None:
+    """The averaged LoRA checkpoint, merged, holds exactly the weighted mean of the merged
+    weights of its inputs (not of their A and B factors), and says what it averages."""
+    first = _perturbed_copy(trained[0], tmp_path / "r1", 1)
+    second = _perturbed_copy(trained[0], tmp_path / "r2", 2)
+    result = invoke("average", tmp_path / "avg", first, second, "--weights", "1,3")
+    assert result.exit_code == 0, result.output
+    assert last_json(result)["weights"] == [0.25, 0.75]
+    states = [load_checkpoint(f).model.lm.state_dict() for f in (first, second, tmp_path / "avg")]
+    lora_touched = 0
+    for name, got in states[2].items():
+        want = 0.25 * states[0][name] + 0.75 * states[1][name]
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, msg=name)
+        lora_touched += int(not torch.equal(states[0][name], states[1][name]))
+    assert lora_touched >= 7 * 2  # every adapted projection of both layers differs between the inputs
+    meta = json.loads((tmp_path / "avg" / "hatllm.json").read_text())
+    assert meta["average"]["checkpoints"] == [str(first), str(second)] and "validation" not in meta
+    assert json.loads((tmp_path / "avg" / "adapter" / "adapter_config.json").read_text())["r"] == 2 * 16
+
+
+def test_average_refuses_what_it_cannot_average(trained: tuple[Path, Any], tmp_path: Path) -> None:
+    other = _perturbed_copy(trained[0], tmp_path / "other", 3)
+    meta = json.loads((other / "hatllm.json").read_text())
+    meta["schedule"]["n_cr"] = 0
+    (other / "hatllm.json").write_text(json.dumps(meta))
+    assert_usage_error(invoke("average", tmp_path / "a", trained[0], other), "schedule")
+    assert_usage_error(invoke("average", tmp_path / "b", trained[0]), "at least two")
+    assert_usage_error(invoke("average", tmp_path / "c", trained[0], trained[0], "--weights", "1"), "--weights")
+    assert_usage_error(invoke("average", tmp_path / "d", trained[0], trained[0], "--weights", "1,x"), "--weights")
+    assert_usage_error(invoke("average", trained[0], trained[0], trained[0]), "already exists")
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
 def test_train_prompt_mode_and_msl(tiny_base: Path, data_files: tuple[Path, Path], tmp_path: Path) -> None:
     """One target per row (the comparison mode) trains on every prefix; the masked-softmax loss runs."""
     result = invoke(*train_args(tmp_path / "p", tiny_base, data_files, "--mode", "prompt", "--batch-size", 8, "--loss", "msl"))
