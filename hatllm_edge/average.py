@@ -17,10 +17,9 @@ import torch
 
 from hatllm_edge.checkpoint import read_meta
 from hatllm_edge.errors import InputError
-from hatllm_edge.formats import ADAPTER_DIR, CATALOG_FILE, CHECKPOINT_META, FULL_WEIGHTS, TOKENIZER_FILE
+from hatllm_edge.formats import (ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CATALOG_FILE, CHECKPOINT_META, FULL_WEIGHTS,
+                                 TOKENIZER_FILE)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SAME = ("base", "model_type", "schedule", "prompt", "finetune")  # hatllm.json sections every input must share
 
 

@@ -63,6 +63,8 @@ CHECKPOINT_META = "hatllm.json"
 TOKENIZER_FILE = "tokenizer.json"
 CATALOG_FILE = "catalog.jsonl"
 ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's file names inside ADAPTER_DIR
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FULL_WEIGHTS = "model.safetensors"
 
 # --------------------------------------------------------------------------- the assistant (SASRec)

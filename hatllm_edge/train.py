@@ -35,7 +35,7 @@ from hatllm_edge import checkpoint as ckpt
 from hatllm_edge.batching import allowed_tokens, answer_nll, make_batch, make_window_batch, msl_nll
 from hatllm_edge.data import Dataset, Example, Window, load_dataset
 from hatllm_edge.errors import InputError
-from hatllm_edge.formats import ADAPTER_DIR, CHECKPOINT_META, FULL_WEIGHTS, ModelMeta
+from hatllm_edge.formats import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_META, FULL_WEIGHTS, ModelMeta
 from hatllm_edge.masks import LayerSchedule
 from hatllm_edge.model import BaseModelSpec, HatLLM, load_base
 from hatllm_edge.prompt import PromptBuilder, Template
@@ -177,7 +177,7 @@ def _load_init(trainable: Any, cfg: TrainConfig) -> None:
     want = {k: getattr(cfg, k) for k in shape}
     if shape != want:
         raise InputError(f"--init-from {folder}: its adapter has {shape}, this run asks for {want}; use the same --lora-r and --lora-targets")
-    weights = load_file(str(folder / ADAPTER_DIR / "adapter_model.safetensors"))
+    weights = load_file(str(folder / ADAPTER_DIR / ADAPTER_WEIGHTS))
     result = set_peft_model_state_dict(trainable, weights)
     lora = {n for n, p in trainable.named_parameters() if p.requires_grad}
     missing = sorted(n for n in result.missing_keys if n in lora)
