@@ -4,15 +4,19 @@ Graph contract (all of B, Q, P dynamic; P may be 0 for the first step):
 
 * inputs: ``input_ids``, ``position_ids`` [B, Q] int64; ``mask_{kind}`` bool [B, 1, Q, P+Q]
   (True = may attend) for every kind the schedule uses; ``past_key_values.{i}.key/value``
-  [B, kv_heads, P, head_dim]; ``logits_to_keep`` int64 scalar (0 = every position; n > 0
+  [B_past, kv_heads, P, head_dim] and ``past_rows`` [B] int64: row b of the step continues
+  row ``past_rows[b]`` of the past cache, gathered inside the graph (a beam step reorders its
+  parents, a candidate pass repeats its users' prompts, in the same run; the identity when
+  nothing moves); ``logits_to_keep`` int64 scalar (0 = every position; n > 0
   keeps the last n positions, so a prefill that needs one next-token distribution skips the
   [Q, V] LM-head product). It is a plain required input, not an overridable initializer with
   a default: ONNX Runtime's IOBinding cannot bind overridable initializers.
-  ``target_ids`` [B, Q] int64: the token whose log-probability each position should report
-  (candidate scoring reads only these; any id, e.g. 0, where no score is needed).
+  ``target_ids`` [B, Q, C] int64: the C tokens whose log-probabilities each position should
+  report (candidate scoring reads only these: the next token, and for a renormalised score
+  the trie node's allowed tokens; any id, e.g. 0, where no score is needed).
 * outputs: ``logits`` [B, Q', V] float32 (Q' = Q or ``logits_to_keep``);
-  ``target_logprobs`` [B, Q'] float32, log softmax(logits)[target] computed in the graph, so
-  a scoring pass hands back Q' floats instead of Q' x V logits; and
+  ``target_logprobs`` [B, Q', C] float32, log softmax(logits)[targets] computed in the
+  graph, so a scoring pass hands back Q' x C floats instead of Q' x V logits; and
   ``present.{i}.key/value`` [B, kv_heads, P+Q, head_dim] in the graph dtype.
 
 Ops: the opset-23 standard ``RMSNormalization``, ``RotaryEmbedding`` (3-D input with
@@ -34,8 +38,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export.quantize import nf4_pack
-from hatllm_edge.formats import (INPUT_IDS, LOGITS, LOGITS_TO_KEEP, MASK_INPUT, PAST, POSITION_IDS, PRESENT, TARGET_IDS,
-                                 TARGET_LOGPROBS)
+from hatllm_edge.formats import (INPUT_IDS, LOGITS, LOGITS_TO_KEEP, MASK_INPUT, PAST, PAST_ROWS, POSITION_IDS, PRESENT,
+                                 TARGET_IDS, TARGET_LOGPROBS)
 from hatllm_edge.errors import InputError
 from hatllm_edge.lowbit import NF4_BLOCK, Q8_BLOCK, q8_pack
 
@@ -149,7 +153,7 @@ def _layer(g: _Graph, spec: DecoderSpec, i: int, h: str, cos: str, sin: str, qua
            eight_bit: tuple[str, ...] = ()) -> str:
     """One decoder layer; ``h`` [B, Q, hidden] is the residual stream.
 
-        h ─ RMSNorm ─ q,k,v ─ RoPE(q,k) ─ Attention(mask_<kind>, past) ─ o_proj ─ (+h) ─┐
+        h ─ RMSNorm ─ q,k,v ─ RoPE(q,k) ─ Attention(mask_<kind>, past[past_rows]) ─ o_proj ─ (+h) ─┐
         ┌───────────────────────────────────────────────────────────────────────────────┘
         └─ RMSNorm ─ gate, up ─ SiLU(gate) * up ─ down_proj ─ (+) ─> h
     """
@@ -164,9 +168,11 @@ def _layer(g: _Graph, spec: DecoderSpec, i: int, h: str, cos: str, sin: str, qua
     v = linear(x, "self_attn.v_proj")
     q = g.op("RotaryEmbedding", [q, cos, sin], f"{node}/attn/q_rotary/RotaryEmbedding", num_heads=spec.num_heads)
     k = g.op("RotaryEmbedding", [k, cos, sin], f"{node}/attn/k_rotary/RotaryEmbedding", num_heads=spec.num_kv_heads)
+    past = [g.op("Gather", [PAST.format(i, part), PAST_ROWS], f"{node}/attn/past_{part}/Gather", axis=0)
+            for part in ("key", "value")]  # [B, KV, P, D]: the rows this step continues
     y = g.op(
         "Attention",
-        [q, k, v, MASK_INPUT.format(spec.layer_kinds[i]), PAST.format(i, "key"), PAST.format(i, "value")],
+        [q, k, v, MASK_INPUT.format(spec.layer_kinds[i]), *past],
         f"{node}/attn/Attention",
         outputs=[f"{node}/attn/Attention/output_0", PRESENT.format(i, "key"), PRESENT.format(i, "value")],
         q_num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, scale=spec.attn_scale, is_causal=0,
@@ -230,11 +236,9 @@ def _lm_head(g: _Graph, spec: DecoderSpec, h: str, embeddings: Embeddings) -> st
         logits = g.op("Reshape", [logits, shape], "/lm_head/output/Reshape", outputs=[LOGITS])
 
     # LogSoftmax, then pick: 4x faster on the CPU than ReduceLogSumExp (vectorised exp)
-    last = g.const("/lm_head/last", np.array([-1], np.int64))
     logprobs = g.op("LogSoftmax", [logits], "/lm_head/LogSoftmax", axis=-1)  # [B, Q', V]
-    column = g.op("Unsqueeze", [targets, last], "/lm_head/targets/Unsqueeze")
-    picked = g.op("GatherElements", [logprobs, column], "/lm_head/targets/GatherElements", axis=2)  # [B, Q', 1]
-    return g.op("Squeeze", [picked, last], "/lm_head/targets/Squeeze", outputs=[TARGET_LOGPROBS])
+    return g.op("GatherElements", [logprobs, targets], "/lm_head/targets/GatherElements", axis=2,
+                outputs=[TARGET_LOGPROBS])  # [B, Q', C]
 
 
 def build_decoder(spec: DecoderSpec, quant: LinearQuant = "none", dtype: Literal["fp32", "fp16"] = "fp32",
@@ -250,7 +254,7 @@ def build_decoder(spec: DecoderSpec, quant: LinearQuant = "none", dtype: Literal
         h = _layer(g, spec, i, h, cos, sin, quant, eight_bit)
     _lm_head(g, spec, h, embeddings)
 
-    kv_shape = ["batch", spec.num_kv_heads, "past_sequence", spec.head_dim]
+    kv_shape = ["past_batch", spec.num_kv_heads, "past_sequence", spec.head_dim]
     present_shape = ["batch", spec.num_kv_heads, "total_sequence", spec.head_dim]
     inputs = [
         helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "sequence"]),
@@ -260,13 +264,14 @@ def build_decoder(spec: DecoderSpec, quant: LinearQuant = "none", dtype: Literal
         inputs.append(helper.make_tensor_value_info(
             MASK_INPUT.format(kind), TensorProto.BOOL, ["batch", 1, "sequence", "total_sequence"]))
     outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "logits_sequence", spec.vocab_size]),
-               helper.make_tensor_value_info(TARGET_LOGPROBS, TensorProto.FLOAT, ["batch", "logits_sequence"])]
+               helper.make_tensor_value_info(TARGET_LOGPROBS, TensorProto.FLOAT, ["batch", "logits_sequence", "targets"])]
     for i in range(spec.num_layers):
         for part in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(PAST.format(i, part), g.onnx_dtype, kv_shape))
             outputs.append(helper.make_tensor_value_info(PRESENT.format(i, part), g.onnx_dtype, present_shape))
     inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, []))
-    inputs.append(helper.make_tensor_value_info(TARGET_IDS, TensorProto.INT64, ["batch", "sequence"]))
+    inputs.append(helper.make_tensor_value_info(TARGET_IDS, TensorProto.INT64, ["batch", "sequence", "targets"]))
+    inputs.append(helper.make_tensor_value_info(PAST_ROWS, TensorProto.INT64, ["batch"]))
 
     graph = helper.make_graph(g.nodes, "hatllm_decoder", inputs, outputs, initializer=list(g.initializers.values()))
     opsets = [helper.make_opsetid("", opset)]

@@ -87,8 +87,12 @@ class _TokenReader(CalibrationDataReader):
         t = len(tokens)
         feed: dict[str, np.ndarray] = {}
         for name, tt in self.inputs:
-            if name in ("input_ids", "target_ids"):
+            if name == "input_ids":
                 feed[name] = np.asarray(tokens, np.int64)[None]
+            elif name == "target_ids":
+                feed[name] = np.asarray(tokens, np.int64)[None, :, None]
+            elif name == "past_rows":
+                feed[name] = np.zeros(1, np.int64)
             elif name == "position_ids":
                 feed[name] = np.arange(t, dtype=np.int64)[None]
             elif name == "logits_to_keep":

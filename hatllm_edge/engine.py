@@ -2,9 +2,9 @@
 
 No torch here, at import or at run time. One code path for CPU and CUDA: every step runs
 through an IOBinding, the KV cache stays on the session's device as OrtValues (never copied
-to NumPy between steps), only the logits come back to host memory. Beam reordering
-(``select``) is a second tiny ONNX session (one Gather per cache tensor) on the same device.
-Graph contract: :mod:`export.graph`. Bundle layout and its manifest: :func:`verify_bundle`.
+to NumPy between steps), only the logits come back to host memory. A step names the cache
+rows it continues (``rows``) and the graph gathers them itself, so a beam step or a candidate
+pass is one run. Graph contract: :mod:`export.graph`. Bundle layout and its manifest: :func:`verify_bundle`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from hatllm_edge.backend import cache_rows
 from hatllm_edge.cache import Int8Cache, cache_root, require_writable
 from hatllm_edge.errors import InputError
 from hatllm_edge.formats import (BUNDLE_META, ModelMeta, GRAPH_CONTRACT, INPUT_IDS, INT8_REVISION, LOGITS, LOGITS_TO_KEEP,
-                                 MANIFEST_FILE, MASK_INPUT, MODEL_FILE, PAST, POSITION_IDS, PRESENT, REQUIRED_INPUTS,
-                                 TARGET_IDS, TARGET_LOGPROBS)
+                                 MANIFEST_FILE, MASK_INPUT, MODEL_FILE, PAST, PAST_ROWS, POSITION_IDS, PRESENT,
+                                 REQUIRED_INPUTS, TARGET_IDS, TARGET_LOGPROBS)
 from hatllm_edge.masks import MASK_KINDS, MaskKind
 
 log = logging.getLogger("hatllm_edge")
@@ -33,6 +34,8 @@ Compute = Literal["auto", "native", "int8", "int8-tensor"]
 # the benchmark's ablation only: by design a user's scores there depend on who shares the batch.
 COMPUTES: tuple[Compute, ...] = ("auto", "native", "int8")
 Optimization = Literal["all", "basic", "none"]
+PASS_TOKENS_CPU = 4096  # rows x width of one candidate pass on the CPU (docs/results.md)
+PASS_TOKENS_CUDA = 16384  # on a GPU: a batch of 32 users x 100 candidates in two passes
 
 
 def resolve_compute(compute: Compute, device: str, quantised: bool) -> Compute:
@@ -135,22 +138,6 @@ class OrtCache:
     length: int
 
 
-def _gather_model(num_values: int, elem_type: int, opset: int) -> bytes:
-    """values.{j} [B, ...] + index [B'] -> values.{j}[index]: the cache's beam reorder."""
-    from onnx import TensorProto, helper
-
-    nodes, inputs, outputs = [], [helper.make_tensor_value_info("index", TensorProto.INT64, ["rows"])], []
-    for j in range(num_values):
-        shape = ["batch", "heads", "length", "dim"]
-        inputs.append(helper.make_tensor_value_info(f"in.{j}", elem_type, shape))
-        outputs.append(helper.make_tensor_value_info(f"out.{j}", elem_type, ["rows", "heads", "length", "dim"]))
-        nodes.append(helper.make_node("Gather", [f"in.{j}", "index"], [f"out.{j}"], name=f"/select/{j}", axis=0))
-    graph = helper.make_graph(nodes, "select_rows", inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = helper.find_min_ir_version_for(model.opset_import)
-    return model.SerializeToString()
-
-
 class OnnxBackend:
     """One exported HatLLM graph in an ONNX Runtime session.
 
@@ -250,10 +237,7 @@ class OnnxBackend:
         past = inputs[self._past[0]]
         self.num_kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
         self.cache_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
-        from onnx import TensorProto
-
-        elem = TensorProto.FLOAT16 if self.cache_dtype == np.float16 else TensorProto.FLOAT
-        self._select = ort.InferenceSession(_gather_model(len(self._past), elem, 13), options, providers=providers)
+        self.runs = 0  # session runs so far: what bench reports per request
 
     @staticmethod
     def _int8_source(path: Path, compute: Compute,
@@ -337,37 +321,55 @@ class OnnxBackend:
         check_bundle_meta(folder, meta, manifest, backend.metadata)  # the graph's own word wins over bundle.json
         return backend
 
+    @property
+    def exact_layout(self) -> bool:
+        """Whether a result can move with the padding around it (the int8 routes' per-token
+        quantiser, :func:`hatllm_edge.ranking.prompt_width`): batches then join only prompts of
+        one width. Native arithmetic moves by rounding only, so any batch runs as one."""
+        return self.compute.startswith("int8")
+
+    @property
+    def pass_tokens(self) -> int:
+        """Tokens (rows x width) one candidate pass may hold: bounded by host memory and cache
+        locality on the CPU, by launch overhead on a GPU (fewer, wider passes)."""
+        return PASS_TOKENS_CUDA if self.device == "cuda" else PASS_TOKENS_CPU
+
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: dict[MaskKind, np.ndarray],
-                cache: OrtCache | None, last_only: bool = False) -> tuple[np.ndarray, OrtCache]:
+                cache: OrtCache | None, last_only: bool = False, rows: np.ndarray | None = None) -> tuple[np.ndarray, OrtCache]:
         """One step (see :meth:`hatllm_edge.backend.Backend.forward`); masks of kinds the graph
         does not use are ignored. Returns float32 logits [B, Q, V] or [B, V]."""
-        targets = np.zeros(np.shape(input_ids), np.int64)
-        logits, _, cache = self._run(input_ids, position_ids, masks, cache, 1 if last_only else 0, targets)
+        targets = np.zeros((*np.shape(input_ids), 1), np.int64)
+        logits, _, cache = self._run(input_ids, position_ids, masks, cache, 1 if last_only else 0, targets, rows)
         return (logits[:, -1] if last_only else logits), cache
 
     def token_logprobs(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: dict[MaskKind, np.ndarray],
-                       cache: OrtCache | None, targets: np.ndarray) -> tuple[np.ndarray, OrtCache]:
-        """log p(targets) [B, Q] float32, computed in the graph (the logits never leave it)."""
-        _, logprobs, cache = self._run(input_ids, position_ids, masks, cache, 0, targets, want_logits=False)
-        return logprobs, cache
+                       cache: OrtCache | None, targets: np.ndarray,
+                       rows: np.ndarray | None = None) -> tuple[np.ndarray, OrtCache]:
+        """log p(targets), [B, Q] or [B, Q, C] like ``targets``, float32, computed in the graph
+        (the logits never leave it)."""
+        tgt = np.asarray(targets, np.int64)
+        _, logprobs, cache = self._run(input_ids, position_ids, masks, cache, 0, tgt if tgt.ndim == 3 else tgt[..., None],
+                                       rows, want_logits=False)
+        return (logprobs if tgt.ndim == 3 else logprobs[..., 0]), cache
 
     def _run(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: dict[MaskKind, np.ndarray],
-             cache: OrtCache | None, keep: int, targets: np.ndarray,
+             cache: OrtCache | None, keep: int, targets: np.ndarray, rows: np.ndarray | None = None,
              want_logits: bool = True) -> tuple[np.ndarray | None, np.ndarray, OrtCache]:
         ids = np.ascontiguousarray(input_ids, np.int64)
         pos = np.ascontiguousarray(position_ids, np.int64)
         batch, q = ids.shape
         past_len = 0 if cache is None else cache.length
         tgt = np.ascontiguousarray(targets, np.int64)
-        if pos.shape != ids.shape or tgt.shape != ids.shape:
-            raise InputError(f"position_ids {pos.shape} and targets {tgt.shape} must have the shape of input_ids {ids.shape}")
-        if cache is not None and cache.batch != batch:
-            raise InputError(f"the cache holds {cache.batch} rows, the step has {batch}; select() rows first")
+        if pos.shape != ids.shape or tgt.shape[:2] != ids.shape or tgt.ndim != 3:
+            raise InputError(f"position_ids {pos.shape} and targets {tgt.shape} must have the shape of input_ids {ids.shape} "
+                             "(targets with a last axis of target tokens)")
+        past_rows = cache_rows(rows, batch, None if cache is None else cache.batch)
         bind = self.session.io_binding()
         bind.bind_cpu_input(INPUT_IDS, ids)
         bind.bind_cpu_input(POSITION_IDS, pos)
         bind.bind_cpu_input(TARGET_IDS, tgt)
-        host = [ids, pos, tgt]  # keeps the bound host arrays alive until the run ends
+        bind.bind_cpu_input(PAST_ROWS, past_rows)
+        host = [ids, pos, tgt, past_rows]  # keeps the bound host arrays alive until the run ends
         for kind in self.mask_kinds:
             if kind not in masks:
                 raise InputError(f"mask kind {kind!r} is missing; this model needs {self.mask_kinds}")
@@ -380,7 +382,7 @@ class OnnxBackend:
         bind.bind_cpu_input(LOGITS_TO_KEEP, keep_value)
         host.append(keep_value)
         if cache is None:
-            empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self.cache_dtype)
+            empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.cache_dtype)
             host.append(empty)
             for name in self._past:
                 bind.bind_cpu_input(name, empty)
@@ -393,22 +395,10 @@ class OnnxBackend:
         for name in self._present:
             bind.bind_output(name, self.device, self.device_id)
         self.session.run_with_iobinding(bind)
+        self.runs += 1
         outputs = bind.get_outputs()
         logits = outputs[0].numpy() if want_logits else None  # [B, Q', V] float32
         return logits, outputs[1].numpy(), OrtCache(tuple(outputs[2:]), batch, past_len + q)
-
-    def select(self, cache: OrtCache, index: np.ndarray) -> OrtCache:
-        """The cache with rows ``index`` [B'] (beam reorder/expand), gathered on the device."""
-        idx = np.ascontiguousarray(index, np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= cache.batch):
-            raise InputError(f"select index out of range for a cache of {cache.batch} rows: {idx.tolist()}")
-        bind = self._select.io_binding()
-        bind.bind_cpu_input("index", idx)
-        for j, value in enumerate(cache.values):
-            bind.bind_ortvalue_input(f"in.{j}", value)
-            bind.bind_output(f"out.{j}", self.device, self.device_id)
-        self._select.run_with_iobinding(bind)
-        return OrtCache(tuple(bind.get_outputs()), len(idx), cache.length)
 
     def cache_arrays(self, cache: OrtCache) -> list[tuple[np.ndarray, np.ndarray]]:
         """The cache copied to host memory, per layer (key, value) [B, kv_heads, P, head_dim]."""

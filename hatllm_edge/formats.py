@@ -30,7 +30,7 @@ from hatllm_edge.errors import InputError
 
 # The contract this engine reads; bump it when the contract changes, so that bundles built on
 # first use are rebuilt rather than reused.
-GRAPH_CONTRACT = 2
+GRAPH_CONTRACT = 3  # 3: past_rows (the step gathers its cache rows), target_ids [B, Q, C]
 # The revision of the graph export.graph writes: bumped when the graph changes within the
 # contract (2: log-probs by LogSoftmax; 3: activation statistics for the int8 route), so cached
 # bundles are rebuilt too.
@@ -44,9 +44,10 @@ INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 LOGITS_TO_KEEP = "logits_to_keep"
 TARGET_IDS = "target_ids"
+PAST_ROWS = "past_rows"
 LOGITS = "logits"
 TARGET_LOGPROBS = "target_logprobs"
-REQUIRED_INPUTS = (INPUT_IDS, POSITION_IDS, LOGITS_TO_KEEP, TARGET_IDS)
+REQUIRED_INPUTS = (INPUT_IDS, POSITION_IDS, LOGITS_TO_KEEP, TARGET_IDS, PAST_ROWS)
 MASK_INPUT = "mask_{}"  # .format(kind)
 PAST = "past_key_values.{}.{}"  # .format(layer, "key" | "value")
 PRESENT = "present.{}.{}"

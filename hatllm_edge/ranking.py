@@ -155,6 +155,15 @@ def by_width(encoded: Sequence[Encoded], bucket: int = PROMPT_BUCKET) -> list[li
     return list(groups.values())
 
 
+def batches(backend: Backend, encoded: Sequence[Encoded], bucket: int = PROMPT_BUCKET) -> list[list[int]]:
+    """The batches a request's prompts run in: one per :func:`prompt_width` where the backend's
+    results move with their padding (:attr:`Backend.exact_layout`, the CPU's int8 route), so
+    that a user's result is the same bits alone or in company; else all of them together,
+    padded to the widest (native arithmetic: within rounding of alone, in a bounded number
+    of passes)."""
+    return by_width(encoded, bucket) if backend.exact_layout else [list(range(len(encoded)))]
+
+
 @dataclass(frozen=True)
 class Prefilled:
     """Prompts run once, left-padded to one :func:`prompt_width`, so every prompt ends at the
@@ -196,15 +205,15 @@ def beam_search(
     default ``k``), each step scored as ``fusion`` says (default: the LLM's log-probability).
     All users' beams run as one batch, so each step reads the weights once.
 
-    Users run in batches of one :func:`prompt_width`, so a user's list is the same alone or
-    in any company. Per user, every step keeps the ``beams`` best unfinished hypotheses; finished ones (a full
+    Users run in the :func:`batches` the backend allows, so a user's list is what it is alone.
+    Every step is one backend pass, its cache rows gathered by the pass itself. Per user, every step keeps the ``beams`` best unfinished hypotheses; finished ones (a full
     title and its end marker) are collected, and the user is done as soon as none of its
     unfinished hypotheses can still beat its k-th finished one (scores only fall).
     """
     beams = beams or k
     encoded = [prompts.prompt(h) for h in histories]
     results: list[Ranked] = [Ranked([], [])] * len(encoded)
-    for group in by_width(encoded):
+    for group in batches(backend, encoded):
         for u, ranked in zip(group, _search(backend, prompts, trie, [encoded[u] for u in group], k, beams, fusion.rows(group))):
             results[u] = ranked
     return results
@@ -262,7 +271,7 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
         key_valid = np.concatenate([key_valid[parent], np.ones((len(parent), 1), dtype=bool)], axis=1)
         masks = build_masks(q_segs, key_segs, causal_visibility(key_valid, 1))
         step_ids = np.asarray(tokens, dtype=np.int64)[:, None]
-        logits, cache = backend.forward(step_ids, next_pos[row_user][:, None], masks, backend.select(cache, parent), last_only=True)
+        logits, cache = backend.forward(step_ids, next_pos[row_user][:, None], masks, cache, last_only=True, rows=parent)
         logprobs = log_softmax(logits.astype(np.float32))
         next_pos = next_pos + 1
     results = []
@@ -276,8 +285,6 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
 
 
 PACK_TOKENS = 128  # tokens per packed row (fastest of 64/128/256 for 100 candidates, docs/results.md)
-PASS_TOKENS = 4096  # rows x width per forward pass
-RENORM_PASS_TOKENS = 1024  # the same when renormalising: each pass returns [rows, width, V] float32 logits (~200 MB)
 
 
 def _fed(answer: Encoded) -> int:
@@ -329,7 +336,7 @@ def score_candidates(
     candidates: Sequence[Sequence[str]],
     normalize: bool = False,
     pack_tokens: int = PACK_TOKENS,
-    pass_tokens: int = PASS_TOKENS,
+    pass_tokens: int | None = None,
     balanced: bool = True,
     bucket: int = PROMPT_BUCKET,
     bonus: Sequence[Mapping[str, float]] | None = None,
@@ -341,21 +348,24 @@ def score_candidates(
     the children of its trie node only, as a renormalised beam step is, so a candidate scores
     exactly what beam search gives its title (candidates must then be catalog titles).
 
-    The prompts run once, in batches of one :func:`prompt_width`. Candidates are then packed
+    The prompts run once, in the backend's :func:`batches`. Candidates are then packed
     end to end into rows of at most ``pack_tokens`` tokens: a candidate's positions restart
     where its prompt ends, and the masks let each of its tokens see its user's prompt (through
-    that user's cached keys) and its own earlier tokens only, so no candidate sees another and
-    no prompt is recomputed. Rows rather than one long row because attention in a packed row
-    costs row length x (prompt + row length): short rows waste less on blocked-out pairs, at
-    the price of one prompt-cache copy per row. Only log p(next token) comes back
-    (:meth:`Backend.token_logprobs`), never [T, V] logits.
+    that user's cached keys, gathered by the pass) and its own earlier tokens only, so no
+    candidate sees another and no prompt is recomputed. Rows rather than one long row because
+    attention in a packed row costs row length x (prompt + row length): short rows waste less
+    on blocked-out pairs, at the price of one prompt-cache copy per row. Only the log-probs of
+    the tokens read come back (:meth:`Backend.token_logprobs`: the next token, and under
+    ``renormalise`` the trie node's allowed tokens), never [T, V] logits. A pass holds at most
+    ``pass_tokens`` (default: the backend's :attr:`Backend.pass_tokens`).
 
-    A user's scores depend on its own request alone, to the bit on the int8 route (see
-    :func:`prompt_width`): each distinct title is scored once, the titles packed in an order
-    of their tokens (so neither the candidates' order nor copies of one move a score), a
-    user's rows all padded to its widest row, and a pass (``pass_tokens`` at most) joins
-    only rows of one width (``bucket``: see :func:`prompt_width`). ``normalize`` divides by the answer length. Items index each
-    user's ``candidates``.
+    A user's scores depend on its own request alone (to the bit where the backend's
+    :attr:`~Backend.exact_layout` asks for it, see :func:`prompt_width`): each distinct title is
+    scored once, the titles packed in an order of their tokens (so neither the candidates'
+    order nor copies of one move a score); with an exact layout a user's rows are all padded
+    to its widest row and a pass joins only rows of one width (``bucket``), otherwise every row
+    of the request is padded to the widest. ``normalize`` divides by the answer length. Items
+    index each user's ``candidates``.
     """
     if len(histories) != len(candidates):
         raise ValueError(f"{len(histories)} histories but {len(candidates)} candidate lists")
@@ -363,11 +373,10 @@ def score_candidates(
         unknown = sorted({t for c in candidates for t in c} - renormalise.paths.keys())
         if unknown:
             raise ValueError(f"renormalised scores need catalog titles; not in the title tree: {unknown[:3]}")
-        # a renormalised pass hands back [rows, width, V] logits: fewer tokens per pass bound that memory
-        pass_tokens = min(pass_tokens, RENORM_PASS_TOKENS)
+    pass_tokens = pass_tokens or backend.pass_tokens
     encoded = [prompts.prompt(h) for h in histories]
     results: list[Ranked] = [Ranked([], [])] * len(encoded)
-    for group in by_width(encoded, bucket):
+    for group in batches(backend, encoded, bucket):
         start = prefill(backend, [encoded[u] for u in group], bucket)
         titles, answers = [], []
         for u in group:  # each distinct title once, in order of its tokens
@@ -383,6 +392,8 @@ def score_candidates(
             packs = _packs(a, pack_tokens, balanced) if a else []
             widest = max((sum(_fed(a[i]) for i in pack) for pack in packs), default=0)
             by_row_width.setdefault(widest, []).extend((g, pack) for pack in packs)
+        if not backend.exact_layout and by_row_width:  # one width for the whole request: fewest passes
+            by_row_width = {max(by_row_width): [row for rows in by_row_width.values() for row in rows]}
         for width, rows in sorted(by_row_width.items()):
             per_pass = max(1, pass_tokens // max(1, width))
             for at in range(0, len(rows), per_pass):
@@ -426,23 +437,32 @@ def _score_pass(backend: Backend, start: Prefilled, answers: list[list[Encoded]]
     own = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0)
     visible = np.concatenate([np.broadcast_to(start.key_valid[users][:, None, :], (rows, width, start.key_valid.shape[1])),
                               own & np.tril(np.ones((width, width), dtype=bool))], axis=2)
-    masks, cache = build_masks(q_segs, key_segs, visible), backend.select(start.cache, users)
+    masks = build_masks(q_segs, key_segs, visible)
     if renormalise is None:
-        logprobs, _ = backend.token_logprobs(ids, positions, masks, cache, targets)
+        logprobs, _ = backend.token_logprobs(ids, positions, masks, start.cache, targets, rows=users)
         for r, (u, _) in enumerate(batch):
             for c, col, n in spans[r]:
                 totals[u][c] = start.logprobs[u, answers[u][c].ids[0]] + float(logprobs[r, col : col + n].sum())
         return
+    # column col + j reads token j and gives token j + 1, below node path[j + 1]: read that
+    # token's log-prob and those of the node's allowed tokens (the renormaliser) in the pass
     trie, paths = renormalise
-    logits, _ = backend.forward(ids, positions, masks, cache)
+    steps = {(r, col + j): trie.expand(paths[u][c][j + 1]).allowed
+             for r, (u, _) in enumerate(batch) for c, col, n in spans[r] for j in range(n)}
+    choices = 1 + max((len(a) for a in steps.values()), default=0)
+    picked = np.zeros((rows, width, choices), np.int64)
+    picked[:, :, 0] = targets
+    for (r, col), allowed in steps.items():
+        picked[r, col, 1 : 1 + len(allowed)] = allowed
+    logprobs, _ = backend.token_logprobs(ids, positions, masks, start.cache, picked, rows=users)  # [rows, width, choices]
     for r, (u, _) in enumerate(batch):
         for c, col, n in spans[r]:
             ids_c, path = answers[u][c].ids, paths[u][c]
             total = _renormalised(start.logprobs[u], trie.expand(path[0]).allowed, ids_c[0])
-            for j in range(n):  # column col + j reads token j and gives token j + 1, below node path[j + 1]
-                allowed = trie.expand(path[j + 1]).allowed
+            for j in range(n):
+                allowed = steps[(r, col + j)]
                 if len(allowed) > 1:  # a lone child takes all the mass: its step is 0
-                    total += _renormalised(logits[r, col + j], allowed, ids_c[j + 1])
+                    total += float(logprobs[r, col + j, 0]) - logsumexp(logprobs[r, col + j, 1 : 1 + len(allowed)].astype(np.float64))
             totals[u][c] = total
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hatllm_edge.backend import cache_rows
 from hatllm_edge.masks import MaskKind
 from hatllm_edge.model import HatLLM, KVCache
 
@@ -48,9 +49,19 @@ class TorchBackend:
         if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
             self.dtype_name = "nf4"
         self.device = next(model.parameters()).device
+        self.runs = 0
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    exact_layout = False  # float arithmetic: padding moves a result by rounding only
+    pass_tokens = 4096
+
+    def _past(self, cache: KVCache | None, rows: np.ndarray | None, batch: int) -> KVCache | None:
+        if cache is None:
+            return None
+        idx = self._tensor(cache_rows(rows, batch, cache[0][0].shape[0]))
+        return [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cache]
 
     @torch.inference_mode()
     def forward(
@@ -60,12 +71,15 @@ class TorchBackend:
         masks: dict[MaskKind, np.ndarray],
         cache: KVCache | None,
         last_only: bool = False,
+        rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, KVCache]:
         t = self._tensor
         keep = torch.tensor([input_ids.shape[1] - 1], device=self.device) if last_only else None
+        past = self._past(cache, rows, input_ids.shape[0])
         logits, present = self.model(
-            t(input_ids), t(position_ids), {k: t(m) for k, m in masks.items()}, past=cache, use_cache=True, logits_index=keep
+            t(input_ids), t(position_ids), {k: t(m) for k, m in masks.items()}, past=past, use_cache=True, logits_index=keep
         )
+        self.runs += 1
         logits = logits.float().cpu().numpy()
         return (logits[:, -1] if last_only else logits), present
 
@@ -77,12 +91,12 @@ class TorchBackend:
         masks: dict[MaskKind, np.ndarray],
         cache: KVCache | None,
         targets: np.ndarray,
+        rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, KVCache]:
         t = self._tensor
-        logits, present = self.model(t(input_ids), t(position_ids), {k: t(m) for k, m in masks.items()}, past=cache, use_cache=True)
-        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, t(targets)[..., None])[..., 0]
-        return logprobs.cpu().numpy(), present
-
-    def select(self, cache: KVCache, index: np.ndarray) -> KVCache:
-        idx = torch.from_numpy(np.asarray(index, dtype=np.int64)).to(self.device)
-        return [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cache]
+        past = self._past(cache, rows, input_ids.shape[0])
+        logits, present = self.model(t(input_ids), t(position_ids), {k: t(m) for k, m in masks.items()}, past=past, use_cache=True)
+        self.runs += 1
+        tgt = t(np.asarray(targets, np.int64))
+        picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt if tgt.ndim == 3 else tgt[..., None])
+        return (picked if tgt.ndim == 3 else picked[..., 0]).cpu().numpy(), present

@@ -57,7 +57,7 @@ def test_metadata_and_load_time(backend: OnnxBackend) -> None:
 
 
 def test_forward_select_and_cached_step_match_pytorch(model: HatLLM, backend: OnnxBackend) -> None:
-    """Prefill 2 rows, expand to 3 beams with select, then a cached step: as beam search does."""
+    """Prefill 2 rows, then a cached step of 3 beams that names its parent rows: as beam search does."""
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 128, (2, 6))
     seg = rng.integers(0, 3, (2, 6))
@@ -75,19 +75,19 @@ def test_forward_select_and_cached_step_match_pytorch(model: HatLLM, backend: On
         assert np.abs(k - tk.numpy()).max() <= 1e-5 and np.abs(v - tv.numpy()).max() <= 1e-5
 
     index = np.array([1, 0, 1])
-    cache = backend.select(cache, index)
-    assert (cache.batch, cache.length) == (3, 6)
+    runs = backend.runs
     t_cache = [(k[torch.from_numpy(index)], v[torch.from_numpy(index)]) for k, v in t_cache]
     new_ids = rng.integers(0, 128, (3, 1))
     key_valid = np.concatenate([valid[index], np.ones((3, 1), bool)], 1)
     seg = np.concatenate([seg[index], np.full((3, 1), 3)], 1)
     masks = _step_masks(seg, key_valid, 1)
     new_pos = key_valid.sum(1, keepdims=True) - 1
-    last, cache = backend.forward(new_ids, new_pos, masks, cache, last_only=True)
+    last, cache = backend.forward(new_ids, new_pos, masks, cache, last_only=True, rows=index)
     with torch.no_grad():
         t_last, _ = model(torch.from_numpy(new_ids), torch.from_numpy(new_pos),
                           {k: torch.from_numpy(m) for k, m in masks.items()}, past=t_cache, use_cache=True)
-    assert last.shape == (3, 128) and cache.length == 7
+    assert last.shape == (3, 128) and (cache.batch, cache.length) == (3, 7)
+    assert backend.runs == runs + 1  # the reorder is part of the step, not a run of its own
     assert np.abs(last - t_last[:, -1].numpy()).max() <= 1e-4
 
 
@@ -105,10 +105,13 @@ def test_rejects_bad_inputs(backend: OnnxBackend) -> None:
     with pytest.raises(InputError, match="mask_in has shape"):
         backend.forward(s.input_ids, s.position_ids, {k: m[:, :, :, 1:] for k, m in s.masks.items()}, None)
     _, cache = backend.forward(s.input_ids, s.position_ids, s.masks, None)
-    with pytest.raises(InputError, match="select\\(\\) rows first"):
-        backend.forward(s.input_ids[:1, :1], s.position_ids[:1, :1], {}, cache)
+    step = {k: np.ones((1, 1, 1, s.input_ids.shape[1] + 1), bool) for k in s.masks}
+    with pytest.raises(InputError, match="pass the cache rows it continues"):
+        backend.forward(s.input_ids[:1, :1], s.position_ids[:1, :1], step, cache)
     with pytest.raises(InputError, match="out of range"):
-        backend.select(cache, np.array([3]))
+        backend.forward(s.input_ids[:1, :1], s.position_ids[:1, :1], step, cache, rows=np.array([9]))
+    with pytest.raises(InputError, match="rows has 2 entries"):
+        backend.forward(s.input_ids[:1, :1], s.position_ids[:1, :1], step, cache, rows=np.array([0, 0]))
     with pytest.raises(InputError, match="no such file"):
         OnnxBackend("/nonexistent/model.onnx")
 
@@ -129,8 +132,12 @@ def test_cuda_matches_cpu(onnx_path: Path, backend: OnnxBackend) -> None:
         b, gpu_cache = gpu.forward(s.input_ids, s.position_ids, s.masks, gpu_cache)
         assert np.abs(a - b).max() <= 1e-3
     assert gpu_cache.values[0].device_name() == "cuda"
-    gpu_cache = gpu.select(gpu_cache, np.array([2, 0]))
-    assert gpu.cache_arrays(gpu_cache)[0][0].shape[0] == 2
+    s = steps[-1]
+    step = {k: np.ones((2, 1, 1, gpu_cache.length + 1), bool) for k in s.masks}
+    ids, pos = s.input_ids[:2, :1], s.position_ids[:2, -1:] + 1
+    a, _ = backend.forward(ids, pos, step, cpu_cache, rows=np.array([2, 0]))
+    b, gpu_cache = gpu.forward(ids, pos, step, gpu_cache, rows=np.array([2, 0]))
+    assert np.abs(a - b).max() <= 1e-3 and gpu.cache_arrays(gpu_cache)[0][0].shape[0] == 2
 
 
 def test_engine_runs_without_torch(onnx_path: Path) -> None:

@@ -72,7 +72,9 @@ def test_graph_contract_and_metadata(exported: dict[str, Path]) -> None:
     assert inputs["mask_in"].elem_type == onnx.TensorProto.BOOL
     assert {"mask_in", "mask_or", "mask_cr", "past_key_values.3.value"} <= inputs.keys()
     dims = [d.dim_param or d.dim_value for d in inputs["past_key_values.0.key"].shape.dim]
-    assert dims == ["batch", 2, "past_sequence", 16]
+    assert dims == ["past_batch", 2, "past_sequence", 16]
+    assert inputs["past_rows"].elem_type == onnx.TensorProto.INT64
+    assert [d.dim_param for d in inputs["target_ids"].shape.dim] == ["batch", "sequence", "targets"]
     outputs = [o.name for o in model.graph.output]
     assert outputs[0] == "logits" and "present.3.value" in outputs
     meta = {p.key: p.value for p in model.metadata_props}
@@ -83,6 +85,9 @@ def test_graph_contract_and_metadata(exported: dict[str, Path]) -> None:
     attention = [n for n in model.graph.node if n.op_type == "Attention"]
     assert [n.name for n in attention][0] == "/model/layers.0/attn/Attention"
     assert [n.input[3] for n in attention] == ["mask_in", "mask_or", "mask_or", "mask_cr"]
+    # the past each Attention reads is the cache gathered by past_rows, inside the graph
+    gathers = {n.output[0]: n for n in model.graph.node if n.op_type == "Gather"}
+    assert all(gathers[n.input[4]].input == ["past_key_values.%d.key" % i, "past_rows"] for i, n in enumerate(attention))
 
 
 @pytest.mark.parametrize("which", ["llama", "qwen2"])

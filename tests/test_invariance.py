@@ -110,3 +110,39 @@ def test_the_shipped_assistant_gives_a_user_the_same_log_probs_in_any_batch() ->
     alone = np.stack([assistant.logprobs([h])[0] for h in histories])
     assert np.array_equal(batch, alone)
     assert np.allclose(np.exp(batch).sum(axis=1), 1.0)
+
+
+def test_native_routes_run_a_request_as_one_batch(engine: OnnxBackend, prompts: PromptBuilder) -> None:
+    """Native arithmetic runs every user of a request in one prefill and the fewest candidate
+    passes that the backend's pass size allows (all rows padded to one width); the int8 route
+    keeps one batch per prompt width, the layout that makes it exact. A beam step is one run
+    (its cache rows gathered inside it)."""
+    rng = random.Random(1)
+    lists = [rng.sample(TITLES, 12) for _ in HISTORIES]
+    widths = len(by_width([prompts.prompt(h) for h in HISTORIES]))
+    before = engine.runs
+    score_candidates(engine, prompts, HISTORIES, lists, pack_tokens=24)
+    runs = engine.runs - before
+    if engine.compute == "native":
+        assert runs == 2  # one prefill, one pass: the request's tokens fit the CPU's pass size
+    else:
+        assert runs >= 2 * widths > 2
+
+    class Prefills:
+        def __init__(self) -> None:
+            self.prefills = 0
+
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(engine, name)
+
+        def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            self.prefills += args[3] is None
+            return engine.forward(*args, **kwargs)
+
+    counted, trie = Prefills(), TitleTrie.build(CATALOG, prompts)
+    before = engine.runs
+    beam_search(counted, prompts, trie, HISTORIES, k=3, beams=4)  # type: ignore[arg-type]
+    steps = engine.runs - before - counted.prefills
+    assert counted.prefills == (1 if engine.compute == "native" else widths)
+    longest = max(len(prompts.title_ids(t)) for t in TITLES) + len(prompts.end_ids)
+    assert 0 < steps <= longest * counted.prefills  # a run per step of each batch's search, no reorder runs

@@ -247,8 +247,9 @@ def test_prefill_and_backend_contract(backend: TorchBackend, prompts: PromptBuil
     assert logits.dtype == np.float32 and logits.shape == (1, len(p), 49152) and last.shape == (1, 49152)
     np.testing.assert_allclose(last[0], logits[0, -1], atol=1e-5)
     assert len(cache) == 2 and cache[0][0].shape[2] == len(p)
-    picked = backend.select(cache, np.array([0, 0, 0]))
-    assert picked[1][1].shape[0] == 3 and torch.equal(picked[1][1][2], cache[1][1][0])
+    step = {k: np.ones((3, 1, 1, len(p) + 1), bool) for k in m}
+    _, grown = backend.forward(ids[:, -1:].repeat(3, 0), np.full((3, 1), len(p)), step, cache, rows=np.array([0, 0, 0]))
+    assert grown[1][1].shape[:3] == (3, cache[1][1].shape[1], len(p) + 1) and torch.equal(grown[1][1][2, :, :-1], cache[1][1][0])
     np.testing.assert_allclose(np.exp(log_softmax(last)).sum(-1), 1.0, atol=1e-5)
 
 

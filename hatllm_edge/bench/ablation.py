@@ -15,7 +15,7 @@ from hatllm_edge.bench.workloads import Workload, make_requests
 from hatllm_edge.data import Dataset
 from hatllm_edge.errors import InputError
 from hatllm_edge.ranker import BundleBuilder, Ranker, cached_bundle
-from hatllm_edge.ranking import PACK_TOKENS, PASS_TOKENS, PROMPT_BUCKET, log_softmax, score_candidates
+from hatllm_edge.ranking import PACK_TOKENS, PROMPT_BUCKET, log_softmax, score_candidates
 
 
 class _FullLogits:
@@ -29,8 +29,8 @@ class _FullLogits:
         return getattr(self.backend, name)
 
     def token_logprobs(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: Any, cache: Any,
-                       targets: np.ndarray) -> tuple[np.ndarray, Any]:
-        logits, cache = self.backend.forward(input_ids, position_ids, masks, cache)
+                       targets: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
+        logits, cache = self.backend.forward(input_ids, position_ids, masks, cache, rows=rows)
         return np.take_along_axis(log_softmax(logits), targets[..., None], axis=2)[..., 0], cache
 
 
@@ -67,7 +67,7 @@ def _ablation_runner(checkpoint: Path, change: dict[str, Any], threads: int, pro
 
     def go(histories: list[list[int]], cands: list[list[int]]) -> np.ndarray:
         ranked = score_candidates(backend, prompts, [ranker.titles(h) for h in histories], [ranker.titles(c) for c in cands],
-                                  pack_tokens=change.get("pack_tokens", PACK_TOKENS), pass_tokens=change.get("pass_tokens", PASS_TOKENS),
+                                  pack_tokens=change.get("pack_tokens", PACK_TOKENS), pass_tokens=change.get("pass_tokens"),
                                   balanced=change.get("balanced", True), bucket=change.get("bucket", PROMPT_BUCKET))
         return np.concatenate([np.asarray(r.scores)[np.argsort(r.items)] for r in ranked])
 

@@ -27,6 +27,9 @@ class TokenCounter:
     def __init__(self, backend: Any) -> None:
         self.backend, self.tokens = backend, 0
 
+    def __getattr__(self, name: str) -> Any:  # runs, exact_layout, pass_tokens: the backend's own
+        return getattr(self.backend, name)
+
     def forward(self, input_ids: np.ndarray, *args: Any, **kwargs: Any) -> Any:
         self.tokens += int(input_ids.size)
         return self.backend.forward(input_ids, *args, **kwargs)
@@ -34,9 +37,6 @@ class TokenCounter:
     def token_logprobs(self, input_ids: np.ndarray, *args: Any, **kwargs: Any) -> Any:
         self.tokens += int(input_ids.size)
         return self.backend.token_logprobs(input_ids, *args, **kwargs)
-
-    def select(self, cache: Any, index: np.ndarray) -> Any:
-        return self.backend.select(cache, index)
 
 
 def folder_mb(folder: Path) -> float:

@@ -9,12 +9,14 @@ from typing import Any
 
 def table(report: dict[str, Any]) -> str:
     """A plain-text table: one line per backend and workload."""
-    head = f"{'backend':<16} {'workload':<16} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'req/s':>7} {'tok/s':>8} {'n':>3}"
+    head = (f"{'backend':<16} {'workload':<16} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'req/s':>7} {'users/s':>8} "
+            f"{'tok/s':>8} {'runs':>5} {'n':>3}")
     lines = [head, "-" * len(head)]
     for run in report["backends"]:
         for r in run["results"]:
             lines.append(f"{run['name']:<16} {r['workload']:<16} {r['p50_ms']:>9.1f} {r['p95_ms']:>9.1f} {r['p99_ms']:>9.1f} "
-                         f"{r['requests_per_s']:>7.2f} {r['tokens_per_s']:>8.0f} {len(r['latencies_ms']):>3}")
+                         f"{r['requests_per_s']:>7.2f} {r['users_per_s']:>8.1f} {r['tokens_per_s']:>8.0f} "
+                         f"{r.get('runs', 0):>5.1f} {len(r['latencies_ms']):>3}")
     lines.append("")
     lines.append(f"{'backend':<16} {'load s':>7} {'size MB':>8} {'peak RSS MB':>12}")
     for run in report["backends"]:

@@ -86,14 +86,16 @@ def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[st
             bar.set_postfix_str(f"{name} {w.name}")
             go, reqs = runner(ranker, w), requests[w.name]
             go(*reqs[-1])  # warm-up
-            counter.tokens = 0
+            counter.tokens, runs_before = 0, counter.runs
             latencies: list[float] = []
             began = time.perf_counter()
             while len(latencies) < cfg.max_repeats and (len(latencies) < cfg.min_repeats or time.perf_counter() - began < cfg.seconds):
                 t = time.perf_counter()
                 go(*reqs[len(latencies)])
                 latencies.append((time.perf_counter() - t) * 1000)
-            run.results.append(Result(name, w.name, [round(x, 3) for x in latencies], counter.tokens // len(latencies)).finish(w.batch))
+            runs = (counter.runs - runs_before) / len(latencies)
+            run.results.append(Result(name, w.name, [round(x, 3) for x in latencies], counter.tokens // len(latencies),
+                                      round(runs, 2)).finish(w.batch))
             bar.update()
         run.peak_rss_mb = round(_rss_mb("VmHWM"), 1)
         if gpu_before is not None:
