@@ -96,6 +96,7 @@ class LoraTargets(str, Enum):
     all = "all"
 
 DeviceOpt = Annotated[Device, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu and a GPU).")]
+CudaGraphOpt = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="With --device cuda: replay each pass shape as a captured CUDA graph (off by default until measured faster on a GPU).")]
 QuantOpt = Annotated[Quant, typer.Option(help="Weights: int4 (MatMulNBits), nf4 (MatMulBnb4), int8 (8-bit MatMulNBits) or none (fp32).")]
 ComputeOpt = Annotated[Compute, typer.Option(help="Engine arithmetic: auto (int8 for a quantised bundle on the CPU), native (the graph as stored) or int8 (weights expanded to signed int8 at load, activations per token, SmoothQuant-folded).")]
 SplitOpt = Annotated[Split, typer.Option(help="valid or test (loo-full).")]
@@ -397,6 +398,8 @@ def rank(
     beams: BeamsOpt = None,
     device: DeviceOpt = Device("cpu"),
     quant: Annotated[Optional[Quant], typer.Option(help="Bundle built on first use from a checkpoint: int4 (default), nf4, int8 or none.")] = None,
+    dtype: Annotated[Optional[DType], typer.Option(help="Float type of that bundle: fp16 (default with --device cuda) or fp32 (default on the CPU).")] = None,
+    cuda_graph: CudaGraphOpt = False,
     compute: ComputeOpt = Compute("auto"),
     backend: Annotated[Backend, typer.Option(help="onnx (the engine) or torch (PyTorch, from a checkpoint).")] = Backend("onnx"),
     threads: ThreadsOpt = None,
@@ -409,7 +412,8 @@ def rank(
     """Rank for one user: full-catalog top-k, or the given candidates; prints JSON or a table."""
     from hatllm_edge.rank_request import RankOptions, run_rank
 
-    opts = RankOptions(model=model, k=k, beams=beams, device=device.value, quant=quant and quant.value, backend=backend.value,
+    opts = RankOptions(model=model, k=k, beams=beams, device=device.value, quant=quant and quant.value,
+                       dtype=dtype and dtype.value, cuda_graph=cuda_graph, backend=backend.value,
                        compute=compute.value, threads=threads, normalize=normalize, exclude_history=exclude_history,  # type: ignore[arg-type]
                        assist=assist)
     result = _run(run_rank, user, opts, not quiet, bundle_builder())
@@ -477,6 +481,7 @@ def compare(
 def bench(
     model: Annotated[Optional[Path], typer.Option(help="Checkpoint folder (default: the shipped HatLLM model); every bundle is built from it on first use.")] = None,
     device: DeviceOpt = Device("cpu"),
+    cuda_graph: CudaGraphOpt = False,
     threads: Annotated[int, typer.Option(help="Threads for every backend (ONNX Runtime intra-op, torch).")] = 2,
     backends: Annotated[Optional[str], typer.Option(help="Comma-separated: torch-fp32, torch-bf16, torch-nf4, ort-<fp32|fp16|nf4|int4|int8>[-native|-int8] (default: all for the device).")] = None,
     workloads: Annotated[Optional[str], typer.Option(help="Comma-separated cand<C>-h<H>-b<B> / top<K>-h<H>-b<B>, e.g. cand100-h20-b1,top10-h10-b1 (default: the 14 of docs/results.md).")] = None,
@@ -487,6 +492,7 @@ def bench(
     paired: Annotated[int, typer.Option(help="Rounds of the paired target check: on cand100-h20-b1 and top10-h10-b1 the PyTorch references and the chosen ORT backend take turns request by request, so the machine's drift hits them alike (0: off; the verdict then comes from the table).")] = 10,
     ablation: Annotated[bool, typer.Option("--ablation", help="Instead: each engine step undone in turn, on the first workload (default cand100-h20-b1).")] = False,
     variants: Annotated[Optional[str], typer.Option(help="With --ablation: only the variants whose name contains one of these comma-separated words (e.g. 'own length').")] = None,
+    startup: Annotated[bool, typer.Option("--startup", help="Instead: wall time of whole 'hatllm-edge rank --model BUNDLE -q' processes on a 5-candidate request (interpreter, imports, session start-up, ranking), against the interpreter and the CLI import alone; the bundle is the model's int4 one (fp16 with --device cuda) or --model itself when it is a bundle.")] = False,
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
@@ -509,8 +515,11 @@ def bench(
     names = tuple(b.strip() for b in backends.split(",")) if backends else (CUDA_BACKENDS if device == "cuda" else DEFAULT_BACKENDS)
     cfg = BenchConfig(checkpoint=model or DEFAULT_CHECKPOINT, backends=names, workloads=tuple(chosen),
                       device=device, threads=threads, min_repeats=min_repeats, max_repeats=max_repeats, seconds=seconds, seed=seed,
-                      paired=paired, build=bundle_builder())  # type: ignore[arg-type]
+                      paired=paired, build=bundle_builder(), cuda_graph=cuda_graph)  # type: ignore[arg-type]
     typer.echo(f"threads: {threads} per backend (ONNX Runtime intra-op / torch); device: {device}", err=True)
+    if startup:
+        _bench_startup(model, device, threads, max(min_repeats, 5), out, quiet)
+        return
     data = _run(load_dataset, dataset, interactions, items)
     if ablation:
         from hatllm_edge.bench.ablation import run_ablation
@@ -529,9 +538,25 @@ def bench(
     typer.echo(json.dumps({"targets": report["targets"], "json": str(json_path), "png": str(png_path)}))
 
 
+def _bench_startup(model: Optional[Path], device: str, threads: int, repeats: int, out: Path, quiet: bool) -> None:
+    from hatllm_edge.bench.startup import run_startup
+    from hatllm_edge.rank_request import bundle_dtype, open_bundle
+    from hatllm_edge.ranker import open_model
+
+    bundle = _run(open_bundle, model, not quiet, bundle_builder(), dtype=bundle_dtype(device))  # type: ignore[arg-type]
+    catalog = _run(open_model, bundle, device).catalog
+    request = {"history": list(catalog.titles[:4]), "candidates": list(catalog.titles[10:15])}
+    report = _run(run_startup, bundle, request, repeats, threads, device)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "startup.json").write_text(json.dumps(report, indent=1) + "\n")
+    p50 = report["p50_s"]
+    typer.echo(f"rank process p50 {p50['rank']:.2f} s (python alone {p50['python']:.2f} s, CLI import {p50['cli_import']:.2f} s, "
+               f"engine {report['engine_ms_p50']:.0f} ms) over {repeats} runs -> {out / 'startup.json'}")
+
+
 @app.command()
 def serve(
-    model: Annotated[Optional[Path], typer.Option(help="ONNX bundle or checkpoint folder (its int4 bundle is built on first use; default: the shipped model).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="ONNX bundle or checkpoint folder (its int4 bundle, fp16 with --device cuda, is built on first use; default: the shipped model).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port; POST user.json bodies to http://HOST:PORT/rank.")] = 8000,
     max_batch: Annotated[int, typer.Option(min=1, max=64, help="Requests ranked together by one replica.")] = 8,
@@ -545,7 +570,7 @@ def serve(
     quiet: QuietOpt = False,
 ) -> None:
     """Serve ranking over HTTP on Ray Serve: one loaded model per replica, concurrent requests batched."""
-    from hatllm_edge.rank_request import open_bundle
+    from hatllm_edge.rank_request import bundle_dtype, open_bundle
     from hatllm_edge.serve_app import ROUTE, ServeConfig, serve_forever
 
     if replicas != "auto" and not (replicas.isdigit() and int(replicas) >= 1):
@@ -556,7 +581,7 @@ def serve(
     if importlib.util.find_spec("ray") is None:
         typer.secho("error: serving needs Ray Serve: pip install 'hatllm-edge[serve]'", err=True, fg=typer.colors.RED)
         raise typer.Exit(1)
-    bundle = _run(open_bundle, model, not quiet, bundle_builder())
+    bundle = _run(open_bundle, model, not quiet, bundle_builder(), dtype=bundle_dtype(device.value))
     cfg = ServeConfig(bundle=bundle, device=device.value, threads=threads, replicas=None if replicas == "auto" else int(replicas),
                       max_replicas=max_replicas, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000, max_queued=max_queued)
     typer.echo(f"serving {bundle} at http://{host}:{port}{ROUTE} (Ctrl-C stops)", err=True)
@@ -732,13 +757,20 @@ def _print_table(columns: list[str], rows: list[list[Any]], caption: str = "") -
 
 def bundle_builder() -> Any:
     """The exporter, for commands that build a checkpoint's bundle on first use; None on an
-    engine-only install (no torch), where they then ask for a bundle instead."""
+    engine-only install (no torch), where they then ask for a bundle instead. Imported only
+    when a bundle is built: torch and transformers take seconds to import, and a ranking from
+    a built bundle needs neither."""
+    import importlib.util
+
     try:
-        from export.checkpoint import export_checkpoint
-    except ImportError:
+        if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+            return None
+    except ImportError:  # an import hook that blocks them says the same
         return None
 
     def build(checkpoint: Path, out: Path, quant: str, dtype: str, progress: bool) -> Path:
+        from export.checkpoint import export_checkpoint
+
         return export_checkpoint(checkpoint, out, quant, dtype, progress=progress, overwrite=True)  # type: ignore[arg-type]
 
     return build

@@ -21,6 +21,7 @@ import numpy as np
 
 from hatllm_edge.backend import cache_rows
 from hatllm_edge.cache import Int8Cache, cache_root, require_writable
+from hatllm_edge.cuda_graph import GraphRunner, pad_rows, padded
 from hatllm_edge.errors import InputError
 from hatllm_edge.formats import (BUNDLE_META, ModelMeta, GRAPH_CONTRACT, INPUT_IDS, INT8_REVISION, LOGITS, LOGITS_TO_KEEP,
                                  MANIFEST_FILE, MASK_INPUT, MODEL_FILE, PAST, PAST_ROWS, POSITION_IDS, PRESENT,
@@ -149,13 +150,14 @@ class OnnxBackend:
     (``DynamicQuantizeMatMul``: fewer ops, much less faithful); "auto" = int8 for a quantised
     graph on the CPU, native otherwise.
     ``optimization``: ONNX Runtime's graph optimisation level ("all", "basic" or "none").
+    ``cuda_graph``: replay each pass shape as a captured CUDA graph (:mod:`hatllm_edge.cuda_graph`).
     Exposes ``load_seconds``, ``metadata`` (the graph's metadata_props), ``layer_kinds`` and
     ``compute`` (what was chosen).
     """
 
     def __init__(self, onnx_path: Path | str, device: Literal["cpu", "cuda"] = "cpu",
                  threads: int | None = None, device_id: int = 0, compute: Compute = "auto",
-                 optimization: Optimization = "all", cache_key: str | None = None) -> None:
+                 optimization: Optimization = "all", cache_key: str | None = None, cuda_graph: bool = False) -> None:
         import onnxruntime as ort
 
         path = Path(onnx_path)
@@ -168,15 +170,22 @@ class OnnxBackend:
         if compute.startswith("int8") and device == "cuda":
             raise InputError(f"compute {compute} is a CPU route; use --compute native or auto on CUDA")
         if device == "cuda":
+            # ONNX Runtime's default logger warns "No registered plugin EP device found for
+            # 'CUDAExecutionProvider'" at every CUDA session start (it looks for plugin EPs
+            # before the built-in one): noise to a user. Errors still print.
+            ort.set_default_logger_severity(3)
             available = ort.get_available_providers()
             if "CUDAExecutionProvider" not in available:
                 raise InputError("onnxruntime-gpu with a CUDA GPU is needed for --device cuda; available "
                                  f"providers: {', '.join(available)}")
-            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device_id})]
+            cuda = {"device_id": device_id} | ({"enable_cuda_graph": "1"} if cuda_graph else {})
+            providers: list[Any] = [("CUDAExecutionProvider", cuda)]
         elif device == "cpu":
             providers = ["CPUExecutionProvider"]
         else:
             raise InputError(f"device {device!r}: expected 'cpu' or 'cuda'")
+        if cuda_graph and device != "cuda":
+            raise InputError("CUDA graphs need --device cuda")
         self.device, self.device_id = device, device_id
 
         levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -238,6 +247,13 @@ class OnnxBackend:
         self.num_kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
         self.cache_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
         self.runs = 0  # session runs so far: what bench reports per request
+        self.vocab_size = int(self.session.get_outputs()[0].shape[2])
+        self._graphs: GraphRunner | None = None
+        self._plain = None  # run options of a plain pass on a session that captures graphs
+        if cuda_graph:
+            self._graphs = GraphRunner(self.session, device, device_id)
+            self._plain = ort.RunOptions()
+            self._plain.add_run_config_entry("gpu_graph_id", "-1")
 
     @staticmethod
     def _int8_source(path: Path, compute: Compute,
@@ -302,7 +318,7 @@ class OnnxBackend:
     @classmethod
     def from_bundle(cls, folder: Path | str, device: Literal["cpu", "cuda"] = "cpu", threads: int | None = None,
                     verify: bool = True, compute: Compute = "auto",
-                    optimization: Optimization = "all") -> OnnxBackend:
+                    optimization: Optimization = "all", cuda_graph: bool = False) -> OnnxBackend:
         """Open ``folder/model.onnx`` after checking the manifest (sizes always, hashes when
         ``verify``). With hashes checked, an int8 route's expanded graph is cached (keyed by
         the graph files' hashes); "auto" is resolved from ``bundle.json``, so a cached graph
@@ -317,7 +333,7 @@ class OnnxBackend:
         if quant is not None:
             compute = resolve_compute(compute, device, quant != "none")
         backend = cls(folder / MODEL_FILE, device=device, threads=threads, compute=compute, optimization=optimization,
-                      cache_key=key)
+                      cache_key=key, cuda_graph=cuda_graph)
         check_bundle_meta(folder, meta, manifest, backend.metadata)  # the graph's own word wins over bundle.json
         return backend
 
@@ -363,20 +379,29 @@ class OnnxBackend:
         if pos.shape != ids.shape or tgt.shape[:2] != ids.shape or tgt.ndim != 3:
             raise InputError(f"position_ids {pos.shape} and targets {tgt.shape} must have the shape of input_ids {ids.shape} "
                              "(targets with a last axis of target tokens)")
+        if rows is None and cache is not None and self._graphs is not None:
+            rows = np.arange(batch)  # a graph's cache may hold padding rows after the real ones
         past_rows = cache_rows(rows, batch, None if cache is None else cache.batch)
-        bind = self.session.io_binding()
-        bind.bind_cpu_input(INPUT_IDS, ids)
-        bind.bind_cpu_input(POSITION_IDS, pos)
-        bind.bind_cpu_input(TARGET_IDS, tgt)
-        bind.bind_cpu_input(PAST_ROWS, past_rows)
-        host = [ids, pos, tgt, past_rows]  # keeps the bound host arrays alive until the run ends
+        masks_in = {}
         for kind in self.mask_kinds:
             if kind not in masks:
                 raise InputError(f"mask kind {kind!r} is missing; this model needs {self.mask_kinds}")
             mask = np.ascontiguousarray(masks[kind], bool)
             if mask.shape != (batch, 1, q, past_len + q):
                 raise InputError(f"{MASK_INPUT.format(kind)} has shape {mask.shape}, expected {(batch, 1, q, past_len + q)}")
-            bind.bind_cpu_input(MASK_INPUT.format(kind), mask)
+            masks_in[MASK_INPUT.format(kind)] = mask
+        if self._graphs is not None:
+            done = self._run_graph(ids, pos, masks_in, cache, keep, tgt, past_rows, want_logits)
+            if done is not None:
+                return done
+        bind = self.session.io_binding()
+        bind.bind_cpu_input(INPUT_IDS, ids)
+        bind.bind_cpu_input(POSITION_IDS, pos)
+        bind.bind_cpu_input(TARGET_IDS, tgt)
+        bind.bind_cpu_input(PAST_ROWS, past_rows)
+        host = [ids, pos, tgt, past_rows]  # keeps the bound host arrays alive until the run ends
+        for name, mask in masks_in.items():
+            bind.bind_cpu_input(name, mask)
             host.append(mask)
         keep_value = np.array(keep, np.int64)
         bind.bind_cpu_input(LOGITS_TO_KEEP, keep_value)
@@ -394,11 +419,36 @@ class OnnxBackend:
         bind.bind_output(TARGET_LOGPROBS, "cpu")
         for name in self._present:
             bind.bind_output(name, self.device, self.device_id)
-        self.session.run_with_iobinding(bind)
+        self.session.run_with_iobinding(bind, self._plain)
         self.runs += 1
         outputs = bind.get_outputs()
         logits = outputs[0].numpy() if want_logits else None  # [B, Q', V] float32
         return logits, outputs[1].numpy(), OrtCache(tuple(outputs[2:]), batch, past_len + q)
+
+    def _run_graph(self, ids: np.ndarray, pos: np.ndarray, masks: dict[str, np.ndarray], cache: OrtCache | None,
+                   keep: int, targets: np.ndarray, past_rows: np.ndarray,
+                   want_logits: bool) -> tuple[np.ndarray | None, np.ndarray, OrtCache] | None:
+        """:meth:`_run` as a captured graph: rows and targets padded to powers of two, the
+        padding dropped from what comes back (the cache keeps it: later steps name their rows).
+        None when the graph runner declines a new shape (then the pass runs plainly)."""
+        assert self._graphs is not None
+        (batch, q), choices = ids.shape, targets.shape[2]
+        rows, width = padded(batch), padded(choices)
+        tgt = np.concatenate([targets, np.zeros((batch, q, width - choices), np.int64)], axis=2)
+        feeds = {INPUT_IDS: pad_rows(ids, rows), POSITION_IDS: pad_rows(pos, rows), TARGET_IDS: pad_rows(tgt, rows),
+                 PAST_ROWS: pad_rows(past_rows, rows), LOGITS_TO_KEEP: np.array(keep, np.int64)}
+        feeds |= {name: pad_rows(mask, rows) for name, mask in masks.items()}
+        empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.cache_dtype)
+        past = list(zip(self._past, cache.values)) if cache is not None else [(name, empty) for name in self._past]
+        total, kept = (0 if cache is None else cache.length) + q, keep or q
+        outputs = [(LOGITS, (rows, kept, self.vocab_size), np.float32), (TARGET_LOGPROBS, (rows, kept, width), np.float32)]
+        outputs += [(name, (rows, self.num_kv_heads, total, self.head_dim), self.cache_dtype) for name in self._present]
+        values = self._graphs.run(feeds, past, outputs)
+        if values is None:
+            return None
+        self.runs += 1
+        logits = values[0].numpy()[:batch] if want_logits else None
+        return logits, values[1].numpy()[:batch, :, :choices], OrtCache(tuple(values[2:]), rows, total)
 
     def cache_arrays(self, cache: OrtCache) -> list[tuple[np.ndarray, np.ndarray]]:
         """The cache copied to host memory, per layer (key, value) [B, kv_heads, P, head_dim]."""

@@ -46,11 +46,13 @@ class Ranker:
 
     @classmethod
     def from_bundle(cls, folder: Path, device: Device = "cpu", threads: int | None = None,
-                    compute: Compute = "auto", optimization: Optimization = "all") -> "Ranker":
-        """An ONNX Runtime ranker from an exported bundle (manifest checked)."""
+                    compute: Compute = "auto", optimization: Optimization = "all", cuda_graph: bool = False) -> "Ranker":
+        """An ONNX Runtime ranker from an exported bundle (manifest checked); ``cuda_graph``:
+        passes replayed as captured CUDA graphs."""
         from hatllm_edge.engine import OnnxBackend
 
-        backend = OnnxBackend.from_bundle(folder, device=device, threads=threads, compute=compute, optimization=optimization)
+        backend = OnnxBackend.from_bundle(folder, device=device, threads=threads, compute=compute, optimization=optimization,
+                                          cuda_graph=cuda_graph)
         ranker = cls._assemble(backend, folder, read_bundle_meta(folder))
         ranker.assistant = open_assistant(folder, ranker.catalog, threads)
         return ranker
@@ -237,14 +239,16 @@ def model_kind(folder: Path) -> Literal["bundle", "checkpoint"]:
 
 
 def open_model(folder: Path, device: Device = "cpu", threads: int | None = None, bf16: bool = False,
-               compute: Compute = "auto", nf4: bool = False) -> Ranker:
+               compute: Compute = "auto", nf4: bool = False, cuda_graph: bool = False) -> Ranker:
     """A ranker for a bundle (the engine; ``compute`` as in :class:`~hatllm_edge.engine.OnnxBackend`)
     or a checkpoint (PyTorch; ``bf16`` weights or ``nf4`` bitsandbytes Linears)."""
     if model_kind(folder) == "bundle":
         if bf16 or nf4:
             raise InputError(f"{folder} is an ONNX bundle: its weights were fixed at export; --bf16 and --nf4 "
                              "apply to a PyTorch checkpoint (export with --quant nf4 for an NF4 bundle)")
-        return Ranker.from_bundle(folder, device, threads, compute)
+        return Ranker.from_bundle(folder, device, threads, compute, cuda_graph=cuda_graph)
+    if cuda_graph:
+        raise InputError(f"{folder} is a checkpoint: CUDA graphs run on the engine (an exported bundle)")
     return Ranker.from_checkpoint(folder, bf16=bf16, nf4=nf4)
 
 

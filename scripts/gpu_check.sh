@@ -1,50 +1,75 @@
 #!/usr/bin/env bash
-# CUDA check for a lent GPU machine: install carried wheels, CUDA parity tests, a latency table.
-# Writes everything under $OUT (default ./gpu-check): pip.log, pytest.log, bench/bench.json,
-# bench/bench.png, rank.json, summary.txt. Exit 0 only when every step passed.
+# The CUDA route checked on a lent GPU host, built on ../shared/gpu/ (its README: the host's
+# 64 MiB-per-call transfers, what it has installed, and why /tmp must be used at once).
 #
-#   OUT=/tmp/out bash scripts/gpu_check.sh          # ~3-5 min on an H200 once the wheels are in
-#
-# Needs onnxruntime-gpu (the CUDA execution provider). Wheels carried in .whl/ are installed
-# first (--no-index); see docs/design.md ("GPU check") for what to carry and its size limits.
+# Here, on the CPU (about 20 min on 2 cores, most of it the reference):
+#   bash scripts/gpu_check.sh prepare
+# builds the shipped model's int4 bundles (fp32: the reference; fp16: what --device cuda runs),
+# computes the CPU fp32 native answers to seeded requests (.gpu-check/reference.json), and packs
+# onnxruntime-gpu (.gpu-ort/) and the fp16 graph (.gpu-fp16-1/, .gpu-fp16-2/, .gpu-bin/).
+# Then on the host, one call after another with no pause (the device tool's `run`):
+#   run("bash scripts/gpu_check.sh stage .gpu-ort", carry=[".gpu-ort"])
+#   run("bash scripts/gpu_check.sh stage .gpu-fp16-1", carry=[".gpu-fp16-1"])
+#   run("bash scripts/gpu_check.sh check", carry=[".gpu-fp16-2", ".gpu-bin", ".gpu-check"])
+# The last writes $OUT/{summary.txt, parity.json, latency.json, pytest.log, session_start.stderr}:
+# parity with the CPU (100 seeded users: candidate and full-catalog top-10, Kendall tau, score
+# differences), latency at batch 1, 8 and 32 (p50, p90, users/s, runs per request, GPU memory)
+# with and without CUDA graphs, and the GPU's name and driver. Copy them to results/gpu/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-gpu-check}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HATLLM_CACHE="${HATLLM_CACHE:-/tmp/hatllm-cache}"
-status=0
-step() { echo "== $1" | tee -a "$OUT/summary.txt"; }
+shared=${HATLLM_SHARED:-../shared/gpu}
+OUT=${OUT:-gpu-check}
+BUNDLE=/tmp/hatllm-bundle
 
-step "install"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$OUT/pip.log" 2>&1 || { echo "carried wheels failed to install" | tee -a "$OUT/summary.txt"; exit 1; }
-  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-python3 - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
-import onnxruntime as ort, sys
-print("onnxruntime", ort.__version__, "providers:", ort.get_available_providers())
-sys.exit(0 if "CUDAExecutionProvider" in ort.get_available_providers() else 3)
-PY
-if [ "${PIPESTATUS[0]}" -ne 0 ]; then
-  echo "no CUDAExecutionProvider: carry onnxruntime-gpu (and its CUDA libraries) in .whl/" | tee -a "$OUT/summary.txt"
-  exit 3
-fi
-HE=(python3 -c 'import sys; from cli import main; sys.argv[0] = "hatllm-edge"; main()')
+case "${1:-}" in
+prepare)
+  set -e
+  he() { hatllm-edge "$@"; }
+  [ -f bundles/gpu-int4/bundle.json ] || he export models/hatllm-ml100k bundles/gpu-int4 --quant int4 -q
+  [ -f bundles/gpu-int4-fp16/bundle.json ] || he export models/hatllm-ml100k bundles/gpu-int4-fp16 --quant int4 --dtype fp16 -q
+  mkdir -p .gpu-check/bundle
+  grep -qx '/.gpu-\*/' .git/info/exclude 2>/dev/null || echo '/.gpu-*/' >> .git/info/exclude
+  find bundles/gpu-int4-fp16 -maxdepth 1 -type f ! -name model.onnx -exec cp {} .gpu-check/bundle/ \;
+  [ -f .gpu-check/reference.json ] || python3 scripts/gpu_check.py reference bundles/gpu-int4 .gpu-check/reference.json
+  bash "$shared/pack_ort.sh"
+  bash "$shared/pack_file.sh" bundles/gpu-int4-fp16/model.onnx fp16
+  du -sh .gpu-check .gpu-ort .gpu-fp16-* .gpu-bin
+  ;;
+stage)  # one carried folder: onnxruntime-gpu, or one part of the graph
+  case "$2" in
+    .gpu-ort) bash .gpu-ort/unpack.sh ;;
+    *) bash "$2/stage.sh" ;;
+  esac
+  ;;
+check)
+  mkdir -p "$OUT"; : > "$OUT/summary.txt"
+  export PYTHONUNBUFFERED=1 HATLLM_CACHE=/tmp/hatllm-cache PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  step() { echo "== $1" | tee -a "$OUT/summary.txt"; }
+  status=0
+  step "assemble the fp16 bundle"
+  for part in .gpu-fp16-[0-9]*; do [ -d "$part" ] && bash "$part/stage.sh"; done
+  mkdir -p "$BUNDLE" && cp .gpu-check/bundle/* "$BUNDLE/" && bash .gpu-bin/assemble-fp16.sh "$BUNDLE/model.onnx" \
+    | tee -a "$OUT/summary.txt" || { echo "the bundle did not assemble" | tee -a "$OUT/summary.txt"; exit 1; }
+  python3 -c "import onnxruntime as o, sys; print('onnxruntime', o.__version__, o.get_available_providers()); sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
+    2>&1 | tee -a "$OUT/summary.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "no CUDAExecutionProvider: stage .gpu-ort first" | tee -a "$OUT/summary.txt"; exit 3; }
 
-step "parity on CUDA (tests/test_engine.py: fp32 CUDA vs CPU, cache on the device, CUDA refusals)"
-python3 -m pytest -q -p no:cacheprovider tests/test_engine.py > "$OUT/pytest.log" 2>&1 || status=1
-tail -n 3 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
+  step "session start: no provider warning"
+  python3 -c "from hatllm_edge.ranker import Ranker; print(Ranker.from_bundle('$BUNDLE', 'cuda').label)" \
+    > "$OUT/session_start.stdout" 2> "$OUT/session_start.stderr" || status=1
+  cat "$OUT/session_start.stdout" | tee -a "$OUT/summary.txt"
+  if grep -q "No registered plugin EP" "$OUT/session_start.stderr"; then echo "provider warning still printed" | tee -a "$OUT/summary.txt"; status=1; fi
 
-step "rank on CUDA (default model, int4 bundle built on first use)"
-"${HE[@]}" rank examples/user_candidates.json --device cuda --quiet > "$OUT/rank.json" 2>> "$OUT/summary.txt" || status=1
-grep -E '"backend"|"latency_ms"' "$OUT/rank.json" | tee -a "$OUT/summary.txt"
+  step "CUDA tests (engine parity on a tiny model, cache rows, CUDA graphs)"
+  python3 -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_cuda_graph.py > "$OUT/pytest.log" 2>&1 || status=1
+  tail -n 3 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
 
-step "latency (hatllm-edge bench --device cuda)"
-"${HE[@]}" bench --device cuda --threads 4 --workloads cand100-h20-b1,cand100-h20-b8,cand20-h5-b1,top10-h10-b1,top10-h10-b8 \
-  --seconds 5 --out "$OUT/bench" --quiet > "$OUT/bench.txt" 2>&1 || status=1
-cat "$OUT/bench.txt" | tee -a "$OUT/summary.txt" > /dev/null
-echo "exit $status" | tee -a "$OUT/summary.txt"
-exit $status
+  step "parity with the CPU and latency (scripts/gpu_check.py)"
+  python3 scripts/gpu_check.py check "$BUNDLE" .gpu-check/reference.json --out "$OUT" 2>&1 | tee -a "$OUT/summary.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  echo "exit $status" | tee -a "$OUT/summary.txt"
+  exit $status
+  ;;
+*)
+  sed -n '2,20p' "$0"; exit 2 ;;
+esac

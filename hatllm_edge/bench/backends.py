@@ -44,7 +44,7 @@ def folder_mb(folder: Path) -> float:
 
 
 def open_backend(name: str, checkpoint: Path, device: str, threads: int, progress: bool,
-                 build: BundleBuilder | None = None) -> tuple[Ranker, float]:
+                 build: BundleBuilder | None = None, cuda_graph: bool = False) -> tuple[Ranker, float]:
     """The ranker a backend name stands for, and its size on disk (or in memory for torch) in MB.
     ``ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]``: a bundle exported from ``checkpoint``
     into the bundle cache on first use; the suffix picks the engine's compute route."""
@@ -62,7 +62,7 @@ def open_backend(name: str, checkpoint: Path, device: str, threads: int, progres
     quant, dtype = ORT_QUANTS[parts[1]], "fp16" if parts[1] == "fp16" else "fp32"
     compute = parts[2] if len(parts) == 3 else "auto"
     folder = cached_bundle(checkpoint, quant, dtype, progress, build)
-    ranker = Ranker.from_bundle(folder, device, threads, compute)  # type: ignore[arg-type]
+    ranker = Ranker.from_bundle(folder, device, threads, compute, cuda_graph=cuda_graph)  # type: ignore[arg-type]
     return ranker, folder_mb(folder)
 
 

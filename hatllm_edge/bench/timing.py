@@ -59,6 +59,7 @@ class BenchConfig:
     seed: int = 0
     paired: int = 10  # rounds of the paired target check (0: off)
     build: BundleBuilder | None = None  # exports the bundles (see ranker.cached_bundle)
+    cuda_graph: bool = False  # ORT backends on CUDA replay captured graphs
 
 
 def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[str, Any]:
@@ -74,7 +75,8 @@ def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[st
         _reset_peak_rss()
         gpu_before = _gpu_mem_mb() if cfg.device == "cuda" else None
         start = time.perf_counter()
-        ranker, size = open_backend(name, cfg.checkpoint, cfg.device, cfg.threads, progress, cfg.build)
+        ranker, size = open_backend(name, cfg.checkpoint, cfg.device, cfg.threads, progress, cfg.build,
+                                    cfg.cuda_graph and name.startswith("ort-"))
         load_s = time.perf_counter() - start
         if data.catalog.item_ids != ranker.catalog.item_ids:
             raise InputError(f"{cfg.checkpoint}: its catalog differs from the benchmark data set")
@@ -93,9 +95,9 @@ def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[st
                 t = time.perf_counter()
                 go(*reqs[len(latencies)])
                 latencies.append((time.perf_counter() - t) * 1000)
-            runs = (counter.runs - runs_before) / len(latencies)
+            passes = (counter.runs - runs_before) / len(latencies)
             run.results.append(Result(name, w.name, [round(x, 3) for x in latencies], counter.tokens // len(latencies),
-                                      round(runs, 2)).finish(w.batch))
+                                      round(passes, 2)).finish(w.batch))
             bar.update()
         run.peak_rss_mb = round(_rss_mb("VmHWM"), 1)
         if gpu_before is not None:
@@ -106,7 +108,7 @@ def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[st
     bar.close()
     paired = run_paired(cfg, requests, runs, progress) if cfg.paired else []
     return {
-        "config": {"checkpoint": str(cfg.checkpoint), "device": cfg.device, "threads": cfg.threads,
+        "config": {"checkpoint": str(cfg.checkpoint), "device": cfg.device, "threads": cfg.threads, "cuda_graph": cfg.cuda_graph,
                    "min_repeats": cfg.min_repeats, "max_repeats": cfg.max_repeats, "seconds": cfg.seconds, "seed": cfg.seed,
                    "paired_rounds": cfg.paired, "workloads": [asdict(w) | {"name": w.name} for w in cfg.workloads]},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -129,7 +131,8 @@ def run_paired(cfg: BenchConfig, requests: dict[str, list[Any]], runs: Sequence[
     under the same drift."""
     plan = verdict.contenders(runs)
     names = list(dict.fromkeys(n for group in plan.values() for n in group))
-    rankers = {n: open_backend(n, cfg.checkpoint, cfg.device, cfg.threads, progress, cfg.build)[0] for n in names}
+    rankers = {n: open_backend(n, cfg.checkpoint, cfg.device, cfg.threads, progress, cfg.build,
+                               cfg.cuda_graph and n.startswith("ort-"))[0] for n in names}
     out = {n: BackendRun(n, 0.0, 0.0, 0.0, None) for n in names}
     workloads = {w.name: w for w in cfg.workloads}
     rounds = min(cfg.paired, cfg.max_repeats)
