@@ -492,7 +492,7 @@ def bench(
     paired: Annotated[int, typer.Option(help="Rounds of the paired target check: on cand100-h20-b1 and top10-h10-b1 the PyTorch references and the chosen ORT backend take turns request by request, so the machine's drift hits them alike (0: off; the verdict then comes from the table).")] = 10,
     ablation: Annotated[bool, typer.Option("--ablation", help="Instead: each engine step undone in turn, on the first workload (default cand100-h20-b1).")] = False,
     variants: Annotated[Optional[str], typer.Option(help="With --ablation: only the variants whose name contains one of these comma-separated words (e.g. 'own length').")] = None,
-    startup: Annotated[bool, typer.Option("--startup", help="Instead: wall time of whole 'hatllm-edge rank --model BUNDLE -q' processes on a 5-candidate request (interpreter, imports, session start-up, ranking), against the interpreter and the CLI import alone; the bundle is the model's int4 one (fp16 with --device cuda) or --model itself when it is a bundle.")] = False,
+    startup: Annotated[bool, typer.Option("--startup", help="Instead: wall time of whole 'hatllm-edge rank --model BUNDLE -q' processes (--min-repeats of them) on a 5-candidate request (interpreter, imports, session start-up, ranking), against the interpreter and the CLI import alone; the bundle is the model's int4 one (fp16 with --device cuda) or --model itself when it is a bundle.")] = False,
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
@@ -518,7 +518,7 @@ def bench(
                       paired=paired, build=bundle_builder(), cuda_graph=cuda_graph)  # type: ignore[arg-type]
     typer.echo(f"threads: {threads} per backend (ONNX Runtime intra-op / torch); device: {device}", err=True)
     if startup:
-        _bench_startup(model, device, threads, max(min_repeats, 5), out, quiet)
+        _bench_startup(model, device, threads, min_repeats, out, quiet)
         return
     data = _run(load_dataset, dataset, interactions, items)
     if ablation:
@@ -545,7 +545,8 @@ def _bench_startup(model: Optional[Path], device: str, threads: int, repeats: in
 
     bundle = _run(open_bundle, model, not quiet, bundle_builder(), dtype=bundle_dtype(device))  # type: ignore[arg-type]
     catalog = _run(open_model, bundle, device).catalog
-    request = {"history": list(catalog.titles[:4]), "candidates": list(catalog.titles[10:15])}
+    half = len(catalog) // 2
+    request = {"history": list(catalog.titles[: min(4, half)]), "candidates": list(catalog.titles[half : half + 5])}
     report = _run(run_startup, bundle, request, repeats, threads, device)
     out.mkdir(parents=True, exist_ok=True)
     (out / "startup.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -912,6 +912,21 @@ def test_rank_on_a_bundle_runs_with_the_training_stack_blocked(bundle: Path, tra
     assert "Traceback" not in result.stderr
 
 
+def test_a_gpu_builds_the_fp16_bundle_by_default() -> None:
+    from hatllm_edge.rank_request import bundle_dtype
+
+    assert (bundle_dtype("cuda"), bundle_dtype("cpu"), bundle_dtype("cuda", "fp32")) == ("fp16", "fp32", "fp32")
+
+
+def test_bench_startup_times_whole_rank_processes(bundle: Path, tmp_path: Path) -> None:
+    result = invoke("bench", "--startup", "--model", bundle, "--min-repeats", 1, "--threads", 1, "--out", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "startup.json").read_text())
+    p50 = report["p50_s"]
+    assert report["repeats"] == 1 and 0 < p50["python"] < p50["cli_import"] < p50["rank"] and report["engine_ms_p50"] > 0
+    assert "rank process p50" in result.stdout
+
+
 def test_the_library_never_imports_the_exporter() -> None:
     """Layers point down: export/ builds on hatllm_edge, never the other way round (the CLI
     injects the exporter where a bundle is built on first use)."""
@@ -924,11 +939,14 @@ def test_the_library_never_imports_the_exporter() -> None:
 
 
 def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[Path, Any], tmp_path: Path) -> None:
-    """Every rank flag applies to what runs or is refused: --quant on a bundle (its weights are
-    fixed), --quant or --compute with --backend torch (PyTorch fp32 runs)."""
+    """Every rank flag applies to what runs or is refused: --quant or --dtype on a bundle (its
+    weights are fixed), --cuda-graph on the CPU, --quant, --dtype, --compute or --cuda-graph with
+    --backend torch (PyTorch fp32 runs)."""
     user = write_user(tmp_path / "u.json", history=["i1"], k=2)
     assert_usage_error(invoke("rank", user, "--model", bundle, "--quant", "int4"), "--quant", "bundle already")
-    for flags in (["--compute", "int8"], ["--quant", "nf4"]):
+    assert_usage_error(invoke("rank", user, "--model", bundle, "--dtype", "fp16"), "--dtype", "dtype fp32")
+    assert_usage_error(invoke("rank", user, "--model", bundle, "--cuda-graph"), "CUDA graphs need --device cuda")
+    for flags in (["--compute", "int8"], ["--quant", "nf4"], ["--dtype", "fp16"], ["--cuda-graph"]):
         assert_usage_error(invoke("rank", user, "--model", trained[0], "--backend", "torch", *flags), "--backend torch")
     ok = invoke("rank", user, "--model", trained[0], "--backend", "torch", "--threads", 1)
     assert ok.exit_code == 0, ok.output

@@ -16,13 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from hatllm_edge.errors import HatLLMError
+
 
 def _wall(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     took = time.perf_counter() - start
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {done.returncode}: {done.stderr.strip()[-400:]}")
+        raise HatLLMError(f"{' '.join(cmd[:4])} ... exited {done.returncode}: {done.stderr.strip()[-400:]}")
     return took, done.stdout
 
 
