@@ -30,10 +30,7 @@ class Backend(Protocol):
         only prompts of one width (:func:`hatllm_edge.ranking.prompt_width`)."""
         ...
 
-    @property
-    def pass_tokens(self) -> int:
-        """Tokens (rows x width) one candidate-scoring pass may hold."""
-        ...
+    pass_tokens: int  # tokens (rows x width) one candidate-scoring pass may hold
 
     def forward(
         self,

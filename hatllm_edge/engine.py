@@ -36,7 +36,7 @@ Compute = Literal["auto", "native", "int8", "int8-tensor"]
 COMPUTES: tuple[Compute, ...] = ("auto", "native", "int8")
 Optimization = Literal["all", "basic", "none"]
 PASS_TOKENS_CPU = 4096  # rows x width of one candidate pass on the CPU (docs/results.md)
-PASS_TOKENS_CUDA = 16384  # on a GPU: a batch of 32 users x 100 candidates in two passes
+PASS_TOKENS_CUDA = 32768  # on a GPU: 32 users x 100 candidates (~41k padded tokens) in two passes
 
 
 def resolve_compute(compute: Compute, device: str, quantised: bool) -> Compute:
@@ -247,6 +247,9 @@ class OnnxBackend:
         self.num_kv_heads, self.head_dim = int(past.shape[1]), int(past.shape[3])
         self.cache_dtype = np.float16 if past.type == "tensor(float16)" else np.float32
         self.runs = 0  # session runs so far: what bench reports per request
+        # tokens (rows x width) one candidate pass may hold: bounded by host memory and cache
+        # locality on the CPU, by launch overhead on a GPU (fewer, wider passes)
+        self.pass_tokens = PASS_TOKENS_CUDA if device == "cuda" else PASS_TOKENS_CPU
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
         self._graphs: GraphRunner | None = None
         self._plain = None  # run options of a plain pass on a session that captures graphs
@@ -343,12 +346,6 @@ class OnnxBackend:
         quantiser, :func:`hatllm_edge.ranking.prompt_width`): batches then join only prompts of
         one width. Native arithmetic moves by rounding only, so any batch runs as one."""
         return self.compute.startswith("int8")
-
-    @property
-    def pass_tokens(self) -> int:
-        """Tokens (rows x width) one candidate pass may hold: bounded by host memory and cache
-        locality on the CPU, by launch overhead on a GPU (fewer, wider passes)."""
-        return PASS_TOKENS_CUDA if self.device == "cuda" else PASS_TOKENS_CPU
 
     def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: dict[MaskKind, np.ndarray],
                 cache: OrtCache | None, last_only: bool = False, rows: np.ndarray | None = None) -> tuple[np.ndarray, OrtCache]:
