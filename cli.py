@@ -247,6 +247,7 @@ def evaluate(
     assistant: Annotated[Optional[Path], typer.Option(help="Fuse this SASRec checkpoint (sasrec.json + sasrec.onnx) instead of the model folder's own.")] = None,
     assistant_weight: AssistantWeightOpt = None,
     renormalise: RenormaliseOpt = None,
+    exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Leave each user's history out of the ranked list, as rank does by default (default: included, the loo-full protocol); the output's 'history' field says which.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="JSON file for metrics and per-user ranks.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -257,7 +258,7 @@ def evaluate(
         checkpoint=checkpoint, split=split.value, users=users or None, k=k, beams=beams, bf16=bf16, nf4=nf4, batch_users=batch_users,
         device=device.value, threads=threads, compute=compute.value,
         dataset=dataset, interactions=interactions, items=items, assist=assist, assistant=assistant,
-        assistant_weight=assistant_weight, renormalise=renormalise, seed=seed, sample=sample,
+        assistant_weight=assistant_weight, renormalise=renormalise, seed=seed, sample=sample, exclude_history=exclude_history,
     )
     result = _run(run_eval, cfg, progress=not quiet)
     if out:
@@ -322,12 +323,13 @@ def popularity(
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
+    exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Per user, the most popular items not yet had (default: one list for all, history included: loo-full).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="JSON file for metrics and per-user ranks.")] = None,
 ) -> None:
     """The most-popular baseline on the same split, for scale."""
     from hatllm_edge.evaluate import popularity_baseline
 
-    result = _run(popularity_baseline, split.value, dataset, interactions, items)
+    result = _run(popularity_baseline, split.value, dataset, interactions, items, exclude_history)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
@@ -404,7 +406,7 @@ def rank(
     backend: Annotated[Backend, typer.Option(help="onnx (the engine) or torch (PyTorch, from a checkpoint).")] = Backend("onnx"),
     threads: ThreadsOpt = None,
     normalize: Annotated[bool, typer.Option(help="Length-normalise candidate scores.")] = False,
-    exclude_history: Annotated[bool, typer.Option(help="Leave out items already in the history.")] = False,
+    exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Leave the user's history out of the list (default; the search finds k other items), or keep it (as the loo-full evaluation does).")] = True,
     assist: Annotated[Optional[bool], typer.Option("--assist/--no-assist", help="Fuse the model's collaborative assistant (SASRec), where it ships one (default: the request's 'assist', else on).")] = None,
     table: Annotated[bool, typer.Option("--table", help="Print a table instead of JSON.")] = False,
     quiet: QuietOpt = False,

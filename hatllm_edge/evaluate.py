@@ -43,6 +43,7 @@ class EvalConfig:
     renormalise: bool | None = None  # None: the model's validated choice
     seed: int = 0  # the user sample when ``users`` is given with ``sample``
     sample: bool = False  # ``users``: a seeded sample instead of the first N
+    exclude_history: bool = False  # loo-full ranks the whole catalog; True: the user's history is left out
 
 
 def split_examples(data: Dataset, split: Split, max_history: int, users: int | None, sample: bool, seed: int) -> list[Example]:
@@ -66,13 +67,21 @@ def ranker_fusion(ranker: Any, assist: bool = True, weight: float | None = None,
     return fusion
 
 
+def seen_items(data: Dataset, split: Split, ex: Example) -> set[int]:
+    """Catalog indices of everything the user had before the split's target (all of it, not
+    only the ``max_history`` items the prompt shows)."""
+    seq = data.sequences[ex.user_id]
+    return {data.catalog.index(i) for i in seq[: len(seq) - (1 if split == "test" else 2)]}
+
+
 def rank_split(
     backend: Backend, prompts: PromptBuilder, data: Dataset, split: Split, k: int, beams: int | None,
     users: int | None = None, progress: bool = True, batch_users: int = 8, examples: list[Example] | None = None,
-    fusion: Callable[[Sequence[Example]], Fusion] | None = None,
+    fusion: Callable[[Sequence[Example]], Fusion] | None = None, exclude_history: bool = False,
 ) -> dict[str, Any]:
     """Beam-search top-k for every user of the split, or for ``examples`` when given
-    (``batch_users`` users per batch); metrics and per-user target ranks. Users are batched in
+    (``batch_users`` users per batch); metrics and per-user target ranks; ``exclude_history``:
+    the user's history items never enter the list. Users are batched in
     order of their prompts' padded width, because a batch only runs prompts of one width
     together (:func:`prompt_width`). ``fusion`` gives each batch's step scoring (default: the LLM's
     log-probability)."""
@@ -87,7 +96,8 @@ def rank_split(
     for i in range(0, len(order), batch_users):
         chunk = order[i : i + batch_users]
         ranked = beam_search(backend, prompts, trie, [titles[ex.user_id] for ex in chunk], k=k, beams=beams,
-                             fusion=fusion(chunk) if fusion else Fusion())
+                             fusion=fusion(chunk) if fusion else Fusion(),
+                             exclude=[seen_items(data, split, ex) for ex in chunk] if exclude_history else None)
         for ex, r in zip(chunk, ranked):
             ranks[ex.user_id] = target_rank([data.catalog.item_ids[j] for j in r.items], ex.target)
         bar.update(len(chunk))
@@ -95,6 +105,7 @@ def rank_split(
     wall = time.time() - start
     return {
         "split": split,
+        "history": "excluded" if exclude_history else "included",
         "users": len(examples),
         "metrics": mean_metrics(list(ranks.values())),
         "wall_s": round(wall, 1),
@@ -123,7 +134,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     fusion = ranker_fusion(ranker, cfg.assist, cfg.assistant_weight, cfg.renormalise)
     renormalise, weight = ranker.scoring(cfg.assist, cfg.assistant_weight, cfg.renormalise)
     result = rank_split(ranker.backend, ranker.prompts, data, cfg.split, cfg.k, width, progress=progress,
-                        batch_users=cfg.batch_users, examples=examples, fusion=fusion)
+                        batch_users=cfg.batch_users, examples=examples, fusion=fusion, exclude_history=cfg.exclude_history)
     return {
         "checkpoint": str(cfg.checkpoint),
         "schedule": ranker.meta.schedule,
@@ -145,9 +156,15 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def popularity_baseline(split: Split, dataset: str = "ml-100k", interactions: Path | None = None, items: Path | None = None) -> dict[str, Any]:
-    """Most-popular items (training-part counts), the same list for every user."""
+def popularity_baseline(split: Split, dataset: str = "ml-100k", interactions: Path | None = None, items: Path | None = None,
+                        exclude_history: bool = False) -> dict[str, Any]:
+    """Most-popular items (training-part counts): the same list for every user, or with
+    ``exclude_history`` the most popular items each user has not had yet."""
     data = load_dataset(dataset, interactions, items)
-    top = data.popularity()[:10]
-    ranks = {ex.user_id: target_rank(top, ex.target) for ex in data.split(split, 1)}
-    return {"model": "most-popular", "split": split, "users": len(ranks), "metrics": mean_metrics(list(ranks.values())), "ranks": ranks}
+    ranking = data.popularity()
+    ranks = {}
+    for ex in data.split(split, 1):
+        seen = {data.catalog.item_ids[i] for i in seen_items(data, split, ex)} if exclude_history else set()
+        ranks[ex.user_id] = target_rank([i for i in ranking if i not in seen][:10], ex.target)
+    return {"model": "most-popular", "split": split, "history": "excluded" if exclude_history else "included",
+            "users": len(ranks), "metrics": mean_metrics(list(ranks.values())), "ranks": ranks}

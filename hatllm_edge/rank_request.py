@@ -205,7 +205,7 @@ class RankOptions:
     compute: Compute = "auto"
     threads: int | None = None
     normalize: bool = False  # length-normalise candidate scores
-    exclude_history: bool = False  # drop items the user already has (loo-full keeps them; a product usually not)
+    exclude_history: bool = True  # leave out items the user already has (a product's default; loo-full keeps them)
     assist: bool | None = None  # fuse the model's assistant (default: the request's "assist", else on)
 
 
@@ -222,17 +222,12 @@ class Prepared:
     normalize: bool
     exclude_history: bool
 
-    @property
-    def wanted(self) -> int:
-        """Items the search asks for: enough to fill k after dropping history items."""
-        return self.k + len(set(self.history)) if self.exclude_history else self.k
-
     def group(self) -> tuple[Any, ...]:
         """Requests with the same group rank together in one engine call; each one's result
         is then what it would be alone (batching never changes a result: tests/test_invariance.py)."""
         if self.candidates is not None:
             return ("candidates", self.assist, self.normalize)
-        return ("full-catalog", self.assist, self.wanted, self.width)
+        return ("full-catalog", self.assist, self.k, self.width, self.exclude_history)
 
 
 def check_options(opts: RankOptions) -> None:
@@ -279,7 +274,8 @@ def rank_prepared(ranker: Ranker, requests: list[Prepared]) -> list[dict[str, An
                                         first.normalize, assist=first.assist)
             lists = [([p.candidates[i] for i in r.items], r.scores) for p, r in zip(batch, ranked)]  # type: ignore[index]
         else:
-            ranked = ranker.top_k([p.history for p in batch], k=min(first.wanted, size), beams=first.width, assist=first.assist)
+            ranked = ranker.top_k([p.history for p in batch], k=min(first.k, size), beams=first.width, assist=first.assist,
+                                  exclude_history=first.exclude_history)
             lists = [(r.items, r.scores) for r in ranked]
         latency = (time.perf_counter() - start) * 1000
         for n, p, (items, scores) in zip(members, batch, lists):
@@ -297,7 +293,7 @@ def _result(ranker: Ranker, p: Prepared, items: list[int], scores: list[float], 
     mode = "candidates" if p.candidates is not None else "full-catalog"
     renormalise, weight = ranker.scoring(p.assist)
     out: dict[str, Any] = {"user_id": p.user_id, "mode": mode, "backend": ranker.label, "renormalise": renormalise,
-                           "assistant_weight": weight}
+                           "assistant_weight": weight, "history": "excluded" if p.exclude_history else "included"}
     if mode == "full-catalog":
         out["beams"] = p.width
     return {**out, "latency_ms": round(latency, 2), "results": rows}

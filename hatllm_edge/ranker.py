@@ -161,12 +161,14 @@ class Ranker:
         return Fusion(renormalise, weight, prior)
 
     def top_k(self, histories: Sequence[Sequence[int]], k: int = 10, beams: int | None = None, assist: bool = True,
-              weight: float | None = None, renormalise: bool | None = None) -> list[Ranked]:
+              weight: float | None = None, renormalise: bool | None = None, exclude_history: bool = False) -> list[Ranked]:
         """Full-catalog top-k for each history (catalog indices, oldest first), by a beam search
         :func:`~hatllm_edge.limits.beam_width` wide: ``beams`` (default 10), at least ``k``;
-        steps scored as :meth:`fusion` says."""
+        steps scored as :meth:`fusion` says; ``exclude_history``: the history's items never
+        enter the list (the search finds k others)."""
         return beam_search(self.backend, self.prompts, self.trie, [self.titles(h) for h in histories], k=k,
-                           beams=beam_width(k, beams), fusion=self.fusion(histories, assist, weight, renormalise))
+                           beams=beam_width(k, beams), fusion=self.fusion(histories, assist, weight, renormalise),
+                           exclude=[set(h) for h in histories] if exclude_history else None)
 
     def score(self, history: Sequence[int], candidates: Sequence[int], normalize: bool = False, assist: bool = True,
               weight: float | None = None, renormalise: bool | None = None) -> Ranked:

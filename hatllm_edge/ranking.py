@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -200,10 +200,14 @@ def beam_search(
     k: int = 10,
     beams: int | None = None,
     fusion: Fusion = Fusion(),
+    exclude: Sequence[Collection[int]] | None = None,
 ) -> list[Ranked]:
     """Top-``k`` catalog items for each history by constrained beam search (``beams`` wide,
     default ``k``), each step scored as ``fusion`` says (default: the LLM's log-probability).
-    All users' beams run as one batch, so each step reads the weights once.
+    All users' beams run as one batch, so each step reads the weights once. ``exclude``: per
+    user, catalog indices that never enter the list (the user's history, where a product does
+    not recommend what was seen); a branch of the title tree that leads only to excluded items
+    is never expanded, so the search finds k others at the same beam width.
 
     Users run in the :func:`batches` the backend allows, so a user's list is what it is alone.
     Every step is one backend pass, its cache rows gathered by the pass itself. Per user, every step keeps the ``beams`` best unfinished hypotheses; finished ones (a full
@@ -214,13 +218,15 @@ def beam_search(
     encoded = [prompts.prompt(h) for h in histories]
     results: list[Ranked] = [Ranked([], [])] * len(encoded)
     for group in batches(backend, encoded):
-        for u, ranked in zip(group, _search(backend, prompts, trie, [encoded[u] for u in group], k, beams, fusion.rows(group))):
+        skip = [frozenset(exclude[u]) if exclude is not None else frozenset() for u in group]
+        for u, ranked in zip(group, _search(backend, prompts, trie, [encoded[u] for u in group], k, beams,
+                                            fusion.rows(group), skip)):
             results[u] = ranked
     return results
 
 
 def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: Sequence[Encoded], k: int,
-            beams: int, fusion: Fusion) -> list[Ranked]:
+            beams: int, fusion: Fusion, exclude: Sequence[frozenset[int]]) -> list[Ranked]:
     """:func:`beam_search` for one batch of prompts."""
     users = len(encoded)
     answer_seg = np.asarray([prompts.answer_segment(p) for p in encoded])
@@ -244,12 +250,16 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
                 if assist:
                     mass = np.log(np.maximum(np.add.reduceat(prob[u, ch.items], ch.starts), 1e-300))
                     step = step + fusion.weight * (mass - row_mass[r])
-                cand += zip((row_score[r] + step).tolist(), [r] * len(step), ch.tokens.tolist(), ch.nodes.tolist(), mass.tolist())
+                found = zip((row_score[r] + step).tolist(), [r] * len(step), ch.tokens.tolist(), ch.nodes.tolist(), mass.tolist())
+                if exclude[u]:  # a branch that leads only to excluded items never takes a beam
+                    found = (c for c in found if not exclude[u].issuperset(trie.under[c[3]]))
+                cand += found
             cand.sort(key=lambda x: -x[0])
             kept = []
             for score, r, t, child, m in cand:
                 if trie.items[child]:
-                    finished[u].append((float(score), child))
+                    if not exclude[u].issuperset(trie.items[child]):
+                        finished[u].append((float(score), child))
                 elif len(kept) < beams:
                     kept.append((score, r, t, child, m))
             finished[u].sort(key=lambda f: -f[0])
@@ -278,8 +288,9 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
     for u in range(users):
         items, scores = [], []
         for score, leaf in finished[u]:
-            items += trie.items[leaf]
-            scores += [score] * len(trie.items[leaf])
+            kept_items = [i for i in trie.items[leaf] if i not in exclude[u]]
+            items += kept_items
+            scores += [score] * len(kept_items)
         results.append(Ranked(items[:k], scores[:k]))
     return results
 

@@ -580,13 +580,21 @@ def test_fidelity_scores_both_models_with_the_reference_decoding(trained: tuple[
     assert last_json(invoke("fidelity", reference, bundle, *args, "--no-renormalise"))["renormalise"] is False
 
 
-def test_rank_exclude_history(bundle: Path, tmp_path: Path) -> None:
+def test_rank_leaves_the_history_out_by_default(bundle: Path, tmp_path: Path) -> None:
+    """A seen item is never the answer a product wants (MovieLens has no repeated pair): rank
+    leaves the history out unless --include-history (the loo-full protocol) says otherwise, and
+    says which in its output."""
     user = write_user(tmp_path / "u.json", history=["i1", "i2"], k=3)
-    rows = json.loads(invoke("rank", user, "--model", bundle, "--exclude-history", "--threads", 1).stdout)["results"]
-    assert len(rows) == 3 and not {"i1", "i2"} & {r["item_id"] for r in rows}
+    out = json.loads(invoke("rank", user, "--model", bundle, "--threads", 1).stdout)
+    assert len(out["results"]) == 3 and not {"i1", "i2"} & {r["item_id"] for r in out["results"]}
+    assert out["history"] == "excluded"
+    kept = json.loads(invoke("rank", user, "--model", bundle, "--include-history", "--k", 6, "--threads", 1).stdout)
+    assert kept["history"] == "included" and {"i1", "i2"} <= {r["item_id"] for r in kept["results"]}
     cands = write_user(tmp_path / "c.json", history=["i1"], candidates=["i1", "i3", "i4"])
-    rows = json.loads(invoke("rank", cands, "--model", bundle, "--exclude-history", "--threads", 1).stdout)["results"]
+    rows = json.loads(invoke("rank", cands, "--model", bundle, "--threads", 1).stdout)["results"]
     assert sorted(r["item_id"] for r in rows) == ["i3", "i4"]
+    rows = json.loads(invoke("rank", cands, "--model", bundle, "--include-history", "--threads", 1).stdout)["results"]
+    assert sorted(r["item_id"] for r in rows) == ["i1", "i3", "i4"]
 
 
 def test_bench_runs_every_backend_on_the_same_workloads(trained: tuple[Path, Any], data_files: tuple[Path, Path],

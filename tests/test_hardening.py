@@ -111,16 +111,17 @@ def test_a_bom_is_accepted_and_the_largest_k_runs(bundle: Path, tmp_path: Path) 
     user = write(tmp_path / "u.json", b"\xef\xbb\xbf" + json.dumps({"history": ["i1"], "k": len(TITLES)}).encode())
     result = rank(bundle, user)
     assert_clean_exit(result, 0)
-    assert len(json.loads(result.stdout)["results"]) == len(TITLES)
+    assert len(json.loads(result.stdout)["results"]) == len(TITLES) - 1  # all but the history's one item
     assert MAX_K >= len(TITLES)
 
 
 def test_a_history_longer_than_the_model_reads_is_cut_with_a_warning(bundle: Path, tmp_path: Path) -> None:
-    long = rank(bundle, write(tmp_path / "long.json", {"history": ["i1", "i2", "i3", "i4", "i5"], "k": 3}))
+    # history included: the two lists then differ only by what the model read
+    long = rank(bundle, write(tmp_path / "long.json", {"history": ["i1", "i2", "i3", "i4", "i5"], "k": 3}), "--include-history")
     assert_clean_exit(long, 0)
     assert ("warning: " in long.stderr and "the history has 5 items; the model reads only the last 3" in long.stderr
             and "the oldest 2 are left out" in long.stderr)
-    cut = rank(bundle, write(tmp_path / "cut.json", {"history": ["i3", "i4", "i5"], "k": 3}))
+    cut = rank(bundle, write(tmp_path / "cut.json", {"history": ["i3", "i4", "i5"], "k": 3}), "--include-history")
     assert_clean_exit(cut, 0)
     assert "warning" not in cut.stderr
     assert json.loads(long.stdout)["results"] == json.loads(cut.stdout)["results"]  # what the model read

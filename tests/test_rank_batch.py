@@ -60,7 +60,7 @@ def test_requests_ranked_together_equal_each_alone(ranker: Ranker, exclude_histo
                                                   if exclude_history else set())
         assert len(r["results"]) == min(req.get("k", 10), len(pool))
     # one call for the candidate requests, one per (list length, beam width) of the full-catalog ones
-    assert calls.count("score_batch") == 1 and len(calls) == (5 if exclude_history else 4) < len(REQUESTS)
+    assert calls.count("score_batch") == 1 and len(calls) == 4 < len(REQUESTS)
     if exclude_history:
         for r, req in zip(together, REQUESTS):
             history = set(ranker.resolve(req["history"], "h"))

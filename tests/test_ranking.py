@@ -223,6 +223,18 @@ def test_users_batched_together_match_one_at_a_time(backend: TorchBackend, promp
         assert_same_ranking(got.items, got.scores, brute_force(backend, prompts, history), 12)
 
 
+def test_excluded_items_never_enter_the_list(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie) -> None:
+    """With the history left out, the search still returns k items, none excluded, and (wide
+    enough) exactly brute force's top-k over the items that remain, at the same beam width."""
+    brute = brute_force(backend, prompts, HISTORY)
+    top = sorted(brute, key=lambda i: -brute[i])
+    excluded = set(top[:3]) | {top[7]}
+    ranked = beam_search(backend, prompts, trie, [HISTORY, HISTORY], k=6, beams=12, exclude=[excluded, set()])
+    assert len(ranked[0].items) == 6 and not excluded & set(ranked[0].items)
+    assert_same_ranking(ranked[0].items, ranked[0].scores, {i: s for i, s in brute.items() if i not in excluded}, 6)
+    assert_same_ranking(ranked[1].items, ranked[1].scores, brute, 6)  # the other user's list is untouched
+
+
 def test_duplicate_titles_both_returned(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie) -> None:
     ranked = beam_search(backend, prompts, trie, [HISTORY], k=12, beams=12)[0]
     at = ranked.items.index(4)
