@@ -35,7 +35,7 @@ from hatllm_edge import checkpoint as ckpt
 from hatllm_edge.batching import allowed_tokens, answer_nll, make_batch, make_window_batch, msl_nll
 from hatllm_edge.data import Dataset, Example, Window, load_dataset
 from hatllm_edge.errors import InputError
-from hatllm_edge.formats import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_META, FULL_WEIGHTS, ModelMeta
+from hatllm_edge.formats import ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINT_META, FULL_WEIGHTS, Decoding, ModelMeta
 from hatllm_edge.masks import LayerSchedule
 from hatllm_edge.model import BaseModelSpec, HatLLM, load_base
 from hatllm_edge.prompt import PromptBuilder, Template
@@ -248,7 +248,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         base=cfg.base.to_dict(), model_type=lm.config.model_type, schedule=schedule.to_dict(), prompt=prompts.meta(),
         finetune="full" if cfg.full else "lora", train={k: v for k, v in cfg.to_dict().items() if k not in ("base", "out")},
         data={"name": data.name, "users": len(data.sequences), "items": len(data.catalog), "train_units": len(units),
-              "train_targets": sum(len(u.items) - u.first_target for u in units) if cfg.mode == "window" else len(units)})
+              "train_targets": sum(len(u.items) - u.first_target for u in units) if cfg.mode == "window" else len(units)},
+        # what the run validates with is what the checkpoint ranks with, until `fuse --write` chooses
+        decoding=Decoding(renormalise=cfg.loss == "msl"))
     cfg.out.mkdir(parents=True, exist_ok=True)
 
     def note_peak() -> float:  # the peak over every process of a resumed run

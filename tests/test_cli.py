@@ -232,6 +232,7 @@ def test_train_prompt_mode_and_msl(tiny_base: Path, data_files: tuple[Path, Path
     meta = json.loads((tmp_path / "p" / "hatllm.json").read_text())
     assert meta["train"]["mode"] == "prompt" and meta["train"]["loss"] == "msl" and meta["data"]["train_units"] == 19
     assert meta["validation"]["renormalise"]  # validated with the decoding that matches the loss
+    assert meta["decoding"]["renormalise"] is True  # and ranks with it, before any `fuse --write`
     instruct = invoke(*train_args(tmp_path / "i", tiny_base, data_files, "--mode", "prompt", "--template", "instruct",
                                   "--batch-size", 10))
     assert instruct.exit_code == 0, instruct.output
