@@ -542,11 +542,12 @@ def bench(
 
 def _bench_startup(model: Optional[Path], device: str, threads: int, repeats: int, out: Path, quiet: bool) -> None:
     from hatllm_edge.bench.startup import run_startup
+    from hatllm_edge.data import Catalog
+    from hatllm_edge.formats import CATALOG_FILE
     from hatllm_edge.rank_request import bundle_dtype, open_bundle
-    from hatllm_edge.ranker import open_model
 
     bundle = _run(open_bundle, model, not quiet, bundle_builder(), dtype=bundle_dtype(device))  # type: ignore[arg-type]
-    catalog = _run(open_model, bundle, device).catalog
+    catalog = _run(Catalog.from_jsonl, bundle / CATALOG_FILE)  # the titles only: no session to start
     half = len(catalog) // 2
     request = {"history": list(catalog.titles[: min(4, half)]), "candidates": list(catalog.titles[half : half + 5])}
     report = _run(run_startup, bundle, request, repeats, threads, device)

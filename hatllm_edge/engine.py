@@ -251,6 +251,7 @@ class OnnxBackend:
         # locality on the CPU, by launch overhead on a GPU (fewer, wider passes)
         self.pass_tokens = PASS_TOKENS_CUDA if device == "cuda" else PASS_TOKENS_CPU
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
+        self._empty_past = np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.cache_dtype)  # a first step's cache
         self._graphs: GraphRunner | None = None
         self._plain = None  # run options of a plain pass on a session that captures graphs
         if cuda_graph:
@@ -404,10 +405,8 @@ class OnnxBackend:
         bind.bind_cpu_input(LOGITS_TO_KEEP, keep_value)
         host.append(keep_value)
         if cache is None:
-            empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.cache_dtype)
-            host.append(empty)
             for name in self._past:
-                bind.bind_cpu_input(name, empty)
+                bind.bind_cpu_input(name, self._empty_past)
         else:
             for name, value in zip(self._past, cache.values):
                 bind.bind_ortvalue_input(name, value)
@@ -435,8 +434,7 @@ class OnnxBackend:
         feeds = {INPUT_IDS: pad_rows(ids, rows), POSITION_IDS: pad_rows(pos, rows), TARGET_IDS: pad_rows(tgt, rows),
                  PAST_ROWS: pad_rows(past_rows, rows), LOGITS_TO_KEEP: np.array(keep, np.int64)}
         feeds |= {name: pad_rows(mask, rows) for name, mask in masks.items()}
-        empty = np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.cache_dtype)
-        past = list(zip(self._past, cache.values)) if cache is not None else [(name, empty) for name in self._past]
+        past = list(zip(self._past, cache.values)) if cache is not None else [(name, self._empty_past) for name in self._past]
         total, kept = (0 if cache is None else cache.length) + q, keep or q
         outputs = [(LOGITS, (rows, kept, self.vocab_size), np.float32), (TARGET_LOGPROBS, (rows, kept, width), np.float32)]
         outputs += [(name, (rows, self.num_kv_heads, total, self.head_dim), self.cache_dtype) for name in self._present]

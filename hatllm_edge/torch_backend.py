@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from hatllm_edge.backend import cache_rows
+from hatllm_edge.engine import PASS_TOKENS_CPU
 from hatllm_edge.masks import MaskKind
 from hatllm_edge.model import HatLLM, KVCache
 
@@ -55,7 +56,7 @@ class TorchBackend:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     exact_layout = False  # float arithmetic: padding moves a result by rounding only
-    pass_tokens = 4096
+    pass_tokens = PASS_TOKENS_CPU
 
     def _past(self, cache: KVCache | None, rows: np.ndarray | None, batch: int) -> KVCache | None:
         if cache is None:
