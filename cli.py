@@ -705,11 +705,13 @@ def sasrec_evaluate(
     interactions: InterOpt = None,
     items: ItemsOpt = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON file for metrics and per-user ranks (readable by 'hatllm-edge compare').")] = None,
+    exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Leave each user's history out of their ranking, as rank does by default (default: included, the loo-full protocol); the output's 'history' field says which.")] = False,
 ) -> None:
     """Full-catalog evaluation (loo-full): HR@1/5/10, NDCG@5/10 and per-user ranks."""
     from hatllm_edge import sasrec
 
-    result = _run(sasrec.evaluate_checkpoint, checkpoint, split.value, dataset, interactions, items, backend.value, onnx, threads)
+    result = _run(sasrec.evaluate_checkpoint, checkpoint, split.value, dataset, interactions, items, backend.value, onnx, threads,
+                  exclude_history=exclude_history)
     result["command"] = _command(ctx)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

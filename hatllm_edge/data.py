@@ -138,6 +138,12 @@ class Dataset:
             out = random.Random(seed).sample(out, limit)
         return out
 
+    def seen(self, user_id: str, split: Split) -> set[int]:
+        """Catalog indices of everything ``user_id`` had before ``split``'s target (all of it,
+        not only the ``max_history`` items a prompt shows): what "history excluded" leaves out."""
+        seq = self.sequences[user_id]
+        return {self.catalog.index(i) for i in seq[: len(seq) - (1 if split == "test" else 2)]}
+
     def popularity(self) -> list[str]:
         """Items by interaction count in the training parts (ties by catalog order)."""
         counts = Counter(item for seq in self.sequences.values() for item in seq[:-2])

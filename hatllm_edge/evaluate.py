@@ -67,13 +67,6 @@ def ranker_fusion(ranker: Any, assist: bool = True, weight: float | None = None,
     return fusion
 
 
-def seen_items(data: Dataset, split: Split, ex: Example) -> set[int]:
-    """Catalog indices of everything the user had before the split's target (all of it, not
-    only the ``max_history`` items the prompt shows)."""
-    seq = data.sequences[ex.user_id]
-    return {data.catalog.index(i) for i in seq[: len(seq) - (1 if split == "test" else 2)]}
-
-
 def rank_split(
     backend: Backend, prompts: PromptBuilder, data: Dataset, split: Split, k: int, beams: int | None,
     users: int | None = None, progress: bool = True, batch_users: int = 8, examples: list[Example] | None = None,
@@ -97,7 +90,7 @@ def rank_split(
         chunk = order[i : i + batch_users]
         ranked = beam_search(backend, prompts, trie, [titles[ex.user_id] for ex in chunk], k=k, beams=beams,
                              fusion=fusion(chunk) if fusion else Fusion(),
-                             exclude=[seen_items(data, split, ex) for ex in chunk] if exclude_history else None)
+                             exclude=[data.seen(ex.user_id, split) for ex in chunk] if exclude_history else None)
         for ex, r in zip(chunk, ranked):
             ranks[ex.user_id] = target_rank([data.catalog.item_ids[j] for j in r.items], ex.target)
         bar.update(len(chunk))
@@ -164,7 +157,7 @@ def popularity_baseline(split: Split, dataset: str = "ml-100k", interactions: Pa
     ranking = data.popularity()
     ranks = {}
     for ex in data.split(split, 1):
-        seen = {data.catalog.item_ids[i] for i in seen_items(data, split, ex)} if exclude_history else set()
+        seen = {data.catalog.item_ids[i] for i in data.seen(ex.user_id, split)} if exclude_history else set()
         ranks[ex.user_id] = target_rank([i for i in ranking if i not in seen][:10], ex.target)
     return {"model": "most-popular", "split": split, "history": "excluded" if exclude_history else "included",
             "users": len(ranks), "metrics": mean_metrics(list(ranks.values())), "ranks": ranks}

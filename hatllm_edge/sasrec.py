@@ -218,8 +218,10 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return ((scores > t) | ((scores == t) & earlier)).sum(axis=1)
 
 
-def rank_examples(scorer: Scorer, examples: Sequence[Example], catalog: Catalog, max_len: int, batch_size: int = 256) -> dict[str, int]:
-    """User -> 0-based rank of the target in the whole catalog (history items not removed)."""
+def rank_examples(scorer: Scorer, examples: Sequence[Example], catalog: Catalog, max_len: int, batch_size: int = 256,
+                  exclude: Callable[[Example], set[int]] | None = None) -> dict[str, int]:
+    """User -> 0-based rank of the target in the whole catalog; ``exclude`` (example -> catalog
+    indices) leaves those items out of the ranking, as the LLM's search does with the history."""
     out: dict[str, int] = {}
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
@@ -227,6 +229,10 @@ def rank_examples(scorer: Scorer, examples: Sequence[Example], catalog: Catalog,
         scores = scorer(x)
         if scores.shape != (len(chunk), len(catalog)):
             raise ValueError(f"scorer returned shape {scores.shape}, expected {(len(chunk), len(catalog))}")
+        if exclude is not None:
+            scores = np.array(scores, dtype=np.float64)
+            for row, ex in enumerate(chunk):
+                scores[row, sorted(exclude(ex))] = -np.inf
         ranks = target_ranks(scores, np.array([catalog.index(ex.target) for ex in chunk]))
         out.update({ex.user_id: int(r) for ex, r in zip(chunk, ranks)})
     return out
@@ -250,11 +256,15 @@ def onnx_scorer(path: Path, threads: int | None = None) -> Scorer:
     return lambda x: sess.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
 
 
-def evaluate_scorer(scorer: Scorer, data: Dataset, split: Split, max_len: int, batch_size: int = 256) -> dict[str, Any]:
-    """loo-full metrics of ``split`` over every user with a history, and the per-user ranks."""
+def evaluate_scorer(scorer: Scorer, data: Dataset, split: Split, max_len: int, batch_size: int = 256,
+                    exclude_history: bool = False) -> dict[str, Any]:
+    """loo-full metrics of ``split`` over every user with a history, and the per-user ranks;
+    ``exclude_history``: each user's earlier items are left out of their ranking."""
     examples = data.split(split, max_len)
-    ranks = rank_examples(scorer, examples, data.catalog, max_len, batch_size)
-    return {"split": split, "users": len(ranks), "metrics": mean_metrics(list(ranks.values())), "ranks": ranks}
+    exclude = (lambda ex: data.seen(ex.user_id, split)) if exclude_history else None
+    ranks = rank_examples(scorer, examples, data.catalog, max_len, batch_size, exclude)
+    return {"split": split, "history": "excluded" if exclude_history else "included", "users": len(ranks),
+            "metrics": mean_metrics(list(ranks.values())), "ranks": ranks}
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -497,6 +507,7 @@ def _summary(st: dict[str, Any], cfg: TrainConfig, n_params: int, threads: int, 
 def evaluate_checkpoint(
     folder: Path, split: Split, dataset: str = "ml-100k", interactions: Path | None = None, items: Path | None = None,
     backend: str = "torch", onnx_path: Path | None = None, threads: int | None = None, batch_size: int = 256,
+    exclude_history: bool = False,
 ) -> dict[str, Any]:
     """loo-full evaluation of a checkpoint on the PyTorch model or its ONNX graph (``backend``
     "onnx": ``onnx_path`` or the folder's ``sasrec.onnx``). The result has ``model``, ``split``,
@@ -518,9 +529,10 @@ def evaluate_checkpoint(
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     scorer = torch_scorer(load_checkpoint(folder)[0]) if backend == "torch" else onnx_scorer(graph, threads)
-    res = evaluate_scorer(scorer, data, split, max_len, batch_size)
+    res = evaluate_scorer(scorer, data, split, max_len, batch_size, exclude_history)
     wall = time.perf_counter() - t0
-    return {"model": "sasrec", "checkpoint": str(folder), "backend": backend, "split": split, "users": res["users"],
+    return {"model": "sasrec", "checkpoint": str(folder), "backend": backend, "split": split, "history": res["history"],
+            "users": res["users"],
             "metrics": res["metrics"], "wall_s": round(wall, 3), "ranks": res["ranks"]}
 
 

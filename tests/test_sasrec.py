@@ -95,6 +95,29 @@ def test_evaluation_of_a_known_distribution_gives_the_expected_metrics() -> None
     assert m["NDCG@10"] == pytest.approx((1 + 0.5 + 1 / math.log2(11)) / 4)
 
 
+def test_excluded_items_leave_the_ranking() -> None:
+    # scores prefer later catalog items; leaving out items above the target lifts it by their number
+    ids = tuple(str(i) for i in range(20))
+    catalog = Catalog(ids, tuple(f"t{i}" for i in ids))
+    examples = [Example("a", ("18", "19"), "10"), Example("b", ("3",), "10")]
+
+    def scorer(x: np.ndarray) -> np.ndarray:
+        return np.tile(np.arange(20, dtype=np.float32), (len(x), 1))
+
+    assert S.rank_examples(scorer, examples, catalog, max_len=4) == {"a": 9, "b": 9}
+    excluded = S.rank_examples(scorer, examples, catalog, max_len=4,
+                               exclude=lambda ex: {catalog.index(i) for i in ex.history})
+    assert excluded == {"a": 7, "b": 9}, "items above the target leave; items below do not move it"
+
+
+def test_seen_items_are_the_whole_history_before_the_target() -> None:
+    ids = tuple(str(i) for i in range(6))
+    data = Dataset("toy", Catalog(ids, tuple(f"t{i}" for i in ids)), {"u": ("0", "1", "2", "3", "4")})
+    assert data.seen("u", "test") == {0, 1, 2, 3} and data.seen("u", "valid") == {0, 1, 2}
+    (ex,) = data.split("test", max_history=2)
+    assert ex.history == ("2", "3") and data.seen("u", "test") > {data.catalog.index(i) for i in ex.history}
+
+
 # --------------------------------------------------------------------------- model
 
 
