@@ -1,12 +1,13 @@
-"""HatLLM -> ONNX: graph (:mod:`export.graph`), conversion (:mod:`export.convert`), 4-bit
-weights (:mod:`export.quantize`), parity with PyTorch (:mod:`export.validate`) and the
-self-describing bundle (:mod:`export.bundle`)."""
+"""HatLLM -> ONNX: graph (:mod:`hatllm_edge.export.graph`), conversion (:mod:`hatllm_edge.export.convert`), 4-bit
+weights (:mod:`hatllm_edge.export.quantize`), parity with PyTorch (:mod:`hatllm_edge.export.validate`) and the
+self-describing bundle (:mod:`hatllm_edge.export.bundle`)."""
 
-from export.bundle import export_bundle, write_manifest
-from export.convert import export_onnx, read_decoder
-from export.quantize import Int4Options
-from export.validate import ValidationReport, validate
-from hatllm_edge.engine import verify_bundle
+from hatllm_edge.export.bundle import export_bundle, write_manifest
+from hatllm_edge.export.convert import export_onnx, read_decoder
+from hatllm_edge.export.quantize import Int4Options
+from hatllm_edge.export.validate import ValidationReport, validate
+
+from hatllm_edge.engine.session import verify_bundle
 
 __all__ = ["Int4Options", "ValidationReport", "export_bundle", "export_onnx", "read_decoder", "validate",
            "verify_bundle", "write_manifest"]

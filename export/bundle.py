@@ -2,7 +2,7 @@
 
 Written into a hidden sibling folder and renamed into place only after the model is saved,
 validated and hashed, so a failed export never leaves a folder that looks like a bundle.
-The engine reads it back with :meth:`hatllm_edge.engine.OnnxBackend.from_bundle`.
+The engine reads it back with :meth:`hatllm_edge.engine.session.OnnxBackend.from_bundle`.
 """
 
 from __future__ import annotations
@@ -16,20 +16,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from hatllm_edge.export.calibrate import (
+    CALIBRATION_PROMPTS,
+    activation_absmax,
+    calibration_sequences,
+)
+from hatllm_edge.export.convert import DType, Quant, export_onnx, resolve_embeddings
+from hatllm_edge.export.graph import Embeddings
+from hatllm_edge.export.quantize import Int4Options
+from hatllm_edge.export.validate import validate
 from tqdm.auto import tqdm
 
-from export.calibrate import CALIBRATION_PROMPTS, activation_absmax, calibration_sequences
-from export.convert import DType, Quant, export_onnx, resolve_embeddings
-from export.graph import Embeddings
-from export.quantize import Int4Options
-from export.validate import validate
-from hatllm_edge.cache import clean_stale, partial_prefix
-from hatllm_edge.data import Catalog
-from hatllm_edge.engine import file_sha256
-from hatllm_edge.formats import BUNDLE_META, CATALOG_FILE, MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE, ModelMeta
-from hatllm_edge.errors import HatLLMError, InputError
-from hatllm_edge.model import HatLLM
-from hatllm_edge.prompt import PromptBuilder
+from hatllm_edge.core.data import Catalog
+from hatllm_edge.core.errors import HatLLMError, InputError
+from hatllm_edge.core.formats import (
+    BUNDLE_META,
+    CATALOG_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    ModelMeta,
+)
+from hatllm_edge.core.prompt import PromptBuilder
+from hatllm_edge.engine.cache import clean_stale, partial_prefix
+from hatllm_edge.engine.session import file_sha256
+from hatllm_edge.training.model import HatLLM
 
 RESERVED = (MODEL_FILE, f"{MODEL_FILE}.data", BUNDLE_META, MANIFEST_FILE)
 EXACT_TOLERANCE = 1e-3  # max |diff| / max |logit| allowed against the exact reference (fp32 graphs)
@@ -90,7 +101,7 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 
 
 def _calibration(model: HatLLM, folder: Path, meta: ModelMeta) -> dict[str, np.ndarray] | None:
-    """Activation statistics for the engine's int8 route (:mod:`export.calibrate`), when the
+    """Activation statistics for the engine's int8 route (:mod:`hatllm_edge.export.calibrate`), when the
     bundle carries the tokenizer and catalog to build prompts from; None otherwise."""
     if not ((folder / TOKENIZER_FILE).is_file() and (folder / CATALOG_FILE).is_file()):
         return None
@@ -117,7 +128,7 @@ def export_bundle(
     ``files``: extra bundle files by name (bytes, or a path to copy). ``meta``: the
     checkpoint's hatllm.json content; bundle.json is ``meta`` plus an ``export`` section (quant,
     opset, layer kinds, sizes, versions, validation figures), so that it reads like the
-    checkpoint's own JSON. ``check``: run :func:`export.validate.validate` (ONNX Runtime on
+    checkpoint's own JSON. ``check``: run :func:`hatllm_edge.export.validate.validate` (ONNX Runtime on
     this machine; a float16 graph is recorded, not checked) and fail on an fp32 mismatch.
     """
     out_dir = Path(out_dir)

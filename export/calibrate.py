@@ -1,7 +1,7 @@
 """Activation statistics for the engine's int8 route, measured at export.
 
 The CPU engine quantises every matmul input per token to 127 steps of the token's absmax
-(:func:`hatllm_edge.lowbit.int8_rows`). A few input channels run far larger than the rest, so
+(:func:`hatllm_edge.engine.lowbit.int8_rows`). A few input channels run far larger than the rest, so
 they set the step and the other channels round to a handful of codes. SmoothQuant (Xiao et
 al., 2023) moves that range into the weights: channel j of the input is divided by
 s_j = max|x_j|^a / max|w_j|^(1-a) and the weight's column j multiplied by it, which is exact in
@@ -19,10 +19,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from hatllm_edge.data import Catalog
-from hatllm_edge.masks import build_masks, causal_visibility
-from hatllm_edge.model import HatLLM
-from hatllm_edge.prompt import PromptBuilder
+from hatllm_edge.core.data import Catalog
+from hatllm_edge.core.masks import build_masks, causal_visibility
+from hatllm_edge.core.prompt import PromptBuilder
+from hatllm_edge.training.model import HatLLM
 
 CALIBRATION_PROMPTS = 16
 

@@ -1,13 +1,13 @@
 """HatLLM (PyTorch) -> ``model.onnx``: read the decoder, build the graph, quantise, save.
 
 The graph is written directly from the Hugging Face module's weights (see
-:mod:`export.graph`) instead of tracing the model with ``torch.onnx.export(dynamo=True)``.
+:mod:`hatllm_edge.export.graph`) instead of tracing the model with ``torch.onnx.export(dynamo=True)``.
 Why: tracing a Hugging Face forward through the swapped attention function gives a graph
 that depends on transformers internals, specialises dimensions that are 0 or 1 in the example
 (the empty first-step cache, B = 1), takes tens of seconds per export and still needs a
 rewrite pass for the 4-bit contrib ops. Emitting the few ops of a Llama/Qwen2 decoder is
 deterministic, takes milliseconds for the tiny test models, names nodes by path and puts
-``MatMulBnb4`` in place directly; :mod:`export.validate` proves parity with PyTorch.
+``MatMulBnb4`` in place directly; :mod:`hatllm_edge.export.validate` proves parity with PyTorch.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from typing import Literal
 import numpy as np
 import onnx
 import torch
+from hatllm_edge.export.graph import Embeddings, build_decoder
+from hatllm_edge.export.quantize import Int4Options, quantize_int4
 from onnx import numpy_helper
 
-from export.graph import Embeddings, build_decoder
-from export.quantize import Int4Options, quantize_int4
-from hatllm_edge.formats import GRAPH_CONTRACT, GRAPH_REVISION, QUANTS
-from hatllm_edge.errors import InputError
-from hatllm_edge.lowbit import CALIBRATION_PREFIX
-from hatllm_edge.model import SUPPORTED_TYPES, HatLLM
+from hatllm_edge.core.errors import InputError
+from hatllm_edge.core.formats import GRAPH_CONTRACT, GRAPH_REVISION, QUANTS
+from hatllm_edge.engine.lowbit import CALIBRATION_PREFIX
+from hatllm_edge.training.model import SUPPORTED_TYPES, HatLLM
 
 Quant = Literal["none", "nf4", "int4", "int8"]
 DType = Literal["fp32", "fp16"]
@@ -169,7 +169,7 @@ def export_onnx(
     embeddings: Embeddings | None = None,
     calibration: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write ``model`` to ``path`` as ONNX (graph contract in :mod:`export.graph`).
+    """Write ``model`` to ``path`` as ONNX (graph contract in :mod:`hatllm_edge.export.graph`).
 
     quant: "none" (weights in ``dtype``), "nf4" (bitsandbytes NF4 -> ``MatMulBnb4``), "int4"
     (``MatMulNBits`` via ONNX Runtime's quantiser, options in ``int4``) or "int8" (8-bit
@@ -179,7 +179,7 @@ def export_onnx(
     which mirrors a bitsandbytes 4-bit model (whose embedding and head stay float) exactly.
     ``external_data`` None: only for models too big for one protobuf (the weights then go to
     ``<name>.data`` beside it). ``calibration``: per Linear module, the max |input| of each
-    channel (:func:`export.calibrate.activation_absmax`), stored for the engine's int8 route.
+    channel (:func:`hatllm_edge.export.calibrate.activation_absmax`), stored for the engine's int8 route.
     Returns ``path``.
     """
     if quant not in QUANTS:

@@ -35,16 +35,26 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import onnx
+from hatllm_edge.export.quantize import nf4_pack
 from onnx import TensorProto, helper, numpy_helper
 
-from export.quantize import nf4_pack
-from hatllm_edge.formats import (INPUT_IDS, LOGITS, LOGITS_TO_KEEP, MASK_INPUT, PAST, PAST_ROWS, POSITION_IDS, PRESENT,
-                                 TARGET_IDS, TARGET_LOGPROBS)
-from hatllm_edge.errors import InputError
-from hatllm_edge.lowbit import NF4_BLOCK, Q8_BLOCK, q8_pack
+from hatllm_edge.core.errors import InputError
+from hatllm_edge.core.formats import (
+    INPUT_IDS,
+    LOGITS,
+    LOGITS_TO_KEEP,
+    MASK_INPUT,
+    PAST,
+    PAST_ROWS,
+    POSITION_IDS,
+    PRESENT,
+    TARGET_IDS,
+    TARGET_LOGPROBS,
+)
+from hatllm_edge.engine.lowbit import NF4_BLOCK, Q8_BLOCK, q8_pack
 
 if TYPE_CHECKING:
-    from export.convert import DecoderSpec
+    from hatllm_edge.export.convert import DecoderSpec
 
 INT64_MAX = np.iinfo(np.int64).max
 LinearQuant = Literal["none", "nf4", "int8"]
@@ -243,7 +253,7 @@ def _lm_head(g: _Graph, spec: DecoderSpec, h: str, embeddings: Embeddings) -> st
 
 def build_decoder(spec: DecoderSpec, quant: LinearQuant = "none", dtype: Literal["fp32", "fp16"] = "fp32",
                   opset: int = 23, embeddings: Embeddings = "float", eight_bit: tuple[str, ...] = ()) -> onnx.ModelProto:
-    """The whole decoder as a ModelProto (weights inline; :func:`export.convert.export_onnx`
+    """The whole decoder as a ModelProto (weights inline; :func:`hatllm_edge.export.convert.export_onnx`
     saves it). ``quant``: the decoder Linears (float ``MatMul``, NF4 or 8-bit); ``eight_bit``:
     Linears (``mlp.down_proj``, ...) written 8-bit whatever ``quant`` says; ``embeddings``: the
     embedding and LM head in the graph dtype or 8-bit."""

@@ -7,11 +7,11 @@
 * int4 ``com.microsoft.MatMulNBits`` through ONNX Runtime's ``MatMulNBitsQuantizer`` on the
   finished float graph: RTN (ORT's default block-wise affine quantiser), HQQ, or GPTQ (needs
   calibration token sequences).
-* 8-bit blocks (:func:`hatllm_edge.lowbit.q8_pack`): the ``--quant int8`` Linears, and in every quantised bundle
+* 8-bit blocks (:func:`hatllm_edge.engine.lowbit.q8_pack`): the ``--quant int8`` Linears, and in every quantised bundle
   the tied embedding / LM head, which decides the ranking directly and so gets 8 bits, not 4.
 
 Reading them back as float (the validation reference, the engine's int8 expansion) lives in
-:mod:`hatllm_edge.lowbit`, because the torch-free engine needs it at load time.
+:mod:`hatllm_edge.engine.lowbit`, because the torch-free engine needs it at load time.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 from onnxruntime.quantization.calibrate import CalibrationDataReader
 
-from hatllm_edge.lowbit import NF4_BLOCK
+from hatllm_edge.engine.lowbit import NF4_BLOCK
+
 
 def nf4_absmax(state: Any) -> np.ndarray:
     """The float32 absmax [blocks] of a bitsandbytes QuantState, double quantisation expanded."""
@@ -110,7 +111,7 @@ def quantize_int4(model: onnx.ModelProto, options: Int4Options) -> onnx.ModelPro
     """Every MatMul with a constant weight (the decoder Linears) -> MatMulNBits."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
-    from hatllm_edge.errors import InputError
+    from hatllm_edge.core.errors import InputError
 
     if options.algo == "rtn":
         config: Any = mnq.DefaultWeightOnlyQuantConfig(

@@ -3,7 +3,7 @@
 The inputs exercise what the graph must get right: three rows (no padding, left padding,
 right padding), random item segments so that the IN, OR and CR masks all differ, a prefill
 step from an empty cache and then a cached step. The ONNX side runs through the engine
-(:class:`hatllm_edge.engine.OnnxBackend`), so the engine's binding and cache are checked too.
+(:class:`hatllm_edge.engine.session.OnnxBackend`), so the engine's binding and cache are checked too.
 A 4-bit graph is compared twice: with the PyTorch model whose Linears carry the very weights
 the 4-bit nodes dequantise to (should match to float rounding) and with the fp32 model (the
 quantisation error itself).
@@ -20,10 +20,10 @@ import numpy as np
 import onnx
 import torch
 
-from hatllm_edge.lowbit import dequantized_linears
-from hatllm_edge.engine import OnnxBackend
-from hatllm_edge.masks import MaskKind, build_masks, causal_visibility
-from hatllm_edge.model import HatLLM
+from hatllm_edge.core.masks import MaskKind, build_masks, causal_visibility
+from hatllm_edge.engine.lowbit import dequantized_linears
+from hatllm_edge.engine.session import OnnxBackend
+from hatllm_edge.training.model import HatLLM
 
 
 @dataclass(frozen=True)

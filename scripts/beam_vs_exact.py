@@ -18,12 +18,12 @@ import json
 import time
 from pathlib import Path
 
-from hatllm_edge.data import load_dataset
-from hatllm_edge.evaluate import split_examples
-from hatllm_edge.metrics import mean_metrics, target_rank
-from cli import bundle_builder
-from hatllm_edge.rank_request import open_ranker
-from hatllm_edge.machine import cpu_name
+from hatllm_edge.app.models import bundle_builder
+from hatllm_edge.app.rank import open_ranker
+from hatllm_edge.core.data import load_dataset
+from hatllm_edge.core.machine import cpu_name
+from hatllm_edge.core.metrics import mean_metrics, target_rank
+from hatllm_edge.ranking.loo import split_examples
 
 
 def main() -> None:

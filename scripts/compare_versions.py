@@ -19,8 +19,8 @@ import numpy as np  # noqa: E402
 
 from hatllm_edge.bench.backends import runner  # noqa: E402
 from hatllm_edge.bench.workloads import Workload, make_requests  # noqa: E402
-from hatllm_edge.data import load_dataset  # noqa: E402
-from hatllm_edge.ranker import Ranker  # noqa: E402
+from hatllm_edge.core.data import load_dataset  # noqa: E402
+from hatllm_edge.ranking.ranker import Ranker  # noqa: E402
 
 ranker = Ranker.from_bundle(bundle, "cpu", 2, compute)
 w = Workload.parse(workload)

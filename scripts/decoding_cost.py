@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hatllm_edge.data import load_dataset
-from hatllm_edge.ranker import open_model
-from hatllm_edge.machine import cpu_name
+from hatllm_edge.app.models import open_model
+from hatllm_edge.core.data import load_dataset
+from hatllm_edge.core.machine import cpu_name
 
 
 def main() -> None:

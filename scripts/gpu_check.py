@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hatllm_edge.bench.backends import runner  # noqa: E402
 from hatllm_edge.bench.workloads import Workload  # noqa: E402
-from hatllm_edge.fidelity import kendall_tau  # noqa: E402
-from hatllm_edge.ranker import Ranker  # noqa: E402
+from hatllm_edge.evaluation.fidelity import kendall_tau  # noqa: E402
+from hatllm_edge.ranking.ranker import Ranker  # noqa: E402
 
 WORKLOADS = ("cand100-h20-b1", "cand20-h5-b1", "cand100-h20-b8", "cand100-h20-b32", "top10-h10-b1", "top10-h10-b8",
              "top10-h10-b32")
@@ -46,7 +46,7 @@ def reference(bundle: Path, out: Path, threads: int) -> None:
     from tqdm import tqdm
 
     from hatllm_edge.bench.workloads import make_requests
-    from hatllm_edge.data import load_dataset
+    from hatllm_edge.core.data import load_dataset
 
     cpu = Ranker.from_bundle(bundle, "cpu", threads, compute="native")
     data = load_dataset("ml-100k", None, None)

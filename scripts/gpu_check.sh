@@ -55,7 +55,7 @@ check)
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "no CUDAExecutionProvider: stage .gpu-ort first" | tee -a "$OUT/summary.txt"; exit 3; }
 
   step "session start: no provider warning"
-  python3 -c "from hatllm_edge.ranker import Ranker; print(Ranker.from_bundle('$BUNDLE', 'cuda').label)" \
+  python3 -c "from hatllm_edge.ranking.ranker import Ranker; print(Ranker.from_bundle('$BUNDLE', 'cuda').label)" \
     > "$OUT/session_start.stdout" 2> "$OUT/session_start.stderr" || status=1
   cat "$OUT/session_start.stdout" | tee -a "$OUT/summary.txt"
   if grep -q "No registered plugin EP" "$OUT/session_start.stderr"; then echo "provider warning still printed" | tee -a "$OUT/summary.txt"; status=1; fi

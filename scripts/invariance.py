@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hatllm_edge.data import load_dataset
-from hatllm_edge.ranker import Ranker
+from hatllm_edge.core.data import load_dataset
+from hatllm_edge.ranking.ranker import Ranker
 
 
 def _by_item(ranked) -> np.ndarray:  # type: ignore[no-untyped-def]

@@ -15,9 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hatllm_edge.bench.workloads import Workload, make_requests  # noqa: E402
-from hatllm_edge.data import load_dataset  # noqa: E402
-from hatllm_edge.engine import PASS_TOKENS_CUDA  # noqa: E402
-from hatllm_edge.ranker import Ranker  # noqa: E402
+from hatllm_edge.core.data import load_dataset  # noqa: E402
+from hatllm_edge.engine.session import PASS_TOKENS_CUDA  # noqa: E402
+from hatllm_edge.ranking.ranker import Ranker  # noqa: E402
 
 
 class _Counted:

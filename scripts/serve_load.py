@@ -25,15 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from hatllm_edge.loadtest import LoadConfig, run_load, summary_line
-from hatllm_edge.machine import cpu_name
+from hatllm_edge.app.loadtest import LoadConfig, run_load, summary_line
+from hatllm_edge.core.machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = {"candidates": ROOT / "examples" / "user_candidates.json", "top10": ROOT / "examples" / "user.json"}
 
 
 def start(bundle: Path, port: int, *flags: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--model", str(bundle), "--port", str(port), "-q", *flags],
+    proc = subprocess.Popen([sys.executable, "-m", "hatllm_edge", "serve", "--model", str(bundle), "--port", str(port), "-q", *flags],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}/rank"
     for _ in range(600):
@@ -82,7 +82,7 @@ def per_process(bundle: Path, body: Path, n: int) -> dict[str, Any]:
     walls = []
     for _ in range(n):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "cli", "rank", str(body), "--model", str(bundle), "-q", "--threads", "2"],
+        subprocess.run([sys.executable, "-m", "hatllm_edge", "rank", str(body), "--model", str(bundle), "-q", "--threads", "2"],
                        cwd=ROOT, check=True, capture_output=True)
         walls.append(time.perf_counter() - t0)
     ms = np.array(walls) * 1000

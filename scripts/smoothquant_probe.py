@@ -24,13 +24,13 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from hatllm_edge import lowbit
-from hatllm_edge.data import load_dataset
-from hatllm_edge.engine import OnnxBackend
-from hatllm_edge.formats import MODEL_FILE
-from hatllm_edge.fidelity import kendall_tau
-from hatllm_edge.masks import build_masks, causal_visibility
-from hatllm_edge.ranker import Ranker
+from hatllm_edge.core.data import load_dataset
+from hatllm_edge.core.formats import MODEL_FILE
+from hatllm_edge.core.masks import build_masks, causal_visibility
+from hatllm_edge.engine import lowbit
+from hatllm_edge.engine.session import OnnxBackend
+from hatllm_edge.evaluation.fidelity import kendall_tau
+from hatllm_edge.ranking.ranker import Ranker
 
 
 def channel_absmax(model: onnx.ModelProto, ranker: Ranker, inputs: list[str], prompts: int, seed: int) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ from pathlib import Path
 CHILD = """
 import sys, time
 sys.path.insert(0, {root!r})
-import export.checkpoint as ec
+import hatllm_edge.export.checkpoint as ec
 real = ec.export_checkpoint
 
 def counted(*args, **kwargs):
@@ -35,7 +35,7 @@ def counted(*args, **kwargs):
 ec.export_checkpoint = counted
 from pathlib import Path
 import hatllm_edge
-from hatllm_edge.ranker import cached_bundle
+from hatllm_edge.app.models import cached_bundle
 import os
 open(os.path.join({sync!r}, f"ready-{{os.getpid()}}"), "w").close()
 while not os.path.exists(os.path.join({sync!r}, "go")):  # every process has imported: all start together
@@ -69,19 +69,20 @@ def make_checkpoint(out: Path) -> None:
     (work / "items.csv").write_text("item_id,title\n" + "".join(f"i{n},{t}\n" for n, t in enumerate(titles, 1)))
     rows = [f"u{u},i{(u + t) % 6 + 1},{t}" for u in range(6) for t in range(6)]
     (work / "inter.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
-    subprocess.run([sys.executable, "-m", "cli", "train", str(out), "--base", str(work / "base"), "--interactions",
+    subprocess.run([sys.executable, "-m", "hatllm_edge", "train", str(out), "--base", str(work / "base"), "--interactions",
                     str(work / "inter.csv"), "--items", str(work / "items.csv"), "--examples", "4", "--batch-size", "4",
                     "--quiet"], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
 def _publish_worker(barrier, checkpoint: Path, base: Path, rounds: int, build_seconds: float, queue) -> None:  # type: ignore[no-untyped-def]
     """One forked process: ``rounds`` times, wait for the others, then ask ``cached_bundle`` for the
-    round's bundle, the export replaced by export.bundle's publish step around a short sleep."""
+    round's bundle, the export replaced by hatllm_edge.export.bundle's publish step around a short sleep."""
     import tempfile as tf
 
-    import export.bundle as eb
-    import export.checkpoint as ec
-    from hatllm_edge.ranker import cached_bundle
+    import hatllm_edge.export.bundle as eb
+    import hatllm_edge.export.checkpoint as ec
+
+    from hatllm_edge.app.models import cached_bundle
 
     builds = 0
 
@@ -116,8 +117,9 @@ def _publish_worker(barrier, checkpoint: Path, base: Path, rounds: int, build_se
 def publish_race(checkpoint: Path, rounds: int, procs: int, build_seconds: float) -> dict[str, object]:
     import multiprocessing as mp
 
-    import export.bundle  # noqa: F401 - imported once, before the fork
-    import hatllm_edge.ranker  # noqa: F401
+    import hatllm_edge.export.bundle  # noqa: F401 - imported once, before the fork
+
+    import hatllm_edge.ranking.ranker  # noqa: F401
 
     ctx = mp.get_context("fork")
     base = Path(tempfile.mkdtemp(prefix="stress-publish-"))
@@ -148,7 +150,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--publish-only", type=float, metavar="SECONDS",
-                        help="forked processes, the export replaced by export.bundle's publish step around a build of "
+                        help="forked processes, the export replaced by hatllm_edge.export.bundle's publish step around a build of "
                              "SECONDS: the race alone, hundreds of tries in seconds")
     parser.add_argument("--out", type=Path, help="JSON file for the counts")
     args = parser.parse_args()

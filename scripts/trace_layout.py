@@ -19,11 +19,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from hatllm_edge import ranking
-from hatllm_edge.formats import MODEL_FILE
-from hatllm_edge.lowbit import int8_compute
-from hatllm_edge.prompt import PromptBuilder
-from hatllm_edge.ranker import Ranker
+from hatllm_edge.core.formats import MODEL_FILE
+from hatllm_edge.core.prompt import PromptBuilder
+from hatllm_edge.engine.lowbit import int8_compute
+from hatllm_edge.ranking import search as ranking
+from hatllm_edge.ranking.ranker import Ranker
 
 
 def _record(ranker: Ranker, history: list[int], candidates: list[int], pack: int) -> tuple[np.ndarray, dict]:

@@ -4,6 +4,9 @@ Llama saved as a local Hugging Face base folder (same vocabulary, so prompts fit
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ def tokenizer_json(hf_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def prompts(tokenizer_json: Path) -> Any:
-    from hatllm_edge.prompt import PromptBuilder
+    from hatllm_edge.core.prompt import PromptBuilder
 
     return PromptBuilder.from_file(tokenizer_json, EOS, max_history=20)
 
@@ -66,7 +69,7 @@ def tiny_base(hf_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 def model_meta(model: Any, max_history: int = 10) -> Any:
     """The metadata a bundle of ``model`` needs (what a checkpoint's hatllm.json holds)."""
-    from hatllm_edge.formats import ModelMeta, PromptMeta
+    from hatllm_edge.core.formats import ModelMeta, PromptMeta
 
     return ModelMeta(schedule=model.schedule.to_dict(), prompt=PromptMeta(EOS, max_history, "list"))
 
@@ -78,12 +81,12 @@ def tiny_bundle(root: Path, tokenizer_json: Path, titles: list[str], ids: list[s
     import json
 
     import torch
+    from hatllm_edge.export import export_bundle
     from transformers import LlamaForCausalLM
 
-    from export import export_bundle
-    from hatllm_edge.formats import ModelMeta, PromptMeta
-    from hatllm_edge.masks import LayerSchedule
-    from hatllm_edge.model import HatLLM
+    from hatllm_edge.core.formats import ModelMeta, PromptMeta
+    from hatllm_edge.core.masks import LayerSchedule
+    from hatllm_edge.training.model import HatLLM
 
     root.mkdir(parents=True, exist_ok=True)
     catalog = root / "catalog.jsonl"
@@ -94,3 +97,25 @@ def tiny_bundle(root: Path, tokenizer_json: Path, titles: list[str], ids: list[s
     meta = ModelMeta(schedule=model.schedule.to_dict(), prompt=PromptMeta(EOS, max_history, template))
     return export_bundle(model, root / "int4", "int4", {"tokenizer.json": tokenizer_json, "catalog.jsonl": catalog}, meta,
                          progress=False)
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """hatllm-edge as a user installs it: a wheel of this checkout, installed without -e into a
+    folder of its own (the dependencies are this environment's)."""
+    dist, site = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("site")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(dist), str(root)], check=True, timeout=600,
+                   capture_output=True)
+    (wheel,) = dist.glob("hatllm_edge-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=600, capture_output=True)
+    return site
+
+
+def run_installed(site: Path, args: list[str], cwd: Path, code: str | None = None) -> subprocess.CompletedProcess:
+    """``hatllm-edge ARGS`` (or ``python -c CODE``) with the wheel's copy first on the path,
+    from ``cwd`` (outside the checkout), HATLLM_DEBUG unset."""
+    env = {k: v for k, v in os.environ.items() if k != "HATLLM_DEBUG"} | {"PYTHONPATH": str(site)}
+    cmd = [sys.executable, "-c", code] if code else [str(site / "bin" / "hatllm-edge"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

@@ -14,12 +14,20 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hatllm_edge.analyze import attention_skew, bucket_masks, layer_masses, layer_summary, plot_skew, skew_table, summarize
-from hatllm_edge.data import Catalog, Example
-from hatllm_edge.formats import ModelMeta, PromptMeta
-from hatllm_edge.masks import LayerSchedule
-from hatllm_edge.model import HatLLM
-from hatllm_edge.prompt import PromptBuilder
+from hatllm_edge.core.data import Catalog, Example
+from hatllm_edge.core.formats import ModelMeta, PromptMeta
+from hatllm_edge.core.masks import LayerSchedule
+from hatllm_edge.core.prompt import PromptBuilder
+from hatllm_edge.training.analyze import (
+    attention_skew,
+    bucket_masks,
+    layer_masses,
+    layer_summary,
+    plot_skew,
+    skew_table,
+    summarize,
+)
+from hatllm_edge.training.model import HatLLM
 
 LAYERS = 4
 TITLES = ["Toy Story (1995)", "Heat (1995)", "Fargo (1996)", "Scream (1996)", "Contact (1997)", "Titanic (1997)"]
@@ -133,8 +141,8 @@ def test_mixed_schedule_summary_table_and_plot(lm: LlamaForCausalLM, prompts: Pr
 def test_cli_writes_json_and_png(lm: LlamaForCausalLM, hf_tokenizer: Any, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from cli import app
-    from hatllm_edge.checkpoint import FULL_WEIGHTS, write_common
+    from hatllm_edge.cli import app
+    from hatllm_edge.training.checkpoint import FULL_WEIGHTS, write_common
 
     base = tmp_path / "base"
     lm.save_pretrained(base)

@@ -7,14 +7,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
 
-from conftest import tiny_llama_config
-from hatllm_edge.batching import allowed_tokens, answer_nll, make_batch, make_window_batch, msl_nll
-from hatllm_edge.data import Catalog, Example, Window
-from hatllm_edge.masks import LayerSchedule, build_masks, causal_visibility
-from hatllm_edge.model import HatLLM
-from hatllm_edge.prompt import PromptBuilder
+from hatllm_edge.core.data import Catalog, Example, Window
+from hatllm_edge.core.masks import LayerSchedule, build_masks, causal_visibility
+from hatllm_edge.core.prompt import PromptBuilder
+from hatllm_edge.training.batching import (
+    allowed_tokens,
+    answer_nll,
+    make_batch,
+    make_window_batch,
+    msl_nll,
+)
+from hatllm_edge.training.model import HatLLM
 
 CATALOG = Catalog(("a", "b", "c", "d"), ("Alpha (1990)", "Misérables, Les (1995)", 'He said "hi", then left', "D"))
 EXAMPLES = [
@@ -124,7 +130,7 @@ def test_window_loss_is_the_sum_of_the_one_target_losses(prompts: PromptBuilder,
 
 
 def test_windows_cover_every_training_target_once() -> None:
-    from hatllm_edge.data import Dataset
+    from hatllm_edge.core.data import Dataset
 
     seqs = {"u1": tuple("abcdefghijkl"), "u2": ("a", "b", "c"), "u3": ("a", "b", "c", "d")}
     data = Dataset("toy", Catalog(tuple("abcdefghijkl"), tuple("ABCDEFGHIJKL")), seqs)
@@ -146,8 +152,8 @@ def test_windows_cover_every_training_target_once() -> None:
 def test_msl_at_temperature_one_is_minus_the_renormalised_beam_score(prompts: PromptBuilder) -> None:
     """The masked-softmax loss of an answer is minus its trie-renormalised log-probability:
     the loss and the decoding it pairs with agree; and it never exceeds the full-vocabulary loss."""
-    from hatllm_edge.ranking import Fusion, TitleTrie, beam_search
-    from hatllm_edge.torch_backend import TorchBackend
+    from hatllm_edge.ranking.search import Fusion, TitleTrie, beam_search
+    from hatllm_edge.training.torch_backend import TorchBackend
 
     torch.manual_seed(0)
     model = HatLLM(LlamaForCausalLM(tiny_llama_config(layers=2, init=0.2)).eval(), LayerSchedule(2, 1, 1))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hatllm_edge import formats
-from hatllm_edge.ranker import bundle_cache_dir
+from hatllm_edge.app.models import bundle_cache_dir
+from hatllm_edge.core import formats
 
 
 def test_cache_key_follows_checkpoint_contract_and_graph_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

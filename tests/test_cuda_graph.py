@@ -1,4 +1,4 @@
-"""CUDA graphs (hatllm_edge.cuda_graph): each pass shape replayed from buffers that stay put.
+"""CUDA graphs (hatllm_edge.engine.cuda_graph): each pass shape replayed from buffers that stay put.
 
 Capture itself needs a GPU (the CUDA test skips without one). What the CPU can check is the
 bookkeeping around it, run with the same bound buffers and no capture: padded rows and target
@@ -14,18 +14,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import tiny_llama_config
+from hatllm_edge.export import export_onnx
+from test_invariance import CATALOG, HISTORIES, TITLES
 from transformers import LlamaForCausalLM
 
-from conftest import tiny_llama_config
-from export import export_onnx
-from hatllm_edge.cuda_graph import GraphRunner, pad_rows, padded
-from hatllm_edge.engine import OnnxBackend
-from hatllm_edge.errors import InputError
-from hatllm_edge.masks import LayerSchedule
-from hatllm_edge.model import HatLLM
-from hatllm_edge.prompt import PromptBuilder
-from hatllm_edge.ranking import TitleTrie, beam_search, score_candidates
-from test_invariance import CATALOG, HISTORIES, TITLES
+from hatllm_edge.core.errors import InputError
+from hatllm_edge.core.masks import LayerSchedule
+from hatllm_edge.core.prompt import PromptBuilder
+from hatllm_edge.engine.cuda_graph import GraphRunner, pad_rows, padded
+from hatllm_edge.engine.session import OnnxBackend
+from hatllm_edge.ranking.search import TitleTrie, beam_search, score_candidates
+from hatllm_edge.training.model import HatLLM
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 

@@ -9,8 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from hatllm_edge.data import Catalog, Dataset, Example, load_dataset, recbole_ml100k_dir
-from hatllm_edge.errors import DataError, InputError
+from hatllm_edge.core.data import (
+    Catalog,
+    Dataset,
+    Example,
+    load_dataset,
+    recbole_ml100k_dir,
+)
+from hatllm_edge.core.errors import DataError, InputError
 
 
 @pytest.fixture(scope="module")

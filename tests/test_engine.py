@@ -11,15 +11,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from hatllm_edge.export import export_onnx
+from hatllm_edge.export.validate import run_onnx, sample_steps
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from export import export_onnx
-from export.validate import run_onnx, sample_steps
-from hatllm_edge.engine import OnnxBackend
-from hatllm_edge.formats import GRAPH_CONTRACT, GRAPH_REVISION
-from hatllm_edge.errors import InputError
-from hatllm_edge.masks import LayerSchedule, build_masks, causal_visibility
-from hatllm_edge.model import HatLLM
+from hatllm_edge.core.errors import InputError
+from hatllm_edge.core.formats import GRAPH_CONTRACT, GRAPH_REVISION
+from hatllm_edge.core.masks import LayerSchedule, build_masks, causal_visibility
+from hatllm_edge.engine.session import OnnxBackend
+from hatllm_edge.training.model import HatLLM
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -144,8 +144,8 @@ def test_engine_runs_without_torch(onnx_path: Path) -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np\n"
-        "from hatllm_edge.engine import OnnxBackend\n"
-        "from hatllm_edge.masks import build_masks, causal_visibility\n"
+        "from hatllm_edge.engine.session import OnnxBackend\n"
+        "from hatllm_edge.core.masks import build_masks, causal_visibility\n"
         f"b = OnnxBackend({str(onnx_path)!r}, threads=1)\n"
         "ids = np.arange(5)[None]; seg = np.zeros((1, 5), int)\n"
         "m = build_masks(seg, seg, causal_visibility(np.ones((1, 5), bool), 5))\n"
@@ -160,8 +160,8 @@ def test_engine_runs_without_torch(onnx_path: Path) -> None:
 
 def test_token_logprobs_equal_log_softmax_of_the_logits(model: HatLLM, backend: OnnxBackend) -> None:
     """In-graph log p(target) = log_softmax(logits)[target], on the engine and in PyTorch."""
-    from hatllm_edge.ranking import log_softmax
-    from hatllm_edge.torch_backend import TorchBackend
+    from hatllm_edge.ranking.search import log_softmax
+    from hatllm_edge.training.torch_backend import TorchBackend
 
     s = sample_steps(128)[0]
     targets = np.random.default_rng(5).integers(0, 128, s.input_ids.shape)
@@ -183,7 +183,7 @@ def test_int8_compute_replaces_every_weight_matmul_and_tracks_native(model: HatL
     DynamicQuantizeMatMul); the logits stay close to the graph as stored."""
     import onnx
 
-    from hatllm_edge.lowbit import INT8_OP, int8_compute
+    from hatllm_edge.engine.lowbit import INT8_OP, int8_compute
 
     path = export_onnx(model, tmp_path / f"{quant}.onnx", quant=quant)
     for activations, op in (("row", "MatMulIntegerToFloat"), ("tensor", INT8_OP)):

@@ -9,18 +9,24 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import model_meta, tiny_llama_config
+from hatllm_edge.export import (
+    Int4Options,
+    export_bundle,
+    export_onnx,
+    validate,
+    verify_bundle,
+)
+from hatllm_edge.export.convert import LINEARS
+from hatllm_edge.export.quantize import nf4_absmax, nf4_pack
+from hatllm_edge.export.validate import Step, compare, run_onnx, run_torch, sample_steps
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import model_meta, tiny_llama_config
-from export import Int4Options, export_bundle, export_onnx, validate, verify_bundle
-from export.convert import LINEARS
-from export.quantize import nf4_absmax, nf4_pack
-from hatllm_edge.lowbit import dequantized_linears, nf4_unpack
-from export.validate import Step, compare, run_onnx, run_torch, sample_steps
-from hatllm_edge.engine import OnnxBackend, file_sha256
-from hatllm_edge.errors import HatLLMError, InputError
-from hatllm_edge.masks import LayerSchedule
-from hatllm_edge.model import HatLLM
+from hatllm_edge.core.errors import HatLLMError, InputError
+from hatllm_edge.core.masks import LayerSchedule
+from hatllm_edge.engine.lowbit import dequantized_linears, nf4_unpack
+from hatllm_edge.engine.session import OnnxBackend, file_sha256
+from hatllm_edge.training.model import HatLLM
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -239,7 +245,7 @@ def test_int8_graph_is_cached_by_bundle_content(bundle: Path, tmp_path: Path, mo
     """The int8 route's expanded graph is written to the cache on the first load and read back,
     not expanded again, on the next (same outputs). Other activations are another entry; no
     entry without checked hashes; the native route writes none."""
-    import hatllm_edge.lowbit as lowbit
+    import hatllm_edge.engine.lowbit as lowbit
 
     monkeypatch.setenv("HATLLM_CACHE", str(tmp_path / "cache"))
     steps = sample_steps(128)
@@ -300,7 +306,7 @@ def test_failed_export_leaves_no_bundle_and_keeps_model(llama: HatLLM, tmp_path:
     def broken(*args: object, **kwargs: object) -> None:
         raise HatLLMError("validation blew up")
 
-    monkeypatch.setattr("export.bundle.validate", broken)
+    monkeypatch.setattr("hatllm_edge.export.bundle.validate", broken)
     with pytest.raises(HatLLMError, match="blew up"):
         export_bundle(llama, tmp_path / "b", "int4", {}, model_meta(llama), progress=False)
     assert list(tmp_path.iterdir()) == []

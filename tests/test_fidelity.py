@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from hatllm_edge.fidelity import kendall_tau
+from hatllm_edge.evaluation.fidelity import kendall_tau
 
 
 @pytest.mark.parametrize(

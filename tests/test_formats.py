@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from hatllm_edge.errors import InputError
-from hatllm_edge.formats import Decoding, ModelMeta, PromptMeta
-from hatllm_edge.ranker import DEFAULT_CHECKPOINT
+from hatllm_edge.app.models import default_checkpoint
+from hatllm_edge.core.errors import InputError
+from hatllm_edge.core.formats import Decoding, ModelMeta, PromptMeta
 
-SHIPPED = DEFAULT_CHECKPOINT / "hatllm.json"
+SHIPPED = default_checkpoint() / "hatllm.json"
 MINIMAL = {"schedule": {"num_layers": 2, "n_in": 1, "n_cr": 1}, "prompt": {"eos_token": "<|im_end|>", "max_history": 5}}
 
 

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import tiny_bundle
 from typer.testing import CliRunner
 
-from cli import app
-from conftest import tiny_bundle
-from hatllm_edge.cache import Int8Cache, clean_stale
-from hatllm_edge.limits import MAX_CANDIDATES, MAX_HISTORY, MAX_K, MAX_REF_CHARS
+from hatllm_edge.cli import app
+from hatllm_edge.core.limits import MAX_CANDIDATES, MAX_HISTORY, MAX_K, MAX_REF_CHARS
+from hatllm_edge.engine.cache import Int8Cache, clean_stale
 
 ROOT = Path(__file__).resolve().parent.parent
 TITLES = ["Alpha (1990)", "Beta (1991)", "Gamma, The (1992)", "Misérables, Les (1995)", "Delta (1993)", "Zeta (1995)"]
@@ -208,7 +208,7 @@ def test_int8_cache_keeps_the_most_recently_used(tmp_path: Path) -> None:
 
 
 def test_the_graph_metadata_wins_over_bundle_json(bundle: Path, tmp_path: Path) -> None:
-    from export import write_manifest
+    from hatllm_edge.export import write_manifest
 
     user = write(tmp_path / "u.json", {"history": ["i1"], "k": 2})
     edited = copy_bundle(bundle, tmp_path / "edited")
@@ -233,7 +233,7 @@ def test_the_graph_metadata_wins_over_bundle_json(bundle: Path, tmp_path: Path) 
 ])
 def test_a_garbled_bundle_with_a_regenerated_manifest_is_one_line(bundle: Path, tmp_path: Path, name: str,
                                                                    garble: Any, needle: str) -> None:
-    from export import write_manifest
+    from hatllm_edge.export import write_manifest
 
     bad = copy_bundle(bundle, tmp_path / "bad")
     (bad / name).write_bytes(garble((bad / name).read_bytes()))
@@ -268,12 +268,12 @@ def fake_checkpoint(folder: Path) -> Path:
 ])
 def test_an_unusable_cache_is_refused_before_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      value: str, needle: str) -> None:
-    import export.checkpoint
+    import hatllm_edge.export.checkpoint
 
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("loaded a model")
 
-    monkeypatch.setattr(export.checkpoint, "export_checkpoint", no_loading)
+    monkeypatch.setattr(hatllm_edge.export.checkpoint, "export_checkpoint", no_loading)
     if value == "FILE":
         value = str(write(tmp_path / "a-file", "x"))
     monkeypatch.setenv("HATLLM_CACHE", value)
@@ -294,10 +294,10 @@ BUILDER = """
 import os, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from hatllm_edge.cache import partial_prefix
+from hatllm_edge.engine.cache import partial_prefix
 
 def export_checkpoint(checkpoint, out, quant, dtype, progress=True, overwrite=False):
-    # the publish step of export.bundle: build in a partial folder beside the target, rename
+    # the publish step of hatllm_edge.export.bundle: build in a partial folder beside the target, rename
     with open({log!r}, "a") as f:
         f.write(f"{{os.getpid()}}\\n")
     tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out), dir=out.parent))
@@ -306,7 +306,7 @@ def export_checkpoint(checkpoint, out, quant, dtype, progress=True, overwrite=Fa
     tmp.rename(out)  # another builder's bundle already there: OSError, Directory not empty
     return out
 
-from hatllm_edge.ranker import cached_bundle
+from hatllm_edge.app.models import cached_bundle
 print(cached_bundle(Path({checkpoint!r}), "int4", progress=False,
                     build=lambda c, o, q, d, p: export_checkpoint(c, o, q, d, progress=p, overwrite=True)))
 """
@@ -410,7 +410,7 @@ def test_fuzz_requests_exit_0_or_2_and_never_a_traceback(bundle: Path, tmp_path:
 
 
 def test_an_unexpected_failure_is_one_line_and_exit_1(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hatllm_edge.rank_request as rank_request
+    import hatllm_edge.app.rank as rank_request
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("something\nbroke")

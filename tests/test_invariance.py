@@ -14,16 +14,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama_config
+from hatllm_edge.export import export_onnx
 from transformers import LlamaForCausalLM
 
-from conftest import tiny_llama_config
-from export import export_onnx
-from hatllm_edge.data import Catalog
-from hatllm_edge.engine import OnnxBackend
-from hatllm_edge.masks import LayerSchedule
-from hatllm_edge.model import HatLLM
-from hatllm_edge.prompt import PromptBuilder
-from hatllm_edge.ranking import PROMPT_BUCKET, TitleTrie, beam_search, by_width, prompt_width, score_candidates
+from hatllm_edge.core.data import Catalog
+from hatllm_edge.core.masks import LayerSchedule
+from hatllm_edge.core.prompt import PromptBuilder
+from hatllm_edge.engine.session import OnnxBackend
+from hatllm_edge.ranking.search import (
+    PROMPT_BUCKET,
+    TitleTrie,
+    beam_search,
+    by_width,
+    prompt_width,
+    score_candidates,
+)
+from hatllm_edge.training.model import HatLLM
 
 TITLES = [f"{name} ({year})" for name, year in [
     ("Star Wars", 1977), ("Alien", 1979), ("Aliens", 1986), ("Heat", 1995), ("Fargo", 1996), ("Babe", 1995),
@@ -99,12 +106,12 @@ def test_top_k_batched_equals_alone(engine: OnnxBackend, prompts: PromptBuilder)
 def test_the_shipped_assistant_gives_a_user_the_same_log_probs_in_any_batch() -> None:
     """The fused score's other half: SASRec's ONNX graph, run for a batch of users (as evaluate
     and fuse do) or for one (as rank does), gives each user the same log-probabilities to the bit."""
-    from hatllm_edge.assistant import Assistant
-    from hatllm_edge.data import load_dataset
-    from hatllm_edge.ranker import DEFAULT_CHECKPOINT
+    from hatllm_edge.app.models import default_checkpoint
+    from hatllm_edge.core.data import load_dataset
+    from hatllm_edge.ranking.assistant import Assistant
 
     data = load_dataset("ml-100k", None, None)
-    assistant = Assistant.open(DEFAULT_CHECKPOINT, data.catalog, threads=2)
+    assistant = Assistant.open(default_checkpoint(), data.catalog, threads=2)
     histories = [seq[: 3 + n * 7 % 60] for n, seq in enumerate(list(data.sequences.values())[:24])]  # lengths 3-62
     batch = assistant.logprobs(histories)
     alone = np.stack([assistant.logprobs([h])[0] for h in histories])

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from hatllm_edge.masks import MASK_KINDS, LayerSchedule, build_masks, causal_visibility, to_additive
+from hatllm_edge.core.masks import (
+    MASK_KINDS,
+    LayerSchedule,
+    build_masks,
+    causal_visibility,
+)
 
 # Template (0), item 1, item 1, template, item 2, item 2, template, answer item 3, answer item 3.
 SEGS = [0, 1, 1, 0, 2, 2, 0, 3, 3]
@@ -194,19 +199,3 @@ def test_layer_schedule_rejects(layers: int, n_in: int, n_cr: int) -> None:
     with pytest.raises(ValueError, match="n_in"):
         LayerSchedule(layers, n_in, n_cr)
 
-
-def test_to_additive_numpy_and_torch() -> None:
-    m = masks_for([SEGS])["cr"]
-    add = to_additive(m)
-    assert add.dtype == np.float32
-    assert (add[m] == 0).all() and (add[~m] == np.finfo(np.float32).min).all()
-    half = to_additive(m, np.float16)
-    assert half.dtype == np.float16 and (half[~m] == np.finfo(np.float16).min).all()
-    tm = torch.from_numpy(m)
-    tadd = to_additive(tm)
-    assert tadd.dtype == torch.float32
-    np.testing.assert_array_equal(tadd.numpy(), add)
-    assert to_additive(tm, torch.bfloat16).dtype == torch.bfloat16
-    # added to scores, masked keys get exactly zero probability
-    probs = torch.softmax(torch.randn(1, 1, 9, 9) + tadd, -1)
-    assert (probs[~tm] == 0).all()

@@ -6,7 +6,12 @@ import math
 
 import pytest
 
-from hatllm_edge.metrics import mean_metrics, paired_bootstrap, target_rank, user_metrics
+from hatllm_edge.core.metrics import (
+    mean_metrics,
+    paired_bootstrap,
+    target_rank,
+    user_metrics,
+)
 
 KEYS = {"HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10"}
 
@@ -82,8 +87,8 @@ def test_bootstrap_needs_paired_runs() -> None:
 def test_compare_runs_table_bootstrap_and_errors(tmp_path) -> None:
     import json
 
-    from hatllm_edge.errors import InputError
-    from hatllm_edge.metrics import compare_runs
+    from hatllm_edge.core.errors import InputError
+    from hatllm_edge.core.metrics import compare_runs
 
     def write(name, ranks):
         path = tmp_path / f"{name}.json"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import tiny_llama_config
-from hatllm_edge.errors import InputError
-from hatllm_edge.masks import LayerSchedule, build_masks, causal_visibility
-from hatllm_edge.model import BaseModelSpec, HatLLM, load_base
+from hatllm_edge.core.errors import InputError
+from hatllm_edge.core.masks import LayerSchedule, build_masks, causal_visibility
+from hatllm_edge.training.model import BaseModelSpec, HatLLM, load_base
 
 VOCAB = 97
 SEGS = [0, 1, 1, 0, 2, 2, 0, 3, 3]

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hatllm_edge.formats import PromptMeta
-from hatllm_edge.prompt import ANSWER_CLOSE, HEAD, ITEM_CLOSE, TAIL, PromptBuilder
+from hatllm_edge.core.formats import PromptMeta
+from hatllm_edge.core.prompt import ANSWER_CLOSE, HEAD, ITEM_CLOSE, TAIL, PromptBuilder
 
 TRICKY = [
     "Toy Story (1995)",

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import tiny_bundle
-from hatllm_edge.errors import InputError
-from hatllm_edge.rank_request import RankOptions, parse_request, prepare, rank_prepared
-from hatllm_edge.ranker import Ranker
+
+from hatllm_edge.app.rank import RankOptions, parse_request, prepare, rank_prepared
+from hatllm_edge.core.errors import InputError
+from hatllm_edge.ranking.ranker import Ranker
 
 TITLES = ["Alpha (1990)", "Beta (1991)", "Gamma, The (1992)", "Delta (1993)", "Epsilon (1994)", "Zeta (1995)",
           "Eta (1996)", "Theta (1997)", "Iota (1998)", "Kappa (1999)"]

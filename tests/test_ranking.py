@@ -6,15 +6,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
 
-from conftest import tiny_llama_config
-from hatllm_edge.data import Catalog
-from hatllm_edge.masks import LayerSchedule, build_masks, causal_visibility
-from hatllm_edge.model import HatLLM
-from hatllm_edge.prompt import Encoded, PromptBuilder
-from hatllm_edge.ranking import Fusion, Ranked, TitleTrie, _fed, _packs, beam_search, log_softmax, score_candidates
-from hatllm_edge.torch_backend import TorchBackend
+from hatllm_edge.core.data import Catalog
+from hatllm_edge.core.masks import LayerSchedule, build_masks, causal_visibility
+from hatllm_edge.core.prompt import Encoded, PromptBuilder
+from hatllm_edge.ranking.search import (
+    Fusion,
+    Ranked,
+    TitleTrie,
+    _fed,
+    _packs,
+    beam_search,
+    log_softmax,
+    score_candidates,
+)
+from hatllm_edge.training.model import HatLLM
+from hatllm_edge.training.torch_backend import TorchBackend
 
 TITLES = [
     "Star Wars",

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from hatllm_edge import sasrec as S
-from hatllm_edge.data import Catalog, Dataset, Example
-from hatllm_edge.errors import InputError
-from hatllm_edge.metrics import mean_metrics
+from hatllm_edge.core.data import Catalog, Dataset, Example
+from hatllm_edge.core.errors import InputError
+from hatllm_edge.core.metrics import mean_metrics
+from hatllm_edge.training import sasrec as S
 
 
 def _tiny(num_items: int = 30, max_len: int = 8, heads: int = 2, seed: int = 0) -> S.SASRec:

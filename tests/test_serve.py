@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import tiny_bundle
 from typer.testing import CliRunner
 
-from cli import app
-from conftest import tiny_bundle
-from hatllm_edge.loadtest import LoadConfig, check_target, run_load
-from hatllm_edge.errors import InputError
+from hatllm_edge.app.loadtest import LoadConfig, check_target, run_load
+from hatllm_edge.cli import app
+from hatllm_edge.core.errors import InputError
 
 ray = pytest.importorskip("ray", reason="the serve extra (pip install 'hatllm-edge[serve]')")
 
@@ -50,7 +50,7 @@ def cluster(bundle: Path) -> Any:
     being routed as queued, so 8 simultaneous requests can overflow a queue of 4 at random."""
     from ray import serve
 
-    from hatllm_edge.serve_app import APP_NAME, ROUTE, ServeConfig, build_app
+    from hatllm_edge.app.serve_app import APP_NAME, ROUTE, ServeConfig, build_app
 
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -146,7 +146,7 @@ def test_the_cluster_config_builds_the_same_application(bundle: Path) -> None:
     """serve_config.yaml's args are ServeConfig's: the example file names only known ones."""
     import yaml
 
-    from hatllm_edge.serve_app import ServeConfig, app_builder
+    from hatllm_edge.app.serve_app import ServeConfig, app_builder
 
     config = yaml.safe_load((Path(__file__).resolve().parent.parent / "serve_config.yaml").read_text())
     args = config["applications"][0]["args"]

@@ -10,12 +10,18 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from hatllm_edge.app.models import BundleBuilder, cached_bundle
 from hatllm_edge.bench.backends import all_history
 from hatllm_edge.bench.workloads import Workload, make_requests
-from hatllm_edge.data import Dataset
-from hatllm_edge.errors import InputError
-from hatllm_edge.ranker import BundleBuilder, Ranker, cached_bundle
-from hatllm_edge.ranking import PACK_TOKENS, PROMPT_BUCKET, log_softmax, score_candidates
+from hatllm_edge.core.data import Dataset
+from hatllm_edge.core.errors import InputError
+from hatllm_edge.ranking.ranker import Ranker
+from hatllm_edge.ranking.search import (
+    PACK_TOKENS,
+    PROMPT_BUCKET,
+    log_softmax,
+    score_candidates,
+)
 
 
 class _FullLogits:

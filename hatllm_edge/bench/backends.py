@@ -8,12 +8,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hatllm_edge.app.models import BundleBuilder, cached_bundle
 from hatllm_edge.bench.workloads import Workload
-from hatllm_edge.errors import InputError
-from hatllm_edge.formats import MODEL_FILE
-from hatllm_edge.prompt import PromptBuilder
-from hatllm_edge.ranker import BundleBuilder, Ranker, cached_bundle
-from hatllm_edge.ranking import beam_search, score_candidates
+from hatllm_edge.core.errors import InputError
+from hatllm_edge.core.formats import MODEL_FILE
+from hatllm_edge.core.prompt import PromptBuilder
+from hatllm_edge.ranking.ranker import Ranker
+from hatllm_edge.ranking.search import beam_search, score_candidates
 
 TORCH_BACKENDS = ("torch-fp32", "torch-bf16", "torch-nf4")
 ORT_QUANTS = {"fp32": "none", "fp16": "none", "nf4": "nf4", "int4": "int4", "int8": "int8"}
@@ -52,7 +53,9 @@ def open_backend(name: str, checkpoint: Path, device: str, threads: int, progres
         import torch
 
         torch.set_num_threads(threads)
-        ranker = Ranker.from_checkpoint(checkpoint, bf16=name == "torch-bf16", nf4=name == "torch-nf4")
+        from hatllm_edge.training.torch_backend import checkpoint_ranker
+
+        ranker = checkpoint_ranker(checkpoint, bf16=name == "torch-bf16", nf4=name == "torch-nf4")
         model = ranker.backend.model  # type: ignore[attr-defined]
         size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         return ranker, size / 1e6

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from hatllm_edge.errors import HatLLMError
+from hatllm_edge.core.errors import HatLLMError
 
 
 def _wall(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
@@ -31,7 +31,7 @@ def _wall(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
 def cli_command() -> list[str]:
     """How this install starts the command line: its console script, else the module."""
     script = shutil.which("hatllm-edge", path=str(Path(sys.executable).parent)) or shutil.which("hatllm-edge")
-    return [script] if script else [sys.executable, "-c", "import sys; from cli import main; sys.exit(main())"]
+    return [script] if script else [sys.executable, "-m", "hatllm_edge"]
 
 
 def run_startup(bundle: Path, request: dict[str, Any], repeats: int = 5, threads: int | None = None,
@@ -46,7 +46,7 @@ def run_startup(bundle: Path, request: dict[str, Any], repeats: int = 5, threads
         rank = cli_command() + ["rank", str(path), "--model", str(bundle), "--device", device, "-q"]
         rank += ["--threads", str(threads)] if threads else []
         phases = {"python": [sys.executable, "-c", "pass"],
-                  "cli_import": [sys.executable, "-c", "import cli"],
+                  "cli_import": [sys.executable, "-c", "import hatllm_edge.cli"],
                   "rank": rank}
         _wall(rank, env)  # warm-up
         runs: dict[str, list[float]] = {name: [] for name in phases}

@@ -12,13 +12,18 @@ from typing import Any, Literal, Sequence
 
 from tqdm import tqdm
 
+from hatllm_edge.app.models import BundleBuilder, model_kind
 from hatllm_edge.bench import verdict
-from hatllm_edge.bench.backends import DEFAULT_BACKENDS, TokenCounter, open_backend, runner
+from hatllm_edge.bench.backends import (
+    DEFAULT_BACKENDS,
+    TokenCounter,
+    open_backend,
+    runner,
+)
 from hatllm_edge.bench.records import BackendRun, Result
 from hatllm_edge.bench.workloads import Workload, default_workloads, make_requests
-from hatllm_edge.data import Dataset
-from hatllm_edge.errors import InputError
-from hatllm_edge.ranker import BundleBuilder, model_kind
+from hatllm_edge.core.data import Dataset
+from hatllm_edge.core.errors import InputError
 
 
 def _rss_mb(field_name: str) -> float:

@@ -9,8 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from hatllm_edge.data import Dataset
-from hatllm_edge.errors import InputError
+from hatllm_edge.core.data import Dataset
+from hatllm_edge.core.errors import InputError
 
 CAND_TARGET, TOPK_TARGET = "cand100-h20-b1", "top10-h10-b1"  # the workloads the verdict compares on
 

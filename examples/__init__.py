@@ -1,0 +1,1 @@
+"""Example requests (package data): ``hatllm-edge rank examples/user.json``."""

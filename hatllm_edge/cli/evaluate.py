@@ -1,0 +1,221 @@
+"""hatllm-edge evaluate / fuse / popularity / analyze / fidelity / compare: quality, measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hatllm_edge.app.models import bundle_builder
+from hatllm_edge.cli.common import (
+    AssistantWeightOpt,
+    AssistOpt,
+    Backend,
+    BeamsOpt,
+    Compute,
+    ComputeOpt,
+    DatasetOpt,
+    Device,
+    DeviceOpt,
+    InterOpt,
+    ItemsOpt,
+    KOpt,
+    Quant,
+    QuietOpt,
+    Renormalise,
+    RenormaliseOpt,
+    SeedOpt,
+    Split,
+    SplitOpt,
+    ThreadsOpt,
+    app,
+    print_table,
+    run,
+    write_json,
+)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder (PyTorch) or ONNX bundle folder (the engine).")],
+    split: SplitOpt = Split("test"),
+    users: Annotated[int, typer.Option(help="Evaluate only the first N users (0 = all).")] = 0,
+    k: KOpt = 10,
+    beams: BeamsOpt = None,
+    bf16: Annotated[bool, typer.Option(help="Run the model with bf16 weights (faster on this CPU).")] = False,
+    nf4: Annotated[bool, typer.Option(help="Run the checkpoint's decoder Linears as bitsandbytes NF4 (the reference the nf4 bundle mirrors).")] = False,
+    batch_users: Annotated[int, typer.Option(help="Users whose beams run together in one batch.")] = 8,
+    device: DeviceOpt = Device("cpu"),
+    threads: ThreadsOpt = None,
+    compute: ComputeOpt = Compute("auto"),
+    dataset: DatasetOpt = "ml-100k",
+    interactions: InterOpt = None,
+    items: ItemsOpt = None,
+    sample: Annotated[bool, typer.Option("--sample", help="With --users: a seeded sample of users instead of the first N.")] = False,
+    seed: SeedOpt = 0,
+    assist: AssistOpt = True,
+    assistant: Annotated[Optional[Path], typer.Option(help="Fuse this SASRec checkpoint (sasrec.json + sasrec.onnx) instead of the model folder's own.")] = None,
+    assistant_weight: AssistantWeightOpt = None,
+    renormalise: RenormaliseOpt = None,
+    exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Leave each user's history out of the ranked list, as rank does by default (default: included, the loo-full protocol); the output's 'history' field says which.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="JSON file for metrics and per-user ranks.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Full-catalog evaluation (loo-full): constrained beam search, HR@1/5/10, NDCG@5/10."""
+    from hatllm_edge.evaluation.evaluate import EvalConfig
+    from hatllm_edge.evaluation.evaluate import evaluate as run_eval
+
+    cfg = EvalConfig(
+        checkpoint=checkpoint, split=split.value, users=users or None, k=k, beams=beams, bf16=bf16, nf4=nf4, batch_users=batch_users,
+        device=device.value, threads=threads, compute=compute.value,
+        dataset=dataset, interactions=interactions, items=items, assist=assist, assistant=assistant,
+        assistant_weight=assistant_weight, renormalise=renormalise, seed=seed, sample=sample, exclude_history=exclude_history,
+    )
+    result = run(run_eval, cfg, progress=not quiet)
+    write_json(out, result)
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "ranks"}))
+
+
+@app.command()
+def fuse(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder; tuned on the engine (its bundle is built on first use).")],
+    assistant: Annotated[Path, typer.Option(help="SASRec checkpoint folder (sasrec.json + sasrec.onnx), e.g. models/sasrec-ml100k.")],
+    weights: Annotated[str, typer.Option(help="Assistant weights to try, comma-separated (0 = the LLM alone).")] = "0,0.5,1,2",
+    renormalise: Annotated[Renormalise, typer.Option(help="Trie renormalisation to try: off, on or both.")] = Renormalise("both"),
+    users: Annotated[int, typer.Option(min=0, help="Seeded sample of validation users (0 = all).")] = 300,
+    seed: SeedOpt = 0,
+    beams: BeamsOpt = None,
+    quant: Annotated[Optional[Quant], typer.Option(help="Bundle the tuning runs on, built from the checkpoint on first use: int4 (default), nf4, int8 or none.")] = None,
+    backend: Annotated[Backend, typer.Option(help="onnx (the engine) or torch (PyTorch fp32).")] = Backend("onnx"),
+    threads: ThreadsOpt = None,
+    dataset: DatasetOpt = "ml-100k",
+    interactions: InterOpt = None,
+    items: ItemsOpt = None,
+    write: Annotated[bool, typer.Option("--write", help="Store the winner in the checkpoint (hatllm.json 'decoding', assistant files copied in).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="JSON file for the grid (metrics and per-user ranks).")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Choose the decoding on validation: trie renormalisation and the assistant's weight."""
+    from hatllm_edge.app.rank import open_ranker
+    from hatllm_edge.core.data import load_dataset
+    from hatllm_edge.evaluation.tune import TuneConfig, tune, write_decoding
+
+    try:
+        grid = tuple(float(w) for w in weights.split(","))
+    except ValueError:
+        typer.secho(f"error: --weights {weights!r}: expected numbers separated by commas, e.g. 0,0.5,1", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[renormalise.value]
+    cfg = TuneConfig(assistant=assistant, weights=grid, renormalise=modes, users=users, seed=seed, beams=beams)
+
+    def tune_and_write() -> dict:
+        ranker = open_ranker(checkpoint, "cpu", quant and quant.value, backend.value, threads, not quiet, build=bundle_builder())
+        result = tune(ranker, load_dataset(dataset, interactions, items), cfg, progress=not quiet)
+        if write:
+            write_decoding(checkpoint, assistant, result)
+        return result
+
+    result = run(tune_and_write)
+    write_json(out, result)
+    print_table(["renormalise", "assistant weight", "NDCG@10", "HR@10", "s/user"],
+                 [[str(r["renormalise"]).lower(), f"{r['assistant_weight']:g}", f"{r['metrics']['NDCG@10']:.4f}",
+                   f"{r['metrics']['HR@10']:.4f}", f"{r['s_per_user']:.2f}"] for r in result["grid"]],
+                 caption=f"validation, {result['users']} users, {result['backend']}")
+    typer.echo(json.dumps({"chosen": result["chosen"], "users": result["users"], "written": write}))
+
+
+@app.command()
+def popularity(
+    split: SplitOpt = Split("test"),
+    dataset: DatasetOpt = "ml-100k",
+    interactions: InterOpt = None,
+    items: ItemsOpt = None,
+    exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Per user, the most popular items not yet had (default: one list for all, history included: loo-full).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="JSON file for metrics and per-user ranks.")] = None,
+) -> None:
+    """The most-popular baseline on the same split, for scale."""
+    from hatllm_edge.evaluation.evaluate import popularity_baseline
+
+    result = run(popularity_baseline, split.value, dataset, interactions, items, exclude_history)
+    write_json(out, result)
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "ranks"}))
+
+
+@app.command()
+def analyze(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoint folders written by 'hatllm-edge train'.")],
+    label: Annotated[Optional[list[str]], typer.Option(help="Name of each checkpoint, in order (default: folder name).")] = None,
+    include_base: Annotated[bool, typer.Option(help="Also the untuned base model of the first checkpoint (label 'base').")] = True,
+    examples: Annotated[int, typer.Option(help="Seeded sample of the split's examples (0 = all).")] = 64,
+    split: SplitOpt = Split("valid"),
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 4,
+    plain_masks: Annotated[bool, typer.Option("--plain-masks", help="Force the causal (OR) mask on every layer instead of the model's own.")] = False,
+    dataset: DatasetOpt = "ml-100k",
+    interactions: InterOpt = None,
+    items: ItemsOpt = None,
+    out_dir: Annotated[Path, typer.Option(help="Folder for skew.json and skew.png.")] = Path("analysis"),
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Attention skew (the HatLLM paper's diagnostic): per layer, attention mass of item tokens on their own item vs other items."""
+    from hatllm_edge.training.analyze import AnalyzeConfig, skew_table
+    from hatllm_edge.training.analyze import analyze as run_analyze
+
+    cfg = AnalyzeConfig(
+        checkpoints=tuple(checkpoints), labels=tuple(label or ()), include_base=include_base, examples=examples or None,
+        split=split.value, seed=seed, batch_size=batch_size, plain_masks=plain_masks, out_dir=out_dir,
+        dataset=dataset, interactions=interactions, items=items,
+    )
+    results = run(run_analyze, cfg, progress=not quiet)
+    typer.echo(skew_table(results))
+    typer.echo(f"wrote {out_dir / 'skew.json'} and {out_dir / 'skew.png'}")
+
+
+@app.command()
+def fidelity(
+    reference: Annotated[Path, typer.Argument(help="Reference model: checkpoint (PyTorch fp32) or bundle.")],
+    model: Annotated[Path, typer.Argument(help="Model to compare: bundle or checkpoint.")],
+    users: Annotated[int, typer.Option(help="Seeded sample of users.")] = 50,
+    candidates: Annotated[int, typer.Option(help="Candidates per user (the target plus random items).")] = 100,
+    split: SplitOpt = Split("test"),
+    threads: ThreadsOpt = None,
+    compute: Annotated[Compute, typer.Option(help="Engine arithmetic of MODEL (the reference always runs as stored): auto, native or int8.")] = Compute("auto"),
+    renormalise: Annotated[Optional[bool], typer.Option("--renormalise/--no-renormalise", help="Score both with trie-renormalised steps or raw ones (default: the reference's decoding).")] = None,
+    dataset: DatasetOpt = "ml-100k",
+    interactions: InterOpt = None,
+    items: ItemsOpt = None,
+    seed: SeedOpt = 0,
+    out: Annotated[Optional[Path], typer.Option(help="JSON file for the figures.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Kendall's tau of candidate scores between a model and a reference (e.g. int4 vs fp32)."""
+    from hatllm_edge.app.models import open_model
+    from hatllm_edge.core.data import load_dataset
+    from hatllm_edge.evaluation.fidelity import FidelityConfig, candidate_fidelity
+
+    data = run(load_dataset, dataset, interactions, items)
+    ref = run(open_model, reference, threads=threads, compute="native")  # the reference runs as stored
+    other = run(open_model, model, threads=threads, compute=compute.value)
+    cfg = FidelityConfig(split=split.value, users=users, candidates=min(candidates, len(data.catalog)), seed=seed,
+                         renormalise=renormalise)
+    result = {"reference": str(reference), "reference_backend": ref.label, "model": str(model), "model_backend": other.label,
+              **run(candidate_fidelity, ref, other, data, cfg, not quiet)}
+    write_json(out, result)
+    typer.echo(json.dumps(result))
+
+
+@app.command()
+def compare(
+    baseline: Annotated[Path, typer.Argument(help="Evaluation JSON (evaluate/popularity --out) of the reference run.")],
+    runs: Annotated[list[Path], typer.Argument(help="Evaluation JSONs to compare with it, on the same users.")],
+    samples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+    seed: SeedOpt = 0,
+) -> None:
+    """Metrics side by side, and a paired bootstrap over users of each run against the baseline."""
+    from hatllm_edge.core.metrics import compare_runs
+
+    result = run(compare_runs, [baseline, *runs], samples, seed)
+    typer.echo(result["table"])
+    typer.echo(json.dumps(result["bootstrap"]))

@@ -1,0 +1,84 @@
+"""Top-K metrics for one target per user, and a paired bootstrap for model comparisons."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hatllm_edge.core.errors import InputError
+
+CUTOFFS = (1, 5, 10)
+
+
+def target_rank(ranked: Sequence[str], target: str) -> int | None:
+    """0-based position of ``target`` in ``ranked``, None when absent."""
+    for i, item in enumerate(ranked):
+        if item == target:
+            return i
+    return None
+
+
+def user_metrics(rank: int | None) -> dict[str, float]:
+    """HR@1/5/10 and NDCG@5/10 of one user whose target sits at ``rank`` (0-based)."""
+    out = {}
+    for k in CUTOFFS:
+        hit = rank is not None and rank < k
+        out[f"HR@{k}"] = float(hit)
+        if k > 1:
+            out[f"NDCG@{k}"] = 1.0 / math.log2(rank + 2) if hit else 0.0
+    return out
+
+
+def mean_metrics(ranks: Sequence[int | None]) -> dict[str, float]:
+    """Mean of :func:`user_metrics` over users."""
+    rows = [user_metrics(r) for r in ranks]
+    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]} if rows else {}
+
+
+def paired_bootstrap(
+    ranks_a: Sequence[int | None], ranks_b: Sequence[int | None], metric: str = "NDCG@10", samples: int = 2000, seed: int = 0
+) -> dict[str, float]:
+    """Difference b - a of ``metric`` with a 95% interval from resampling users (paired)."""
+    if len(ranks_a) != len(ranks_b):
+        raise ValueError("paired bootstrap needs the same users in both runs")
+    a = np.array([user_metrics(r)[metric] for r in ranks_a])
+    b = np.array([user_metrics(r)[metric] for r in ranks_b])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(samples, len(a)))
+    diffs = b[idx].mean(axis=1) - a[idx].mean(axis=1)
+    return {
+        "metric_a": float(a.mean()),
+        "metric_b": float(b.mean()),
+        "diff": float(b.mean() - a.mean()),
+        "ci_low": float(np.percentile(diffs, 2.5)),
+        "ci_high": float(np.percentile(diffs, 97.5)),
+        "p_b_better": float((diffs > 0).mean()),
+    }
+
+
+def compare_runs(paths: Sequence[Path], samples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """A metrics table of evaluation JSONs (first = baseline) and, for each later run, the
+    paired bootstrap of NDCG@10 and HR@10 against the baseline over the same users."""
+    runs = []
+    for path in paths:
+        try:
+            run = json.loads(Path(path).read_text(encoding="utf-8"))
+            runs.append((Path(path), run["ranks"], run["metrics"]))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{path}: not an evaluation JSON written by 'evaluate --out' or 'popularity --out' ({e})") from None
+    base_path, base_ranks, _ = runs[0]
+    keys = list(runs[0][2])
+    lines = [f"{'run':<40}" + "".join(f"{k:>9}" for k in keys)]
+    lines += [f"{p.stem[:40]:<40}" + "".join(f"{m[k]:>9.4f}" for k in keys) for p, _, m in runs]
+    boot = {}
+    for path, ranks, _ in runs[1:]:
+        if set(ranks) != set(base_ranks):
+            raise InputError(f"{path}: evaluated other users than {base_path}; compare runs of the same split and users")
+        users = sorted(base_ranks)
+        a, b = [base_ranks[u] for u in users], [ranks[u] for u in users]
+        boot[path.stem] = {m: paired_bootstrap(a, b, m, samples, seed) for m in ("NDCG@10", "HR@10")}
+    return {"table": "\n".join(lines), "bootstrap": boot}

@@ -1,0 +1,82 @@
+"""The contract every ranking backend meets (PyTorch or ONNX Runtime).
+
+Ranking (beam search over the title tree, candidate scoring) is written once against this
+protocol; arrays at the boundary are NumPy so that the engine needs no torch at run time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from hatllm_edge.core.errors import InputError
+from hatllm_edge.core.masks import MaskKind
+
+
+class Backend(Protocol):
+    """A causal LM that runs one forward step with per-kind masks and a KV cache.
+
+    ``rows`` [B] int64 names, for each row of a step, the row of ``cache`` it continues (a
+    beam's parent, a candidate row's user); None is the identity. The backend gathers them as
+    part of the step, so reordering never costs a pass of its own.
+    """
+
+    runs: int  # passes run so far (bench reports them per request)
+
+    @property
+    def exact_layout(self) -> bool:
+        """True when a result may move with the padding around it, so that batches must join
+        only prompts of one width (:func:`hatllm_edge.ranking.search.prompt_width`)."""
+        ...
+
+    pass_tokens: int  # tokens (rows x width) one candidate-scoring pass may hold
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        masks: dict[MaskKind, np.ndarray],
+        cache: Any | None,
+        last_only: bool = False,
+        rows: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, Any]:
+        """One step.
+
+        input_ids, position_ids: [B, Q] int64. masks: kind -> bool [B, 1, Q, P + Q], where P
+        is the number of cached tokens (0 when ``cache`` is None). Returns float32 logits,
+        [B, Q, V] or [B, V] (last position only) when ``last_only``, and the cache that now
+        holds B rows of P + Q tokens.
+        """
+        ...
+
+    def token_logprobs(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        masks: dict[MaskKind, np.ndarray],
+        cache: Any | None,
+        targets: np.ndarray,
+        rows: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, Any]:
+        """Like :meth:`forward`, but returns log p(targets[b, q]) at every position, [B, Q]
+        (or [B, Q, C] for targets [B, Q, C]: several tokens per position) float32: what
+        candidate scoring needs, without handing back [B, Q, V] logits."""
+        ...
+
+
+def cache_rows(rows: np.ndarray | None, batch: int, cached: int | None) -> np.ndarray:
+    """``past_rows`` for a step of ``batch`` rows over a cache of ``cached`` rows (None: no
+    cache yet): ``rows`` checked, or the identity. Shared by every backend."""
+    if rows is None:
+        if cached is not None and cached != batch:
+            raise InputError(f"the cache holds {cached} rows, the step has {batch}; pass the cache rows it continues")
+        return np.arange(batch, dtype=np.int64) if cached is not None else np.zeros(batch, np.int64)
+    idx = np.ascontiguousarray(rows, np.int64).reshape(-1)
+    if len(idx) != batch:
+        raise InputError(f"rows has {len(idx)} entries for a step of {batch} rows")
+    if cached is None:
+        raise InputError("rows given for a step without a cache")
+    if idx.size and (idx.min() < 0 or idx.max() >= cached):
+        raise InputError(f"cache rows out of range for a cache of {cached} rows: {idx.tolist()[:8]}")
+    return idx

@@ -1,0 +1,1 @@
+"""Quality on the loo-full protocol: full-catalog evaluation, the decoding grid (fuse), candidate-score fidelity."""

@@ -1,0 +1,79 @@
+"""Choose how beam steps are scored, on the validation split: trie renormalisation on or off,
+and the weight of the collaborative assistant (SASRec) fused into every step. The winner (by
+NDCG@10 on a seeded user sample, ties to the simpler setting) can be written into the
+checkpoint: its ``hatllm.json`` gets a ``decoding`` section, the assistant's ``sasrec.json``
+and ``sasrec.onnx`` are copied beside the weights, and every bundle built from it carries both."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any, Sequence
+
+from hatllm_edge.app.models import model_kind
+from hatllm_edge.core.data import Dataset
+from hatllm_edge.core.errors import InputError
+from hatllm_edge.core.formats import (
+    ASSISTANT_CONFIG,
+    ASSISTANT_ONNX,
+    CHECKPOINT_META,
+    Decoding,
+    ModelMeta,
+)
+from hatllm_edge.core.limits import beam_width
+from hatllm_edge.ranking.assistant import Assistant
+from hatllm_edge.ranking.loo import rank_split, ranker_fusion, split_examples
+from hatllm_edge.ranking.ranker import Ranker
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    assistant: Path  # SASRec checkpoint folder (sasrec.json + sasrec.onnx)
+    weights: Sequence[float] = (0.0, 0.5, 1.0, 2.0)
+    renormalise: Sequence[bool] = (False, True)
+    users: int = 300  # seeded sample of validation users (0 = all)
+    seed: int = 0
+    k: int = 10
+    beams: int | None = None
+    batch_users: int = 8
+
+
+def tune(ranker: Ranker, data: Dataset, cfg: TuneConfig, progress: bool = True) -> dict[str, Any]:
+    """Every (renormalise, weight) pair on the same validation users of ``data``; the best by NDCG@10."""
+    if any(w < 0 for w in cfg.weights):
+        raise InputError(f"assistant weights must be >= 0, got {list(cfg.weights)}")
+    ranker.assistant = Assistant.open(cfg.assistant, ranker.catalog)
+    if data.catalog.item_ids != ranker.catalog.item_ids:
+        raise InputError("the model's catalog differs from its data set's; tune on the data it was trained on")
+    examples = split_examples(data, "valid", ranker.prompts.max_history, cfg.users or None, True, cfg.seed)
+    width = beam_width(cfg.k, cfg.beams)
+    rows = []
+    for renormalise, weight in product(cfg.renormalise, cfg.weights):
+        result = rank_split(ranker.backend, ranker.prompts, data, "valid", cfg.k, width, progress=progress,
+                            batch_users=cfg.batch_users, examples=examples,
+                            fusion=ranker_fusion(ranker, weight > 0, weight, renormalise))
+        rows.append({"renormalise": renormalise, "assistant_weight": weight, "metrics": result["metrics"],
+                     "s_per_user": result["s_per_user"], "ranks": result["ranks"]})
+    # best NDCG@10; on a tie the simpler setting (no renormalisation, smaller weight) wins
+    best = max(rows, key=lambda r: (round(r["metrics"]["NDCG@10"], 12), -r["renormalise"], -r["assistant_weight"]))
+    return {"backend": ranker.label, "assistant": str(cfg.assistant), "split": "valid", "users": len(examples),
+            "seed": cfg.seed, "k": cfg.k, "beams": width, "grid": rows,
+            "chosen": {"renormalise": best["renormalise"], "assistant_weight": best["assistant_weight"],
+                       "metrics": best["metrics"]}}
+
+
+def write_decoding(checkpoint: Path, assistant_dir: Path, result: dict[str, Any]) -> None:
+    """Store the chosen decoding in ``checkpoint`` and copy the assistant beside it."""
+    if model_kind(checkpoint) != "checkpoint":
+        raise InputError(f"{checkpoint}: the decoding is written into a training checkpoint (bundles are built from it)")
+    meta = ModelMeta.read(checkpoint / CHECKPOINT_META)
+    chosen = result["chosen"]
+    if chosen["assistant_weight"] > 0:
+        for name in (ASSISTANT_CONFIG, ASSISTANT_ONNX):
+            shutil.copyfile(assistant_dir / name, checkpoint / name)
+    meta.decoding = Decoding(chosen["renormalise"], chosen["assistant_weight"],
+                             {"split": "valid", "users": result["users"], "seed": result["seed"], "backend": result["backend"],
+                              "metrics": chosen["metrics"], "grid": [{k: v for k, v in r.items() if k != "ranks"} for r in result["grid"]]})
+    meta.write(checkpoint / CHECKPOINT_META)

@@ -1,0 +1,203 @@
+"""One ranking interface over any backend: a model's backend, prompt builder and catalog;
+``top_k`` (full catalog) and ``score`` (candidates).
+
+:meth:`Ranker.from_bundle` opens the engine (no torch); a PyTorch checkpoint is opened by
+:func:`hatllm_edge.app.models.open_model`, which lives above the training stack.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from hatllm_edge.core.data import Catalog
+from hatllm_edge.core.errors import InputError
+from hatllm_edge.core.formats import (
+    ASSISTANT_CONFIG,
+    BUNDLE_META,
+    CATALOG_FILE,
+    TOKENIZER_FILE,
+    Decoding,
+    ModelMeta,
+)
+from hatllm_edge.core.limits import MAX_REF_CHARS, beam_width
+from hatllm_edge.core.prompt import TEMPLATES, PromptBuilder
+from hatllm_edge.engine.backend import Backend
+from hatllm_edge.engine.session import Compute, Optimization, read_bundle_meta
+from hatllm_edge.ranking.assistant import Assistant
+from hatllm_edge.ranking.search import (
+    Fusion,
+    Ranked,
+    TitleTrie,
+    beam_search,
+    score_candidates,
+)
+
+Device = Literal["cpu", "cuda"]
+@dataclass
+class Ranker:
+    """``meta.decoding`` (written by ``hatllm-edge fuse``) says how steps are scored by
+    default: ``renormalise`` over the trie's children, and ``assistant_weight``, the weight of
+    the collaborative assistant (SASRec, ``sasrec.json``/``sasrec.onnx`` in the model folder)
+    chosen on validation."""
+
+    backend: Backend
+    prompts: PromptBuilder
+    catalog: Catalog
+    meta: ModelMeta
+    assistant: Assistant | None = None
+    _trie: TitleTrie | None = field(default=None, repr=False)
+    _titles: dict[str, int] | None = field(default=None, repr=False)
+    _loose: dict[str, str] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_bundle(cls, folder: Path, device: Device = "cpu", threads: int | None = None,
+                    compute: Compute = "auto", optimization: Optimization = "all", cuda_graph: bool = False) -> "Ranker":
+        """An ONNX Runtime ranker from an exported bundle (manifest checked); ``cuda_graph``:
+        passes replayed as captured CUDA graphs."""
+        from hatllm_edge.engine.session import OnnxBackend
+
+        backend = OnnxBackend.from_bundle(folder, device=device, threads=threads, compute=compute, optimization=optimization,
+                                          cuda_graph=cuda_graph)
+        ranker = cls._assemble(backend, folder, read_bundle_meta(folder))
+        ranker.assistant = open_assistant(folder, ranker.catalog, threads)
+        return ranker
+
+    @classmethod
+    def _assemble(cls, backend: Backend, folder: Path, meta: ModelMeta) -> "Ranker":
+        if meta.prompt.template not in TEMPLATES:
+            raise InputError(f"bundle {folder}: {BUNDLE_META} names prompt template {meta.prompt.template!r}, not one of "
+                             f"{TEMPLATES}; re-export the bundle")
+        try:
+            prompts = PromptBuilder.from_meta(folder / TOKENIZER_FILE, meta.prompt)
+        except InputError:
+            raise
+        except Exception as e:  # the tokenizers library raises plain Exceptions on a bad file
+            raise InputError(f"bundle {folder}: tokenizer.json does not load ({' '.join(str(e).split())[:200]}); "
+                             "re-export the bundle") from None
+        return cls(backend, prompts, Catalog.from_jsonl(folder / CATALOG_FILE), meta)
+
+    @property
+    def label(self) -> str:
+        """What runs: ``onnx-<quant>-<dtype>-<device>-<compute>`` or ``torch-<fp32|bf16>``."""
+        compute = getattr(self.backend, "compute", None)
+        if compute is None:
+            return f"torch-{self.backend.dtype_name}"  # type: ignore[attr-defined]
+        export = self.meta.export or {}
+        return f"onnx-{export.get('quant', '?')}-{export.get('dtype', '?')}-{self.backend.device}-{compute}"  # type: ignore[attr-defined]
+
+    @property
+    def trie(self) -> TitleTrie:
+        if self._trie is None:
+            self._trie = TitleTrie.build(self.catalog, self.prompts)
+        return self._trie
+
+    def resolve(self, refs: Sequence[Any], where: str) -> list[int]:
+        """Catalog indices of items given by id or exact title; errors name the entry. A
+        reference that matches a title or id only up to case, spacing or Unicode form is
+        refused with the exact one as a hint."""
+        if self._titles is None:
+            self._titles = {}
+            for i, title in enumerate(self.catalog.titles):
+                self._titles.setdefault(title, i)
+        out = []
+        for n, ref in enumerate(refs):
+            key = str(ref).strip() if isinstance(ref, (str, int)) and not isinstance(ref, bool) else None
+            if key is None:
+                raise InputError(f"{where}[{n}]: expected an item id or title (string or integer), got {show(ref)}")
+            if len(key) > MAX_REF_CHARS:
+                raise InputError(f"{where}[{n}]: {show(ref)} has {len(key):,} characters; an item id or title has at most "
+                                 f"{MAX_REF_CHARS}")
+            if key in self.catalog:
+                out.append(self.catalog.index(key))
+            elif key in self._titles:
+                out.append(self._titles[key])
+            else:
+                near = self._near(key)
+                hint = f"; did you mean {near!r}?" if near is not None else ""
+                raise InputError(f"{where}[{n}]: {show(ref)} is neither an item id nor an exact title in the catalog{hint}")
+        return out
+
+    def _near(self, key: str) -> str | None:
+        """The catalog title (or id) equal to ``key`` up to case, whitespace and Unicode form."""
+        if self._loose is None:
+            self._loose = {}
+            for text in (*self.catalog.titles, *self.catalog.item_ids):
+                self._loose.setdefault(loose(text), text)
+        return self._loose.get(loose(key))
+
+    def titles(self, indices: Sequence[int]) -> list[str]:
+        return [self.catalog.titles[i] for i in indices]
+
+    @property
+    def decoding(self) -> Decoding:
+        return self.meta.decoding or Decoding()
+
+    def scoring(self, assist: bool = True, weight: float | None = None, renormalise: bool | None = None) -> tuple[bool, float]:
+        """(renormalise, assistant weight) in effect: the model's validated defaults unless
+        overridden; the weight is 0 without ``assist`` or without an assistant in the model folder."""
+        renormalise = self.decoding.renormalise if renormalise is None else renormalise
+        if weight is None:
+            weight = self.decoding.assistant_weight
+        if weight < 0:
+            raise InputError(f"assistant weight {weight}: must be >= 0")
+        return renormalise, (weight if assist and self.assistant is not None else 0.0)
+
+    def fusion(self, histories: Sequence[Sequence[int]], assist: bool = True, weight: float | None = None,
+               renormalise: bool | None = None) -> Fusion:
+        """How steps are scored for these histories (see :meth:`scoring`)."""
+        renormalise, weight = self.scoring(assist, weight, renormalise)
+        if not weight:
+            return Fusion(renormalise)
+        prior = self.assistant.logprobs([[self.catalog.item_ids[i] for i in h] for h in histories])  # type: ignore[union-attr]
+        return Fusion(renormalise, weight, prior)
+
+    def top_k(self, histories: Sequence[Sequence[int]], k: int = 10, beams: int | None = None, assist: bool = True,
+              weight: float | None = None, renormalise: bool | None = None, exclude_history: bool = False) -> list[Ranked]:
+        """Full-catalog top-k for each history (catalog indices, oldest first), by a beam search
+        :func:`~hatllm_edge.core.limits.beam_width` wide: ``beams`` (default 10), at least ``k``;
+        steps scored as :meth:`fusion` says; ``exclude_history``: the history's items never
+        enter the list (the search finds k others)."""
+        return beam_search(self.backend, self.prompts, self.trie, [self.titles(h) for h in histories], k=k,
+                           beams=beam_width(k, beams), fusion=self.fusion(histories, assist, weight, renormalise),
+                           exclude=[set(h) for h in histories] if exclude_history else None)
+
+    def score(self, history: Sequence[int], candidates: Sequence[int], normalize: bool = False, assist: bool = True,
+              weight: float | None = None, renormalise: bool | None = None) -> Ranked:
+        """Candidates (catalog indices) ranked by log-probability (plus the assistant's share,
+        as in :meth:`top_k`); items index ``candidates``."""
+        return self.score_batch([history], [candidates], normalize, assist, weight, renormalise)[0]
+
+    def score_batch(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
+                    normalize: bool = False, assist: bool = True, weight: float | None = None,
+                    renormalise: bool | None = None) -> list[Ranked]:
+        """:meth:`score` for several users in one batch (prompts and candidate passes shared).
+        Scored as :meth:`fusion` says, so a candidate's score is what :meth:`top_k` gives its title."""
+        fusion = self.fusion(histories, assist, weight, renormalise)
+        bonus = [fusion.title_bonus(u, self.catalog) for u in range(len(histories))] if fusion.prior is not None else None
+        return score_candidates(self.backend, self.prompts, [self.titles(h) for h in histories],
+                                [self.titles(c) for c in candidates], normalize, bonus=bonus,
+                                renormalise=self.trie if fusion.renormalise else None)
+
+
+def open_assistant(folder: Path, catalog: Catalog, threads: int | None = None) -> Assistant | None:
+    """The collaborative assistant shipped in a model folder, if there is one."""
+    if not (folder / ASSISTANT_CONFIG).is_file():
+        return None
+    return Assistant.open(folder, catalog, threads)
+
+
+def loose(text: str) -> str:
+    """``text`` up to case, whitespace and Unicode form: NFKC, casefolded, runs of whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """A value as a short repr for an error message (a request may hold megabytes)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 4, 4, 2
+    return r.repr(value)

@@ -1,0 +1,117 @@
+"""The PyTorch ranking backend: a :class:`HatLLM` behind the NumPy :class:`Backend` contract, and
+the ranker of a training checkpoint built on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hatllm_edge.core.masks import MaskKind
+from hatllm_edge.engine.backend import cache_rows
+from hatllm_edge.engine.session import PASS_TOKENS_CPU
+from hatllm_edge.ranking.ranker import Ranker, open_assistant
+from hatllm_edge.training.checkpoint import load_checkpoint
+from hatllm_edge.training.model import HatLLM, KVCache
+
+
+def to_nf4(model: HatLLM) -> HatLLM:
+    """``model`` with every decoder-layer Linear replaced in place by a bitsandbytes NF4
+    ``Linear4bit`` (block 64, fp32 compute): the PyTorch 4-bit reference that the nf4 bundle
+    mirrors byte for byte. Embedding and LM head stay float, as bitsandbytes leaves them."""
+    import bitsandbytes as bnb
+
+    from hatllm_edge.core.errors import InputError
+
+    if model.config.hidden_size % 64 or model.config.intermediate_size % 64:
+        raise InputError(f"bitsandbytes NF4 on the CPU needs Linear input sizes divisible by its block of 64; this "
+                         f"model has hidden {model.config.hidden_size}, intermediate {model.config.intermediate_size}")
+    for layer in model.lm.model.layers:
+        for path, module in list(layer.named_modules()):
+            if type(module) is not torch.nn.Linear:
+                continue
+            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(module.weight.data.float().clone(), requires_grad=False, blocksize=64,
+                                         compress_statistics=False, quant_type="nf4")
+            if module.bias is not None:
+                q.bias = torch.nn.Parameter(module.bias.data.float().clone(), requires_grad=False)
+            parent, _, name = path.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, name, q.to(module.weight.device))
+    return model
+
+
+class TorchBackend:
+    """Runs :class:`HatLLM` in inference mode, with its weights cast to ``dtype``.
+
+    bf16 weights (not autocast, which would re-cast fp32 weights at every step) halve the
+    weight traffic that bounds beam-search decoding, and use the CPU's bf16 dot products.
+    """
+
+    def __init__(self, model: HatLLM, dtype: torch.dtype = torch.float32) -> None:
+        self.model = model.eval().to(dtype)
+        self.dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+        if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+            self.dtype_name = "nf4"
+        self.device = next(model.parameters()).device
+        self.runs = 0
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    exact_layout = False  # float arithmetic: padding moves a result by rounding only
+    pass_tokens = PASS_TOKENS_CPU
+
+    def _past(self, cache: KVCache | None, rows: np.ndarray | None, batch: int) -> KVCache | None:
+        if cache is None:
+            return None
+        idx = self._tensor(cache_rows(rows, batch, cache[0][0].shape[0]))
+        return [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cache]
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        masks: dict[MaskKind, np.ndarray],
+        cache: KVCache | None,
+        last_only: bool = False,
+        rows: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, KVCache]:
+        t = self._tensor
+        keep = torch.tensor([input_ids.shape[1] - 1], device=self.device) if last_only else None
+        past = self._past(cache, rows, input_ids.shape[0])
+        logits, present = self.model(
+            t(input_ids), t(position_ids), {k: t(m) for k, m in masks.items()}, past=past, use_cache=True, logits_index=keep
+        )
+        self.runs += 1
+        logits = logits.float().cpu().numpy()
+        return (logits[:, -1] if last_only else logits), present
+
+    @torch.inference_mode()
+    def token_logprobs(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        masks: dict[MaskKind, np.ndarray],
+        cache: KVCache | None,
+        targets: np.ndarray,
+        rows: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, KVCache]:
+        t = self._tensor
+        past = self._past(cache, rows, input_ids.shape[0])
+        logits, present = self.model(t(input_ids), t(position_ids), {k: t(m) for k, m in masks.items()}, past=past, use_cache=True)
+        self.runs += 1
+        tgt = t(np.asarray(targets, np.int64))
+        picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt if tgt.ndim == 3 else tgt[..., None])
+        return (picked if tgt.ndim == 3 else picked[..., 0]).cpu().numpy(), present
+
+
+def checkpoint_ranker(folder: Path, bf16: bool = False, nf4: bool = False) -> Ranker:
+    """A PyTorch ranker from a training checkpoint (LoRA merged); ``nf4``: its decoder
+    Linears as bitsandbytes NF4 (fp32 compute)."""
+    loaded = load_checkpoint(folder)
+    model = to_nf4(loaded.model) if nf4 else loaded.model
+    backend = TorchBackend(model, torch.bfloat16 if bf16 else torch.float32)
+    return Ranker(backend, loaded.prompts, loaded.catalog, loaded.meta, open_assistant(folder, loaded.catalog))

@@ -1,0 +1,376 @@
+"""Fine-tuning with HatLLM's layer-wise masks: LoRA by default, full fine-tuning as an option.
+
+Two ways to present the data (``mode``):
+
+* ``window`` (default): each row is a window of a user's training sequence in the list
+  template; every title after the window's first is an answer, trained in the same pass as
+  the answer to the titles before it (:meth:`PromptBuilder.sequence`). ~20x fewer tokens per
+  target than one prompt per target, with the same masks and logits per target.
+* ``prompt``: one seeded prefix per row, the answer after the prompt (for comparison).
+
+Loss over the answer tokens (title and end marker), averaged per token: cross-entropy over
+the vocabulary (``ce``), or the masked-softmax loss over the tokens that continue a real title
+(``msl``), which pairs with trie-renormalised beam search. Runs outlive a working session: the full training state is saved every
+``save_every`` steps and ``--resume`` continues from it; every ``eval_every`` steps a fixed
+seeded subset of validation users is ranked (full catalog, beam search) and the checkpoint
+folder always holds the best step by validation NDCG@10; a finished run also writes its last
+step to ``last/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm import tqdm
+
+from hatllm_edge.core.data import Dataset, Example, Window, load_dataset
+from hatllm_edge.core.errors import InputError
+from hatllm_edge.core.formats import (
+    ADAPTER_DIR,
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_META,
+    FULL_WEIGHTS,
+    Decoding,
+    ModelMeta,
+)
+from hatllm_edge.core.masks import LayerSchedule
+from hatllm_edge.core.prompt import PromptBuilder, Template
+from hatllm_edge.ranking.search import Fusion, TitleTrie
+from hatllm_edge.training import checkpoint as ckpt
+from hatllm_edge.training.batching import (
+    allowed_tokens,
+    answer_nll,
+    make_batch,
+    make_window_batch,
+    msl_nll,
+)
+from hatllm_edge.training.model import BaseModelSpec, HatLLM, load_base
+
+Mode = Literal["window", "prompt"]
+LORA_TARGETS = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.jsonl"
+EVAL_LOG_FILE = "valid_log.jsonl"
+LAST_DIR = "last"  # a finished run's last step, as a checkpoint folder of its own
+# Fields that may change on --resume: they do not change what a step computes (compile: only its rounding).
+RESUMABLE = ("max_minutes", "eval_every", "eval_users", "save_every", "compile")
+VALID_SEED = 0
+PREDATED = {"loss": "ce"}  # the value of a field whose default changed, for states saved before it existed
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: Path
+    n_in: int = 3  # the shipped schedule; 0 and 0 train plain causal
+    n_cr: int = 3
+    base: BaseModelSpec = field(default_factory=BaseModelSpec)
+    dataset: str = "ml-100k"
+    interactions: Path | None = None
+    items: Path | None = None
+    mode: Mode = "window"
+    stride: int | None = None  # window mode: targets per window (default max_history)
+    examples: int | None = None  # seeded sample of windows (or prompts); None = all
+    epochs: int = 1
+    batch_size: int = 8  # windows (or prompts) per step
+    lr: float = 1e-3
+    warmup: float = 0.03  # share of the steps; cosine decay after (transformers' schedule)
+    weight_decay: float = 0.0
+    full: bool = False  # full fine-tuning instead of LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: Literal["attention", "all"] = "all"
+    max_history: int = 20
+    template: Template = "list"  # window mode needs "list"; "instruct" reproduces the older prompt
+    bf16: bool = True  # bf16 autocast; fp32 master weights
+    compile: bool = False  # torch.compile the model (dynamic shapes: batches differ in width)
+    loss: Literal["ce", "msl"] = "msl"  # the shipped recipe; runs saved before the field trained with "ce"
+    msl_temperature: float = 1.0
+    seed: int = 0
+    init_from: str | None = None  # a LoRA checkpoint whose adapter starts the run (fresh optimiser and schedule)
+    eval_every: int = 0  # steps between validations; 0 = only at the end
+    eval_users: int = 100  # the fixed seeded subset of validation users
+    save_every: int = 25  # steps between saved training states
+    max_minutes: float | None = None  # stop (resumably) after this much training time
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["base"] = self.base.to_dict()
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def training_units(data: Dataset, cfg: TrainConfig) -> list[Window] | list[Example]:
+    if cfg.mode == "window":
+        return data.train_windows(cfg.max_history, cfg.stride, cfg.examples, cfg.seed)
+    if cfg.mode == "prompt":
+        return data.train_examples(cfg.max_history, cfg.examples, cfg.seed)
+    raise InputError(f"training mode {cfg.mode!r}: expected 'window' or 'prompt'")
+
+
+def plan_batches(sizes: list[int], batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Every step's unit indices, all epochs, fixed by the seed (so a resumed run sees the same
+    order). Each epoch is shuffled, then cut into blocks of 16 batches whose units are sorted
+    by size before batching, so that a batch pads little; the batches of a block are shuffled."""
+    steps: list[list[int]] = []
+    for epoch in range(epochs):
+        rng = random.Random(seed * 1_000_003 + epoch)
+        order = list(range(len(sizes)))
+        rng.shuffle(order)
+        block = 16 * batch_size
+        for b in range(0, len(order), block):
+            chunk = sorted(order[b : b + block], key=lambda i: sizes[i])
+            batches = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+            rng.shuffle(batches)
+            steps += batches
+    return steps
+
+
+def validation_users(data: Dataset, max_history: int, n: int) -> list[Example]:
+    """The fixed subset of validation examples that picks the best step (seeded, data order).
+    Its seed is not the run's, so runs of different seeds are chosen on the same users."""
+    examples = data.split("valid", max_history)
+    if n and n < len(examples):
+        keep = set(random.Random(VALID_SEED).sample(range(len(examples)), n))
+        examples = [ex for i, ex in enumerate(examples) if i in keep]
+    return examples
+
+
+def validate(model: HatLLM, prompts: PromptBuilder, data: Dataset, examples: list[Example], k: int = 10,
+             bf16: bool = True, renormalise: bool = False) -> dict[str, Any]:
+    """Full-catalog NDCG/HR of the current weights on ``examples`` (PyTorch, beam k; bf16
+    autocast keeps the fp32 master weights and halves the cost). ``renormalise``: beam steps
+    scored over the trie node's children, the decoding that matches the masked-softmax loss."""
+    from hatllm_edge.ranking.loo import rank_split
+    from hatllm_edge.training.torch_backend import TorchBackend
+
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            result = rank_split(TorchBackend(model), prompts, data, "valid", k, k, progress=False, examples=examples,
+                                fusion=lambda chunk: Fusion(renormalise=renormalise))
+    finally:
+        model.train()
+    return {"metrics": result["metrics"], "users": result["users"], "renormalise": renormalise, "wall_s": result["wall_s"]}
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(f".partial-{os.getpid()}")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load_init(trainable: Any, cfg: TrainConfig) -> None:
+    """Start from another run's LoRA adapter: it must have been trained on the same base with the
+    same LoRA shape, so every trainable weight is replaced and none is left at its initial value."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(cfg.init_from)
+    meta = ckpt.read_meta(folder)
+    if cfg.full or meta.finetune != "lora":
+        raise InputError(f"--init-from {folder}: continues a LoRA run, so both must be LoRA "
+                         f"(it is {meta.finetune}, this run {'full' if cfg.full else 'lora'})")
+    if meta.base != cfg.base.to_dict():
+        raise InputError(f"--init-from {folder}: trained on base {meta.base}, this run uses {cfg.base.to_dict()}; pass the same --base")
+    shape = {k: meta.train.get(k) for k in ("lora_r", "lora_alpha", "lora_targets")}
+    want = {k: getattr(cfg, k) for k in shape}
+    if shape != want:
+        raise InputError(f"--init-from {folder}: its adapter has {shape}, this run asks for {want}; use the same --lora-r and --lora-targets")
+    weights = load_file(str(folder / ADAPTER_DIR / ADAPTER_WEIGHTS))
+    result = set_peft_model_state_dict(trainable, weights)
+    lora = {n for n, p in trainable.named_parameters() if p.requires_grad}
+    missing = sorted(n for n in result.missing_keys if n in lora)
+    if missing or result.unexpected_keys or len(weights) != len(lora):
+        raise InputError(f"--init-from {folder}: its adapter does not fit this model "
+                         f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train (or continue) and keep the best checkpoint in ``cfg.out``; returns the summary."""
+    if cfg.mode == "window" and cfg.template != "list":
+        raise InputError(f"--mode window trains every title of a window as an answer, which needs the 'list' template "
+                         f"(got {cfg.template!r}); use --mode prompt with another template")
+    state_path = cfg.out / STATE_FILE
+    saved = None
+    if resume:
+        if not state_path.is_file():
+            raise InputError(f"{cfg.out}: nothing to resume (no {STATE_FILE}); start without --resume")
+        saved = torch.load(state_path, weights_only=False)
+        # a field the saved run predates had its default then
+        then = {**TrainConfig(out=cfg.out).to_dict(), **PREDATED, **saved["config"]}
+        before = {k: v for k, v in then.items() if k not in RESUMABLE}
+        now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
+        changed = sorted(k for k in now if before.get(k) != now[k])
+        if changed:
+            raise InputError(f"--resume with other settings than the run in {cfg.out}: {', '.join(changed)} differ "
+                             f"(only {', '.join(RESUMABLE)} may change)")
+    elif state_path.is_file():
+        raise InputError(f"{cfg.out} holds a run in progress ({STATE_FILE}); continue it with --resume or use another folder")
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    data = load_dataset(cfg.dataset, cfg.interactions, cfg.items)
+    units = training_units(data, cfg)
+    lm, tokenizer = load_base(cfg.base)
+    schedule = LayerSchedule(lm.config.num_hidden_layers, cfg.n_in, cfg.n_cr)
+    if cfg.full:
+        trainable = lm
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        trainable = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                  target_modules=list(LORA_TARGETS[cfg.lora_targets])))
+    if cfg.init_from:
+        _load_init(trainable, cfg)
+    model = HatLLM(trainable, schedule).train()
+    forward = torch.compile(model, dynamic=True) if cfg.compile else model
+    prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history, cfg.template)
+    sizes = [sum(len(prompts.title_ids(data.catalog.title(i))) for i in (u.items if cfg.mode == "window" else u.history))
+             for u in units]
+    steps = plan_batches(sizes, cfg.batch_size, cfg.epochs, cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from transformers import get_cosine_schedule_with_warmup
+
+    sched = get_cosine_schedule_with_warmup(optim, max(1, int(cfg.warmup * len(steps))), len(steps))
+    valid_examples = validation_users(data, cfg.max_history, cfg.eval_users)
+    run: dict[str, Any] = {"step": 0, "train_s": 0.0, "eval_s": 0.0, "tokens": 0, "targets": 0, "best": None}
+    if saved is not None:
+        with torch.no_grad():
+            for n, v in saved["trainable"].items():
+                named[n].copy_(v)
+        optim.load_state_dict(saved["optim"])
+        sched.load_state_dict(saved["sched"])
+        torch.set_rng_state(saved["torch_rng"])
+        run = saved["run"]
+    meta = ModelMeta(
+        base=cfg.base.to_dict(), model_type=lm.config.model_type, schedule=schedule.to_dict(), prompt=prompts.meta(),
+        finetune="full" if cfg.full else "lora", train={k: v for k, v in cfg.to_dict().items() if k not in ("base", "out")},
+        data={"name": data.name, "users": len(data.sequences), "items": len(data.catalog), "train_units": len(units),
+              "train_targets": sum(len(u.items) - u.first_target for u in units) if cfg.mode == "window" else len(units)},
+        # what the run validates with is what the checkpoint ranks with, until `fuse --write` chooses
+        decoding=Decoding(renormalise=cfg.loss == "msl"))
+    cfg.out.mkdir(parents=True, exist_ok=True)
+
+    def note_peak() -> float:  # the peak over every process of a resumed run
+        run["peak_rss_mib"] = max(run.get("peak_rss_mib", 0.0), _peak_rss_mib())
+        return run["peak_rss_mib"]
+
+    def save_state() -> None:
+        note_peak()
+        _save_state(state_path, {"config": cfg.to_dict(), "trainable": {n: p.detach().clone() for n, p in named.items()},
+                                 "optim": optim.state_dict(), "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                                 "run": run})
+
+    def write_checkpoint(valid: dict[str, Any] | None, folder: Path = cfg.out) -> None:
+        ckpt.write_common(folder, tokenizer, data.catalog, replace(meta, validation=valid, train_summary=summary()))
+        if cfg.full:
+            from safetensors.torch import save_file
+
+            tied = lm.config.tie_word_embeddings  # a tied head is the embedding matrix: store it once
+            state = {k: v.contiguous() for k, v in lm.state_dict().items() if not (tied and k == "lm_head.weight")}
+            save_file(state, str(folder / FULL_WEIGHTS))
+        else:
+            trainable.save_pretrained(str(folder / ADAPTER_DIR))
+            (folder / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's model card: local paths, no facts
+
+    def summary() -> dict[str, Any]:
+        return {
+            "steps_done": run["step"],
+            "steps_planned": len(steps),
+            "epochs_done": round(run["step"] / max(1, len(steps)) * cfg.epochs, 3),
+            "targets_seen": run["targets"],
+            "tokens_seen": run["tokens"],
+            "train_s": round(run["train_s"], 1),
+            "eval_s": round(run["eval_s"], 1),
+            "tokens_per_s": round(run["tokens"] / max(1e-9, run["train_s"]), 1),
+            "targets_per_s": round(run["targets"] / max(1e-9, run["train_s"]), 2),
+            "peak_rss_mib": round(note_peak(), 1),
+            "torch_threads": torch.get_num_threads(),
+            "best": run["best"],
+        }
+
+    def evaluate_now() -> None:
+        t0 = time.time()
+        valid = validate(model, prompts, data, valid_examples, bf16=cfg.bf16, renormalise=cfg.loss == "msl")
+        run["eval_s"] += time.time() - t0
+        run["last_eval"] = run["step"]
+        record = {"step": run["step"], **valid}
+        with (cfg.out / EVAL_LOG_FILE).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if run["best"] is None or valid["metrics"]["NDCG@10"] > run["best"]["metrics"]["NDCG@10"]:
+            run["best"] = record
+            write_checkpoint(record)
+
+    log = (cfg.out / LOG_FILE).open("a" if resume else "w", encoding="utf-8")
+    if not resume:
+        (cfg.out / EVAL_LOG_FILE).unlink(missing_ok=True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
+    build = make_window_batch if cfg.mode == "window" else make_batch
+    trie = TitleTrie.build(data.catalog, prompts) if cfg.loss == "msl" else None
+    bar = tqdm(total=len(steps), initial=run["step"], desc="train", disable=not progress, unit="step")
+    recent: list[float] = []
+    if cfg.init_from and cfg.eval_every and run.get("last_eval") is None:  # the start competes for "best" too
+        evaluate_now()
+        save_state()
+    while run["step"] < len(steps) and not (deadline and time.time() > deadline):
+        t0 = time.time()
+        batch = build([units[i] for i in steps[run["step"]]], data.catalog, prompts)
+        with autocast:
+            logits, _ = forward(batch.input_ids, batch.position_ids, batch.masks, logits_index=batch.logits_index)
+        if trie is not None:
+            total = msl_nll(logits, batch.labels, allowed_tokens(batch, trie), cfg.msl_temperature)
+        else:
+            total = answer_nll(logits, batch.labels)
+        loss = total / (batch.labels != -100).sum()
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        sched.step()
+        run["train_s"] += time.time() - t0
+        run["step"] += 1
+        run["tokens"] += batch.tokens
+        run["targets"] += batch.targets
+        recent = (recent + [loss.item()])[-20:]
+        log.write(json.dumps({"step": run["step"], "loss": round(loss.item(), 5), "lr": sched.get_last_lr()[0],
+                              "tokens": batch.tokens, "slots": batch.input_ids.numel(), "targets": batch.targets, "step_s": round(time.time() - t0, 3),
+                              "train_s": round(run["train_s"], 1)}) + "\n")
+        log.flush()
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", tok_s=f"{run['tokens'] / run['train_s']:.0f}")
+        bar.update()
+        if cfg.eval_every and run["step"] % cfg.eval_every == 0:
+            evaluate_now()
+            save_state()
+        elif cfg.save_every and run["step"] % cfg.save_every == 0:
+            save_state()
+    bar.close()
+    log.close()
+    finished = run["step"] >= len(steps)
+    if finished and run.get("last_eval") != run["step"]:
+        evaluate_now()
+    save_state()
+    if finished:  # the last step beside the best: a larger sample than the run's validation may prefer it
+        evals = [json.loads(line) for line in (cfg.out / EVAL_LOG_FILE).read_text(encoding="utf-8").splitlines()]
+        write_checkpoint(next((e for e in evals if e["step"] == run["step"]), None), cfg.out / LAST_DIR)
+    if run["best"] is not None:  # refresh the summary in the best checkpoint's metadata
+        path = cfg.out / CHECKPOINT_META
+        written = ModelMeta.read(path)
+        written.train_summary = summary()
+        written.write(path)
+    return {**summary(), "finished": finished}

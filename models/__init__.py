@@ -1,0 +1,1 @@
+"""The fine-tuned models shipped with hatllm-edge (package data): see README.md."""
