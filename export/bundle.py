@@ -11,20 +11,10 @@ import json
 import shutil
 import tempfile
 from dataclasses import replace
-from importlib import metadata as pkg_metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hatllm_edge.export.calibrate import (
-    CALIBRATION_PROMPTS,
-    activation_absmax,
-    calibration_sequences,
-)
-from hatllm_edge.export.convert import DType, Quant, export_onnx, resolve_embeddings
-from hatllm_edge.export.graph import Embeddings
-from hatllm_edge.export.quantize import Int4Options
-from hatllm_edge.export.validate import validate
 from tqdm.auto import tqdm
 
 from hatllm_edge.core.data import Catalog
@@ -37,24 +27,23 @@ from hatllm_edge.core.formats import (
     TOKENIZER_FILE,
     ModelMeta,
 )
+from hatllm_edge.core.machine import versions
 from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.engine.cache import clean_stale, partial_prefix
 from hatllm_edge.engine.session import file_sha256
+from hatllm_edge.export.calibrate import (
+    CALIBRATION_PROMPTS,
+    activation_absmax,
+    calibration_sequences,
+)
+from hatllm_edge.export.convert import DType, Quant, export_onnx, resolve_embeddings
+from hatllm_edge.export.graph import Embeddings
+from hatllm_edge.export.quant.int4 import Int4Options
+from hatllm_edge.export.validate import validate
 from hatllm_edge.training.model import HatLLM
 
 RESERVED = (MODEL_FILE, f"{MODEL_FILE}.data", BUNDLE_META, MANIFEST_FILE)
 EXACT_TOLERANCE = 1e-3  # max |diff| / max |logit| allowed against the exact reference (fp32 graphs)
-
-
-def _versions() -> dict[str, str]:
-    names = ("onnx", "onnxruntime", "torch", "transformers", "bitsandbytes")
-    out = {}
-    for name in names:
-        try:
-            out[name] = pkg_metadata.version(name)
-        except pkg_metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 def _check_out(out_dir: Path, overwrite: bool) -> None:
@@ -171,7 +160,7 @@ def export_bundle(
             "model_type": model.config.model_type,
             "sizes": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name.startswith(MODEL_FILE)},
             "parameters": sum(p.numel() for p in model.parameters()),
-            "versions": _versions(),
+            "versions": versions(("onnx", "onnxruntime", "torch", "transformers", "bitsandbytes")),
             "validation": report.to_dict() if report else None,
             "calibration": {"prompts": CALIBRATION_PROMPTS, "seed": 0} if calibration else None,
         }

@@ -1,7 +1,7 @@
 """Activation statistics for the engine's int8 route, measured at export.
 
 The CPU engine quantises every matmul input per token to 127 steps of the token's absmax
-(:func:`hatllm_edge.engine.lowbit.int8_rows`). A few input channels run far larger than the rest, so
+(:func:`hatllm_edge.engine.int8.int8_rows`). A few input channels run far larger than the rest, so
 they set the step and the other channels round to a handful of codes. SmoothQuant (Xiao et
 al., 2023) moves that range into the weights: channel j of the input is divided by
 s_j = max|x_j|^a / max|w_j|^(1-a) and the weight's column j multiplied by it, which is exact in

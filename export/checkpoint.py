@@ -5,17 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hatllm_edge.export.bundle import export_bundle
-from hatllm_edge.export.convert import DType, Quant
-from hatllm_edge.export.graph import Embeddings
-from hatllm_edge.export.quantize import Int4Options
-
 from hatllm_edge.core.formats import (
     ASSISTANT_CONFIG,
     ASSISTANT_ONNX,
     CATALOG_FILE,
     TOKENIZER_FILE,
 )
+from hatllm_edge.export.bundle import export_bundle
+from hatllm_edge.export.convert import DType, Quant
+from hatllm_edge.export.graph import Embeddings
+from hatllm_edge.export.quant.int4 import Int4Options
 from hatllm_edge.training.checkpoint import load_checkpoint
 
 

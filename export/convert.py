@@ -13,56 +13,34 @@ deterministic, takes milliseconds for the tiny test models, names nodes by path 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
 import torch
-from hatllm_edge.export.graph import Embeddings, build_decoder
-from hatllm_edge.export.quantize import Int4Options, quantize_int4
 from onnx import numpy_helper
 
 from hatllm_edge.core.errors import InputError
-from hatllm_edge.core.formats import GRAPH_CONTRACT, GRAPH_REVISION, QUANTS
-from hatllm_edge.engine.lowbit import CALIBRATION_PREFIX
+from hatllm_edge.core.formats import (
+    DTYPES,
+    EMBEDDINGS,
+    GRAPH_CONTRACT,
+    GRAPH_REVISION,
+    QUANTS,
+    DType,
+    Embeddings,
+    Quant,
+)
+from hatllm_edge.engine.int8 import CALIBRATION_PREFIX
+from hatllm_edge.export.graph import build_decoder
+from hatllm_edge.export.quant.int4 import Int4Options, quantize_int4
+from hatllm_edge.export.spec import DecoderSpec
 from hatllm_edge.training.model import SUPPORTED_TYPES, HatLLM
 
-Quant = Literal["none", "nf4", "int4", "int8"]
-DType = Literal["fp32", "fp16"]
-EMBEDDINGS: tuple[Embeddings, ...] = ("float", "int8")
-DTYPES: tuple[DType, ...] = ("fp32", "fp16")
 MIN_OPSET = 23  # Attention, RotaryEmbedding and RMSNormalization enter the standard here
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot serialise a message over 2 GiB
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-@dataclass(frozen=True)
-class DecoderSpec:
-    """Everything the graph needs: the architecture figures and fp32 weights as NumPy arrays
-    keyed by the Hugging Face parameter name (``model.layers.0.self_attn.q_proj.weight``)."""
-
-    model_type: str
-    layer_kinds: tuple[str, ...]
-    n_in: int
-    n_cr: int
-    vocab_size: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    attn_scale: float
-    inv_freq: np.ndarray  # [head_dim / 2] float32, the model's own RoPE buffer
-    rope_scaling: float  # cos/sin multiplier (1.0 for default RoPE)
-    tied_embeddings: bool
-    weights: dict[str, np.ndarray]
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_kinds)
 
 
 def _plain_linear(module: torch.nn.Module, path: str) -> torch.nn.Linear:

@@ -31,11 +31,10 @@ logits cast to float32 at the end so that the ranking code reads one dtype.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
-from hatllm_edge.export.quantize import nf4_pack
 from onnx import TensorProto, helper, numpy_helper
 
 from hatllm_edge.core.errors import InputError
@@ -50,15 +49,15 @@ from hatllm_edge.core.formats import (
     PRESENT,
     TARGET_IDS,
     TARGET_LOGPROBS,
+    Embeddings,
 )
-from hatllm_edge.engine.lowbit import NF4_BLOCK, Q8_BLOCK, q8_pack
-
-if TYPE_CHECKING:
-    from hatllm_edge.export.convert import DecoderSpec
+from hatllm_edge.engine.quant.nf4 import NF4_BLOCK
+from hatllm_edge.engine.quant.q8 import Q8_BLOCK, q8_pack
+from hatllm_edge.export.quant.nf4 import nf4_pack
+from hatllm_edge.export.spec import DecoderSpec
 
 INT64_MAX = np.iinfo(np.int64).max
 LinearQuant = Literal["none", "nf4", "int8"]
-Embeddings = Literal["float", "int8"]
 
 
 class _Graph:

@@ -21,7 +21,7 @@ import onnx
 import torch
 
 from hatllm_edge.core.masks import MaskKind, build_masks, causal_visibility
-from hatllm_edge.engine.lowbit import dequantized_linears
+from hatllm_edge.engine.quant import dequantized_linears
 from hatllm_edge.engine.session import OnnxBackend
 from hatllm_edge.training.model import HatLLM
 

@@ -20,12 +20,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from hatllm_edge.engine.lowbit import (
-    INT8_ROW_CONSTS,
-    int8_per_channel,
-    int8_rows,
-    q8_pack,
-)
+from hatllm_edge.engine.int8 import INT8_ROW_CONSTS, int8_per_channel, int8_rows
+from hatllm_edge.engine.quant.q8 import q8_pack
 
 SHAPES = [(1536, 576) if i % 2 == 0 else (576, 1536) for i in range(16)]  # weight [N, K]
 

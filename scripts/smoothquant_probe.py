@@ -27,7 +27,7 @@ from onnx import helper, numpy_helper
 from hatllm_edge.core.data import load_dataset
 from hatllm_edge.core.formats import MODEL_FILE
 from hatllm_edge.core.masks import build_masks, causal_visibility
-from hatllm_edge.engine import lowbit
+from hatllm_edge.engine import int8, quant
 from hatllm_edge.engine.session import OnnxBackend
 from hatllm_edge.evaluation.fidelity import kendall_tau
 from hatllm_edge.ranking.ranker import Ranker
@@ -62,7 +62,7 @@ def smoothed_int8(model: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: 
     """The int8 route's graph with each matmul input divided by its factors (one set per input,
     shared by the matmuls that read it) and the weights' columns multiplied by them."""
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    weights = {n.name: w for n in model.graph.node if (w := lowbit.node_weight(n, arrays)) is not None}
+    weights = {n.name: w for n in model.graph.node if (w := quant.node_weight(n, arrays)) is not None}
     readers: dict[str, list[np.ndarray]] = {}
     for n in model.graph.node:
         if n.name in weights:
@@ -79,15 +79,15 @@ def smoothed_int8(model: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: 
         if w is None:
             nodes.append(node)
             continue
-        a, base = node.input[0], lowbit.param_name(node.input[1])
-        codes, scale = lowbit.int8_per_channel(w * factor[a][None, :])
+        a, base = node.input[0], quant.param_name(node.input[1])
+        codes, scale = int8.int8_per_channel(w * factor[a][None, :])
         inits += [numpy_helper.from_array(codes, f"{base}.int8"), numpy_helper.from_array(scale, f"{base}.int8_scale")]
         if a not in divided:
             divided.add(a)
             inits.append(numpy_helper.from_array((1.0 / factor[a]).astype(np.float32), f"{a}/inv_smooth"))
             nodes.append(helper.make_node("Mul", [a, f"{a}/inv_smooth"], [f"{a}/smoothed"], name=f"{a}/Smooth"))
-        nodes += lowbit.int8_rows(f"{a}/smoothed", f"{base}.int8", f"{base}.int8_scale", node.output[0], node.name, w.shape[1])
-    inits += [numpy_helper.from_array(v, k) for k, v in lowbit.INT8_ROW_CONSTS.items()]
+        nodes += int8.int8_rows(f"{a}/smoothed", f"{base}.int8", f"{base}.int8_scale", node.output[0], node.name, w.shape[1])
+    inits += [numpy_helper.from_array(v, k) for k, v in int8.INT8_ROW_CONSTS.items()]
     out = onnx.ModelProto()
     out.CopyFrom(model)
     del out.graph.node[:]
@@ -121,7 +121,7 @@ def main() -> None:
     routes: list[tuple[str, Ranker]] = [("int8 (per token)", Ranker.from_bundle(args.bundle, threads=2, compute="int8"))]
     model = onnx.load(str(args.bundle / MODEL_FILE))
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    inputs = sorted({n.input[0] for n in model.graph.node if lowbit.node_weight(n, arrays) is not None})
+    inputs = sorted({n.input[0] for n in model.graph.node if quant.node_weight(n, arrays) is not None})
     absmax = channel_absmax(model, native, inputs, args.calibration, args.seed + 1) if args.alpha else {}
     for alpha in args.alpha:
         graph = smoothed_int8(model, absmax, alpha).SerializeToString()

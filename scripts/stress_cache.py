@@ -81,7 +81,6 @@ def _publish_worker(barrier, checkpoint: Path, base: Path, rounds: int, build_se
 
     import hatllm_edge.export.bundle as eb
     import hatllm_edge.export.checkpoint as ec
-
     from hatllm_edge.app.models import cached_bundle
 
     builds = 0
@@ -118,7 +117,6 @@ def publish_race(checkpoint: Path, rounds: int, procs: int, build_seconds: float
     import multiprocessing as mp
 
     import hatllm_edge.export.bundle  # noqa: F401 - imported once, before the fork
-
     import hatllm_edge.ranking.ranker  # noqa: F401
 
     ctx = mp.get_context("fork")

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from hatllm_edge.core.formats import MODEL_FILE
 from hatllm_edge.core.prompt import PromptBuilder
-from hatllm_edge.engine.lowbit import int8_compute
+from hatllm_edge.engine.int8 import int8_compute
 from hatllm_edge.ranking import search as ranking
 from hatllm_edge.ranking.ranker import Ranker
 

@@ -81,11 +81,11 @@ def tiny_bundle(root: Path, tokenizer_json: Path, titles: list[str], ids: list[s
     import json
 
     import torch
-    from hatllm_edge.export import export_bundle
     from transformers import LlamaForCausalLM
 
     from hatllm_edge.core.formats import ModelMeta, PromptMeta
     from hatllm_edge.core.masks import LayerSchedule
+    from hatllm_edge.export import export_bundle
     from hatllm_edge.training.model import HatLLM
 
     root.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from hatllm_edge.cli import app
 from hatllm_edge.core.data import load_dataset
 from hatllm_edge.core.metrics import mean_metrics
 from hatllm_edge.training.checkpoint import load_checkpoint
+from hatllm_edge.training.resume import STATE_FILE
 
 ITEMS = [("i1", "Alpha (1990)"), ("i2", "Beta (1991)"), ("i3", "Gamma, The (1992)"),
          ("i4", "Delta (1993)"), ("i5", 'Epsilon "E" (1994)'), ("i6", "Zeta (1995)")]
@@ -140,7 +141,7 @@ def test_train_resumes_to_the_same_weights(trained: tuple[Path, Any], tiny_base:
     changed = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--lr", 2e-3, "--resume"))
     assert_usage_error(changed, "lr")
     state = torch.load(out / "train_state.pt", weights_only=False)
-    state["run"]["peak_rss_mib"] = 1e9  # as if the stopped process had peaked there
+    state["progress"]["peak_rss_mib"] = 1e9  # as if the stopped process had peaked there
     torch.save(state, out / "train_state.pt")
     resumed = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--resume"))
     assert resumed.exit_code == 0, resumed.output
@@ -721,7 +722,7 @@ def test_sasrec_train_writes_a_checkpoint(sasrec_trained: tuple[Path, Any], data
     summary = last_json(result)
     assert summary["epochs"] == 2 and summary["chosen_epoch"] in (1, 2) and summary["torch_threads"] == 1
     assert summary["wall_s"] >= 0
-    for name in (sasrec.CONFIG_FILE, sasrec.WEIGHTS_FILE, sasrec.STATE_FILE, sasrec.LOG_FILE):
+    for name in (sasrec.CONFIG_FILE, sasrec.WEIGHTS_FILE, STATE_FILE, sasrec.LOG_FILE):
         assert (out / name).is_file(), name
     meta = sasrec.read_config(out)
     assert meta["model"] == {"num_items": 6, "max_len": 8, "hidden": 16, "heads": 2, "blocks": 1, "dropout": 0.2}

@@ -15,7 +15,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import tiny_llama_config
-from hatllm_edge.export import export_onnx
 from test_invariance import CATALOG, HISTORIES, TITLES
 from transformers import LlamaForCausalLM
 
@@ -24,6 +23,7 @@ from hatllm_edge.core.masks import LayerSchedule
 from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.engine.cuda_graph import GraphRunner, pad_rows, padded
 from hatllm_edge.engine.session import OnnxBackend
+from hatllm_edge.export import export_onnx
 from hatllm_edge.ranking.search import TitleTrie, beam_search, score_candidates
 from hatllm_edge.training.model import HatLLM
 

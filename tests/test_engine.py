@@ -11,14 +11,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from hatllm_edge.export import export_onnx
-from hatllm_edge.export.validate import run_onnx, sample_steps
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.formats import GRAPH_CONTRACT, GRAPH_REVISION
 from hatllm_edge.core.masks import LayerSchedule, build_masks, causal_visibility
 from hatllm_edge.engine.session import OnnxBackend
+from hatllm_edge.export import export_onnx
+from hatllm_edge.export.validate import run_onnx, sample_steps
 from hatllm_edge.training.model import HatLLM
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -183,7 +183,7 @@ def test_int8_compute_replaces_every_weight_matmul_and_tracks_native(model: HatL
     DynamicQuantizeMatMul); the logits stay close to the graph as stored."""
     import onnx
 
-    from hatllm_edge.engine.lowbit import INT8_OP, int8_compute
+    from hatllm_edge.engine.int8 import INT8_OP, int8_compute
 
     path = export_onnx(model, tmp_path / f"{quant}.onnx", quant=quant)
     for activations, op in (("row", "MatMulIntegerToFloat"), ("tensor", INT8_OP)):

@@ -10,6 +10,13 @@ import onnx
 import pytest
 import torch
 from conftest import model_meta, tiny_llama_config
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from hatllm_edge.core.errors import HatLLMError, InputError
+from hatllm_edge.core.masks import LayerSchedule
+from hatllm_edge.engine.quant import dequantized_linears
+from hatllm_edge.engine.quant.nf4 import nf4_unpack
+from hatllm_edge.engine.session import OnnxBackend, file_sha256
 from hatllm_edge.export import (
     Int4Options,
     export_bundle,
@@ -18,14 +25,8 @@ from hatllm_edge.export import (
     verify_bundle,
 )
 from hatllm_edge.export.convert import LINEARS
-from hatllm_edge.export.quantize import nf4_absmax, nf4_pack
+from hatllm_edge.export.quant.nf4 import nf4_absmax, nf4_pack
 from hatllm_edge.export.validate import Step, compare, run_onnx, run_torch, sample_steps
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-from hatllm_edge.core.errors import HatLLMError, InputError
-from hatllm_edge.core.masks import LayerSchedule
-from hatllm_edge.engine.lowbit import dequantized_linears, nf4_unpack
-from hatllm_edge.engine.session import OnnxBackend, file_sha256
 from hatllm_edge.training.model import HatLLM
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -245,7 +246,7 @@ def test_int8_graph_is_cached_by_bundle_content(bundle: Path, tmp_path: Path, mo
     """The int8 route's expanded graph is written to the cache on the first load and read back,
     not expanded again, on the next (same outputs). Other activations are another entry; no
     entry without checked hashes; the native route writes none."""
-    import hatllm_edge.engine.lowbit as lowbit
+    import hatllm_edge.engine.int8 as int8_route
 
     monkeypatch.setenv("HATLLM_CACHE", str(tmp_path / "cache"))
     steps = sample_steps(128)
@@ -258,7 +259,7 @@ def test_int8_graph_is_cached_by_bundle_content(bundle: Path, tmp_path: Path, mo
     def no_expansion(*args: object, **kwargs: object) -> None:
         raise AssertionError("expanded again")
 
-    monkeypatch.setattr(lowbit, "int8_compute", no_expansion)
+    monkeypatch.setattr(int8_route, "int8_compute", no_expansion)
     second = OnnxBackend.from_bundle(bundle, threads=1)
     assert second.compute == "int8"
     for a, b in zip(run_onnx(first, steps), run_onnx(second, steps)):

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_llama_config
-from hatllm_edge.export import export_onnx
 from transformers import LlamaForCausalLM
 
 from hatllm_edge.core.data import Catalog
 from hatllm_edge.core.masks import LayerSchedule
 from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.engine.session import OnnxBackend
+from hatllm_edge.export import export_onnx
 from hatllm_edge.ranking.search import (
     PROMPT_BUCKET,
     TitleTrie,

@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hatllm_edge.export
 import pytest
 
 import hatllm_edge
+import hatllm_edge.export
 
 PACKAGE = Path(hatllm_edge.__file__).parent
 EXPORT = Path(hatllm_edge.export.__file__).parent

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from hatllm_edge.engine.lowbit import int8_compute, int8_per_channel
+from hatllm_edge.engine.int8 import int8_compute, int8_per_channel
 
 
 def _matmul_graph(weight: np.ndarray) -> onnx.ModelProto:

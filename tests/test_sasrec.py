@@ -15,6 +15,7 @@ from hatllm_edge.core.data import Catalog, Dataset, Example
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.metrics import mean_metrics
 from hatllm_edge.training import sasrec as S
+from hatllm_edge.training.resume import STATE_FILE
 
 
 def _tiny(num_items: int = 30, max_len: int = 8, heads: int = 2, seed: int = 0) -> S.SASRec:
@@ -210,11 +211,11 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     S.train(_cfg(tmp_path / "a", inter, items, max_epochs=4), progress=False)
     S.train(_cfg(tmp_path / "b", inter, items, max_epochs=2), progress=False)
     S.train(_cfg(tmp_path / "b", inter, items, max_epochs=4), resume=True, progress=False)
-    a = torch.load(tmp_path / "a" / S.STATE_FILE, weights_only=False)
-    b = torch.load(tmp_path / "b" / S.STATE_FILE, weights_only=False)
+    a = torch.load(tmp_path / "a" / STATE_FILE, weights_only=False)
+    b = torch.load(tmp_path / "b" / STATE_FILE, weights_only=False)
     assert a["progress"]["step"] == b["progress"]["step"]
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
+    for k, v in a["weights"].items():
+        assert torch.equal(v, b["weights"][k]), k
     with pytest.raises(InputError, match="lr"):
         S.train(_cfg(tmp_path / "b", inter, items, max_epochs=5, lr=3e-3), resume=True, progress=False)
 

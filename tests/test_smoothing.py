@@ -11,22 +11,18 @@ import onnx
 import pytest
 import torch
 from conftest import tiny_llama_config
-from hatllm_edge.export import export_onnx
-from hatllm_edge.export.calibrate import activation_absmax, calibration_sequences
-from hatllm_edge.export.validate import run_onnx, sample_steps
 from onnx import numpy_helper
 from transformers import LlamaForCausalLM
 
 from hatllm_edge.core.data import Catalog
 from hatllm_edge.core.masks import LayerSchedule
 from hatllm_edge.core.prompt import PromptBuilder
-from hatllm_edge.engine.lowbit import (
-    CALIBRATION_PREFIX,
-    int8_compute,
-    node_weight,
-    smoothing,
-)
+from hatllm_edge.engine.int8 import CALIBRATION_PREFIX, int8_compute, smoothing
+from hatllm_edge.engine.quant import node_weight
 from hatllm_edge.engine.session import OnnxBackend
+from hatllm_edge.export import export_onnx
+from hatllm_edge.export.calibrate import activation_absmax, calibration_sequences
+from hatllm_edge.export.validate import run_onnx, sample_steps
 from hatllm_edge.training.model import HatLLM
 
 CATALOG = Catalog(tuple(f"i{n}" for n in range(6)), ("Heat (1995)", "Fargo (1996)", "Babe (1995)", "Alien (1979)",

@@ -16,7 +16,8 @@ import hatllm_edge
 def test_the_wheel_installs_one_package_with_its_data(site: Path) -> None:
     assert {p.name for p in site.iterdir()} == {"hatllm_edge", f"hatllm_edge-{hatllm_edge.__version__}.dist-info", "bin"}, \
         "nothing generic (cli, export, models) at the top of site-packages"
-    for layer in ("core", "engine", "ranking", "training", "export", "app", "evaluation", "bench", "cli"):
+    for layer in ("core", "engine", "engine/quant", "ranking", "training", "export", "export/quant", "app", "evaluation", "bench",
+                  "cli"):
         assert (site / "hatllm_edge" / layer / "__init__.py").is_file(), layer
     model = site / "hatllm_edge" / "models" / "hatllm-ml100k"
     for name in ("hatllm.json", "catalog.jsonl", "tokenizer.json", "adapter/adapter_model.safetensors", "sasrec.onnx"):

@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from hatllm_edge.app.models import (
     BundleBuilder,
@@ -36,6 +36,8 @@ from hatllm_edge.ranking.ranker import Device, Ranker, show
 
 log = logging.getLogger("hatllm_edge")
 FIELDS = ("history", "candidates", "k", "beams", "user_id", "assist")
+Backend = Literal["onnx", "torch"]  # the engine (a bundle), or PyTorch fp32 (a checkpoint)
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -216,7 +218,7 @@ class RankOptions:
     quant: str | None = None  # the bundle built from a checkpoint (default int4)
     dtype: str | None = None  # its float type (default: fp16 on cuda, fp32 on cpu)
     cuda_graph: bool = False  # replay passes as captured CUDA graphs
-    backend: str = "onnx"  # or torch (a checkpoint in PyTorch fp32)
+    backend: Backend = "onnx"  # or torch (a checkpoint in PyTorch fp32)
     compute: Compute = "auto"
     threads: int | None = None
     normalize: bool = False  # length-normalise candidate scores

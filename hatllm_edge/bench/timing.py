@@ -24,20 +24,7 @@ from hatllm_edge.bench.records import BackendRun, Result
 from hatllm_edge.bench.workloads import Workload, default_workloads, make_requests
 from hatllm_edge.core.data import Dataset
 from hatllm_edge.core.errors import InputError
-
-
-def _rss_mb(field_name: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # not Linux: peak RSS is then the process's peak so far
+from hatllm_edge.core.machine import peak_rss_mib, reset_peak_rss, versions
 
 
 def _gpu_mem_mb() -> float | None:
@@ -77,7 +64,7 @@ def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[st
     runs: list[BackendRun] = []
     bar = tqdm(total=len(cfg.backends) * len(cfg.workloads), desc="bench", unit="run", disable=not progress)
     for name in cfg.backends:
-        _reset_peak_rss()
+        reset_peak_rss()
         gpu_before = _gpu_mem_mb() if cfg.device == "cuda" else None
         start = time.perf_counter()
         ranker, size = open_backend(name, cfg.checkpoint, cfg.device, cfg.threads, progress, cfg.build,
@@ -104,7 +91,7 @@ def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[st
             run.results.append(Result(name, w.name, [round(x, 3) for x in latencies], counter.tokens // len(latencies),
                                       round(passes, 2)).finish(w.batch))
             bar.update()
-        run.peak_rss_mb = round(_rss_mb("VmHWM"), 1)
+        run.peak_rss_mb = round(peak_rss_mib(), 1)
         if gpu_before is not None:
             after = _gpu_mem_mb()
             run.gpu_mem_mb = None if after is None else after - gpu_before
@@ -117,7 +104,7 @@ def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[st
                    "min_repeats": cfg.min_repeats, "max_repeats": cfg.max_repeats, "seconds": cfg.seconds, "seed": cfg.seed,
                    "paired_rounds": cfg.paired, "workloads": [asdict(w) | {"name": w.name} for w in cfg.workloads]},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "versions": _versions()},
+                    "cpus": os.cpu_count(), "versions": versions()},
         "backends": [asdict(r) for r in runs],
         "paired": [asdict(r) for r in paired],
         # the verdict from the paired check when it ran (drift cancels there), else from the table
@@ -159,17 +146,5 @@ def run_paired(cfg: BenchConfig, requests: dict[str, list[Any]], runs: Sequence[
             out[n].results.append(Result(n, wname, latencies[n], 0).finish(w.batch))
     bar.close()
     return list(out.values())
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for name in ("onnxruntime", "onnxruntime-gpu", "torch", "transformers", "bitsandbytes"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
 
 

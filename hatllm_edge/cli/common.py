@@ -14,11 +14,14 @@ from typing import Annotated, Any, Optional, Sequence
 import typer
 from typer.core import TyperGroup
 
+from hatllm_edge.app.rank import BACKENDS
+from hatllm_edge.core.data import SPLITS
 from hatllm_edge.core.errors import HatLLMError
-from hatllm_edge.core.formats import QUANTS
+from hatllm_edge.core.formats import DTYPES, EMBEDDINGS, INT4_ALGOS, QUANTS
 from hatllm_edge.core.limits import DEFAULT_BEAMS, MAX_BEAMS, MAX_K
 from hatllm_edge.core.prompt import TEMPLATES
-from hatllm_edge.engine.session import COMPUTES
+from hatllm_edge.core.recipe import LORA_TARGET_SETS, LOSSES, LR_SCHEDULES, MODES
+from hatllm_edge.engine.session import COMPUTES, DEVICES
 
 HELP = """hatllm-edge: the command line. Thin: parse, build a config, call the library, print.
 
@@ -67,17 +70,20 @@ def _choice(name: str, values: Sequence[str]) -> Any:
     return Enum(name, [(v, v) for v in values], type=str)
 
 
-Split = _choice("Split", ("valid", "test"))
-Device = _choice("Device", ("cpu", "cuda"))
-Backend = _choice("Backend", ("onnx", "torch"))
+Split = _choice("Split", SPLITS)
+Device = _choice("Device", DEVICES)
+Backend = _choice("Backend", BACKENDS)
 Compute = _choice("Compute", COMPUTES)
 Quant = _choice("Quant", QUANTS)
-DType = _choice("DType", ("fp32", "fp16"))
-Embeddings = _choice("Embeddings", ("int8", "float"))
-Int4Algo = _choice("Int4Algo", ("rtn", "hqq", "gptq"))
-Renormalise = _choice("Renormalise", ("off", "on", "both"))
+DType = _choice("DType", DTYPES)
+Embeddings = _choice("Embeddings", EMBEDDINGS)
+Int4Algo = _choice("Int4Algo", INT4_ALGOS)
+Renormalise = _choice("Renormalise", ("off", "on", "both"))  # fuse's grid: each value alone, or both
 Template = _choice("Template", TEMPLATES)
-LRSchedule = _choice("LRSchedule", ("constant", "cosine"))
+LRSchedule = _choice("LRSchedule", LR_SCHEDULES)
+TrainMode = _choice("TrainMode", MODES)
+TrainLoss = _choice("TrainLoss", LOSSES)
+LoraTargets = _choice("LoraTargets", LORA_TARGET_SETS)
 
 # Shared option types, defined once.
 CheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint folder written by 'hatllm-edge train'.")]
@@ -92,20 +98,6 @@ AssistantWeightOpt = Annotated[Optional[float], typer.Option(min=0, help="Weight
 RenormaliseOpt = Annotated[Optional[bool], typer.Option("--renormalise/--no-renormalise", help="Beam steps: log-softmax over the title tree's allowed tokens only (default: the model's choice).")]
 TrainThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="torch intra-op threads (default: torch's choice).")]
 
-
-class TrainMode(str, Enum):
-    window = "window"
-    prompt = "prompt"
-
-
-class TrainLoss(str, Enum):
-    ce = "ce"
-    msl = "msl"
-
-
-class LoraTargets(str, Enum):
-    attention = "attention"
-    all = "all"
 
 DeviceOpt = Annotated[Device, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu and a GPU).")]
 CudaGraphOpt = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="With --device cuda: replay each pass shape as a captured CUDA graph (off by default until measured faster on a GPU).")]

@@ -37,7 +37,7 @@ def export_cmd(
     """Merge the adapter, export to ONNX with one mask input per kind, quantise to 4 bits."""
     from hatllm_edge.engine.session import read_bundle_meta
     from hatllm_edge.export.checkpoint import export_checkpoint
-    from hatllm_edge.export.quantize import Int4Options
+    from hatllm_edge.export.quant.int4 import Int4Options
 
     eight_bit = tuple(n.strip() for n in int4_8bit.split(",")) if int4_8bit not in ("", "none") else ()
     int4 = Int4Options(algo=int4_algo.value, block_size=int4_block, eight_bit=eight_bit) if quant.value == "int4" else None

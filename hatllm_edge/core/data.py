@@ -19,11 +19,12 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, get_args
 
 from hatllm_edge.core.errors import DataError, InputError
 
 Split = Literal["valid", "test"]
+SPLITS: tuple[Split, ...] = get_args(Split)
 ML100K = "ml-100k"
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from hatllm_edge.core.errors import InputError
 
@@ -35,7 +35,7 @@ GRAPH_CONTRACT = 3  # 3: past_rows (the step gathers its cache rows), target_ids
 # contract (2: log-probs by LogSoftmax; 3: activation statistics for the int8 route), so cached
 # bundles are rebuilt too.
 GRAPH_REVISION = 3
-# The revision of the graph lowbit.int8_compute writes from a stored one: bumped when that
+# The revision of the graph engine.int8.int8_compute writes from a stored one: bumped when that
 # rewrite changes (2: SmoothQuant folded in), so expanded graphs cached by an older engine are
 # not reused.
 INT8_REVISION = 2
@@ -52,8 +52,17 @@ MASK_INPUT = "mask_{}"  # .format(kind)
 PAST = "past_key_values.{}.{}"  # .format(layer, "key" | "value")
 PRESENT = "present.{}.{}"
 
-# Weight formats of a bundle's graph (bundle.json export.quant, the graph's hatllm.quant).
-QUANTS = ("int4", "nf4", "int8", "none")
+# What an export chooses: the weight format of the decoder Linears (bundle.json export.quant, the
+# graph's hatllm.quant), the float type, the embedding / LM head format and the int4 quantiser.
+# The Literal types are the one list of names; the tuples are the same names for the CLI's choices.
+Quant = Literal["int4", "nf4", "int8", "none"]
+QUANTS: tuple[Quant, ...] = get_args(Quant)
+DType = Literal["fp32", "fp16"]
+DTYPES: tuple[DType, ...] = get_args(DType)
+Embeddings = Literal["int8", "float"]
+EMBEDDINGS: tuple[Embeddings, ...] = get_args(Embeddings)
+Int4Algo = Literal["rtn", "hqq", "gptq"]
+INT4_ALGOS: tuple[Int4Algo, ...] = get_args(Int4Algo)
 
 # --------------------------------------------------------------------------- files
 

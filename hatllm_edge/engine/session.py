@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -51,6 +51,8 @@ Compute = Literal["auto", "native", "int8", "int8-tensor"]
 # the benchmark's ablation only: by design a user's scores there depend on who shares the batch.
 COMPUTES: tuple[Compute, ...] = ("auto", "native", "int8")
 Optimization = Literal["all", "basic", "none"]
+Device = Literal["cpu", "cuda"]
+DEVICES: tuple[Device, ...] = get_args(Device)
 PASS_TOKENS_CPU = 4096  # rows x width of one candidate pass on the CPU (docs/results.md)
 PASS_TOKENS_CUDA = 32768  # on a GPU: 32 users x 100 candidates (~41k padded tokens) in two passes
 
@@ -161,7 +163,7 @@ class OnnxBackend:
     device "cpu" (CPUExecutionProvider) or "cuda" (CUDAExecutionProvider, never a silent CPU
     fallback); ``threads`` fixes the intra-op thread count (None: ONNX Runtime's default).
     ``compute``: "native" runs the graph as stored; "int8" first expands every weight matmul
-    to signed int8 with activations quantised per token (:func:`hatllm_edge.engine.lowbit.int8_compute`,
+    to signed int8 with activations quantised per token (:func:`hatllm_edge.engine.int8.int8_compute`,
     CPU only); "int8-tensor" the same with one activation scale per tensor
     (``DynamicQuantizeMatMul``: fewer ops, much less faithful); "auto" = int8 for a quantised
     graph on the CPU, native otherwise.
@@ -322,7 +324,7 @@ class OnnxBackend:
         import onnx
         from google.protobuf.message import DecodeError
 
-        from hatllm_edge.engine.lowbit import int8_compute
+        from hatllm_edge.engine.int8 import int8_compute
 
         try:
             stored = onnx.load(str(path))

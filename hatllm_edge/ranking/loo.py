@@ -5,13 +5,13 @@ both run it."""
 from __future__ import annotations
 
 import random
-import resource
 import time
 from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
 from hatllm_edge.core.data import Dataset, Example, Split
+from hatllm_edge.core.machine import peak_rss_mib
 from hatllm_edge.core.metrics import mean_metrics, target_rank
 from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.engine.backend import Backend
@@ -75,6 +75,6 @@ def rank_split(
         "metrics": mean_metrics(list(ranks.values())),
         "wall_s": round(wall, 1),
         "s_per_user": round(wall / max(1, len(examples)), 3),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
         "ranks": {ex.user_id: ranks[ex.user_id] for ex in examples},
     }

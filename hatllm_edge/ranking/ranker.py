@@ -10,7 +10,7 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 from hatllm_edge.core.data import Catalog
 from hatllm_edge.core.errors import InputError
@@ -25,7 +25,7 @@ from hatllm_edge.core.formats import (
 from hatllm_edge.core.limits import MAX_REF_CHARS, beam_width
 from hatllm_edge.core.prompt import TEMPLATES, PromptBuilder
 from hatllm_edge.engine.backend import Backend
-from hatllm_edge.engine.session import Compute, Optimization, read_bundle_meta
+from hatllm_edge.engine.session import Compute, Device, Optimization, read_bundle_meta
 from hatllm_edge.ranking.assistant import Assistant
 from hatllm_edge.ranking.search import (
     Fusion,
@@ -35,7 +35,7 @@ from hatllm_edge.ranking.search import (
     score_candidates,
 )
 
-Device = Literal["cpu", "cuda"]
+
 @dataclass
 class Ranker:
     """``meta.decoding`` (written by ``hatllm-edge fuse``) says how steps are scored by

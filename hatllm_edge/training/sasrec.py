@@ -50,6 +50,7 @@ from hatllm_edge.core.formats import ASSISTANT_OUTPUT as ONNX_OUTPUT
 from hatllm_edge.core.formats import SASREC_FORMAT as FORMAT
 from hatllm_edge.core.machine import cpu_name
 from hatllm_edge.core.metrics import mean_metrics
+from hatllm_edge.core.recipe import LR_SCHEDULES, LRSchedule
 from hatllm_edge.ranking.assistant import (
     PAD,
     catalog_ids,
@@ -57,10 +58,10 @@ from hatllm_edge.ranking.assistant import (
     ort_session,
     read_config,
 )
+from hatllm_edge.training.resume import load_state, restore, save_state
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
-STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 _MASKED = -1e9  # additive attention bias of a masked key (finite: no NaN, exact zero weight in fp32)
 
@@ -332,7 +333,7 @@ class TrainConfig:
     batch_size: int = 128  # windows per step
     lr: float = 1e-3
     weight_decay: float = 0.0
-    schedule: str = "constant"  # after a linear warm-up: "constant" or "cosine" (to max_epochs)
+    schedule: LRSchedule = "constant"  # after a linear warm-up: "constant" or "cosine" (to max_epochs)
     warmup_steps: int = 100
     max_epochs: int = 200
     patience: int = 20  # stop after this many evaluations without a better validation NDCG@10
@@ -355,7 +356,7 @@ class TrainConfig:
             raise InputError(f"SASRec training: dropout {self.dropout} not in [0, 1)")
         if not self.lr > 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise InputError(f"SASRec training: need lr > 0, weight_decay >= 0 and warmup_steps >= 0 (got {self.lr}, {self.weight_decay}, {self.warmup_steps})")
-        if self.schedule not in ("constant", "cosine"):
+        if self.schedule not in LR_SCHEDULES:
             raise InputError(f"SASRec training: schedule {self.schedule!r}: expected 'constant' or 'cosine'")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise InputError(f"SASRec training: max_minutes {self.max_minutes} must be above 0")
@@ -423,16 +424,8 @@ def train(
                           "eval_s": 0.0, "targets": 0, "windows": 0, "stopped": None}
     log_path = out / LOG_FILE
     if resume:
-        if not (out / STATE_FILE).is_file():
-            raise InputError(f"{out}: nothing to resume (no {STATE_FILE})")
-        saved = torch.load(out / STATE_FILE, weights_only=False)
-        differ = sorted(k for k, v in cfg.to_json().items() if k not in _RESUMABLE and saved["config"].get(k) != v)
-        if differ:
-            raise InputError(f"{out}: {STATE_FILE} was written with other values of {', '.join(differ)}; resume with the same flags")
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["torch_rng"])
+        saved = load_state(out, cfg.to_json(), _RESUMABLE)
+        model.load_state_dict(restore(saved, opt, sched))
         st = saved["progress"]
         st["stopped"] = None  # a larger budget may continue a run that stopped; patience still counts
     else:
@@ -491,9 +484,7 @@ def train(
                         best=f"{(st['best'] or {}).get('NDCG@10', 0):.4f}@{st['best_epoch']}", tgt_s=f"{row['targets_per_s']:.0f}")
         if progress:
             tqdm.write(json.dumps(row))
-        torch.save({"config": cfg.to_json(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(), "progress": st}, out / (STATE_FILE + ".tmp"))
-        (out / (STATE_FILE + ".tmp")).replace(out / STATE_FILE)
+        save_state(out, cfg.to_json(), model.state_dict(), opt, sched, st)
     bar.close()
     if st["stopped"] is None:
         st["stopped"] = f"max_epochs {cfg.max_epochs}"

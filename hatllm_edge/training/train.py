@@ -20,13 +20,11 @@ step to ``last/``.
 from __future__ import annotations
 
 import json
-import os
 import random
-import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -41,8 +39,10 @@ from hatllm_edge.core.formats import (
     Decoding,
     ModelMeta,
 )
+from hatllm_edge.core.machine import peak_rss_mib
 from hatllm_edge.core.masks import LayerSchedule
 from hatllm_edge.core.prompt import PromptBuilder, Template
+from hatllm_edge.core.recipe import LoraTargets, Loss, Mode
 from hatllm_edge.ranking.search import Fusion, TitleTrie
 from hatllm_edge.training import checkpoint as ckpt
 from hatllm_edge.training.batching import (
@@ -53,13 +53,17 @@ from hatllm_edge.training.batching import (
     msl_nll,
 )
 from hatllm_edge.training.model import BaseModelSpec, HatLLM, load_base
+from hatllm_edge.training.resume import (
+    load_state,
+    refuse_overwrite,
+    restore,
+    save_state,
+)
 
-Mode = Literal["window", "prompt"]
 LORA_TARGETS = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 }
-STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 EVAL_LOG_FILE = "valid_log.jsonl"
 LAST_DIR = "last"  # a finished run's last step, as a checkpoint folder of its own
@@ -90,12 +94,12 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_targets: Literal["attention", "all"] = "all"
+    lora_targets: LoraTargets = "all"
     max_history: int = 20
     template: Template = "list"  # window mode needs "list"; "instruct" reproduces the older prompt
     bf16: bool = True  # bf16 autocast; fp32 master weights
     compile: bool = False  # torch.compile the model (dynamic shapes: batches differ in width)
-    loss: Literal["ce", "msl"] = "msl"  # the shipped recipe; runs saved before the field trained with "ce"
+    loss: Loss = "msl"  # the shipped recipe; runs saved before the field trained with "ce"
     msl_temperature: float = 1.0
     seed: int = 0
     init_from: str | None = None  # a LoRA checkpoint whose adapter starts the run (fresh optimiser and schedule)
@@ -108,10 +112,6 @@ class TrainConfig:
         d = asdict(self)
         d["base"] = self.base.to_dict()
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def training_units(data: Dataset, cfg: TrainConfig) -> list[Window] | list[Example]:
@@ -167,12 +167,6 @@ def validate(model: HatLLM, prompts: PromptBuilder, data: Dataset, examples: lis
     return {"metrics": result["metrics"], "users": result["users"], "renormalise": renormalise, "wall_s": result["wall_s"]}
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(f".partial-{os.getpid()}")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
 def _load_init(trainable: Any, cfg: TrainConfig) -> None:
     """Start from another run's LoRA adapter: it must have been trained on the same base with the
     same LoRA shape, so every trainable weight is replaced and none is left at its initial value."""
@@ -204,22 +198,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if cfg.mode == "window" and cfg.template != "list":
         raise InputError(f"--mode window trains every title of a window as an answer, which needs the 'list' template "
                          f"(got {cfg.template!r}); use --mode prompt with another template")
-    state_path = cfg.out / STATE_FILE
     saved = None
     if resume:
-        if not state_path.is_file():
-            raise InputError(f"{cfg.out}: nothing to resume (no {STATE_FILE}); start without --resume")
-        saved = torch.load(state_path, weights_only=False)
         # a field the saved run predates had its default then
-        then = {**TrainConfig(out=cfg.out).to_dict(), **PREDATED, **saved["config"]}
-        before = {k: v for k, v in then.items() if k not in RESUMABLE}
-        now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE}
-        changed = sorted(k for k in now if before.get(k) != now[k])
-        if changed:
-            raise InputError(f"--resume with other settings than the run in {cfg.out}: {', '.join(changed)} differ "
-                             f"(only {', '.join(RESUMABLE)} may change)")
-    elif state_path.is_file():
-        raise InputError(f"{cfg.out} holds a run in progress ({STATE_FILE}); continue it with --resume or use another folder")
+        saved = load_state(cfg.out, cfg.to_dict(), RESUMABLE, then={**TrainConfig(out=cfg.out).to_dict(), **PREDATED})
+    else:
+        refuse_overwrite(cfg.out)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.interactions, cfg.items)
@@ -251,12 +235,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     run: dict[str, Any] = {"step": 0, "train_s": 0.0, "eval_s": 0.0, "tokens": 0, "targets": 0, "best": None}
     if saved is not None:
         with torch.no_grad():
-            for n, v in saved["trainable"].items():
+            for n, v in restore(saved, optim, sched).items():
                 named[n].copy_(v)
-        optim.load_state_dict(saved["optim"])
-        sched.load_state_dict(saved["sched"])
-        torch.set_rng_state(saved["torch_rng"])
-        run = saved["run"]
+        run = saved["progress"]
     meta = ModelMeta(
         base=cfg.base.to_dict(), model_type=lm.config.model_type, schedule=schedule.to_dict(), prompt=prompts.meta(),
         finetune="full" if cfg.full else "lora", train={k: v for k, v in cfg.to_dict().items() if k not in ("base", "out")},
@@ -267,14 +248,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     cfg.out.mkdir(parents=True, exist_ok=True)
 
     def note_peak() -> float:  # the peak over every process of a resumed run
-        run["peak_rss_mib"] = max(run.get("peak_rss_mib", 0.0), _peak_rss_mib())
+        run["peak_rss_mib"] = max(run.get("peak_rss_mib", 0.0), peak_rss_mib())
         return run["peak_rss_mib"]
 
-    def save_state() -> None:
+    def checkpoint_state() -> None:
         note_peak()
-        _save_state(state_path, {"config": cfg.to_dict(), "trainable": {n: p.detach().clone() for n, p in named.items()},
-                                 "optim": optim.state_dict(), "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
-                                 "run": run})
+        save_state(cfg.out, cfg.to_dict(), named, optim, sched, run)
 
     def write_checkpoint(valid: dict[str, Any] | None, folder: Path = cfg.out) -> None:
         ckpt.write_common(folder, tokenizer, data.catalog, replace(meta, validation=valid, train_summary=summary()))
@@ -327,7 +306,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     recent: list[float] = []
     if cfg.init_from and cfg.eval_every and run.get("last_eval") is None:  # the start competes for "best" too
         evaluate_now()
-        save_state()
+        checkpoint_state()
     while run["step"] < len(steps) and not (deadline and time.time() > deadline):
         t0 = time.time()
         batch = build([units[i] for i in steps[run["step"]]], data.catalog, prompts)
@@ -356,15 +335,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         bar.update()
         if cfg.eval_every and run["step"] % cfg.eval_every == 0:
             evaluate_now()
-            save_state()
+            checkpoint_state()
         elif cfg.save_every and run["step"] % cfg.save_every == 0:
-            save_state()
+            checkpoint_state()
     bar.close()
     log.close()
     finished = run["step"] >= len(steps)
     if finished and run.get("last_eval") != run["step"]:
         evaluate_now()
-    save_state()
+    checkpoint_state()
     if finished:  # the last step beside the best: a larger sample than the run's validation may prefer it
         evals = [json.loads(line) for line in (cfg.out / EVAL_LOG_FILE).read_text(encoding="utf-8").splitlines()]
         write_checkpoint(next((e for e in evals if e["step"] == run["step"]), None), cfg.out / LAST_DIR)

@@ -1,51 +1,18 @@
-"""Low-bit weights for the exported graph: NF4, int4 and 8-bit.
-
-* NF4 (bitsandbytes, block 64) mapped byte for byte onto ``com.microsoft.MatMulBnb4``: both
-  flatten the [N, K] weight row-major, pack the even flat index into the high nibble, use
-  the same 16-entry NF4 code book and one absmax per 64 values (float; a double-quantised
-  absmax is expanded first). Checked against ``bitsandbytes.functional.dequantize_4bit``.
-* int4 ``com.microsoft.MatMulNBits`` through ONNX Runtime's ``MatMulNBitsQuantizer`` on the
-  finished float graph: RTN (ORT's default block-wise affine quantiser), HQQ, or GPTQ (needs
-  calibration token sequences).
-* 8-bit blocks (:func:`hatllm_edge.engine.lowbit.q8_pack`): the ``--quant int8`` Linears, and in every quantised bundle
-  the tied embedding / LM head, which decides the ranking directly and so gets 8 bits, not 4.
-
-Reading them back as float (the validation reference, the engine's int8 expansion) lives in
-:mod:`hatllm_edge.engine.lowbit`, because the torch-free engine needs it at load time.
-"""
+"""int4 ``com.microsoft.MatMulNBits`` through ONNX Runtime's ``MatMulNBitsQuantizer`` on the
+finished float graph: RTN (ORT's default block-wise affine quantiser), HQQ, or GPTQ (needs
+calibration token sequences). Read back by :mod:`hatllm_edge.engine.quant.nbits`."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnx
 from onnxruntime.quantization.calibrate import CalibrationDataReader
 
-from hatllm_edge.engine.lowbit import NF4_BLOCK
-
-
-def nf4_absmax(state: Any) -> np.ndarray:
-    """The float32 absmax [blocks] of a bitsandbytes QuantState, double quantisation expanded."""
-    import bitsandbytes.functional as bnbf
-
-    absmax = state.absmax
-    if state.nested:
-        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    return absmax.float().cpu().numpy()
-
-
-def nf4_pack(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """weight [N, K] float -> (packed uint8 [N*K/2], absmax float32 [N*K/64]) with
-    bitsandbytes ``quantize_4bit`` on CPU: the exact bytes ``MatMulBnb4`` reads."""
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    packed, state = bnbf.quantize_4bit(torch.from_numpy(np.ascontiguousarray(weight, np.float32)),
-                                       blocksize=NF4_BLOCK, quant_type="nf4", compress_statistics=False)
-    return packed.numpy().reshape(-1), nf4_absmax(state)
+from hatllm_edge.core.formats import Int4Algo
 
 
 @dataclass(frozen=True)
@@ -54,7 +21,7 @@ class Int4Options:
     ``accuracy_level`` None keeps float32 activations (4 would quantise them to int8 on CPU).
     ``eight_bit``: Linears kept at 8 bits (names as in ``LINEARS``, e.g. ``mlp.down_proj``)."""
 
-    algo: Literal["rtn", "hqq", "gptq"] = "rtn"
+    algo: Int4Algo = "rtn"
     block_size: int = 16
     symmetric: bool = False
     accuracy_level: int | None = None

@@ -1,148 +1,31 @@
-"""Low-bit weights inside an exported graph: read them back as float, and compute in int8.
+"""The CPU engine's int8 route: every matmul with a constant weight (4-bit, 8-bit or float, LM
+head included) rewritten, when the session loads, to signed int8 weights with one scale per
+output channel and activations quantised per token, SmoothQuant folded in.
 
-Engine side (no torch): the bundle formats written by :mod:`hatllm_edge.export.quantize` are decoded
-here, because the engine needs them at load time.
-
-* ``MatMulBnb4`` (NF4, bitsandbytes layout: [N, K] row-major, even flat index in the high
-  nibble, one float absmax per 64 values).
-* ``MatMulNBits`` 4- or 8-bit: codes per block of K (4-bit packed low nibble first), one
-  scale per block, zero point ``2^(bits-1)`` when absent.
-* The embedding of a quantised bundle is gathered from the same 8-bit codes as the tied LM
-  head (``<param>.q8`` + ``<param>.scales``), so it is stored once.
-
-Why :func:`int8_compute`: on this class of CPU ONNX Runtime's 4-bit (and 8-bit block-wise)
-kernels dequantise to float and run little faster than fp32, while u8 x s8 integer GEMMs use
-the VNNI int8 dot products (3-4x fp32 at 1,200 rows, ``scripts/matmul_kernels.py``). So a
-bundle keeps its 4 bits on disk, and the CPU engine expands every weight to signed int8 (one
-scale per output channel) once, when the session loads.
+Why: on this class of CPU ONNX Runtime's 4-bit (and 8-bit block-wise) kernels dequantise to
+float and run little faster than fp32, while u8 x s8 integer GEMMs use the VNNI int8 dot
+products (3-4x fp32 at 1,200 rows, ``scripts/matmul_kernels.py``). So a bundle keeps its 4 bits
+on disk, and the CPU engine expands every weight to signed int8 once, at load.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from hatllm_edge.core.formats import LOGITS
+from hatllm_edge.engine.quant import node_weight, param_name
+from hatllm_edge.engine.quant.attrs import node_attrs
 
-NF4_BLOCK = 64
-Q8_BLOCK = 64
-# bitsandbytes' NF4 code book (bitsandbytes.functional.get_4bit_type("nf4")), as float32
-NF4_CODE = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-], dtype=np.float32)
 INT8_OP = "DynamicQuantizeMatMul"
 # max |input| per channel of each Linear, measured at export (hatllm_edge.export.calibrate): graph
 # initializers "calibration/<module>.absmax", read by the int8 rewrite's smoothing
 CALIBRATION_PREFIX = "calibration/"
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (mean |int8 - native| score error 0.82 -> 0.56 nats at 0.5, 0.70 at 0.8)
-
-
-def nf4_unpack(packed: np.ndarray, absmax: np.ndarray, n: int, k: int, block: int = NF4_BLOCK) -> np.ndarray:
-    """The float32 weight [N, K] that ``MatMulBnb4`` multiplies by (high nibble first)."""
-    codes = np.stack([packed >> 4, packed & 0x0F], axis=-1).reshape(-1)[: n * k]
-    scale = np.repeat(absmax.astype(np.float32), block)[: n * k]
-    return (NF4_CODE[codes] * scale).reshape(n, k)
-
-
-def _unpack_low_first(packed: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """uint8 [rows, ceil(cols/2)] with the first value in the low nibble -> uint8 [rows, cols]."""
-    return np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)[:, :cols]
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def nbits_unpack(node: onnx.NodeProto, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """The float32 weight [N, K] that a ``MatMulNBits`` node multiplies by:
-    (code - zero_point) * scale per block of K; the zero point is 2^(bits-1) when absent, and
-    a float zero point (HQQ) is used as is."""
-    attrs = _attrs(node)
-    k, n, block, bits = attrs["K"], attrs["N"], attrs["block_size"], attrs.get("bits", 4)
-    if bits not in (4, 8):
-        raise ValueError(f"{node.name}: MatMulNBits with {bits} bits is not supported (4 or 8)")
-    blocks = -(-k // block)
-    raw = arrays[node.input[1]].reshape(n, -1)
-    codes = (_unpack_low_first(raw, n, blocks * block) if bits == 4 else raw[:, : blocks * block]).astype(np.float32)
-    scales = arrays[node.input[2]].astype(np.float32).reshape(n, blocks)
-    zp_name = node.input[3] if len(node.input) > 3 else ""
-    if not zp_name:
-        zeros = np.full((n, blocks), 2.0 ** (bits - 1), np.float32)
-    elif arrays[zp_name].dtype == np.uint8:
-        zp = arrays[zp_name].reshape(n, -1)
-        zeros = (_unpack_low_first(zp, n, blocks) if bits == 4 else zp[:, :blocks]).astype(np.float32)
-    else:
-        zeros = arrays[zp_name].astype(np.float32).reshape(n, blocks)
-    w = (codes.reshape(n, blocks, block) - zeros[..., None]) * scales[..., None]
-    return w.reshape(n, blocks * block)[:, :k]
-
-
-def q8_pack(weight: np.ndarray, block: int = Q8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """weight [N, K] float -> (codes uint8 [N, K/block, block], scales float32 [N, K/block]):
-    symmetric absmax per block, code = round(w / scale) + 128. The layout of an 8-bit
-    ``MatMulNBits`` weight without zero points, and what the 8-bit embedding gathers from."""
-    n, k = weight.shape
-    if k % block:
-        raise ValueError(f"8-bit blocks of {block} need K divisible by {block}, got K={k}")
-    blocks = weight.reshape(n, k // block, block).astype(np.float32)
-    scales = np.abs(blocks).max(axis=-1) / 127.0
-    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(blocks / scales[..., None]), -127, 127) + 128
-    return codes.astype(np.uint8), scales
-
-
-def q8_unpack(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """An 8-bit block-quantised matrix (``<param>.q8`` [N, blocks, block] uint8, zero point 128,
-    ``<param>.scales`` [N, blocks]) as float32 [N, blocks * block]."""
-    n = codes.shape[0]
-    return ((codes.astype(np.float32) - 128.0) * scales.reshape(n, -1, 1)).reshape(n, -1)
-
-
-def param_name(initializer: str) -> str:
-    """``model.layers.0.mlp.up_proj.weight.T_Q4G32`` (any quantiser's suffix) -> ``...up_proj.weight``."""
-    return initializer.split(".weight")[0] + ".weight"
-
-
-def node_weight(node: onnx.NodeProto, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The float32 weight [N, K] a matmul-like node multiplies by (y = x W^T), or None when the
-    node has no constant weight: MatMulBnb4, MatMulNBits, MatMul with a constant [K, N]
-    right side, Gemm with a constant right side (the LM head)."""
-    if node.op_type == "MatMulBnb4":
-        attrs = _attrs(node)
-        return nf4_unpack(arrays[node.input[1]], arrays[node.input[2]], attrs["N"], attrs["K"], attrs["block_size"])
-    if node.op_type == "MatMulNBits":
-        return nbits_unpack(node, arrays)
-    if node.op_type in ("MatMul", "Gemm") and node.input[1] in arrays:
-        attrs = _attrs(node)
-        if node.op_type == "Gemm" and (attrs.get("transA", 0) or len(node.input) > 2 or attrs.get("alpha", 1.0) != 1.0):
-            return None
-        w = arrays[node.input[1]].astype(np.float32)
-        if w.ndim != 2:
-            return None
-        return w if node.op_type == "Gemm" and attrs.get("transB", 0) else w.T
-    return None
-
-
-def dequantized_linears(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Hugging Face parameter name (``model.layers.0.self_attn.q_proj.weight``) -> the float32
-    [N, K] weight each low-bit node (and the 8-bit embedding) of ``model`` really uses; empty
-    for a float graph."""
-    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    out: dict[str, np.ndarray] = {}
-    for node in model.graph.node:
-        if node.op_type in ("MatMulBnb4", "MatMulNBits"):
-            out[param_name(node.input[1])] = node_weight(node, arrays)
-        elif node.op_type == "Gather" and node.input[0].endswith(".q8"):
-            name = node.input[0].removesuffix(".q8")
-            out.setdefault(name, q8_unpack(arrays[node.input[0]], arrays[f"{name}.scales"]))
-    return out
 
 
 def int8_per_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -250,7 +133,7 @@ def smoothing(model: onnx.ModelProto, arrays: dict[str, np.ndarray], weights: di
             plan.norms[norm.input[1]] = (arrays[norm.input[1]] / f).astype(np.float32)
         elif src.op_type == "Attention" and src.input[2] in producer and producer[src.input[2]].name in weights \
                 and only_read_by(src.input[2], [src]):
-            attrs = _attrs(src)
+            attrs = node_attrs(src)
             heads, kv = attrs["q_num_heads"], attrs["kv_num_heads"]
             group = lambda v: v.reshape(kv, heads // kv, -1).max(axis=1)  # noqa: E731  [heads*dim] -> [kv, dim]
             f_kv = _factors(group(absmax), group(wmax), alpha)
@@ -288,7 +171,7 @@ def int8_compute(model: onnx.ModelProto, activations: Activations = "row") -> tu
         if weight is None:
             if node.op_type == "RMSNormalization" and node.input[1] in plan.norms:
                 node = helper.make_node(node.op_type, [node.input[0], f"{node.input[1]}/smoothed", *node.input[2:]],
-                                        list(node.output), name=node.name, domain=node.domain, **_attrs(node))
+                                        list(node.output), name=node.name, domain=node.domain, **node_attrs(node))
             nodes.append(node)
             continue
         if node.name in plan.columns:

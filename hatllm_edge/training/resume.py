@@ -1,0 +1,56 @@
+"""Resumable training state, one format for every trainer here: the trainable weights, the
+optimiser, the scheduler, torch's RNG, the run's counters and the config it ran with, written
+atomically to ``train_state.pt``. A resumed run must have the same config except for the
+fields its trainer names as resumable (budgets, validation cadence)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Collection
+
+import torch
+
+from hatllm_edge.core.errors import InputError
+
+STATE_FILE = "train_state.pt"
+
+
+def save_state(folder: Path, config: dict[str, Any], weights: dict[str, torch.Tensor], optim: torch.optim.Optimizer,
+               sched: Any, progress: dict[str, Any]) -> None:
+    """Write the state atomically (a reader never sees half a file; a crash keeps the last one)."""
+    tmp = folder / f"{STATE_FILE}.partial-{os.getpid()}"
+    torch.save({"config": config, "weights": {n: w.detach().clone() for n, w in weights.items()}, "optim": optim.state_dict(),
+                "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(), "progress": progress}, tmp)
+    tmp.replace(folder / STATE_FILE)
+
+
+def load_state(folder: Path, config: dict[str, Any], resumable: Collection[str], then: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """The saved state of the run in ``folder``, refused when another setting than ``resumable``
+    differs from ``config``. ``then``: values of fields a saved run predates (they had these)."""
+    path = folder / STATE_FILE
+    if not path.is_file():
+        raise InputError(f"{folder}: nothing to resume (no {STATE_FILE}); start without --resume")
+    saved = torch.load(path, weights_only=False)
+    before = {**(then or {}), **saved["config"]}
+    changed = sorted(k for k, v in config.items() if k not in resumable and before.get(k) != v)
+    if changed:
+        raise InputError(f"--resume with other settings than the run in {folder}: {', '.join(changed)} differ "
+                         f"(only {', '.join(sorted(resumable))} may change)")
+    return saved
+
+
+def restore(saved: dict[str, Any], optim: torch.optim.Optimizer, sched: Any) -> dict[str, torch.Tensor]:
+    """Put the optimiser, the scheduler and torch's RNG back where they were; returns the
+    weights, for the trainer to load into its model."""
+    optim.load_state_dict(saved["optim"])
+    sched.load_state_dict(saved["sched"])
+    torch.set_rng_state(saved["torch_rng"])
+    return saved["weights"]
+
+
+def refuse_overwrite(folder: Path) -> None:
+    """A fresh run must not overwrite one in progress."""
+    if (folder / STATE_FILE).is_file():
+        raise InputError(f"{folder} holds a run in progress ({STATE_FILE}); continue it with --resume or use another folder")
