@@ -26,7 +26,7 @@ from hatllm_edge.cli.common import (
 
 # --------------------------------------------------------------------------- sasrec
 
-sasrec_app = typer.Typer(no_args_is_help=True, help="SASRec, the classic sequential baseline (hatllm_edge/training/sasrec.py): train, evaluate, export, report.")
+sasrec_app = typer.Typer(no_args_is_help=True, help="SASRec, the classic sequential baseline (hatllm_edge/training/sasrec/): train, evaluate, export, report.")
 app.add_typer(sasrec_app, name="sasrec")
 SASRecCheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint folder written by 'hatllm-edge sasrec train'.")]
 SASRecThreadsOpt = Annotated[Optional[int], typer.Option(help="Threads (torch intra-op; ONNX Runtime's too with --backend onnx). Default: their choice.")]
