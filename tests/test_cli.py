@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -992,3 +993,60 @@ def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[P
 def test_usage_errors_are_one_line(args: list[str], needle: str) -> None:
     """Typer's own usage errors read like every other bad input: one 'error:' line, exit code 2."""
     assert_usage_error(invoke(*args), needle)
+
+
+# --- every command's help -------------------------------------------------------------------
+
+
+def _commands() -> list[tuple[list[str], Any]]:
+    import typer
+
+    def walk(cmd: Any, path: list[str]) -> Any:
+        yield path, cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def _flags(cmd: Any) -> set[str]:
+    return {o for p in cmd.params for o in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]}
+
+
+def test_every_help_text_shows_and_names_only_real_options() -> None:
+    """Each command's --help exits 0, and every --flag its texts mention is one of its own
+    options, or is named after another command that has it ('evaluate --renormalise')."""
+    commands = _commands()
+    by_name: dict[str, list[Any]] = {}
+    for path, cmd in commands:
+        if path:
+            by_name.setdefault(path[-1], []).append(cmd)
+    for path, cmd in commands:
+        result = invoke(*path, "--help")
+        assert result.exit_code == 0 and "Usage:" in result.stdout, (path, result.output)
+        if hasattr(cmd, "commands"):
+            continue
+        text = " ".join([cmd.help or "", *(getattr(p, "help", None) or "" for p in cmd.params)])
+        for m in re.finditer(r"(?<![\w-])--[a-z][a-z0-9-]*", text):
+            flag = m.group(0)
+            if flag in _flags(cmd):
+                continue
+            before = text[max(0, m.start() - 40) : m.start()]
+            owners = [n for n in re.findall(r"[a-z]+", before) if any(flag in _flags(c) for c in by_name.get(n, []))]
+            assert owners, f"'{' '.join(path)} --help' mentions {flag}, which it does not have: {text[max(0, m.start() - 60) : m.end()]!r}"
+
+
+def test_one_spelling_per_concept() -> None:
+    """--users means N users, a seeded sample (--first: the first N), wherever it appears;
+    fuse's default grid reaches the shipped weight; no American spelling beside the British."""
+    commands = {" ".join(path): cmd for path, cmd in _commands() if path and not hasattr(cmd, "commands")}
+    for name, cmd in commands.items():
+        users = [p for p in cmd.params if "--users" in getattr(p, "opts", [])]
+        if users:
+            assert "seeded sample" in users[0].help, name
+        assert not any("normaliz" in f for f in _flags(cmd)), name
+    fuse_weights = next(p for p in commands["fuse"].params if p.name == "weights").default
+    from hatllm_edge.core.formats import ModelMeta
+
+    shipped = ModelMeta.read(Path(__file__).resolve().parent.parent / "models" / "hatllm-ml100k" / "hatllm.json").decoding
+    assert shipped.assistant_weight in [float(w) for w in fuse_weights.split(",")]

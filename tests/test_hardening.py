@@ -92,7 +92,6 @@ def copy_bundle(bundle: Path, dest: Path) -> Path:
     ({"history": ["i1"], "beams": 101}, [], "field 'beams' is 101; it must be from 1 to 100"),
     ({"history": ["i1"], "k": 7}, [], "k is 7 but the catalog has 6 items; ask for at most 6"),
     ({"history": ["i1"]}, ["--k", "7"], "k is 7 but the catalog has 6 items"),
-    ({"history": ["i1"] * (MAX_HISTORY + 1)}, [], f"field 'history' has {MAX_HISTORY + 1:,} items; the limit is {MAX_HISTORY:,}"),
     ({"history": ["i1"], "candidates": ["i2"] * (MAX_CANDIDATES + 1)}, [], f"the limit is {MAX_CANDIDATES:,}"),
     ({"history": ["x" * (MAX_REF_CHARS + 1)]}, [], f"has {MAX_REF_CHARS + 1} characters; the limit is {MAX_REF_CHARS}"),
     ({"history": ["i1"], "candidates": ["i2", "i3", "Beta (1991)"]}, [], "candidates[2]: 'Beta (1991)' is the same item as candidates[0]"),
@@ -105,6 +104,38 @@ def copy_bundle(bundle: Path, dest: Path) -> Path:
 ])
 def test_request_bounds(bundle: Path, tmp_path: Path, content: Any, flags: list[str], needle: str) -> None:
     assert_clean_exit(rank(bundle, write(tmp_path / "u.json", content), *flags), 2, needle)
+
+
+def test_every_problem_of_a_request_is_named_at_once(bundle: Path, tmp_path: Path) -> None:
+    """Schema problems and unknown titles in one message, unknown titles with their nearest
+    catalog titles, so one edit fixes the request."""
+    user = write(tmp_path / "u.json", {"history": ["i1", 2.5, "i2"], "k": 0, "colour": "red"})
+    result = rank(bundle, user)
+    assert_clean_exit(result, 2, "3 problems: ", "history[1]: expected an item id or title (string or integer), got 2.5",
+                      "field 'k' is 0; it must be from 1 to 100", "unknown field 'colour'")
+    titles = write(tmp_path / "t.json", {"history": ["i1", "Alpha (199)", "alpha  (1990)", "Zzzzz"], "candidates": ["i2", "Bta (1991)"]})
+    result = rank(bundle, titles)
+    assert_clean_exit(result, 2, "4 problems: ", "history[1]: 'Alpha (199)' is neither an item id nor an exact title in the catalog (",
+                      "history[2]: 'alpha  (1990)' is neither", "(did you mean 'Alpha (1990)'?)",
+                      "history[3]: 'Zzzzz' is neither an item id nor an exact title in the catalog;",
+                      "candidates[1]: 'Bta (1991)' is neither", "'Beta (1991)'")
+
+
+def test_a_history_past_the_request_limit_keeps_its_most_recent_items(bundle: Path, tmp_path: Path) -> None:
+    history = ["i1"] * MAX_HISTORY + ["i2", "i3"]
+    long = rank(bundle, write(tmp_path / "u.json", {"history": history, "k": 2}), "--include-history")
+    assert_clean_exit(long, 0)
+    assert f"the history has {MAX_HISTORY + 2:,} items; the most recent {MAX_HISTORY:,} are kept" in long.stderr
+    cut = rank(bundle, write(tmp_path / "c.json", {"history": history[-MAX_HISTORY:], "k": 2}), "--include-history")
+    assert json.loads(long.stdout)["results"] == json.loads(cut.stdout)["results"]
+
+
+def test_rank_reads_the_request_from_stdin(bundle: Path) -> None:
+    result = CliRunner().invoke(app, ["rank", "-", "--model", str(bundle), "-q"], input=json.dumps({"history": ["i1"], "k": 2}))
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["results"]) == 2
+    bad = CliRunner().invoke(app, ["rank", "-", "--model", str(bundle), "-q"], input='{"history": []}')
+    assert bad.exit_code == 2 and "<stdin>: field 'history' must be a non-empty list" in bad.stderr
 
 
 def test_a_bom_is_accepted_and_the_largest_k_runs(bundle: Path, tmp_path: Path) -> None:

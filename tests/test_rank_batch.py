@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from conftest import tiny_bundle
 
-from hatllm_edge.app.rank import RankOptions, parse_request, prepare, rank_prepared
+from hatllm_edge.app.rank import RankOptions, prepare, rank_prepared
+from hatllm_edge.app.request import RankRequest, parse_request
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.ranking.ranker import Ranker
 
@@ -70,7 +71,7 @@ def test_requests_ranked_together_equal_each_alone(ranker: Ranker, exclude_histo
 @pytest.mark.parametrize(("body", "needle"), [
     (b'{"history": []}', "request 3: field 'history' must be a non-empty list"),
     (b'{"history": ["i1"], "k": 0}', "request 3: field 'k' is 0; it must be from 1 to"),
-    (b'{"history": ["i1"], "colour": "red"}', "request 3: unknown field(s) 'colour'"),
+    (b'{"history": ["i1"], "colour": "red"}', "request 3: unknown field 'colour'"),
     (b'{"history": ["i1"], "history": ["i2"]}', "request 3: field 'history' appears twice"),
     (b'[1, 2]', 'request 3: expected a JSON object like {"history": [...]}'),
     (b'{"history": ["i1"]', "request 3:1: not valid JSON"),
@@ -84,8 +85,8 @@ def test_a_request_from_bytes_is_checked_like_a_file(body: bytes, needle: str) -
 
 def test_resolution_errors_name_the_request(ranker: Ranker) -> None:
     with pytest.raises(InputError, match=r"request 5: history\[1\]: 'Omega \(2000\)' is neither an item id nor an exact title"):
-        prepare(ranker, {"history": ["i1", "Omega (2000)"]}, "request 5", RankOptions())
+        prepare(ranker, RankRequest(**{"history": ["i1", "Omega (2000)"]}), "request 5", RankOptions())
     with pytest.raises(InputError, match="request 5: candidates\\[1\\]: 'i3' is the same item as candidates\\[0\\]"):
-        prepare(ranker, {"history": ["i1"], "candidates": ["i3", "i3"]}, "request 5", RankOptions())
+        prepare(ranker, RankRequest(**{"history": ["i1"], "candidates": ["i3", "i3"]}), "request 5", RankOptions())
     with pytest.raises(InputError, match="k is 20 but the catalog has 10 items"):
-        prepare(ranker, {"history": ["i1"], "k": 20}, "request 5", RankOptions())
+        prepare(ranker, RankRequest(**{"history": ["i1"], "k": 20}), "request 5", RankOptions())

@@ -108,7 +108,7 @@ def summary_line(result: dict[str, Any]) -> str:
 
 def read_bodies(paths: Sequence[Any]) -> tuple[bytes, ...]:
     """The request files' bytes, each checked like ``hatllm-edge rank`` would check it."""
-    from hatllm_edge.app.rank import read_request
+    from hatllm_edge.app.request import read_request
 
     for path in paths:
         read_request(path)

@@ -6,7 +6,6 @@ without the model is checked before it is loaded.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -20,126 +19,23 @@ from hatllm_edge.app.models import (
     model_kind,
     open_model,
 )
+from hatllm_edge.app.request import RankRequest, read_request
+from hatllm_edge.core.data import Catalog
 from hatllm_edge.core.errors import InputError
+from hatllm_edge.core.formats import CATALOG_FILE
 from hatllm_edge.core.limits import (
     DEFAULT_K,
     MAX_BEAMS,
-    MAX_CANDIDATES,
-    MAX_HISTORY,
     MAX_K,
-    MAX_REF_CHARS,
-    MAX_REQUEST_BYTES,
     beam_width,
 )
 from hatllm_edge.engine.session import Compute, cache_root, read_bundle_meta
-from hatllm_edge.ranking.ranker import Device, Ranker, show
+from hatllm_edge.ranking.ranker import Device, Ranker
+from hatllm_edge.ranking.resolve import Resolver, joined, show
 
 log = logging.getLogger("hatllm_edge")
-FIELDS = ("history", "candidates", "k", "beams", "user_id", "assist")
 Backend = Literal["onnx", "torch"]  # the engine (a bundle), or PyTorch fp32 (a checkpoint)
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise InputError(f"field {key!r} appears twice")
-        seen[key] = value
-    return seen
-
-
-def _check_text(value: str, where: str) -> None:
-    if len(value) > MAX_REF_CHARS:
-        raise InputError(f"{where}: {show(value)} has {len(value):,} characters; the limit is {MAX_REF_CHARS}: "
-                         "give the item's id or its exact catalog title")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InputError(f"{where}: {show(value)} is not valid Unicode (a lone surrogate escape)") from None
-
-
-def _check_refs(refs: Any, field: str, limit: int, path: str) -> None:
-    if not isinstance(refs, list) or not refs:
-        raise InputError(f"{path}: field {field!r} must be a non-empty list of item ids or titles"
-                         + (", oldest first" if field == "history" else ""))
-    if len(refs) > limit:
-        raise InputError(f"{path}: field {field!r} has {len(refs):,} items; the limit is {limit:,}"
-                         + (": send the most recent ones" if field == "history" else ": split the request"))
-    for n, ref in enumerate(refs):
-        if isinstance(ref, bool) or not isinstance(ref, (str, int)):
-            raise InputError(f"{path}: {field}[{n}]: expected an item id or title (string or integer), got {show(ref)}")
-        _check_text(str(ref), f"{path}: {field}[{n}]")
-
-
-def _check_int(req: dict[str, Any], field: str, limit: int, what: str, path: str) -> None:
-    if field not in req:
-        return
-    value = req[field]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{path}: field {field!r} must be an integer from 1 to {limit} ({what}), got {show(value)}")
-    if not 1 <= value <= limit:
-        raise InputError(f"{path}: field {field!r} is {show(value)}; it must be from 1 to {limit} ({what})")
-
-
-def read_request(path: Path) -> dict[str, Any]:
-    """The request in the JSON file ``path`` (see :func:`check_request`)."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_REQUEST_BYTES + 1)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read it ({e.strerror or e})") from None
-    return parse_request(raw, str(path))
-
-
-def parse_request(raw: bytes, path: str) -> dict[str, Any]:
-    """A request from the bytes of a JSON document (a file, an HTTP body); errors name ``path``."""
-    if len(raw) > MAX_REQUEST_BYTES:
-        raise InputError(f"{path}: larger than the {MAX_REQUEST_BYTES // 2**20} MiB a request may have")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
-    try:
-        req = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    except RecursionError:
-        raise InputError(f"{path}: JSON nested too deeply; a request is one object of lists of ids or titles") from None
-    except InputError as e:
-        raise InputError(f"{path}: {e}") from None
-    except ValueError as e:  # Python reads no integer of more than 4,300 digits
-        why = "an integer with more than 4,300 digits" if "digits" in str(e) else " ".join(str(e).split())[:100]
-        raise InputError(f"{path}: not a usable JSON value ({why})") from None
-    return check_request(req, path)
-
-
-def check_request(req: Any, path: str) -> dict[str, Any]:
-    """A parsed request, checked before any model is loaded: ``history`` (non-empty list),
-    optional ``candidates`` (list), ``k`` and ``beams`` (ints), ``assist`` (bool: fuse the
-    model's assistant) and ``user_id``; every size within :mod:`hatllm_edge.core.limits`. Errors
-    name ``path`` (the file, or the request's place in a batch)."""
-    if not isinstance(req, dict):
-        raise InputError(f'{path}: expected a JSON object like {{"history": [...]}}')
-    unknown = set(req) - set(FIELDS)
-    if unknown:
-        names = sorted(show(u, 40) for u in unknown)[:5]
-        raise InputError(f"{path}: unknown field(s) {', '.join(names)}; allowed: {', '.join(FIELDS)}")
-    _check_refs(req.get("history"), "history", MAX_HISTORY, path)
-    if "candidates" in req:
-        _check_refs(req["candidates"], "candidates", MAX_CANDIDATES, path)
-    _check_int(req, "k", MAX_K, "the list length", path)
-    _check_int(req, "beams", MAX_BEAMS, "the beam width", path)
-    if not isinstance(req.get("assist", True), bool):
-        raise InputError(f"{path}: field 'assist' must be true or false, got {show(req['assist'])}")
-    user_id = req.get("user_id")
-    if user_id is not None:
-        if isinstance(user_id, bool) or not isinstance(user_id, (str, int)):
-            raise InputError(f"{path}: field 'user_id' must be a string or an integer, got {show(user_id)}")
-        _check_text(str(user_id), f"{path}: user_id")
-    return req
 
 
 def bundle_dtype(device: Device, dtype: str | None = None) -> str:
@@ -195,16 +91,26 @@ def open_bundle(model: Path | None, progress: bool, build: BundleBuilder | None 
     return cached_bundle(folder, quant, dtype, progress=progress, build=build)
 
 
-def _resolve_candidates(ranker: Ranker, refs: list[Any], where: str) -> list[int]:
-    """Catalog indices of the candidates; one item named twice is refused."""
-    candidates = ranker.resolve(refs, where)
-    first: dict[int, int] = {}
-    for n, i in enumerate(candidates):
-        if i in first:
-            raise InputError(f"{where}[{n}]: {show(refs[n])} is the same item as {where.rsplit(': ', 1)[-1]}[{first[i]}] "
-                             f"({show(refs[first[i]])}); list each candidate once")
-        first[i] = n
-    return candidates
+def resolve_request(resolver: Resolver, req: RankRequest, where: str) -> tuple[list[int], list[int] | None]:
+    """Catalog indices of the history and the candidates; one error names every entry not in
+    the catalog (with its nearest titles) and every candidate given twice."""
+    history, problems = resolver.problems(req.history, f"{where}: history")
+    candidates = None
+    if req.candidates is not None:
+        candidates, more = resolver.problems(req.candidates, f"{where}: candidates")
+        problems += more
+        first: dict[int, int] = {}
+        for n, ref in enumerate(req.candidates):
+            i = resolver.lookup(ref)
+            if i is None:
+                continue
+            if i in first:
+                problems.append(f"{where}: candidates[{n}]: {show(ref)} is the same item as candidates[{first[i]}] "
+                                f"({show(req.candidates[first[i]])}); list each candidate once")
+            first.setdefault(i, n)
+    if problems:
+        raise InputError(joined(problems))
+    return history, candidates
 
 
 @dataclass(frozen=True)
@@ -254,23 +160,21 @@ def check_options(opts: RankOptions) -> None:
             raise InputError(f"{name} is {value}; it must be from 1 to {limit} ({what})")
 
 
-def prepare(ranker: Ranker, req: dict[str, Any], where: str, opts: RankOptions) -> Prepared:
-    """Resolve a checked request (:func:`check_request`) against the model; ``opts`` (the
-    command line's or the server's, :func:`check_options`) override the request's k, beams
-    and assist."""
+def prepare(ranker: Ranker, req: RankRequest, where: str, opts: RankOptions) -> Prepared:
+    """Resolve a checked request against the model; ``opts`` (the command line's or the
+    server's, :func:`check_options`) override the request's k, beams and assist."""
     size = len(ranker.catalog)
-    asked = opts.k or req.get("k")
+    asked = opts.k or req.k
     if asked is not None and asked > size:
         raise InputError(f"k is {asked} but the catalog has {size} items; ask for at most {size}")
     k = asked or min(DEFAULT_K, size)
-    history = ranker.resolve(req["history"], f"{where}: history")
+    history, candidates = resolve_request(ranker.resolver, req, where)
     cut = ranker.prompts.max_history
     if cut and len(history) > cut:
         log.warning("%s: the history has %d items; the model reads only the last %d (its max_history), "
                     "the oldest %d are left out", where, len(history), cut, len(history) - cut)
-    candidates = _resolve_candidates(ranker, req["candidates"], f"{where}: candidates") if "candidates" in req else None
-    return Prepared(req.get("user_id"), tuple(history), None if candidates is None else tuple(candidates), k,
-                    beam_width(k, opts.beams or req.get("beams")), req.get("assist", True) if opts.assist is None else opts.assist,
+    return Prepared(req.user_id, tuple(history), None if candidates is None else tuple(candidates), k,
+                    beam_width(k, opts.beams or req.beams), req.assist if opts.assist is None else opts.assist,
                     opts.normalize, opts.exclude_history)
 
 
@@ -321,6 +225,9 @@ def run_rank(user: Path, opts: RankOptions, progress: bool = True, build: Bundle
     candidates. A list for k <= beams is a prefix of a longer one with the same beams."""
     req = read_request(user)
     check_options(opts)
+    folder = _model_folder(opts.model)
+    if (folder / CATALOG_FILE).is_file():  # unknown titles are reported before the model loads
+        resolve_request(Resolver(Catalog.from_jsonl(folder / CATALOG_FILE)), req, str(user))
     ranker = open_ranker(opts.model, opts.device, opts.quant, opts.backend, opts.threads, progress, opts.compute, build,
                          opts.dtype, opts.cuda_graph)
     return rank_prepared(ranker, [prepare(ranker, req, str(user), opts)])[0]

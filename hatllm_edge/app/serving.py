@@ -19,10 +19,10 @@ from hatllm_edge.app.rank import (
     Prepared,
     RankOptions,
     check_options,
-    parse_request,
     prepare,
     rank_prepared,
 )
+from hatllm_edge.app.request import parse_request
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.engine.session import Compute
 from hatllm_edge.ranking.ranker import Device, Ranker

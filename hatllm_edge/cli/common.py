@@ -96,6 +96,8 @@ ThreadsOpt = Annotated[Optional[int], typer.Option(help="Intra-op threads (defau
 AssistOpt = Annotated[bool, typer.Option("--assist/--no-assist", help="Fuse the collaborative assistant (SASRec) shipped with the model, when there is one.")]
 AssistantWeightOpt = Annotated[Optional[float], typer.Option(min=0, help="Weight of the assistant's log-probability (default: the model's, chosen on validation).")]
 RenormaliseOpt = Annotated[Optional[bool], typer.Option("--renormalise/--no-renormalise", help="Beam steps: log-softmax over the title tree's allowed tokens only (default: the model's choice).")]
+UsersOpt = Annotated[int, typer.Option(min=0, help="Users: a seeded sample of N (--seed; 0 = all).")]
+FirstOpt = Annotated[bool, typer.Option("--first", help="With --users: the first N users in data order instead of a seeded sample.")]
 TrainThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="torch intra-op threads (default: torch's choice).")]
 
 

@@ -19,6 +19,7 @@ from hatllm_edge.cli.common import (
     DatasetOpt,
     Device,
     DeviceOpt,
+    FirstOpt,
     InterOpt,
     ItemsOpt,
     KOpt,
@@ -30,6 +31,7 @@ from hatllm_edge.cli.common import (
     Split,
     SplitOpt,
     ThreadsOpt,
+    UsersOpt,
     app,
     print_table,
     run,
@@ -41,7 +43,7 @@ from hatllm_edge.cli.common import (
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder (PyTorch) or ONNX bundle folder (the engine).")],
     split: SplitOpt = Split("test"),
-    users: Annotated[int, typer.Option(help="Evaluate only the first N users (0 = all).")] = 0,
+    users: UsersOpt = 0,
     k: KOpt = 10,
     beams: BeamsOpt = None,
     bf16: Annotated[bool, typer.Option(help="Run the model with bf16 weights (faster on this CPU).")] = False,
@@ -53,7 +55,7 @@ def evaluate(
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
-    sample: Annotated[bool, typer.Option("--sample", help="With --users: a seeded sample of users instead of the first N.")] = False,
+    first: FirstOpt = False,
     seed: SeedOpt = 0,
     assist: AssistOpt = True,
     assistant: Annotated[Optional[Path], typer.Option(help="Fuse this SASRec checkpoint (sasrec.json + sasrec.onnx) instead of the model folder's own.")] = None,
@@ -71,7 +73,7 @@ def evaluate(
         checkpoint=checkpoint, split=split.value, users=users or None, k=k, beams=beams, bf16=bf16, nf4=nf4, batch_users=batch_users,
         device=device.value, threads=threads, compute=compute.value,
         dataset=dataset, interactions=interactions, items=items, assist=assist, assistant=assistant,
-        assistant_weight=assistant_weight, renormalise=renormalise, seed=seed, sample=sample, exclude_history=exclude_history,
+        assistant_weight=assistant_weight, renormalise=renormalise, seed=seed, sample=not first, exclude_history=exclude_history,
     )
     result = run(run_eval, cfg, progress=not quiet)
     write_json(out, result)
@@ -82,9 +84,10 @@ def evaluate(
 def fuse(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder; tuned on the engine (its bundle is built on first use).")],
     assistant: Annotated[Path, typer.Option(help="SASRec checkpoint folder (sasrec.json + sasrec.onnx), e.g. models/sasrec-ml100k.")],
-    weights: Annotated[str, typer.Option(help="Assistant weights to try, comma-separated (0 = the LLM alone).")] = "0,0.5,1,2",
+    weights: Annotated[str, typer.Option(help="Assistant weights to try, comma-separated (0 = the LLM alone; the shipped model chose 16).")] = "0,4,8,16,32",
     renormalise: Annotated[Renormalise, typer.Option(help="Trie renormalisation to try: off, on or both.")] = Renormalise("both"),
-    users: Annotated[int, typer.Option(min=0, help="Seeded sample of validation users (0 = all).")] = 300,
+    users: UsersOpt = 300,
+    first: FirstOpt = False,
     seed: SeedOpt = 0,
     beams: BeamsOpt = None,
     quant: Annotated[Optional[Quant], typer.Option(help="Bundle the tuning runs on, built from the checkpoint on first use: int4 (default), nf4, int8 or none.")] = None,
@@ -108,7 +111,7 @@ def fuse(
         typer.secho(f"error: --weights {weights!r}: expected numbers separated by commas, e.g. 0,0.5,1", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
     modes = {"off": (False,), "on": (True,), "both": (False, True)}[renormalise.value]
-    cfg = TuneConfig(assistant=assistant, weights=grid, renormalise=modes, users=users, seed=seed, beams=beams)
+    cfg = TuneConfig(assistant=assistant, weights=grid, renormalise=modes, users=users, seed=seed, beams=beams, sample=not first)
 
     def tune_and_write() -> dict:
         ranker = open_ranker(checkpoint, "cpu", quant and quant.value, backend.value, threads, not quiet, build=bundle_builder())
@@ -177,7 +180,7 @@ def analyze(
 def fidelity(
     reference: Annotated[Path, typer.Argument(help="Reference model: checkpoint (PyTorch fp32) or bundle.")],
     model: Annotated[Path, typer.Argument(help="Model to compare: bundle or checkpoint.")],
-    users: Annotated[int, typer.Option(help="Seeded sample of users.")] = 50,
+    users: Annotated[int, typer.Option(min=1, help="Users: a seeded sample of N (--seed).")] = 50,
     candidates: Annotated[int, typer.Option(help="Candidates per user (the target plus random items).")] = 100,
     split: SplitOpt = Split("test"),
     threads: ThreadsOpt = None,

@@ -42,7 +42,7 @@ def rank(
     compute: ComputeOpt = Compute("auto"),
     backend: Annotated[Backend, typer.Option(help="onnx (the engine) or torch (PyTorch, from a checkpoint).")] = Backend("onnx"),
     threads: ThreadsOpt = None,
-    normalize: Annotated[bool, typer.Option(help="Length-normalise candidate scores.")] = False,
+    length_normalise: Annotated[bool, typer.Option("--length-normalise", help="Candidates: score per answer token (the mean log-probability) instead of the title's total, so long titles are not penalised.")] = False,
     exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Leave the user's history out of the list (default; the search finds k other items), or keep it (as the loo-full evaluation does).")] = True,
     assist: Annotated[Optional[bool], typer.Option("--assist/--no-assist", help="Fuse the model's collaborative assistant (SASRec), where it ships one (default: the request's 'assist', else on).")] = None,
     table: Annotated[bool, typer.Option("--table", help="Print a table instead of JSON.")] = False,
@@ -53,7 +53,7 @@ def rank(
 
     opts = RankOptions(model=model, k=k, beams=beams, device=device.value, quant=quant and quant.value,
                        dtype=dtype and dtype.value, cuda_graph=cuda_graph, backend=backend.value,
-                       compute=compute.value, threads=threads, normalize=normalize, exclude_history=exclude_history,  # type: ignore[arg-type]
+                       compute=compute.value, threads=threads, normalize=length_normalise, exclude_history=exclude_history,  # type: ignore[arg-type]
                        assist=assist)
     result = run(run_rank, user, opts, not quiet, bundle_builder())
     if table:

@@ -30,6 +30,7 @@ sasrec_app = typer.Typer(no_args_is_help=True, help="SASRec, the classic sequent
 app.add_typer(sasrec_app, name="sasrec")
 SASRecCheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint folder written by 'hatllm-edge sasrec train'.")]
 SASRecThreadsOpt = Annotated[Optional[int], typer.Option(help="Threads (torch intra-op; ONNX Runtime's too with --backend onnx). Default: their choice.")]
+ReportThreadsOpt = Annotated[Optional[int], typer.Option(help="Threads for PyTorch and ONNX Runtime (default: their choice).")]
 
 
 @sasrec_app.command("train")
@@ -114,7 +115,7 @@ def sasrec_report(
     ctx: typer.Context,
     checkpoint: SASRecCheckpointArg,
     out: Annotated[Path, typer.Option(help="Results JSON (test); <stem>_valid.json, <stem>_train_log.jsonl and <stem>_curve.png go beside it.")],
-    threads: SASRecThreadsOpt = None,
+    threads: ReportThreadsOpt = None,
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,

@@ -46,7 +46,7 @@ def train(
     template: Annotated[Template, typer.Option(help="Prompt template: list (the answer is the next list item; needed by --mode window) or instruct.")] = Template("list"),
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (fp32 master weights).")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (see docs/training.md for what it buys here).")] = False,
-    loss: Annotated[TrainLoss, typer.Option(help="ce: cross-entropy over the vocabulary; msl: softmax over the tokens that continue a real title (pairs with --renormalise).")] = TrainLoss("msl"),
+    loss: Annotated[TrainLoss, typer.Option(help="ce: cross-entropy over the vocabulary; msl: softmax over the tokens that continue a real title (pairs with evaluate --renormalise).")] = TrainLoss("msl"),
     msl_temperature: Annotated[float, typer.Option(min=0.01, help="Temperature of the msl softmax.")] = 1.0,
     eval_every: Annotated[int, typer.Option(min=0, help="Steps between validations on a fixed user subset (0 = at the end only); the best step is kept.")] = 0,
     eval_users: Annotated[int, typer.Option(min=0, help="Validation users in that subset (seeded; 0 = all).")] = 100,

@@ -10,7 +10,8 @@ MAX_K = 100  # items in one ranked list; the beam search runs max(beams, k) wide
 DEFAULT_K = 10
 DEFAULT_BEAMS = 10  # beam width when none is asked for: the README's figures use 10
 MAX_BEAMS = 100  # memory grows with the width (one KV cache row per beam)
-MAX_HISTORY = 1_000  # history entries read from a request (the model reads its last max_history)
+MAX_HISTORY = 10_000  # history entries kept from a request, the most recent (the model reads its last max_history;
+# the rest still counts as seen when the history is left out of the list)
 MAX_CANDIDATES = 2_000  # candidates in one request (and never more than the catalog holds)
 MAX_REF_CHARS = 512  # characters in one item id or title (the longest ML-100K title has 81)
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # a user.json file

@@ -3,7 +3,7 @@
 ``$HATLLM_CACHE`` (default ``~/.cache/hatllm-edge``) is checked before anything is loaded:
 set but empty, or pointing at something that is not a folder, is refused; so is a folder
 that cannot be written when something must be built there. Builders take a file lock
-(``fcntl.flock`` on a ``.lock`` file beside what they build), so of several processes one
+(``filelock`` on a ``.lock`` file beside what they build), so of several processes one
 builds and the others wait and reuse its result; what is built is published by a rename,
 and the partial folders of builders that died are removed by the next builder.
 """
@@ -11,8 +11,6 @@ and the partial folders of builders that died are removed by the next builder.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -20,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
+
+from filelock import FileLock, Timeout
 
 from hatllm_edge.core.errors import InputError
 
@@ -62,22 +62,20 @@ def require_writable(folder: Path) -> Path:
 
 @contextlib.contextmanager
 def file_lock(path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed). The kernel releases it when
-    the process dies, so a killed builder never leaves a stale lock. Says once, on stderr,
+    """Hold an exclusive lock on ``path`` (``filelock``: an OS lock, released by the kernel when
+    the process dies, so a killed builder never leaves a stale lock). Says once, on stderr,
     when it has to wait."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            log.warning("waiting for another process that is building %s", what)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("waiting for another process that is building %s", what)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def partial_prefix(target: Path) -> str:

@@ -15,13 +15,12 @@ from hatllm_edge.ranking.ranker import Ranker
 
 
 def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
-    """Kendall's tau-b of two score vectors (ties handled); 1.0 = same order."""
-    da = np.sign(a[:, None] - a[None, :])
-    db = np.sign(b[:, None] - b[None, :])
-    upper = np.triu_indices(len(a), k=1)
-    da, db = da[upper], db[upper]
-    denom = np.sqrt(np.count_nonzero(da) * np.count_nonzero(db))
-    return float((da * db).sum() / denom) if denom else 1.0
+    """Kendall's tau-b of two score vectors (``scipy.stats.kendalltau``: ties handled); 1.0 =
+    same order, and 1.0 where it is undefined (a constant vector has no order to disagree with)."""
+    from scipy.stats import kendalltau
+
+    tau = kendalltau(a, b).statistic
+    return 1.0 if np.isnan(tau) else float(tau)
 
 
 @dataclass(frozen=True)

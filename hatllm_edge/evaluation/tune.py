@@ -33,7 +33,8 @@ class TuneConfig:
     assistant: Path  # SASRec checkpoint folder (sasrec.json + sasrec.onnx)
     weights: Sequence[float] = (0.0, 0.5, 1.0, 2.0)
     renormalise: Sequence[bool] = (False, True)
-    users: int = 300  # seeded sample of validation users (0 = all)
+    users: int = 300  # validation users (0 = all): a seeded sample, or the first N with sample=False
+    sample: bool = True
     seed: int = 0
     k: int = 10
     beams: int | None = None
@@ -47,7 +48,7 @@ def tune(ranker: Ranker, data: Dataset, cfg: TuneConfig, progress: bool = True) 
     ranker.assistant = Assistant.open(cfg.assistant, ranker.catalog)
     if data.catalog.item_ids != ranker.catalog.item_ids:
         raise InputError("the model's catalog differs from its data set's; tune on the data it was trained on")
-    examples = split_examples(data, "valid", ranker.prompts.max_history, cfg.users or None, True, cfg.seed)
+    examples = split_examples(data, "valid", ranker.prompts.max_history, cfg.users or None, cfg.sample, cfg.seed)
     width = beam_width(cfg.k, cfg.beams)
     rows = []
     for renormalise, weight in product(cfg.renormalise, cfg.weights):

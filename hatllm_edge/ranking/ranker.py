@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,11 +21,12 @@ from hatllm_edge.core.formats import (
     Decoding,
     ModelMeta,
 )
-from hatllm_edge.core.limits import MAX_REF_CHARS, beam_width
+from hatllm_edge.core.limits import beam_width
 from hatllm_edge.core.prompt import TEMPLATES, PromptBuilder
 from hatllm_edge.engine.backend import Backend
 from hatllm_edge.engine.session import Compute, Device, Optimization, read_bundle_meta
 from hatllm_edge.ranking.assistant import Assistant
+from hatllm_edge.ranking.resolve import Resolver
 from hatllm_edge.ranking.search import (
     Fusion,
     Ranked,
@@ -49,8 +49,7 @@ class Ranker:
     meta: ModelMeta
     assistant: Assistant | None = None
     _trie: TitleTrie | None = field(default=None, repr=False)
-    _titles: dict[str, int] | None = field(default=None, repr=False)
-    _loose: dict[str, str] | None = field(default=None, repr=False)
+    _resolver: Resolver | None = field(default=None, repr=False)
 
     @classmethod
     def from_bundle(cls, folder: Path, device: Device = "cpu", threads: int | None = None,
@@ -94,39 +93,16 @@ class Ranker:
             self._trie = TitleTrie.build(self.catalog, self.prompts)
         return self._trie
 
-    def resolve(self, refs: Sequence[Any], where: str) -> list[int]:
-        """Catalog indices of items given by id or exact title; errors name the entry. A
-        reference that matches a title or id only up to case, spacing or Unicode form is
-        refused with the exact one as a hint."""
-        if self._titles is None:
-            self._titles = {}
-            for i, title in enumerate(self.catalog.titles):
-                self._titles.setdefault(title, i)
-        out = []
-        for n, ref in enumerate(refs):
-            key = str(ref).strip() if isinstance(ref, (str, int)) and not isinstance(ref, bool) else None
-            if key is None:
-                raise InputError(f"{where}[{n}]: expected an item id or title (string or integer), got {show(ref)}")
-            if len(key) > MAX_REF_CHARS:
-                raise InputError(f"{where}[{n}]: {show(ref)} has {len(key):,} characters; an item id or title has at most "
-                                 f"{MAX_REF_CHARS}")
-            if key in self.catalog:
-                out.append(self.catalog.index(key))
-            elif key in self._titles:
-                out.append(self._titles[key])
-            else:
-                near = self._near(key)
-                hint = f"; did you mean {near!r}?" if near is not None else ""
-                raise InputError(f"{where}[{n}]: {show(ref)} is neither an item id nor an exact title in the catalog{hint}")
-        return out
+    @property
+    def resolver(self) -> Resolver:
+        if self._resolver is None:
+            self._resolver = Resolver(self.catalog)
+        return self._resolver
 
-    def _near(self, key: str) -> str | None:
-        """The catalog title (or id) equal to ``key`` up to case, whitespace and Unicode form."""
-        if self._loose is None:
-            self._loose = {}
-            for text in (*self.catalog.titles, *self.catalog.item_ids):
-                self._loose.setdefault(loose(text), text)
-        return self._loose.get(loose(key))
+    def resolve(self, refs: Sequence[Any], where: str) -> list[int]:
+        """Catalog indices of items given by id or exact title; one error names every entry
+        that is not in the catalog, each with its nearest titles (:class:`Resolver`)."""
+        return self.resolver.resolve(refs, where)
 
     def titles(self, indices: Sequence[int]) -> list[str]:
         return [self.catalog.titles[i] for i in indices]
@@ -187,17 +163,3 @@ def open_assistant(folder: Path, catalog: Catalog, threads: int | None = None) -
     if not (folder / ASSISTANT_CONFIG).is_file():
         return None
     return Assistant.open(folder, catalog, threads)
-
-
-def loose(text: str) -> str:
-    """``text`` up to case, whitespace and Unicode form: NFKC, casefolded, runs of whitespace as one space."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def show(value: Any, limit: int = 60) -> str:
-    """A value as a short repr for an error message (a request may hold megabytes)."""
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 4, 4, 2
-    return r.repr(value)
