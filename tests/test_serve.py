@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -52,22 +53,22 @@ def cluster(bundle: Path) -> Any:
 
     from hatllm_edge.app.serve_app import APP_NAME, ROUTE, ServeConfig, build_app
 
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port, metrics_port = free_port(), free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, _metrics_export_port=metrics_port)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = ServeConfig(bundle=bundle, threads=1, max_batch=8, batch_wait_s=0.5)
         serve.run(build_app(cfg), name=APP_NAME, route_prefix=ROUTE)
         serve.run(build_app(dataclasses.replace(cfg, max_queued=4)), name="burst", route_prefix="/burst")
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def server(cluster: str) -> str:
-    return cluster + "/rank"
+def server(cluster: tuple[str, str]) -> str:
+    return cluster[0] + "/rank"
 
 
 def post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
@@ -119,14 +120,60 @@ def test_concurrent_requests_share_engine_calls_and_keep_their_results(server: s
     assert after["engine_calls"] - before["engine_calls"] < len(REQUESTS)
 
 
-def test_a_burst_past_the_queue_bound_is_answered_503_not_queued(cluster: str) -> None:
+def test_a_burst_past_the_queue_bound_is_answered_503_not_queued(cluster: tuple[str, str]) -> None:
     # far more than the replica holds (max_ongoing 2 x max_batch 8 = 16) plus the queue's 4: the
     # rest must come back 503 at once; the first 4 always fit in the queue (fewer than 16 may be
     # answered 200, since requests being routed count as queued)
     body = json.dumps(REQUESTS[0]).encode()
     with ThreadPoolExecutor(48) as pool:
-        statuses = [s for s, _ in pool.map(lambda _: post(cluster + "/burst", body), range(48))]
+        statuses = [s for s, _ in pool.map(lambda _: post(cluster[0] + "/burst", body), range(48))]
     assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) >= 4
+
+
+def get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=120) as response:
+            text = response.read()
+            return response.status, json.loads(text) if response.headers.get_content_type() == "application/json" else text.decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def test_the_schema_health_and_metrics_are_served(cluster: tuple[str, str], server: str) -> None:
+    """OpenAPI at the usual route with the request model as the POST body; a health route that
+    ranks for real; Prometheus metrics of Ray Serve and of this app on the node's metrics port."""
+    status, doc = get(server + "/openapi.json")
+    assert status == 200 and doc["info"]["title"] == "hatllm-edge"
+    request = doc["components"]["schemas"]["RankRequest"]
+    assert {"history", "candidates", "k", "beams", "user_id", "assist"} == set(request["properties"])
+    assert request["required"] == ["history"] and request["additionalProperties"] is False
+    body = doc["paths"]["/"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/RankRequest"} and "400" in doc["paths"]["/"]["post"]["responses"]
+    status, health = get(server + "/health")
+    assert status == 200 and health["status"] == "ok" and health["probe_ms"] > 0
+    post(server, json.dumps(REQUESTS[0]).encode())
+    post(server, b'{"history": []}')
+    deadline, text = time.time() + 90, ""
+    while time.time() < deadline:  # Ray exports metrics every few seconds
+        status, text = get(cluster[1])
+        if status == 200 and 'hatllm_requests' in text and 'status="400"' in text and "serve_num_http_requests" in text:
+            break
+        time.sleep(3)
+    assert 'hatllm_requests' in text and 'status="400"' in text and "hatllm_rank_latency_ms_bucket" in text
+    assert "serve_num_http_requests" in text and "serve_deployment_queued_queries" in text
+
+
+def test_a_server_that_cannot_start_says_why(bundle: Path) -> None:
+    from hatllm_edge.app.serve_app import ServeConfig, check_can_start
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(InputError, match=f"--port {port} is in use"):
+            check_can_start(ServeConfig(bundle=bundle, threads=1), "127.0.0.1", port, None)
+    with pytest.raises(InputError, match="CPUs; this machine has"):
+        check_can_start(ServeConfig(bundle=bundle, threads=1, replicas=4096), "127.0.0.1", free_port(), None)
 
 
 def test_loadtest_counts_what_it_sent(server: str) -> None:

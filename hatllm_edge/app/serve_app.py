@@ -7,13 +7,18 @@ which ranks them off the event loop. The queue in front of the replicas is bound
 Replicas take their CPU count from Ray and give it to ONNX Runtime as threads; with
 ``device="cuda"`` each one holds a GPU.
 
-Routes (under the application's prefix, ``/rank`` by default): ``POST`` a ``user.json`` body;
-``GET .../stats`` the replica's counters; ``GET`` anything else: a health line.
+Routes (under the application's prefix, ``/rank`` by default): ``POST /rank`` a request (the
+schema: ``GET /rank/openapi.json``, readable at ``/rank/docs``); ``GET /rank/health`` runs a real
+tiny ranking on a replica; ``GET /rank/stats`` its counters. Prometheus metrics (Ray Serve's:
+requests, latency histograms, batch sizes, queue length, HTTP errors such as 503; and this
+app's ``hatllm_requests`` by status and ``hatllm_rank_latency_ms``) at
+``http://HOST:METRICS_PORT/metrics`` of the Ray node.
 """
 
 from __future__ import annotations
 
-import asyncio
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,36 +52,10 @@ class ServeConfig:
 
 
 def build_app(cfg: ServeConfig) -> Any:
-    """The Ray Serve application for ``cfg`` (``serve.run`` it)."""
-    from ray import serve
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
+    """The Ray Serve application for ``cfg`` (``serve.run`` it): :mod:`hatllm_edge.app.serve_routes`."""
+    from hatllm_edge.app.serve_routes import rank_deployment
 
-    @serve.deployment(name="rank", **cfg.deployment_options())
-    class RankDeployment:
-        def __init__(self) -> None:
-            import ray
-
-            from hatllm_edge.app.serving import RequestBatcher
-
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-            self.batcher = RequestBatcher.open(cfg.bundle, cfg.device, threads=max(1, int(cpus or cfg.threads)))
-
-        @serve.batch(max_batch_size=cfg.max_batch, batch_wait_timeout_s=cfg.batch_wait_s)
-        async def rank(self, bodies: list[bytes]) -> list[tuple[int, dict[str, Any]]]:
-            return await asyncio.get_running_loop().run_in_executor(None, self.batcher.rank, bodies)
-
-        async def __call__(self, request: Request) -> JSONResponse:
-            if request.method == "GET":
-                if request.url.path.rstrip("/").endswith("/stats"):
-                    return JSONResponse(self.batcher.stats.to_dict())
-                return JSONResponse({"status": "ok", "model": str(cfg.bundle), "backend": self.batcher.ranker.label})
-            if request.method != "POST":
-                return JSONResponse({"error": f"{request.method}: POST a user.json body"}, status_code=405)
-            status, body = await self.rank(await request.body())
-            return JSONResponse(body, status_code=status)
-
-    return RankDeployment.bind()  # type: ignore[attr-defined]
+    return rank_deployment(cfg)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -94,23 +73,86 @@ def app_builder(args: dict[str, Any]) -> Any:
     return build_app(ServeConfig(**fields))
 
 
-def serve_forever(cfg: ServeConfig, host: str, port: int, address: str | None) -> None:
+# Ray Serve's start-up checks, sized for a busy 2-core machine: its defaults (5 s for the HTTP
+# proxy to report ready, 10 s per health check) kill the proxy there ("ProxyActor ... killed
+# by ray.kill") while the replicas load. A value already in the environment wins.
+SLOW_MACHINE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
+
+def check_can_start(cfg: ServeConfig, host: str, port: int, metrics_port: int | None) -> None:
+    """What would make Ray fail with an unreadable error, checked first: a port in use, more
+    CPUs asked than the machine has, too little free memory for one loaded replica."""
+    from hatllm_edge.core.errors import InputError
+
+    for what, number in (("--port", port), ("--metrics-port", metrics_port)):
+        if number is None:
+            continue
+        with socket.socket() as probe_socket:
+            try:
+                probe_socket.bind((host if what == "--port" else "0.0.0.0", number))
+            except OSError as e:
+                raise InputError(f"{what} {number} is in use or not allowed on {host} ({e.strerror}): stop what holds it "
+                                 f"(another 'hatllm-edge serve'?) or pass another {what}") from None
+    cpus, replicas = os.cpu_count() or 1, cfg.replicas or 1
+    if cfg.device == "cpu" and replicas * cfg.threads > cpus:
+        raise InputError(f"{replicas} replica(s) x --threads {cfg.threads} need {replicas * cfg.threads} CPUs; this machine has {cpus}: "
+                         "lower --threads or --replicas")
+    available = _available_mib()
+    bundle_mib = sum(f.stat().st_size for f in Path(cfg.bundle).rglob("*") if f.is_file()) / 2**20
+    need = 1024 + 4 * bundle_mib  # Ray's own processes, and a replica's session (the int8 route expands the weights)
+    if available is not None and available < need:
+        raise InputError(f"{available:,.0f} MiB of memory is free; Ray and one replica of this model need about {need:,.0f} MiB: "
+                         "free some (a training run?) before serving")
+
+
+def _available_mib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def serve_forever(cfg: ServeConfig, host: str, port: int, address: str | None, metrics_port: int | None = None) -> None:
     """Start (or join, with ``address``) a Ray cluster, run the application on ``host:port``
     and block until interrupted (Ctrl-C, or SIGTERM as a service manager sends it); Serve is
-    shut down on the way out."""
+    shut down on the way out. ``metrics_port``: where a started cluster exports Prometheus
+    metrics. A failure to start is one message saying what to change."""
     import signal
 
     import ray
     from ray import serve
 
+    from hatllm_edge.core.errors import HatLLMError
+
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    signal.signal(signal.SIGTERM, stop)  # after ray.init, whose own handler only dumps a trace and dies
-    serve.start(http_options={"host": host, "port": port})
+    if address is None:
+        check_can_start(cfg, host, port, metrics_port)
+    for key, value in SLOW_MACHINE_ENV.items():
+        os.environ.setdefault(key, value)
     try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 **({"_metrics_export_port": metrics_port} if address is None and metrics_port else {}))
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+        raise HatLLMError(f"could not start {where}: {' '.join(str(e).split())[:300]}"
+                          + (" (is it running? 'ray status' says)" if address else " (free memory and /tmp space; see 'ray status')")) from None
+    signal.signal(signal.SIGTERM, stop)  # after ray.init, whose own handler only dumps a trace and dies
+    try:
+        serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(cfg), name=APP_NAME, route_prefix=ROUTE, blocking=True)
+    except (KeyboardInterrupt, HatLLMError):
+        raise
+    except Exception as e:  # Ray's actor errors: say which part failed and the usual causes
+        text = " ".join(str(e).split())
+        part = "the HTTP proxy" if "Proxy" in text else "a replica" if "rank" in text.lower() else "Ray Serve"
+        raise HatLLMError(f"{part} failed to start ({type(e).__name__}: {text[:240]}): usual causes are too little free "
+                          f"memory, --port {port} taken by another process, or a machine too busy for Ray's start-up checks "
+                          f"(raise RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S, now {os.environ['RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S']} s)") from None
     finally:
         serve.shutdown()
         ray.shutdown()

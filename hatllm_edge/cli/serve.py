@@ -26,6 +26,7 @@ def serve(
     threads: Annotated[int, typer.Option(min=1, help="CPUs per replica (Ray reserves them; ONNX Runtime's threads).")] = 2,
     device: DeviceOpt = Device("cpu"),
     address: Annotated[Optional[str], typer.Option(help="Join this Ray cluster (e.g. 10.0.0.5:6379, or 'auto') instead of starting one.")] = None,
+    metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="Prometheus metrics of the Ray node this starts, at http://HOST:METRICS_PORT/metrics (with --address, the cluster's own setting applies).")] = 9090,
     quiet: QuietOpt = False,
 ) -> None:
     """Serve ranking over HTTP on Ray Serve: one loaded model per replica, concurrent requests batched."""
@@ -43,8 +44,9 @@ def serve(
     bundle = run(open_bundle, model, not quiet, bundle_builder(), dtype=bundle_dtype(device.value))
     cfg = ServeConfig(bundle=bundle, device=device.value, threads=threads, replicas=None if replicas == "auto" else int(replicas),
                       max_replicas=max_replicas, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000, max_queued=max_queued)
-    typer.echo(f"serving {bundle} at http://{host}:{port}{ROUTE} (Ctrl-C stops)", err=True)
-    run(serve_forever, cfg, host, port, address)
+    typer.echo(f"serving {bundle} at http://{host}:{port}{ROUTE} (schema: {ROUTE}/openapi.json, health: {ROUTE}/health, "
+               f"metrics: http://{host}:{metrics_port}/metrics; Ctrl-C stops)", err=True)
+    run(serve_forever, cfg, host, port, address, metrics_port)
 
 
 @app.command()
