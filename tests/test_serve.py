@@ -181,6 +181,19 @@ def test_loadtest_counts_what_it_sent(server: str) -> None:
     assert result["sent"] == result["ok"] == 6 and result["errors"] == 0 and result["p50_ms"] > 0
 
 
+def test_an_open_loop_counts_latency_from_when_each_request_was_due(server: str) -> None:
+    """At a fixed rate with one sender, requests queue on the client whenever one answer takes
+    longer than the interval: their latency then includes that wait (no coordinated omission)."""
+    body = (json.dumps(REQUESTS[0]).encode(),)
+    result = run_load(LoadConfig(url=server, bodies=body, requests=6, concurrency=1, deadline_s=120, rate=50.0))
+    assert result["mode"] == "open loop, 50 requests/s" and result["sent"] == result["ok"] == 6
+    closed = run_load(LoadConfig(url=server, bodies=body, requests=6, concurrency=1, deadline_s=120))
+    assert closed["mode"] == "closed loop" and "late_starts" not in closed
+    # each answer takes longer than the 20 ms interval, so later requests were due long before
+    # they could start: the open loop's p99 exceeds the closed loop's
+    assert result["late_starts"] > 0 and result["p99_ms"] > closed["p99_ms"]
+
+
 def test_loadtest_stays_on_loopback_unless_told() -> None:
     with pytest.raises(InputError, match="not a loopback address"):
         check_target("http://192.0.2.1:8000/rank", allow_remote=False)

@@ -1,7 +1,11 @@
 """``hatllm-edge loadtest``: a bounded HTTP load test of ``hatllm-edge serve``.
 
 At most ``n`` requests, ``concurrency`` in flight, none started after ``deadline`` seconds and
-none waited on past it; loopback addresses only unless allowed. Reports throughput, latency
+none waited on past it; loopback addresses only unless allowed. Closed loop (default): each
+sender sends its next request when the last one is answered, which measures throughput but,
+when the server slows, sends less and hides the wait (coordinated omission). Open loop
+(``rate``): request i is due at i / rate seconds, and its latency counts from then, so a
+backlog shows in the percentiles; ``late_starts`` counts requests no sender was free for. Reports throughput, latency
 percentiles and every failure by its status, so a run with errors is never read as a clean one.
 """
 
@@ -22,6 +26,8 @@ import numpy as np
 
 from hatllm_edge.core.errors import InputError
 
+LATE_S = 0.01  # a request that starts this much after it was due counts as late
+
 
 @dataclass(frozen=True)
 class LoadConfig:
@@ -31,6 +37,7 @@ class LoadConfig:
     concurrency: int = 4
     deadline_s: float = 60.0
     allow_remote: bool = False
+    rate: float | None = None  # open loop: requests per second at fixed intervals (None: closed loop)
 
 
 def check_target(url: str, allow_remote: bool) -> None:
@@ -63,8 +70,13 @@ def run_load(cfg: LoadConfig) -> dict[str, Any]:
     sent = 0
     lock = threading.Lock()
 
+    late = 0
+
     def one(n: int) -> None:
-        nonlocal sent
+        nonlocal sent, late
+        intended = start + n / cfg.rate if cfg.rate else None
+        if intended is not None and intended > time.perf_counter():
+            time.sleep(intended - time.perf_counter())
         left = stop_at - time.perf_counter()
         if left <= 0:
             return
@@ -73,6 +85,10 @@ def run_load(cfg: LoadConfig) -> dict[str, Any]:
         request = urllib.request.Request(cfg.url, data=cfg.bodies[n % len(cfg.bodies)], method="POST",
                                          headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
+        if intended is not None:  # open loop: latency from when the request was due, not when a sender got free
+            with lock:
+                late += t0 - intended > LATE_S
+            t0 = intended
         try:
             with urllib.request.urlopen(request, timeout=left) as response:
                 response.read()
@@ -94,7 +110,8 @@ def run_load(cfg: LoadConfig) -> dict[str, Any]:
     wall = time.perf_counter() - start
     ms = np.array(latencies) * 1000
     pct = {f"p{q}_ms": round(float(np.percentile(ms, q)), 1) if len(ms) else None for q in (50, 95, 99)}
-    return {"url": cfg.url, "concurrency": cfg.concurrency, "asked": cfg.requests, "sent": sent, "ok": len(latencies),
+    mode = {"mode": f"open loop, {cfg.rate:g} requests/s", "rate": cfg.rate, "late_starts": late} if cfg.rate else {"mode": "closed loop"}
+    return {"url": cfg.url, **mode, "concurrency": cfg.concurrency, "asked": cfg.requests, "sent": sent, "ok": len(latencies),
             "errors": sum(failures.values()), "failures": failures, "wall_s": round(wall, 2),
             "requests_per_s": round(len(latencies) / wall, 2) if wall > 0 else None, **pct,
             "mean_ms": round(float(ms.mean()), 1) if len(ms) else None}
@@ -102,8 +119,10 @@ def run_load(cfg: LoadConfig) -> dict[str, Any]:
 
 def summary_line(result: dict[str, Any]) -> str:
     p = lambda k: "-" if result[k] is None else f"{result[k]:.0f}"  # noqa: E731
-    return (f"{result['ok']}/{result['sent']} ok at concurrency {result['concurrency']}: {result['requests_per_s']} req/s, "
-            f"p50 {p('p50_ms')} ms, p95 {p('p95_ms')} ms, p99 {p('p99_ms')} ms; errors {result['errors']} {result['failures'] or ''}")
+    how = result["mode"] if result.get("rate") else f"concurrency {result['concurrency']}"
+    late = f"; {result['late_starts']} sent late (raise -c)" if result.get("late_starts") else ""
+    return (f"{result['ok']}/{result['sent']} ok, {how}: {result['requests_per_s']} req/s, "
+            f"p50 {p('p50_ms')} ms, p95 {p('p95_ms')} ms, p99 {p('p99_ms')} ms; errors {result['errors']} {result['failures'] or ''}{late}")
 
 
 def read_bodies(paths: Sequence[Any]) -> tuple[bytes, ...]:

@@ -54,17 +54,18 @@ def loadtest(
     url: Annotated[str, typer.Argument(help="The server's route, e.g. http://127.0.0.1:8000/rank.")],
     request: Annotated[Optional[list[Path]], typer.Option(help="Request file(s) sent in turn (default: examples/user.json).")] = None,
     n: Annotated[int, typer.Option("-n", min=1, max=100_000, help="Requests to send at most.")] = 100,
-    c: Annotated[int, typer.Option("-c", min=1, max=256, help="Requests in flight at once.")] = 4,
+    c: Annotated[int, typer.Option("-c", min=1, max=256, help="Requests in flight at once (senders).")] = 4,
+    rate: Annotated[Optional[float], typer.Option(min=0.01, help="Open loop: send this many requests per second at fixed intervals, latency counted from when each was due (default: closed loop, each sender waits for its answer).")] = None,
     deadline: Annotated[float, typer.Option(min=0.1, help="Seconds after which nothing is sent or waited on.")] = 60.0,
     allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a URL that is not a loopback address.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="JSON file for the figures.")] = None,
 ) -> None:
-    """A bounded load test of 'hatllm-edge serve': throughput, p50/p95/p99, errors."""
+    """A bounded load test of 'hatllm-edge serve', closed or open loop: throughput, p50/p95/p99, errors."""
     from hatllm_edge.app.loadtest import LoadConfig, read_bodies, run_load, summary_line
 
     paths = request or [Path(str(files("hatllm_edge.examples") / "user.json"))]
     cfg = LoadConfig(url=url, bodies=run(read_bodies, paths), requests=n, concurrency=c, deadline_s=deadline,
-                     allow_remote=allow_remote)
+                     allow_remote=allow_remote, rate=rate)
     result = run(run_load, cfg)
     write_json(out, result)
     typer.echo(summary_line(result), err=True)
