@@ -31,32 +31,60 @@ def table(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
-    """Latency distribution per backend, one panel per workload (log scale)."""
+    """What the run found, at a glance: per workload, each engine backend's speed-up over each
+    PyTorch reference (one panel per reference; bars labelled with the speed-up and the
+    backend's p50), then every backend's p50 with its p5-p95 range. Without a PyTorch
+    backend in the run, only the latency panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     workloads = [w["name"] for w in report["config"]["workloads"]]
-    names = [r["name"] for r in report["backends"]]
-    cols = 4
-    rows = -(-len(workloads) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 0.35 * len(names) * rows + 1.5 * rows), squeeze=False)
-    for ax, wname in zip(axes.flat, workloads):
-        data = [next(r["latencies_ms"] for r in run["results"] if r["workload"] == wname) for run in report["backends"]]
-        ax.boxplot(data, orientation="horizontal", widths=0.6, showfliers=True)
-        ax.set_yticks(range(1, len(names) + 1), names, fontsize=7)
-        ax.set_xscale("log")
-        ax.set_title(wname, fontsize=9)
-        ax.set_xlabel("latency per request (ms)", fontsize=7)
+    runs = {run["name"]: {r["workload"]: r for r in run["results"]} for run in report["backends"]}
+    refs = [n for n in ("torch-fp32", "torch-bf16") if n in runs]  # the references the targets name
+    engines = [n for n in runs if not n.startswith("torch-")] or list(runs)
+    colours = dict(zip(list(runs), plt.get_cmap("tab10").colors))
+    height = max(2.6, 1.2 + 0.2 * len(workloads) * max(1, len(engines)))
+    fig, axes = plt.subplots(1, len(refs) + 1, figsize=(4.4 * (len(refs) + 1), height), squeeze=False, sharey=True)
+    y = np.arange(len(workloads))
+    bar = 0.8 / max(1, len(engines))
+    for ax, ref in zip(axes[0], refs):
+        for k, name in enumerate(engines):
+            p50 = np.array([runs[name][w]["p50_ms"] for w in workloads])
+            speedup = np.array([runs[ref][w]["p50_ms"] for w in workloads]) / p50
+            pos = y + (k - (len(engines) - 1) / 2) * bar
+            ax.barh(pos, speedup, height=bar * 0.9, color=colours[name], label=name)
+            for yy, x, ms in zip(pos, speedup, p50):
+                ax.text(x, yy, f" x{x:.1f} ({ms:.0f} ms)", va="center", fontsize=6)
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.set_xlim(0, ax.get_xlim()[1] * 1.35)  # room for the labels
+        ax.set_title(f"speed-up over {ref} (p50)", fontsize=9)
+        ax.set_xlabel(f"{ref} p50 / backend p50", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
-    for ax in list(axes.flat)[len(workloads):]:
-        ax.axis("off")
+    ax = axes[0][-1]
+    for k, name in enumerate(runs):
+        res = [runs[name][w] for w in workloads]
+        lat = [np.percentile(r["latencies_ms"], [5, 50, 95]) for r in res]
+        pos = y + (k - (len(runs) - 1) / 2) * (0.8 / len(runs))
+        ax.errorbar([q[1] for q in lat], pos, xerr=[[q[1] - q[0] for q in lat], [q[2] - q[1] for q in lat]], fmt="o", ms=3,
+                    color=colours[name], label=name, elinewidth=1)
+    ax.set_xscale("log")
+    ax.set_title("latency per request: p50, p5-p95", fontsize=9)
+    ax.set_xlabel("ms (log)", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(y, workloads, fontsize=7)
+    axes[0][0].invert_yaxis()
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=7, frameon=False)
     cfg = report["config"]
-    fig.suptitle(f"hatllm-edge bench: {cfg['device']}, {cfg['threads']} threads", fontsize=10)
-    fig.tight_layout()
+    machine = report.get("machine", {})
+    fig.suptitle(f"hatllm-edge bench: {cfg['device']}, {cfg['threads']} threads, {machine.get('cpu') or machine.get('processor', '')}",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.45 / height, 1, 1 - 0.1 / height))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 

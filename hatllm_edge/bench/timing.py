@@ -24,7 +24,7 @@ from hatllm_edge.bench.records import BackendRun, Result
 from hatllm_edge.bench.workloads import Workload, default_workloads, make_requests
 from hatllm_edge.core.data import Dataset
 from hatllm_edge.core.errors import InputError
-from hatllm_edge.core.machine import peak_rss_mib, reset_peak_rss, versions
+from hatllm_edge.core.machine import cpu_name, peak_rss_mib, reset_peak_rss, versions
 
 
 def _gpu_mem_mb() -> float | None:
@@ -103,7 +103,7 @@ def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[st
         "config": {"checkpoint": str(cfg.checkpoint), "device": cfg.device, "threads": cfg.threads, "cuda_graph": cfg.cuda_graph,
                    "min_repeats": cfg.min_repeats, "max_repeats": cfg.max_repeats, "seconds": cfg.seconds, "seed": cfg.seed,
                    "paired_rounds": cfg.paired, "workloads": [asdict(w) | {"name": w.name} for w in cfg.workloads]},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_name(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "versions": versions()},
         "backends": [asdict(r) for r in runs],
         "paired": [asdict(r) for r in paired],
