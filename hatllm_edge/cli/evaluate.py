@@ -96,6 +96,8 @@ def fuse(
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
+    exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Rank with each user's history left out, as rank does by default (default: included, the loo-full protocol).")] = False,
+    batch_users: Annotated[int, typer.Option(min=1, help="Users whose beams run together in one batch (memory grows with it).")] = 8,
     write: Annotated[bool, typer.Option("--write", help="Store the winner in the checkpoint (hatllm.json 'decoding', assistant files copied in).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="JSON file for the grid (metrics and per-user ranks).")] = None,
     quiet: QuietOpt = False,
@@ -111,7 +113,8 @@ def fuse(
         typer.secho(f"error: --weights {weights!r}: expected numbers separated by commas, e.g. 0,0.5,1", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
     modes = {"off": (False,), "on": (True,), "both": (False, True)}[renormalise.value]
-    cfg = TuneConfig(assistant=assistant, weights=grid, renormalise=modes, users=users, seed=seed, beams=beams, sample=not first)
+    cfg = TuneConfig(assistant=assistant, weights=grid, renormalise=modes, users=users, seed=seed, beams=beams, sample=not first,
+                     exclude_history=exclude_history, batch_users=batch_users)
 
     def tune_and_write() -> dict:
         ranker = open_ranker(checkpoint, "cpu", quant and quant.value, backend.value, threads, not quiet, build=bundle_builder())

@@ -39,6 +39,7 @@ class TuneConfig:
     k: int = 10
     beams: int | None = None
     batch_users: int = 8
+    exclude_history: bool = False  # rank as `rank` does by default: the history left out of the list
 
 
 def tune(ranker: Ranker, data: Dataset, cfg: TuneConfig, progress: bool = True) -> dict[str, Any]:
@@ -54,12 +55,13 @@ def tune(ranker: Ranker, data: Dataset, cfg: TuneConfig, progress: bool = True) 
     for renormalise, weight in product(cfg.renormalise, cfg.weights):
         result = rank_split(ranker.backend, ranker.prompts, data, "valid", cfg.k, width, progress=progress,
                             batch_users=cfg.batch_users, examples=examples,
-                            fusion=ranker_fusion(ranker, weight > 0, weight, renormalise))
+                            fusion=ranker_fusion(ranker, weight > 0, weight, renormalise), exclude_history=cfg.exclude_history)
         rows.append({"renormalise": renormalise, "assistant_weight": weight, "metrics": result["metrics"],
                      "s_per_user": result["s_per_user"], "ranks": result["ranks"]})
     # best NDCG@10; on a tie the simpler setting (no renormalisation, smaller weight) wins
     best = max(rows, key=lambda r: (round(r["metrics"]["NDCG@10"], 12), -r["renormalise"], -r["assistant_weight"]))
     return {"backend": ranker.label, "assistant": str(cfg.assistant), "split": "valid", "users": len(examples),
+            "history": "excluded" if cfg.exclude_history else "included",
             "seed": cfg.seed, "k": cfg.k, "beams": width, "grid": rows,
             "chosen": {"renormalise": best["renormalise"], "assistant_weight": best["assistant_weight"],
                        "metrics": best["metrics"]}}
