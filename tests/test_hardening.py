@@ -136,6 +136,8 @@ def test_rank_reads_the_request_from_stdin(bundle: Path) -> None:
     assert len(json.loads(result.stdout)["results"]) == 2
     bad = CliRunner().invoke(app, ["rank", "-", "--model", str(bundle), "-q"], input='{"history": []}')
     assert bad.exit_code == 2 and "<stdin>: field 'history' must be a non-empty list" in bad.stderr
+    unknown = CliRunner().invoke(app, ["rank", "-", "--model", str(bundle), "-q"], input='{"history": ["Alpha"]}')
+    assert unknown.exit_code == 2 and "<stdin>: history[0]: 'Alpha' is neither" in unknown.stderr
 
 
 def test_a_bom_is_accepted_and_the_largest_k_runs(bundle: Path, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from hatllm_edge.app.models import (
     model_kind,
     open_model,
 )
-from hatllm_edge.app.request import RankRequest, read_request
+from hatllm_edge.app.request import STDIN, STDIN_NAME, RankRequest, read_request
 from hatllm_edge.core.data import Catalog
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.formats import CATALOG_FILE
@@ -224,10 +224,11 @@ def run_rank(user: Path, opts: RankOptions, progress: bool = True, build: Bundle
     """Rank for one request file: full-catalog top-k by beam search, or the request's
     candidates. A list for k <= beams is a prefix of a longer one with the same beams."""
     req = read_request(user)
+    where = STDIN_NAME if str(user) == STDIN else str(user)
     check_options(opts)
     folder = _model_folder(opts.model)
     if (folder / CATALOG_FILE).is_file():  # unknown titles are reported before the model loads
-        resolve_request(Resolver(Catalog.from_jsonl(folder / CATALOG_FILE)), req, str(user))
+        resolve_request(Resolver(Catalog.from_jsonl(folder / CATALOG_FILE)), req, where)
     ranker = open_ranker(opts.model, opts.device, opts.quant, opts.backend, opts.threads, progress, opts.compute, build,
                          opts.dtype, opts.cuda_graph)
-    return rank_prepared(ranker, [prepare(ranker, req, str(user), opts)])[0]
+    return rank_prepared(ranker, [prepare(ranker, req, where, opts)])[0]

@@ -30,6 +30,7 @@ from hatllm_edge.ranking.resolve import joined, show
 
 log = logging.getLogger("hatllm_edge")
 STDIN = "-"  # the request path that means standard input
+STDIN_NAME = "<stdin>"  # how messages name it
 
 
 def _check_ref(value: str | int) -> str | int:
@@ -150,7 +151,7 @@ def parse_request(raw: bytes, path: str) -> RankRequest:
 def read_request(path: Path) -> RankRequest:
     """The request in the JSON file ``path``, or on standard input when ``path`` is ``-``."""
     if str(path) == STDIN:
-        return parse_request(sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1), "<stdin>")
+        return parse_request(sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1), STDIN_NAME)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:
