@@ -208,8 +208,7 @@ def beam_search(
     user, catalog indices that never enter the list (the user's history, where a product does
     not recommend what was seen); a branch of the title tree that leads only to excluded items
     is never expanded, so the search finds k others at the same beam width, and the
-    assistant's distribution is taken over the items left (its mass under a branch then
-    counts only what that branch can still yield).
+    assistant's mass under a branch counts only the items it can still yield.
 
     Users run in the :func:`batches` the backend allows, so a user's list is what it is alone.
     Every step is one backend pass, its cache rows gathered by the pass itself. Per user, every step keeps the ``beams`` best unfinished hypotheses; finished ones (a full
@@ -237,11 +236,10 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
     row_user, row_node, row_score = np.arange(users), np.zeros(users, dtype=np.int64), np.zeros(users)
     assist = fusion.prior is not None and fusion.weight != 0
     prob = np.exp(fusion.prior) if assist else None
-    if prob is not None:  # the assistant's distribution over what may still be recommended
-        for u in range(users):
+    if prob is not None:  # the assistant's mass under a branch counts only what may still be recommended;
+        for u in range(users):  # not renormalised, so a title's score stays what candidate scoring gives it
             if exclude[u]:
                 prob[u, sorted(exclude[u])] = 0.0
-                prob[u] /= max(prob[u].sum(), 1e-300)
     row_mass = np.zeros(users)  # log assistant mass under each row's node (the root holds it all)
     finished: list[list[tuple[float, int]]] = [[] for _ in range(users)]  # (score, leaf node)
     while len(row_user):
