@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 from hatllm_edge.app.models import (
     BundleBuilder,
@@ -22,7 +22,7 @@ from hatllm_edge.app.models import (
 from hatllm_edge.app.request import STDIN, STDIN_NAME, RankRequest, read_request
 from hatllm_edge.core.data import Catalog
 from hatllm_edge.core.errors import InputError
-from hatllm_edge.core.formats import CATALOG_FILE
+from hatllm_edge.core.formats import CATALOG_FILE, Backend
 from hatllm_edge.core.limits import (
     DEFAULT_K,
     MAX_BEAMS,
@@ -34,8 +34,6 @@ from hatllm_edge.ranking.ranker import Device, Ranker
 from hatllm_edge.ranking.resolve import Resolver, joined, show
 
 log = logging.getLogger("hatllm_edge")
-Backend = Literal["onnx", "torch"]  # the engine (a bundle), or PyTorch fp32 (a checkpoint)
-BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 
 def bundle_dtype(device: Device, dtype: str | None = None) -> str:

@@ -14,10 +14,9 @@ from typing import Annotated, Any, Optional, Sequence
 import typer
 from typer.core import TyperGroup
 
-from hatllm_edge.app.rank import BACKENDS
 from hatllm_edge.core.data import SPLITS
 from hatllm_edge.core.errors import HatLLMError
-from hatllm_edge.core.formats import DTYPES, EMBEDDINGS, INT4_ALGOS, QUANTS
+from hatllm_edge.core.formats import BACKENDS, DTYPES, EMBEDDINGS, INT4_ALGOS, QUANTS
 from hatllm_edge.core.limits import DEFAULT_BEAMS, MAX_BEAMS, MAX_K
 from hatllm_edge.core.prompt import TEMPLATES
 from hatllm_edge.core.recipe import LORA_TARGET_SETS, LOSSES, LR_SCHEDULES, MODES

@@ -63,6 +63,8 @@ Embeddings = Literal["int8", "float"]
 EMBEDDINGS: tuple[Embeddings, ...] = get_args(Embeddings)
 Int4Algo = Literal["rtn", "hqq", "gptq"]
 INT4_ALGOS: tuple[Int4Algo, ...] = get_args(Int4Algo)
+Backend = Literal["onnx", "torch"]  # what ranks: the engine (a bundle), or PyTorch fp32 (a checkpoint)
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 # --------------------------------------------------------------------------- files
 
