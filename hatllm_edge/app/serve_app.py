@@ -83,6 +83,7 @@ def check_can_start(cfg: ServeConfig, host: str, port: int, metrics_port: int | 
     """What would make Ray fail with an unreadable error, checked first: a port in use, more
     CPUs asked than the machine has, too little free memory for one loaded replica."""
     from hatllm_edge.core.errors import InputError
+    from hatllm_edge.core.machine import available_mib
 
     for what, number in (("--port", port), ("--metrics-port", metrics_port)):
         if number is None:
@@ -97,22 +98,12 @@ def check_can_start(cfg: ServeConfig, host: str, port: int, metrics_port: int | 
     if cfg.device == "cpu" and replicas * cfg.threads > cpus:
         raise InputError(f"{replicas} replica(s) x --threads {cfg.threads} need {replicas * cfg.threads} CPUs; this machine has {cpus}: "
                          "lower --threads or --replicas")
-    available = _available_mib()
+    available = available_mib()
     bundle_mib = sum(f.stat().st_size for f in Path(cfg.bundle).rglob("*") if f.is_file()) / 2**20
     need = 1024 + 4 * bundle_mib  # Ray's own processes, and a replica's session (the int8 route expands the weights)
     if available is not None and available < need:
         raise InputError(f"{available:,.0f} MiB of memory is free; Ray and one replica of this model need about {need:,.0f} MiB: "
                          "free some (a training run?) before serving")
-
-
-def _available_mib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def serve_forever(cfg: ServeConfig, host: str, port: int, address: str | None, metrics_port: int | None = None) -> None:

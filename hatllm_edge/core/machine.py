@@ -33,16 +33,27 @@ def versions(names: tuple[str, ...] = ("onnx", "onnxruntime", "onnxruntime-gpu",
     return out
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory (MiB) since it started or since
-    :func:`reset_peak_rss`: the kernel's high-water mark, VmHWM (ru_maxrss where /proc is absent)."""
+def _proc_mib(path: str, key: str) -> float | None:
+    """A ``key: N kB`` line of a /proc file, in MiB; None where there is none (not Linux)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (MiB) since it started or since
+    :func:`reset_peak_rss`: the kernel's high-water mark, VmHWM (ru_maxrss where /proc is absent)."""
+    peak = _proc_mib("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def available_mib() -> float | None:
+    """Memory the kernel could give a new process now (MemAvailable), MiB; None where unknown."""
+    return _proc_mib("/proc/meminfo", "MemAvailable")
 
 
 def reset_peak_rss() -> None:
