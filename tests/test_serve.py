@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import socket
 import time
 import urllib.error
@@ -53,7 +54,11 @@ def cluster(bundle: Path) -> Any:
 
     from hatllm_edge.app.serve_app import APP_NAME, ROUTE, ServeConfig, build_app
 
+    from hatllm_edge.app.serve_app import SLOW_MACHINE_ENV
+
     port, metrics_port = free_port(), free_port()
+    for key, value in SLOW_MACHINE_ENV.items():  # as 'hatllm-edge serve' starts Ray: CI machines can be busy
+        os.environ.setdefault(key, value)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, _metrics_export_port=metrics_port)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
