@@ -41,7 +41,7 @@ def main() -> None:
     assist = not args.no_assist
     renormalise, weight = ranker.scoring(assist)
     data = load_dataset()
-    examples = split_examples(data, args.split, ranker.prompts.max_history, args.users, True, args.seed)
+    examples = split_examples(data, args.split, args.users, True, args.seed)
     everything = list(range(len(ranker.catalog)))
     exact_rank, exact_s = {}, 0.0
     for ex in examples:

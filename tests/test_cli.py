@@ -293,11 +293,17 @@ def test_evaluate(trained: tuple[Path, Any], data_files: tuple[Path, Path], tmp_
 
 def test_evaluate_test_split_first_users(trained: tuple[Path, Any], data_files: tuple[Path, Path]) -> None:
     out, _ = trained
-    result = invoke("evaluate", out, "--interactions", data_files[0], "--items", data_files[1], "--users", 2, "--k", 3, "--quiet")
+    result = invoke("evaluate", out, "--interactions", data_files[0], "--items", data_files[1], "--users", 2, "--k", 3, "--quiet",
+                    "--search-errors")
     assert result.exit_code == 0, (result.output, result.exception)
     summary = last_json(result)
     assert summary["users"] == 2 and summary["split"] == "test" and summary["k"] == 3
     assert all(0 <= v <= 1 for v in summary["metrics"].values())
+    # the search check: missed targets counted, the per-user detail left to --out
+    search = summary["search_errors"]
+    assert search["missed_targets"] == round(2 * (1 - summary["metrics"]["HR@5"])) and "users" not in search  # a 3-item list
+    assert 0 <= search["errors"] <= search["missed_targets"]
+    assert search["metrics_errors_fixed"]["NDCG@10"] >= summary["metrics"]["NDCG@10"]
 
 
 def test_evaluate_user_batching_and_bf16(trained: tuple[Path, Any], data_files: tuple[Path, Path], tmp_path: Path) -> None:

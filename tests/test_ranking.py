@@ -210,6 +210,33 @@ def test_wide_beam_is_exact(backend: TorchBackend, prompts: PromptBuilder, trie:
     assert_same_ranking(ranked.items, ranked.scores, brute, k)
 
 
+def test_search_errors_are_the_missed_targets_that_outscore_the_list(backend: TorchBackend, prompts: PromptBuilder) -> None:
+    """One user per catalog item as the target, all with one history: a narrow beam's missed
+    targets are scored exactly; a user is flagged exactly when its target's exact score beats
+    the list's k-th (so every target that belongs in the exact top-k and was missed is
+    flagged), and an exact beam has no errors."""
+    from hatllm_edge.core.data import Dataset
+    from hatllm_edge.ranking.loo import rank_split
+
+    history = [CATALOG.item_ids[TITLES.index(t)] for t in HISTORY]
+    data = Dataset("tiny", CATALOG, {f"u{n}": (*history, item) for n, item in enumerate(CATALOG.item_ids)})
+    brute = brute_force(backend, prompts, HISTORY)
+    exact_top = sorted(brute, key=lambda i: -brute[i])[:3]
+    narrow = rank_split(backend, prompts, data, "test", 3, 3, progress=False, search_errors=True)["search_errors"]
+    assert narrow["missed_targets"] == sum(r is None for r in
+                                           rank_split(backend, prompts, data, "test", 3, 3, progress=False)["ranks"].values())
+    for check in narrow["users"]:
+        target = CATALOG.index(data.sequences[check["user"]][-1])
+        assert check["target_score"] == pytest.approx(brute[target], abs=1e-3)
+        assert check["error"] == (brute[target] > check["kth_score"])
+        if target in exact_top and TITLES[target] not in [TITLES[i] for i in exact_top if i != target]:
+            assert check["error"]
+    assert narrow["errors"] == sum(c["error"] for c in narrow["users"])
+    wide = rank_split(backend, prompts, data, "test", 3, len(TITLES), progress=False, search_errors=True)["search_errors"]
+    assert wide["errors"] == 0 and wide["missed_targets"] == len(TITLES) - 3
+    assert narrow["errors"] > 0  # this tiny model's narrow beam does prune targets it should keep
+
+
 OTHER_HISTORIES = [
     ["Misérables, Les (1995)", 'He said "hi", then left', "Heat (1995)", "Heat (1995)"],
     [],

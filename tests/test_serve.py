@@ -52,9 +52,13 @@ def cluster(bundle: Path) -> Any:
     being routed as queued, so 8 simultaneous requests can overflow a queue of 4 at random."""
     from ray import serve
 
-    from hatllm_edge.app.serve_app import APP_NAME, ROUTE, ServeConfig, build_app
-
-    from hatllm_edge.app.serve_app import SLOW_MACHINE_ENV
+    from hatllm_edge.app.serve_app import (
+        APP_NAME,
+        ROUTE,
+        SLOW_MACHINE_ENV,
+        ServeConfig,
+        build_app,
+    )
 
     port, metrics_port = free_port(), free_port()
     for key, value in SLOW_MACHINE_ENV.items():  # as 'hatllm-edge serve' starts Ray: CI machines can be busy

@@ -62,6 +62,7 @@ def evaluate(
     assistant_weight: AssistantWeightOpt = None,
     renormalise: RenormaliseOpt = None,
     exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Leave each user's history out of the ranked list, as rank does by default (default: included, the loo-full protocol); the output's 'history' field says which.")] = False,
+    search_errors: Annotated[bool, typer.Option(help="Score each missed target exactly and count the users whose target beats the list's k-th item: what the beam width costs, without ranking the whole catalog.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="JSON file for metrics and per-user ranks.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -74,10 +75,14 @@ def evaluate(
         device=device.value, threads=threads, compute=compute.value,
         dataset=dataset, interactions=interactions, items=items, assist=assist, assistant=assistant,
         assistant_weight=assistant_weight, renormalise=renormalise, seed=seed, sample=not first, exclude_history=exclude_history,
+        search_errors=search_errors,
     )
     result = run(run_eval, cfg, progress=not quiet)
     write_json(out, result)
-    typer.echo(json.dumps({k: v for k, v in result.items() if k != "ranks"}))
+    summary = {k: v for k, v in result.items() if k != "ranks"}
+    if "search_errors" in summary:
+        summary["search_errors"] = {k: v for k, v in summary["search_errors"].items() if k != "users"}
+    typer.echo(json.dumps(summary))
 
 
 @app.command()
@@ -146,7 +151,10 @@ def popularity(
 
     result = run(popularity_baseline, split.value, dataset, interactions, items, exclude_history)
     write_json(out, result)
-    typer.echo(json.dumps({k: v for k, v in result.items() if k != "ranks"}))
+    summary = {k: v for k, v in result.items() if k != "ranks"}
+    if "search_errors" in summary:
+        summary["search_errors"] = {k: v for k, v in summary["search_errors"].items() if k != "users"}
+    typer.echo(json.dumps(summary))
 
 
 @app.command()

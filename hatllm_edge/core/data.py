@@ -90,8 +90,11 @@ class Dataset:
     catalog: Catalog
     sequences: dict[str, tuple[str, ...]]
 
-    def split(self, split: Split, max_history: int) -> list[Example]:
-        """The validation or test examples of ``loo-full``: one per user with a history."""
+    def split(self, split: Split, max_history: int | None = None) -> list[Example]:
+        """The validation or test examples of ``loo-full``: one per user with a history, the
+        whole of it unless ``max_history`` cuts it to the most recent items. Ranking takes it
+        whole, as ``rank`` does: the prompt keeps its ``max_history`` titles and the assistant
+        its own ``max_len`` items."""
         if split not in ("valid", "test"):
             raise InputError(f"split {split!r}: expected 'valid' or 'test'")
         cut = 1 if split == "test" else 2
@@ -100,7 +103,7 @@ class Dataset:
             if len(seq) <= cut:
                 continue
             target_at = len(seq) - cut
-            history = seq[max(0, target_at - max_history) : target_at]
+            history = seq[max(0, target_at - max_history) if max_history else 0 : target_at]
             if history:
                 out.append(Example(user, history, seq[target_at]))
         return out

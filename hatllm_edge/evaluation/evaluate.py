@@ -37,6 +37,7 @@ class EvalConfig:
     seed: int = 0  # the user sample when ``users`` is given with ``sample``
     sample: bool = False  # ``users``: a seeded sample instead of the first N
     exclude_history: bool = False  # loo-full ranks the whole catalog; True: the user's history is left out
+    search_errors: bool = False  # score missed targets exactly: beam search's errors on them
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
@@ -54,11 +55,12 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
 
         ranker.assistant = Assistant.open(cfg.assistant, ranker.catalog, cfg.threads)
     width = beam_width(cfg.k, cfg.beams)
-    examples = split_examples(data, cfg.split, ranker.prompts.max_history, cfg.users, cfg.sample, cfg.seed)
+    examples = split_examples(data, cfg.split, cfg.users, cfg.sample, cfg.seed)
     fusion = ranker_fusion(ranker, cfg.assist, cfg.assistant_weight, cfg.renormalise)
     renormalise, weight = ranker.scoring(cfg.assist, cfg.assistant_weight, cfg.renormalise)
     result = rank_split(ranker.backend, ranker.prompts, data, cfg.split, cfg.k, width, progress=progress,
-                        batch_users=cfg.batch_users, examples=examples, fusion=fusion, exclude_history=cfg.exclude_history)
+                        batch_users=cfg.batch_users, examples=examples, fusion=fusion, exclude_history=cfg.exclude_history,
+                        search_errors=cfg.search_errors)
     return {
         "checkpoint": str(cfg.checkpoint),
         "schedule": ranker.meta.schedule,

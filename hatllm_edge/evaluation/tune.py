@@ -49,7 +49,7 @@ def tune(ranker: Ranker, data: Dataset, cfg: TuneConfig, progress: bool = True) 
     ranker.assistant = Assistant.open(cfg.assistant, ranker.catalog)
     if data.catalog.item_ids != ranker.catalog.item_ids:
         raise InputError("the model's catalog differs from its data set's; tune on the data it was trained on")
-    examples = split_examples(data, "valid", ranker.prompts.max_history, cfg.users or None, cfg.sample, cfg.seed)
+    examples = split_examples(data, "valid", cfg.users or None, cfg.sample, cfg.seed)
     width = beam_width(cfg.k, cfg.beams)
     rows = []
     for renormalise, weight in product(cfg.renormalise, cfg.weights):

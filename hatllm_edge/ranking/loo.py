@@ -15,12 +15,20 @@ from hatllm_edge.core.machine import peak_rss_mib
 from hatllm_edge.core.metrics import mean_metrics, target_rank
 from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.engine.backend import Backend
-from hatllm_edge.ranking.search import Fusion, TitleTrie, beam_search, prompt_width
+from hatllm_edge.ranking.search import (
+    Fusion,
+    Ranked,
+    TitleTrie,
+    beam_search,
+    prompt_width,
+    score_candidates,
+)
 
 
-def split_examples(data: Dataset, split: Split, max_history: int, users: int | None, sample: bool, seed: int) -> list[Example]:
-    """The split's examples: all, the first ``users``, or a seeded sample of ``users`` (data order)."""
-    examples = data.split(split, max_history)
+def split_examples(data: Dataset, split: Split, users: int | None, sample: bool, seed: int) -> list[Example]:
+    """The split's examples with whole histories: all users, the first ``users``, or a seeded
+    sample of ``users`` (data order)."""
+    examples = data.split(split)
     if not users or users >= len(examples):
         return examples
     if not sample:
@@ -43,31 +51,42 @@ def rank_split(
     backend: Backend, prompts: PromptBuilder, data: Dataset, split: Split, k: int, beams: int | None,
     users: int | None = None, progress: bool = True, batch_users: int = 8, examples: list[Example] | None = None,
     fusion: Callable[[Sequence[Example]], Fusion] | None = None, exclude_history: bool = False,
+    search_errors: bool = False,
 ) -> dict[str, Any]:
     """Beam-search top-k for every user of the split, or for ``examples`` when given
     (``batch_users`` users per batch); metrics and per-user target ranks; ``exclude_history``:
     the user's history items never enter the list. Users are batched in
     order of their prompts' padded width, because a batch only runs prompts of one width
     together (:func:`prompt_width`). ``fusion`` gives each batch's step scoring (default: the LLM's
-    log-probability)."""
+    log-probability). ``search_errors``: score each missed target exactly and count the users whose
+    target outscores the list's k-th item (:func:`target_search_errors`)."""
     if examples is None:
-        examples = data.split(split, prompts.max_history)[:users]
+        examples = data.split(split)[:users]
     titles = {ex.user_id: [data.catalog.title(j) for j in ex.history] for ex in examples}
     order = sorted(examples, key=lambda ex: prompt_width(len(prompts.prompt(titles[ex.user_id]))))
     trie = TitleTrie.build(data.catalog, prompts)
     ranks: dict[str, int | None] = {}
+    checks: list[dict[str, Any]] = []
     start = time.time()
     bar = tqdm(total=len(examples), desc=f"evaluate {split}", disable=not progress, unit="user")
     for i in range(0, len(order), batch_users):
         chunk = order[i : i + batch_users]
-        ranked = beam_search(backend, prompts, trie, [titles[ex.user_id] for ex in chunk], k=k, beams=beams,
-                             fusion=fusion(chunk) if fusion else Fusion(),
+        scoring = fusion(chunk) if fusion else Fusion()
+        ranked = beam_search(backend, prompts, trie, [titles[ex.user_id] for ex in chunk], k=k, beams=beams, fusion=scoring,
                              exclude=[data.seen(ex.user_id, split) for ex in chunk] if exclude_history else None)
         for ex, r in zip(chunk, ranked):
             ranks[ex.user_id] = target_rank([data.catalog.item_ids[j] for j in r.items], ex.target)
+        if search_errors:
+            checks += target_search_errors(backend, prompts, trie, data, chunk, [titles[ex.user_id] for ex in chunk],
+                                           ranked, ranks, scoring, k)
         bar.update(len(chunk))
     bar.close()
     wall = time.time() - start
+    search = None
+    if search_errors:
+        bound = dict(ranks) | {c["user"]: c["rank_bound"] for c in checks if c["error"]}
+        search = {"missed_targets": len(checks), "errors": sum(c["error"] for c in checks),
+                  "metrics_errors_fixed": mean_metrics([bound[ex.user_id] for ex in examples]), "users": checks}
     return {
         "split": split,
         "history": "excluded" if exclude_history else "included",
@@ -77,4 +96,29 @@ def rank_split(
         "s_per_user": round(wall / max(1, len(examples)), 3),
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "ranks": {ex.user_id: ranks[ex.user_id] for ex in examples},
+        **({"search_errors": search} if search else {}),
     }
+
+
+def target_search_errors(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, data: Dataset, chunk: Sequence[Example],
+                         histories: Sequence[Sequence[str]], ranked: Sequence[Ranked], ranks: dict[str, int | None],
+                         scoring: Fusion, k: int) -> list[dict[str, Any]]:
+    """Beam search's errors on the answers that matter, without ranking the whole catalog: each
+    target the list missed is scored exactly (as candidate scoring scores a title, the same
+    score beam search would give it); if it beats the list's k-th score, the search pruned a
+    title it should have kept (an error for certain; the exact top-k may hold other missed
+    titles too, so ``rank_bound``, the target's place among the listed scores, is the best
+    rank exact search could give it)."""
+    missed = [j for j, ex in enumerate(chunk) if ranks[ex.user_id] is None and len(ranked[j].scores) == k]
+    if not missed:
+        return []
+    bonus = [scoring.title_bonus(j, data.catalog) for j in missed] if scoring.prior is not None else None
+    exact = score_candidates(backend, prompts, [histories[j] for j in missed],
+                             [[data.catalog.title(chunk[j].target)] for j in missed], bonus=bonus,
+                             renormalise=trie if scoring.renormalise else None)
+    out = []
+    for j, scored in zip(missed, exact):
+        score, listed = scored.scores[0], ranked[j].scores
+        out.append({"user": chunk[j].user_id, "target_score": round(score, 4), "kth_score": round(listed[-1], 4),
+                    "error": score > listed[-1], "rank_bound": sum(s > score for s in listed)})
+    return out
