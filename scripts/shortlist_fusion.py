@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("bundle", type=Path, help="an exported bundle with its assistant")
     ap.add_argument("--split", default="valid", choices=("valid", "test"))
     ap.add_argument("--users", type=int, default=300, help="a seeded sample (seed 0, as fuse draws it); 0 = all")
-    ap.add_argument("--shortlist", type=int, default=50)
+    ap.add_argument("--shortlist", default="10,20,30,50", help="shortlist sizes; the LLM scores the largest once")
     ap.add_argument("--weights", default="0,1,2,4,8,16,32")
     ap.add_argument("--rrf-weights", default="0.25,0.5,1")
     ap.add_argument("--threads", type=int, default=None)
@@ -87,23 +87,29 @@ def main() -> None:
     ranker = Ranker.from_bundle(args.bundle, threads=args.threads)
     data = load_dataset()
     start = time.time()
-    rows = score_shortlists(ranker, data, args.split, args.users, args.shortlist, args.batch_users)
+    sizes = sorted(int(n) for n in args.shortlist.split(","))
+    rows = score_shortlists(ranker, data, args.split, args.users, sizes[-1], args.batch_users)
     wall = time.time() - start
     settings = [("sum", float(w)) for w in args.weights.split(",")] + [("rrf", float(w)) for w in args.rrf_weights.split(",")]
     result: dict[str, Any] = {"bundle": str(args.bundle), "backend": ranker.label, "split": args.split, "users": len(rows),
-                              "shortlist": args.shortlist, "renormalise": ranker.decoding.renormalise,
-                              "s_per_user": round(wall / len(rows), 3), "protocols": {}}
+                              "shortlists": sizes, "renormalise": ranker.decoding.renormalise,
+                              "s_per_user_largest": round(wall / len(rows), 3), "protocols": {}}
     for excluded in (False, True):
-        base = fused_ranks(rows, data, args.shortlist, excluded, "sasrec", 0.0)
+        base = fused_ranks(rows, data, sizes[-1], excluded, "sasrec", 0.0)
         table = []
-        for how, w in settings:
-            boot = paired_bootstrap(base, fused_ranks(rows, data, args.shortlist, excluded, how, w))
-            table.append({"fusion": how, "weight": w, "NDCG@10": boot["metric_b"], "minus_sasrec": boot["diff"],
-                          "ci": [boot["ci_low"], boot["ci_high"]]})
-            print(f"{'excluded' if excluded else 'included'} {how:<4} w={w:<5} NDCG@10 {boot['metric_b']:.4f}  "
-                  f"minus SASRec {boot['diff']:+.4f} [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}]")
+        for size in sizes:
+            for how, w in settings:
+                ranks = fused_ranks(rows, data, size, excluded, how, w)
+                boot = paired_bootstrap(base, ranks)
+                table.append({"shortlist": size, "fusion": how, "weight": w, "NDCG@10": boot["metric_b"],
+                              "minus_sasrec": boot["diff"], "ci": [boot["ci_low"], boot["ci_high"]],
+                              "ranks": dict(zip((r["user"] for r in rows), ranks))})
+                print(f"{'excluded' if excluded else 'included'} K={size:<3} {how:<4} w={w:<5} NDCG@10 {boot['metric_b']:.4f}  "
+                      f"minus SASRec {boot['diff']:+.4f} [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}]")
         result["protocols"]["excluded" if excluded else "included"] = {"sasrec_NDCG@10": boot["metric_a"], "settings": table}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
+    np.savez_compressed(args.out.with_suffix(".npz"), **{f"{r['user']}/{key}": np.asarray(r[key])
+                                                         for r in rows for key in ("items", "llm", "prior")})
 
 
 if __name__ == "__main__":

@@ -868,6 +868,20 @@ def test_fuse_writes_the_decoding_and_the_assistant_travels_into_the_bundle(
                             "--model", ckpt, "--backend", "torch").stdout)
     assert fused["assistant_weight"] == 1 and alone["assistant_weight"] == off["assistant_weight"] == 0
     assert alone["results"] == off["results"] and [r["score"] for r in fused["results"]] != [r["score"] for r in alone["results"]]
+    # a shortlist of the whole 6-item catalog is exact, as the 10-wide beam over it is
+    r6 = invoke("rank", user, "--model", ckpt, "--backend", "torch", "--shortlist", 6)
+    assert r6.exit_code == 0, (r6.output, r6.exception)
+    listed = json.loads(r6.stdout)
+    assert listed["shortlist"] == 6 and "beams" not in listed and "beams" in fused
+    assert [r["item_id"] for r in listed["results"]] == [r["item_id"] for r in fused["results"]]
+    assert [r["score"] for r in listed["results"]] == pytest.approx([r["score"] for r in fused["results"]], abs=1e-3)
+    result = invoke("fuse", ckpt, "--assistant", sasrec_dir, "--weights", "0,1", "--renormalise", "off", "--shortlists", "0,6",
+                    "--users", 0, "--backend", "torch", "--out", grid, "--quiet", *data)
+    assert result.exit_code == 0, (result.output, result.exception)
+    rows = json.loads(grid.read_text())["grid"]
+    assert [(r["assistant_weight"], r["shortlist"]) for r in rows] == [(0, 0), (1, 0), (1, 6)]
+    assert rows[1]["ranks"] == rows[2]["ranks"]
+    assert_usage_error(invoke("fuse", ckpt, "--assistant", sasrec_dir, "--shortlists", "0,x", "--quiet"), "--shortlists")
     bundle = tmp_path / "bundle"
     assert invoke("export", ckpt, bundle, "--quant", "none", "--quiet").exit_code == 0
     manifest = json.loads((bundle / "manifest.json").read_text())["files"]

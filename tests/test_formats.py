@@ -24,6 +24,14 @@ def test_shipped_metadata_round_trips(tmp_path: Path) -> None:
     assert (tmp_path / "hatllm.json").read_text(encoding="utf-8") == SHIPPED.read_text(encoding="utf-8")
 
 
+def test_shortlist_round_trips(tmp_path: Path) -> None:
+    meta = ModelMeta.parse({**MINIMAL, "decoding": {"renormalise": True, "assistant_weight": 16, "shortlist": 50}}, "m")
+    assert meta.decoding == Decoding(True, 16.0, None, 50)
+    meta.write(tmp_path / "m.json")
+    assert ModelMeta.read(tmp_path / "m.json").decoding.shortlist == 50  # type: ignore[union-attr]
+    assert ModelMeta.parse({**MINIMAL, "decoding": {"assistant_weight": 16}}, "m").decoding.shortlist == 0  # type: ignore[union-attr]
+
+
 def test_defaults_and_unknown_keys(tmp_path: Path) -> None:
     meta = ModelMeta.parse({**MINIMAL, "future": {"x": 1}}, "m")
     assert meta.prompt.template == "instruct"  # written before templates were named
@@ -43,6 +51,8 @@ def test_defaults_and_unknown_keys(tmp_path: Path) -> None:
     ({"finetune": "qlora"}, "finetune"),
     ({"decoding": {"assistant_weight": -1}}, "decoding"),
     ({"decoding": {"renormalise": "yes"}}, "decoding"),
+    ({"decoding": {"assistant_weight": 16, "shortlist": -1}}, "decoding"),
+    ({"decoding": {"assistant_weight": 16, "shortlist": "50"}}, "decoding"),
     ({"export": []}, "export"),
 ])
 def test_malformed_sections_are_named(change: dict, section: str) -> None:

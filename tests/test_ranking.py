@@ -19,8 +19,10 @@ from hatllm_edge.ranking.search import (
     _fed,
     _packs,
     beam_search,
+    full_catalog,
     log_softmax,
     score_candidates,
+    shortlist_search,
 )
 from hatllm_edge.training.model import HatLLM
 from hatllm_edge.training.torch_backend import TorchBackend
@@ -413,6 +415,32 @@ def test_renormalised_candidates_must_be_catalog_titles(backend: TorchBackend, p
 def random_prior(users: int, seed: int = 0) -> np.ndarray:
     logits = np.random.default_rng(seed).normal(scale=2.0, size=(users, len(TITLES)))
     return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+
+def test_shortlist_scores_the_assistants_best_items_exactly(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie) -> None:
+    """A shortlist of the whole catalog is exact (the widest beam's list and scores); a short one
+    lists only the assistant's most likely items that are not excluded, each with its exact
+    fused score; without the assistant, full_catalog falls back to beam search."""
+    histories = [HISTORY, OTHER_HISTORIES[0]]
+    fusion = Fusion(renormalise=True, weight=2.0, prior=random_prior(len(histories), seed=3))
+    exact = beam_search(backend, prompts, trie, histories, k=5, beams=len(TITLES), fusion=fusion)
+    whole = full_catalog(backend, prompts, trie, CATALOG, histories, 5, 10, fusion, shortlist=len(TITLES))
+    for got, want in zip(whole, exact):
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
+        assert [TITLES[i] for i in got.items] == [TITLES[i] for i in want.items]
+    exclude = [{0, 1}, set()]
+    short = shortlist_search(backend, prompts, trie, CATALOG, histories, 3, fusion, 4, exclude)
+    bonus = [fusion.title_bonus(u, CATALOG) for u in range(len(histories))]
+    for u, ranked in enumerate(short):
+        allowed = [int(i) for i in np.argsort(-fusion.prior[u], kind="stable") if int(i) not in exclude[u]][:4]
+        assert len(ranked.items) == 3 and set(ranked.items) <= set(allowed)
+        scored = score_candidates(backend, prompts, [histories[u]], [[TITLES[i] for i in allowed]], bonus=[bonus[u]],
+                                  renormalise=trie)[0]
+        assert ranked.items == [allowed[i] for i in scored.items[:3]]
+        np.testing.assert_allclose(ranked.scores, scored.scores[:3], atol=1e-6)
+    assert len(shortlist_search(backend, prompts, trie, CATALOG, histories, 5, fusion, 2)[0].items) == 5  # never fewer than k
+    alone = full_catalog(backend, prompts, trie, CATALOG, histories, 3, 3, Fusion(renormalise=True), shortlist=4)
+    assert [r.items for r in alone] == [r.items for r in beam_search(backend, prompts, trie, histories, 3, 3, Fusion(renormalise=True))]
 
 
 @pytest.mark.parametrize("weight", [0.5, 2.0])

@@ -26,6 +26,7 @@ from hatllm_edge.core.formats import CATALOG_FILE, Backend
 from hatllm_edge.core.limits import (
     DEFAULT_K,
     MAX_BEAMS,
+    MAX_CANDIDATES,
     MAX_K,
     beam_width,
 )
@@ -128,6 +129,7 @@ class RankOptions:
     normalize: bool = False  # length-normalise candidate scores
     exclude_history: bool = True  # leave out items the user already has (a product's default; loo-full keeps them)
     assist: bool | None = None  # fuse the model's assistant (default: the request's "assist", else on)
+    shortlist: int | None = None  # fused lists from the assistant's N best (0: fused beam search; None: the model's decoding)
 
 
 @dataclass(frozen=True)
@@ -142,13 +144,14 @@ class Prepared:
     assist: bool
     normalize: bool
     exclude_history: bool
+    shortlist: int | None = None
 
     def group(self) -> tuple[Any, ...]:
         """Requests with the same group rank together in one engine call; each one's result
         is then what it would be alone (batching never changes a result: tests/test_invariance.py)."""
         if self.candidates is not None:
             return ("candidates", self.assist, self.normalize)
-        return ("full-catalog", self.assist, self.k, self.width, self.exclude_history)
+        return ("full-catalog", self.assist, self.k, self.width, self.exclude_history, self.shortlist)
 
 
 def check_options(opts: RankOptions) -> None:
@@ -156,6 +159,8 @@ def check_options(opts: RankOptions) -> None:
     for name, value, limit, what in (("--k", opts.k, MAX_K, "the list length"), ("--beams", opts.beams, MAX_BEAMS, "the beam width")):
         if value is not None and not 1 <= value <= limit:
             raise InputError(f"{name} is {value}; it must be from 1 to {limit} ({what})")
+    if opts.shortlist is not None and not 0 <= opts.shortlist <= MAX_CANDIDATES:
+        raise InputError(f"--shortlist is {opts.shortlist}; it must be from 0 (beam search) to {MAX_CANDIDATES}")
 
 
 def prepare(ranker: Ranker, req: RankRequest, where: str, opts: RankOptions) -> Prepared:
@@ -173,7 +178,7 @@ def prepare(ranker: Ranker, req: RankRequest, where: str, opts: RankOptions) -> 
                     "the oldest %d are left out", where, len(history), cut, len(history) - cut)
     return Prepared(req.user_id, tuple(history), None if candidates is None else tuple(candidates), k,
                     beam_width(k, opts.beams or req.beams), req.assist if opts.assist is None else opts.assist,
-                    opts.normalize, opts.exclude_history)
+                    opts.normalize, opts.exclude_history, opts.shortlist)
 
 
 def rank_prepared(ranker: Ranker, requests: list[Prepared]) -> list[dict[str, Any]]:
@@ -194,7 +199,7 @@ def rank_prepared(ranker: Ranker, requests: list[Prepared]) -> list[dict[str, An
             lists = [([p.candidates[i] for i in r.items], r.scores) for p, r in zip(batch, ranked)]  # type: ignore[index]
         else:
             ranked = ranker.top_k([p.history for p in batch], k=min(first.k, size), beams=first.width, assist=first.assist,
-                                  exclude_history=first.exclude_history)
+                                  exclude_history=first.exclude_history, shortlist=first.shortlist)
             lists = [(r.items, r.scores) for r in ranked]
         latency = (time.perf_counter() - start) * 1000
         for n, p, (items, scores) in zip(members, batch, lists):
@@ -214,7 +219,8 @@ def _result(ranker: Ranker, p: Prepared, items: list[int], scores: list[float], 
     out: dict[str, Any] = {"user_id": p.user_id, "mode": mode, "backend": ranker.label, "renormalise": renormalise,
                            "assistant_weight": weight, "history": "excluded" if p.exclude_history else "included"}
     if mode == "full-catalog":
-        out["beams"] = p.width
+        shortlist = ranker.shortlist(p.shortlist) if weight else 0
+        out.update({"shortlist": shortlist} if shortlist else {"beams": p.width})
     return {**out, "latency_ms": round(latency, 2), "results": rows}
 
 

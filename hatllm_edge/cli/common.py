@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 from hatllm_edge.core.data import SPLITS
 from hatllm_edge.core.errors import HatLLMError
 from hatllm_edge.core.formats import BACKENDS, DTYPES, EMBEDDINGS, INT4_ALGOS, QUANTS
-from hatllm_edge.core.limits import DEFAULT_BEAMS, MAX_BEAMS, MAX_K
+from hatllm_edge.core.limits import DEFAULT_BEAMS, MAX_BEAMS, MAX_CANDIDATES, MAX_K
 from hatllm_edge.core.prompt import TEMPLATES
 from hatllm_edge.core.recipe import LORA_TARGET_SETS, LOSSES, LR_SCHEDULES, MODES
 from hatllm_edge.engine.session import COMPUTES, DEVICES
@@ -122,6 +122,8 @@ def bounded(flag: str, limit: int, what: str):  # type: ignore[no-untyped-def]
 
 KOpt = Annotated[int, typer.Option(callback=bounded("--k", MAX_K, "the list length"), help=f"Length of the ranked list, 1-{MAX_K}.")]
 BeamsOpt = Annotated[Optional[int], typer.Option(callback=bounded("--beams", MAX_BEAMS, "the beam width"), help=f"Beam width of the full-catalog search, 1-{MAX_BEAMS} (default {DEFAULT_BEAMS}); it runs max(beams, k) wide, so with the same beams a shorter list is a prefix of a longer one.")]
+
+ShortlistOpt = Annotated[Optional[int], typer.Option(min=0, max=MAX_CANDIDATES, help="Fused full-catalog lists: score the assistant's N most likely items exactly instead of a fused beam search over the title tree (0: the beam search; default: the model's decoding).")]
 
 
 class Warnings(logging.Handler):

@@ -28,6 +28,7 @@ from hatllm_edge.cli.common import (
     Renormalise,
     RenormaliseOpt,
     SeedOpt,
+    ShortlistOpt,
     Split,
     SplitOpt,
     ThreadsOpt,
@@ -62,6 +63,7 @@ def evaluate(
     assistant_weight: AssistantWeightOpt = None,
     renormalise: RenormaliseOpt = None,
     exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Leave each user's history out of the ranked list, as rank does by default (default: included, the loo-full protocol); the output's 'history' field says which.")] = False,
+    shortlist: ShortlistOpt = None,
     search_errors: Annotated[bool, typer.Option(help="Score each missed target exactly and count the users whose target beats the list's k-th item: what the beam width costs, without ranking the whole catalog.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="JSON file for metrics and per-user ranks.")] = None,
     quiet: QuietOpt = False,
@@ -75,7 +77,7 @@ def evaluate(
         device=device.value, threads=threads, compute=compute.value,
         dataset=dataset, interactions=interactions, items=items, assist=assist, assistant=assistant,
         assistant_weight=assistant_weight, renormalise=renormalise, seed=seed, sample=not first, exclude_history=exclude_history,
-        search_errors=search_errors,
+        search_errors=search_errors, shortlist=shortlist,
     )
     result = run(run_eval, cfg, progress=not quiet)
     write_json(out, result)
@@ -95,6 +97,7 @@ def fuse(
     first: FirstOpt = False,
     seed: SeedOpt = 0,
     beams: BeamsOpt = None,
+    shortlists: Annotated[str, typer.Option(help="Shortlist sizes to try with each weight > 0, comma-separated (0: fused beam search; N: the assistant's N most likely items scored exactly).")] = "0",
     quant: Annotated[Optional[Quant], typer.Option(help="Bundle the tuning runs on, built from the checkpoint on first use: int4 (default), nf4, int8 or none.")] = None,
     backend: Annotated[Backend, typer.Option(help="onnx (the engine) or torch (PyTorch fp32).")] = Backend("onnx"),
     threads: ThreadsOpt = None,
@@ -117,9 +120,14 @@ def fuse(
     except ValueError:
         typer.secho(f"error: --weights {weights!r}: expected numbers separated by commas, e.g. 0,0.5,1", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
+    try:
+        sizes = tuple(int(n) for n in shortlists.split(","))
+    except ValueError:
+        typer.secho(f"error: --shortlists {shortlists!r}: expected whole numbers separated by commas, e.g. 0,50", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
     modes = {"off": (False,), "on": (True,), "both": (False, True)}[renormalise.value]
     cfg = TuneConfig(assistant=assistant, weights=grid, renormalise=modes, users=users, seed=seed, beams=beams, sample=not first,
-                     exclude_history=exclude_history, batch_users=batch_users)
+                     exclude_history=exclude_history, batch_users=batch_users, shortlists=sizes)
 
     def tune_and_write() -> dict:
         ranker = open_ranker(checkpoint, "cpu", quant and quant.value, backend.value, threads, not quiet, build=bundle_builder())
@@ -130,8 +138,8 @@ def fuse(
 
     result = run(tune_and_write)
     write_json(out, result)
-    print_table(["renormalise", "assistant weight", "NDCG@10", "HR@10", "s/user"],
-                 [[str(r["renormalise"]).lower(), f"{r['assistant_weight']:g}", f"{r['metrics']['NDCG@10']:.4f}",
+    print_table(["renormalise", "assistant weight", "shortlist", "NDCG@10", "HR@10", "s/user"],
+                 [[str(r["renormalise"]).lower(), f"{r['assistant_weight']:g}", str(r["shortlist"] or "-"), f"{r['metrics']['NDCG@10']:.4f}",
                    f"{r['metrics']['HR@10']:.4f}", f"{r['s_per_user']:.2f}"] for r in result["grid"]],
                  caption=f"validation, {result['users']} users, {result['backend']}")
     typer.echo(json.dumps({"chosen": result["chosen"], "users": result["users"], "written": write}))

@@ -20,6 +20,7 @@ from hatllm_edge.cli.common import (
     DType,
     Quant,
     QuietOpt,
+    ShortlistOpt,
     ThreadsOpt,
     app,
     bounded,
@@ -35,6 +36,7 @@ def rank(
     model: Annotated[Optional[Path], typer.Option(help="ONNX bundle or checkpoint folder (default: the shipped HatLLM model).")] = None,
     k: Annotated[Optional[int], typer.Option(callback=bounded("--k", MAX_K, "the list length"), help=f"List length, 1-{MAX_K} and at most the catalog size (overrides the file's k; default 10).")] = None,
     beams: BeamsOpt = None,
+    shortlist: ShortlistOpt = None,
     device: DeviceOpt = Device("cpu"),
     quant: Annotated[Optional[Quant], typer.Option(help="Bundle built on first use from a checkpoint: int4 (default), nf4, int8 or none.")] = None,
     dtype: Annotated[Optional[DType], typer.Option(help="Float type of that bundle: fp16 (default with --device cuda) or fp32 (default on the CPU).")] = None,
@@ -54,11 +56,12 @@ def rank(
     opts = RankOptions(model=model, k=k, beams=beams, device=device.value, quant=quant and quant.value,
                        dtype=dtype and dtype.value, cuda_graph=cuda_graph, backend=backend.value,
                        compute=compute.value, threads=threads, normalize=length_normalise, exclude_history=exclude_history,  # type: ignore[arg-type]
-                       assist=assist)
+                       assist=assist, shortlist=shortlist)
     result = run(run_rank, user, opts, not quiet, bundle_builder())
     if table:
         decoding = ", renormalised" if result["renormalise"] else ""
         decoding += f", assistant weight {result['assistant_weight']:g}" if result["assistant_weight"] else ""
+        decoding += f", shortlist {result['shortlist']}" if result.get("shortlist") else ""
         print_table(["rank", "item_id", "score", "title"],
                      [[row["rank"], row["item_id"], f"{row['score']:.3f}", row["title"]] for row in result["results"]],
                      caption=f"{result['mode']}, {result['backend']}{decoding}, {result['latency_ms']:.1f} ms")

@@ -120,26 +120,33 @@ class PromptMeta:
 
 @dataclass(frozen=True)
 class Decoding:
-    """How beam steps and candidates are scored by default (``hatllm-edge fuse`` picks it on
-    validation): renormalised over the trie's children or not, and the assistant's weight."""
+    """How full-catalog lists and candidates are scored by default (``hatllm-edge fuse`` picks it
+    on validation): renormalised over the trie's children or not, the assistant's weight, and
+    ``shortlist``: with the assistant on, 0 searches the title tree with fused beam steps, N > 0
+    scores the assistant's N most likely items exactly (:func:`~hatllm_edge.ranking.search.shortlist_search`)."""
 
     renormalise: bool = False
     assistant_weight: float = 0.0
     chosen_on: dict[str, Any] | None = None
+    shortlist: int = 0
 
     @classmethod
     def parse(cls, raw: Any, where: str) -> "Decoding":
         if raw is None:
             return cls()
         weight = raw.get("assistant_weight", 0.0) if isinstance(raw, dict) else None
+        shortlist = raw.get("shortlist", 0) if isinstance(raw, dict) else None
         if (not isinstance(raw, dict) or not isinstance(raw.get("renormalise", False), bool)
-                or not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0):
-            raise InputError(f"{where}: decoding section needs renormalise (true/false) and assistant_weight "
-                             f"(number >= 0); got {json.dumps(raw)[:200]}")
-        return cls(raw.get("renormalise", False), float(weight), raw.get("chosen_on"))
+                or not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0
+                or not _is_int(shortlist) or shortlist < 0):
+            raise InputError(f"{where}: decoding section needs renormalise (true/false), assistant_weight "
+                             f"(number >= 0) and optionally shortlist (integer >= 0); got {json.dumps(raw)[:200]}")
+        return cls(raw.get("renormalise", False), float(weight), raw.get("chosen_on"), shortlist)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"renormalise": self.renormalise, "assistant_weight": self.assistant_weight}
+        if self.shortlist:  # written only when set, so files from before it read back unchanged
+            out["shortlist"] = self.shortlist
         return out if self.chosen_on is None else {**out, "chosen_on": self.chosen_on}
 
 

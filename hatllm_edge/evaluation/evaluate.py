@@ -38,6 +38,7 @@ class EvalConfig:
     sample: bool = False  # ``users``: a seeded sample instead of the first N
     exclude_history: bool = False  # loo-full ranks the whole catalog; True: the user's history is left out
     search_errors: bool = False  # score missed targets exactly: beam search's errors on them
+    shortlist: int | None = None  # fused lists from the assistant's N most likely items; None: the model's decoding
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
@@ -58,14 +59,15 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     examples = split_examples(data, cfg.split, cfg.users, cfg.sample, cfg.seed)
     fusion = ranker_fusion(ranker, cfg.assist, cfg.assistant_weight, cfg.renormalise)
     renormalise, weight = ranker.scoring(cfg.assist, cfg.assistant_weight, cfg.renormalise)
+    shortlist = ranker.shortlist(cfg.shortlist) if weight else 0
     result = rank_split(ranker.backend, ranker.prompts, data, cfg.split, cfg.k, width, progress=progress,
                         batch_users=cfg.batch_users, examples=examples, fusion=fusion, exclude_history=cfg.exclude_history,
-                        search_errors=cfg.search_errors)
+                        search_errors=cfg.search_errors, shortlist=shortlist)
     return {
         "checkpoint": str(cfg.checkpoint),
         "schedule": ranker.meta.schedule,
         "backend": ranker.label,
-        "decoding": {"renormalise": renormalise, "assistant_weight": weight,
+        "decoding": {"renormalise": renormalise, "assistant_weight": weight, "shortlist": shortlist,
                      "assistant": str(ranker.assistant.folder) if ranker.assistant and weight else None},
         "users_sample": {"seed": cfg.seed} if cfg.sample and cfg.users else None,
         "k": cfg.k,

@@ -40,31 +40,38 @@ class TuneConfig:
     beams: int | None = None
     batch_users: int = 8
     exclude_history: bool = False  # rank as `rank` does by default: the history left out of the list
+    shortlists: Sequence[int] = (0,)  # with each weight > 0: 0 = fused beam search, N = the assistant's N best scored exactly
 
 
 def tune(ranker: Ranker, data: Dataset, cfg: TuneConfig, progress: bool = True) -> dict[str, Any]:
-    """Every (renormalise, weight) pair on the same validation users of ``data``; the best by NDCG@10."""
+    """Every (renormalise, weight, shortlist) setting on the same validation users of ``data``
+    (a shortlist only with a weight > 0: it is drawn from the assistant); the best by NDCG@10."""
     if any(w < 0 for w in cfg.weights):
         raise InputError(f"assistant weights must be >= 0, got {list(cfg.weights)}")
+    if any(n < 0 for n in cfg.shortlists):
+        raise InputError(f"shortlist sizes must be >= 0, got {list(cfg.shortlists)}")
     ranker.assistant = Assistant.open(cfg.assistant, ranker.catalog)
     if data.catalog.item_ids != ranker.catalog.item_ids:
         raise InputError("the model's catalog differs from its data set's; tune on the data it was trained on")
     examples = split_examples(data, "valid", cfg.users or None, cfg.sample, cfg.seed)
     width = beam_width(cfg.k, cfg.beams)
     rows = []
-    for renormalise, weight in product(cfg.renormalise, cfg.weights):
+    settings = [(renormalise, weight, shortlist) for renormalise, weight in product(cfg.renormalise, cfg.weights)
+                for shortlist in (sorted(set(cfg.shortlists)) if weight else [0])]
+    for renormalise, weight, shortlist in settings:
         result = rank_split(ranker.backend, ranker.prompts, data, "valid", cfg.k, width, progress=progress,
                             batch_users=cfg.batch_users, examples=examples,
-                            fusion=ranker_fusion(ranker, weight > 0, weight, renormalise), exclude_history=cfg.exclude_history)
-        rows.append({"renormalise": renormalise, "assistant_weight": weight, "metrics": result["metrics"],
+                            fusion=ranker_fusion(ranker, weight > 0, weight, renormalise), exclude_history=cfg.exclude_history,
+                            shortlist=shortlist)
+        rows.append({"renormalise": renormalise, "assistant_weight": weight, "shortlist": shortlist, "metrics": result["metrics"],
                      "s_per_user": result["s_per_user"], "ranks": result["ranks"]})
-    # best NDCG@10; on a tie the simpler setting (no renormalisation, smaller weight) wins
-    best = max(rows, key=lambda r: (round(r["metrics"]["NDCG@10"], 12), -r["renormalise"], -r["assistant_weight"]))
+    # best NDCG@10; on a tie the simpler setting (no renormalisation, smaller weight, beam search) wins
+    best = max(rows, key=lambda r: (round(r["metrics"]["NDCG@10"], 12), -r["renormalise"], -r["assistant_weight"], -r["shortlist"]))
     return {"backend": ranker.label, "assistant": str(cfg.assistant), "split": "valid", "users": len(examples),
             "history": "excluded" if cfg.exclude_history else "included",
             "seed": cfg.seed, "k": cfg.k, "beams": width, "grid": rows,
             "chosen": {"renormalise": best["renormalise"], "assistant_weight": best["assistant_weight"],
-                       "metrics": best["metrics"]}}
+                       "shortlist": best["shortlist"], "metrics": best["metrics"]}}
 
 
 def write_decoding(checkpoint: Path, assistant_dir: Path, result: dict[str, Any]) -> None:
@@ -78,5 +85,6 @@ def write_decoding(checkpoint: Path, assistant_dir: Path, result: dict[str, Any]
             shutil.copyfile(assistant_dir / name, checkpoint / name)
     meta.decoding = Decoding(chosen["renormalise"], chosen["assistant_weight"],
                              {"split": "valid", "users": result["users"], "seed": result["seed"], "backend": result["backend"],
-                              "metrics": chosen["metrics"], "grid": [{k: v for k, v in r.items() if k != "ranks"} for r in result["grid"]]})
+                              "metrics": chosen["metrics"], "grid": [{k: v for k, v in r.items() if k != "ranks"} for r in result["grid"]]},
+                             shortlist=chosen["shortlist"])
     meta.write(checkpoint / CHECKPOINT_META)

@@ -1,5 +1,5 @@
-"""``loo-full`` ranking of a data split: every user's full-catalog top-k by constrained beam
-search on any backend, with the target's rank. Validation during training and ``evaluate``
+"""``loo-full`` ranking of a data split: every user's full-catalog top-k (constrained beam
+search, or the assistant's shortlist scored exactly) on any backend, with the target's rank. Validation during training and ``evaluate``
 both run it."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hatllm_edge.ranking.search import (
     Fusion,
     Ranked,
     TitleTrie,
-    beam_search,
+    full_catalog,
     prompt_width,
     score_candidates,
 )
@@ -51,15 +51,17 @@ def rank_split(
     backend: Backend, prompts: PromptBuilder, data: Dataset, split: Split, k: int, beams: int | None,
     users: int | None = None, progress: bool = True, batch_users: int = 8, examples: list[Example] | None = None,
     fusion: Callable[[Sequence[Example]], Fusion] | None = None, exclude_history: bool = False,
-    search_errors: bool = False,
+    search_errors: bool = False, shortlist: int = 0,
 ) -> dict[str, Any]:
-    """Beam-search top-k for every user of the split, or for ``examples`` when given
+    """Full-catalog top-k for every user of the split, or for ``examples`` when given
     (``batch_users`` users per batch); metrics and per-user target ranks; ``exclude_history``:
     the user's history items never enter the list. Users are batched in
     order of their prompts' padded width, because a batch only runs prompts of one width
     together (:func:`prompt_width`). ``fusion`` gives each batch's step scoring (default: the LLM's
-    log-probability). ``search_errors``: score each missed target exactly and count the users whose
-    target outscores the list's k-th item (:func:`target_search_errors`)."""
+    log-probability); ``shortlist``: fused lists from the assistant's shortlist of that size
+    (:func:`~hatllm_edge.ranking.search.full_catalog`). ``search_errors``: score each missed
+    target exactly and count the users whose target outscores the list's k-th item
+    (:func:`target_search_errors`)."""
     if examples is None:
         examples = data.split(split)[:users]
     titles = {ex.user_id: [data.catalog.title(j) for j in ex.history] for ex in examples}
@@ -72,8 +74,8 @@ def rank_split(
     for i in range(0, len(order), batch_users):
         chunk = order[i : i + batch_users]
         scoring = fusion(chunk) if fusion else Fusion()
-        ranked = beam_search(backend, prompts, trie, [titles[ex.user_id] for ex in chunk], k=k, beams=beams, fusion=scoring,
-                             exclude=[data.seen(ex.user_id, split) for ex in chunk] if exclude_history else None)
+        ranked = full_catalog(backend, prompts, trie, data.catalog, [titles[ex.user_id] for ex in chunk], k, beams, scoring,
+                              shortlist, [data.seen(ex.user_id, split) for ex in chunk] if exclude_history else None)
         for ex, r in zip(chunk, ranked):
             ranks[ex.user_id] = target_rank([data.catalog.item_ids[j] for j in r.items], ex.target)
         if search_errors:

@@ -31,7 +31,7 @@ from hatllm_edge.ranking.search import (
     Fusion,
     Ranked,
     TitleTrie,
-    beam_search,
+    full_catalog,
     score_candidates,
 )
 
@@ -130,15 +130,25 @@ class Ranker:
         prior = self.assistant.logprobs([[self.catalog.item_ids[i] for i in h] for h in histories])  # type: ignore[union-attr]
         return Fusion(renormalise, weight, prior)
 
+    def shortlist(self, size: int | None = None) -> int:
+        """The shortlist size in effect (:class:`~hatllm_edge.core.formats.Decoding`): the
+        model's unless overridden; 0 is beam search."""
+        size = self.decoding.shortlist if size is None else size
+        if size < 0:
+            raise InputError(f"shortlist {size}: must be >= 0 (0: beam search over the title tree)")
+        return size
+
     def top_k(self, histories: Sequence[Sequence[int]], k: int = 10, beams: int | None = None, assist: bool = True,
-              weight: float | None = None, renormalise: bool | None = None, exclude_history: bool = False) -> list[Ranked]:
-        """Full-catalog top-k for each history (catalog indices, oldest first), by a beam search
-        :func:`~hatllm_edge.core.limits.beam_width` wide: ``beams`` (default 10), at least ``k``;
-        steps scored as :meth:`fusion` says; ``exclude_history``: the history's items never
-        enter the list (the search finds k others)."""
-        return beam_search(self.backend, self.prompts, self.trie, [self.titles(h) for h in histories], k=k,
-                           beams=beam_width(k, beams), fusion=self.fusion(histories, assist, weight, renormalise),
-                           exclude=[set(h) for h in histories] if exclude_history else None)
+              weight: float | None = None, renormalise: bool | None = None, exclude_history: bool = False,
+              shortlist: int | None = None) -> list[Ranked]:
+        """Full-catalog top-k for each history (catalog indices, oldest first), scored as
+        :meth:`fusion` says: with the assistant fused and a :meth:`shortlist`, its most likely
+        items scored exactly; else a beam search :func:`~hatllm_edge.core.limits.beam_width`
+        wide: ``beams`` (default 10), at least ``k``. ``exclude_history``: the history's items
+        never enter the list (k others are found)."""
+        return full_catalog(self.backend, self.prompts, self.trie, self.catalog, [self.titles(h) for h in histories], k,
+                            beam_width(k, beams), self.fusion(histories, assist, weight, renormalise), self.shortlist(shortlist),
+                            [set(h) for h in histories] if exclude_history else None)
 
     def score(self, history: Sequence[int], candidates: Sequence[int], normalize: bool = False, assist: bool = True,
               weight: float | None = None, renormalise: bool | None = None) -> Ranked:

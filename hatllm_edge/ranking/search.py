@@ -226,6 +226,57 @@ def beam_search(
     return results
 
 
+def shortlist_search(
+    backend: Backend,
+    prompts: PromptBuilder,
+    trie: TitleTrie,
+    catalog: Catalog,
+    histories: Sequence[Sequence[str]],
+    k: int,
+    fusion: Fusion,
+    size: int,
+    exclude: Sequence[Collection[int]] | None = None,
+) -> list[Ranked]:
+    """Top-``k`` catalog items per history by fusion after retrieval: the assistant's ``size``
+    (at least ``k``) most likely items (``exclude`` left out) are scored exactly, LLM and assistant fused as
+    ``fusion`` says: each gets the score candidate scoring gives its title, which is the score
+    beam search would give it. Why: with a heavy assistant weight, fused beam steps follow the
+    assistant's mass under each prefix, and a beam filled with prefixes whose mass is spread
+    over many unlikely titles prunes likely ones; here nothing inside the shortlist is lost,
+    and an item outside it, far down the assistant's list, is never listed."""
+    if fusion.prior is None or not fusion.weight:
+        raise ValueError("a shortlist is drawn from the assistant: fusion needs its prior and a weight > 0")
+    size = max(size, k)
+    shortlists = []
+    for u in range(len(histories)):
+        skip = exclude[u] if exclude is not None else ()
+        order = np.argsort(-fusion.prior[u], kind="stable")[: size + len(skip)]
+        shortlists.append([int(i) for i in order if int(i) not in skip][:size])
+    ranked = score_candidates(backend, prompts, histories, [[catalog.titles[i] for i in s] for s in shortlists],
+                              bonus=[fusion.title_bonus(u, catalog) for u in range(len(histories))],
+                              renormalise=trie if fusion.renormalise else None)
+    return [Ranked([s[i] for i in r.items[:k]], r.scores[:k]) for s, r in zip(shortlists, ranked)]
+
+
+def full_catalog(
+    backend: Backend,
+    prompts: PromptBuilder,
+    trie: TitleTrie,
+    catalog: Catalog,
+    histories: Sequence[Sequence[str]],
+    k: int,
+    beams: int,
+    fusion: Fusion,
+    shortlist: int = 0,
+    exclude: Sequence[Collection[int]] | None = None,
+) -> list[Ranked]:
+    """Full-catalog top-``k``, as the decoding says: :func:`shortlist_search` when a
+    ``shortlist`` size is given and the assistant is fused, else :func:`beam_search`."""
+    if shortlist and fusion.prior is not None and fusion.weight:
+        return shortlist_search(backend, prompts, trie, catalog, histories, k, fusion, shortlist, exclude)
+    return beam_search(backend, prompts, trie, histories, k=k, beams=beams, fusion=fusion, exclude=exclude)
+
+
 def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: Sequence[Encoded], k: int,
             beams: int, fusion: Fusion, exclude: Sequence[frozenset[int]]) -> list[Ranked]:
     """:func:`beam_search` for one batch of prompts."""
