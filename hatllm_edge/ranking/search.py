@@ -238,9 +238,9 @@ def shortlist_search(
     exclude: Sequence[Collection[int]] | None = None,
 ) -> list[Ranked]:
     """Top-``k`` catalog items per history by fusion after retrieval: the assistant's ``size``
-    (at least ``k``) most likely items (``exclude`` left out) are scored exactly, LLM and assistant fused as
-    ``fusion`` says: each gets the score candidate scoring gives its title, which is the score
-    beam search would give it. Why: with a heavy assistant weight, fused beam steps follow the
+    (at least ``k``) most likely items (``exclude`` left out) are scored exactly, LLM and
+    assistant fused as ``fusion`` says: each gets the score candidate scoring gives its title,
+    which is the score beam search would give it. Why: with a heavy assistant weight, fused beam steps follow the
     assistant's mass under each prefix, and a beam filled with prefixes whose mass is spread
     over many unlikely titles prunes likely ones; here nothing inside the shortlist is lost,
     and an item outside it, far down the assistant's list, is never listed."""
