@@ -162,9 +162,11 @@ def test_msl_at_temperature_one_is_minus_the_renormalised_beam_score(prompts: Pr
         batch = build(units, CATALOG, prompts)
         with torch.no_grad():
             logits, _ = model(batch.input_ids, batch.position_ids, batch.masks, logits_index=batch.logits_index)
+            hidden, _ = model(batch.input_ids, batch.position_ids, batch.masks, logits_index=batch.logits_index, hidden=True)
+        assert torch.allclose(model.head(hidden), logits, atol=1e-6)
         allowed = allowed_tokens(batch, trie)
         assert allowed.shape[0] == int((batch.labels != -100).sum())
-        msl = msl_nll(logits, batch.labels, allowed).item()
+        msl = msl_nll(hidden, model.head, batch.labels, allowed).item()
         assert msl <= answer_nll(logits, batch.labels).item()
         examples = [ex for w in units for ex in w.examples()] if build is make_window_batch else units
         expected = 0.0
@@ -175,4 +177,36 @@ def test_msl_at_temperature_one_is_minus_the_renormalised_beam_score(prompts: Pr
         assert msl == pytest.approx(expected, rel=1e-4)
     # a high temperature flattens the softmax over the allowed tokens: log(choices) per token
     uniform = float(np.log((allowed >= 0).sum(1).numpy()).sum())
-    assert msl_nll(logits, batch.labels, allowed, temperature=100.0).item() == pytest.approx(uniform, rel=0.05)
+    assert msl_nll(hidden, model.head, batch.labels, allowed, temperature=100.0).item() == pytest.approx(uniform, rel=0.05)
+
+
+def test_msl_from_the_allowed_tokens_logits_has_the_full_vocabularys_gradients(prompts: PromptBuilder) -> None:
+    """The loss computes logits for the batch's allowed tokens only; its value and its gradients
+    (to the hidden states and to a trainable head) are those of the masked softmax taken over
+    the whole vocabulary's logits, at every temperature."""
+    from hatllm_edge.ranking.search import TitleTrie
+
+    torch.manual_seed(0)
+    model = HatLLM(LlamaForCausalLM(tiny_llama_config(layers=2, init=0.2)).eval(), LayerSchedule(2, 1, 1))
+    batch = make_window_batch(WINDOWS, CATALOG, prompts)
+    allowed = allowed_tokens(batch, TitleTrie.build(CATALOG, prompts))
+    with torch.no_grad():
+        hidden, _ = model(batch.input_ids, batch.position_ids, batch.masks, hidden=True)
+    keep = batch.labels != -100
+    for temperature in (1.0, 0.5):
+        grads = []
+        for full in (False, True):
+            h = hidden.clone().requires_grad_(True)
+            model.head.weight.grad = None
+            if full:  # the reference: every logit, then the allowed ones picked out
+                logits = model.head(h)[keep].float() / temperature
+                options = logits.gather(1, allowed.clamp(min=0)).masked_fill(allowed < 0, float("-inf"))
+                loss = (torch.logsumexp(options, 1) - logits.gather(1, batch.labels[keep][:, None])[:, 0]).sum()
+            else:
+                loss = msl_nll(h, model.head, batch.labels, allowed, temperature)
+            loss.backward()
+            grads.append((loss.item(), h.grad, model.head.weight.grad.clone()))
+        (ours, h_ours, w_ours), (ref, h_ref, w_ref) = grads
+        assert ours == pytest.approx(ref, rel=1e-6)
+        assert torch.allclose(h_ours, h_ref, atol=1e-6) and h_ours.abs().sum() > 0
+        assert torch.allclose(w_ours, w_ref, atol=1e-6) and w_ours.abs().sum() > 0

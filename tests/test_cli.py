@@ -158,6 +158,26 @@ def test_train_resumes_to_the_same_weights(trained: tuple[Path, Any], tiny_base:
         np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
 
 
+def test_train_with_checkpointing_ends_with_the_same_weights(trained: tuple[Path, Any], tiny_base: Path,
+                                                           data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """Recomputing the layers in the backward (and switching it on mid-run) changes memory, not
+    what a step computes: same losses, same weights as the run that kept its activations."""
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "run"
+    first = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--max-minutes", 0.00001))
+    assert first.exit_code == 0, first.output
+    resumed = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--checkpointing", "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "hatllm.json").read_text())["train"]["checkpointing"] is True
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (trained[0] / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in reference], abs=1e-5)
+    got, want = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (out, trained[0]))
+    for name in got:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
+
+
 def test_train_init_from_continues_a_checkpoint(trained: tuple[Path, Any], tiny_base: Path, data_files: tuple[Path, Path],
                                                tmp_path: Path) -> None:
     """--init-from starts from another run's adapter: validated at step 0 (here the time budget

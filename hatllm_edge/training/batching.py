@@ -64,15 +64,23 @@ def allowed_tokens(batch: Batch, trie: TitleTrie) -> torch.Tensor:
     return torch.from_numpy(allowed)
 
 
-def msl_nll(logits: torch.Tensor, labels: torch.Tensor, allowed: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def msl_nll(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, allowed: torch.Tensor,
+            temperature: float = 1.0) -> torch.Tensor:
     """Summed masked-softmax loss (MSL, Wang et al. SIGIR 2025): at each answer token, the
     softmax (at ``temperature``) over only the tokens that continue a real title, so the
     model is not taught to push down tokens no title could use. At temperature 1 it is minus
-    the trie-renormalised log-probability beam search scores with."""
+    the trie-renormalised log-probability beam search scores with.
+
+    It needs no other logits, so it takes the final hidden states [B, A, H] and the LM head,
+    and computes logits for the batch's allowed tokens only (a few thousand of a vocabulary of
+    tens of thousands): the same loss, without the head's full [tokens x vocabulary] product,
+    which held a fifth of a step's arithmetic and its largest activations."""
     keep = labels != -100
-    picked = logits[keep].float() / temperature  # [N, V], row-major like ``allowed``
-    target = picked.gather(1, labels[keep][:, None])[:, 0]
-    options = picked.gather(1, allowed.clamp(min=0)).masked_fill(allowed < 0, float("-inf"))
+    vocab, column = torch.unique(allowed.clamp(min=0), return_inverse=True)  # column: [N, C] into vocab
+    bias = None if head.bias is None else head.bias[vocab]
+    logits = torch.nn.functional.linear(hidden[keep], head.weight[vocab], bias).float() / temperature  # [N, |vocab|]
+    target = logits.gather(1, torch.searchsorted(vocab, labels[keep])[:, None])[:, 0]  # every label is allowed
+    options = logits.gather(1, column).masked_fill(allowed < 0, float("-inf"))
     return (torch.logsumexp(options, dim=1) - target).sum()
 
 

@@ -104,11 +104,13 @@ class HatLLM(torch.nn.Module):
         use_cache: bool = False,
         logits_index: torch.Tensor | None = None,
         attentions: list[torch.Tensor] | None = None,
+        hidden: bool = False,
     ) -> tuple[torch.Tensor, KVCache | None]:
         """input_ids/position_ids [B, Q]; masks kind -> bool [B, 1, Q, P + Q].
 
         Returns logits [B, Q, V] (or [B, len(logits_index), V] for the kept positions) and
-        the new cache (P + Q tokens) when ``use_cache``.
+        the new cache (P + Q tokens) when ``use_cache``. ``hidden``: the final hidden states
+        [B, Q, H] instead of logits, for a loss that needs only some tokens' logits (:attr:`head`).
         """
         ctx = StepContext(
             layer_masks=[masks[kind] for kind in self.schedule.kinds],
@@ -116,15 +118,18 @@ class HatLLM(torch.nn.Module):
             present=[] if use_cache else None,
             attentions=attentions,
         )
-        out = self.lm(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=masks["or"] if "or" in masks else next(iter(masks.values())),
-            use_cache=False,
-            logits_to_keep=logits_index if logits_index is not None else 0,
-            hatllm=ctx,
-        )
+        args = dict(input_ids=input_ids, position_ids=position_ids, use_cache=False, hatllm=ctx,
+                    attention_mask=masks["or"] if "or" in masks else next(iter(masks.values())))
+        if hidden:
+            states = self.lm.get_decoder()(**args).last_hidden_state
+            return (states[:, logits_index] if logits_index is not None else states), ctx.present
+        out = self.lm(**args, logits_to_keep=logits_index if logits_index is not None else 0)
         return out.logits, ctx.present
+
+    @property
+    def head(self) -> torch.nn.Linear:
+        """The LM head: hidden states to vocabulary logits."""
+        return self.lm.get_output_embeddings()
 
 
 @dataclass(frozen=True)

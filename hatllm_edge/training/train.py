@@ -46,6 +46,7 @@ from hatllm_edge.core.recipe import LoraTargets, Loss, Mode
 from hatllm_edge.ranking.search import Fusion, TitleTrie
 from hatllm_edge.training import checkpoint as ckpt
 from hatllm_edge.training.batching import (
+    Batch,
     allowed_tokens,
     answer_nll,
     make_batch,
@@ -67,8 +68,9 @@ LORA_TARGETS = {
 LOG_FILE = "train_log.jsonl"
 EVAL_LOG_FILE = "valid_log.jsonl"
 LAST_DIR = "last"  # a finished run's last step, as a checkpoint folder of its own
-# Fields that may change on --resume: they do not change what a step computes (compile: only its rounding).
-RESUMABLE = ("max_minutes", "eval_every", "eval_users", "save_every", "compile")
+# Fields that may change on --resume: they do not change what a step computes (compile: only its rounding;
+# checkpointing recomputes the same layers with the same dropout masks).
+RESUMABLE = ("max_minutes", "eval_every", "eval_users", "save_every", "compile", "checkpointing")
 VALID_SEED = 0
 PREDATED = {"loss": "ce"}  # the value of a field whose default changed, for states saved before it existed
 
@@ -99,6 +101,7 @@ class TrainConfig:
     template: Template = "list"  # window mode needs "list"; "instruct" reproduces the older prompt
     bf16: bool = True  # bf16 autocast; fp32 master weights
     compile: bool = False  # torch.compile the model (dynamic shapes: batches differ in width)
+    checkpointing: bool = False  # recompute each decoder layer in the backward: a quarter of the memory, ~1.5x the time
     loss: Loss = "msl"  # the shipped recipe; runs saved before the field trained with "ce"
     msl_temperature: float = 1.0
     seed: int = 0
@@ -193,6 +196,40 @@ def _load_init(trainable: Any, cfg: TrainConfig) -> None:
                          f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
 
 
+def trainable_model(cfg: TrainConfig) -> tuple[Any, Any, Any, HatLLM]:
+    """The base LM, its tokenizer, what trains (the LoRA-wrapped LM, or the LM itself with
+    ``full``; started from ``init_from`` where given) and the HatLLM around it, in train mode."""
+    lm, tokenizer = load_base(cfg.base)
+    schedule = LayerSchedule(lm.config.num_hidden_layers, cfg.n_in, cfg.n_cr)
+    if cfg.full:
+        trainable = lm
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        trainable = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                  target_modules=list(LORA_TARGETS[cfg.lora_targets])))
+    if cfg.init_from:
+        _load_init(trainable, cfg)
+    if cfg.checkpointing:  # non-reentrant: the StepContext keyword reaches the recomputed layers, RNG state restored
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lm, tokenizer, trainable, HatLLM(trainable, schedule).train()
+
+
+def batch_loss(model: HatLLM, batch: Batch, trie: TitleTrie | None, cfg: TrainConfig, forward: Any = None) -> torch.Tensor:
+    """One step's loss, per answer token: the masked-softmax loss where a title trie is given
+    (``msl``), else cross-entropy over the vocabulary. Run it under the step's autocast;
+    ``forward``: the model's compiled forward, where compiled."""
+    forward = forward or model
+    inputs = (batch.input_ids, batch.position_ids, batch.masks)
+    if trie is not None:
+        hidden, _ = forward(*inputs, logits_index=batch.logits_index, hidden=True)
+        total = msl_nll(hidden, model.head, batch.labels, allowed_tokens(batch, trie), cfg.msl_temperature)
+    else:
+        logits, _ = forward(*inputs, logits_index=batch.logits_index)
+        total = answer_nll(logits, batch.labels)
+    return total / (batch.labels != -100).sum()
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train (or continue) and keep the best checkpoint in ``cfg.out``; returns the summary."""
     if cfg.mode == "window" and cfg.template != "list":
@@ -208,18 +245,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset, cfg.interactions, cfg.items)
     units = training_units(data, cfg)
-    lm, tokenizer = load_base(cfg.base)
-    schedule = LayerSchedule(lm.config.num_hidden_layers, cfg.n_in, cfg.n_cr)
-    if cfg.full:
-        trainable = lm
-    else:
-        from peft import LoraConfig, get_peft_model
-
-        trainable = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                  target_modules=list(LORA_TARGETS[cfg.lora_targets])))
-    if cfg.init_from:
-        _load_init(trainable, cfg)
-    model = HatLLM(trainable, schedule).train()
+    lm, tokenizer, trainable, model = trainable_model(cfg)
+    schedule = model.schedule
     forward = torch.compile(model, dynamic=True) if cfg.compile else model
     prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history, cfg.template)
     sizes = [sum(len(prompts.title_ids(data.catalog.title(i))) for i in (u.items if cfg.mode == "window" else u.history))
@@ -311,12 +338,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         t0 = time.time()
         batch = build([units[i] for i in steps[run["step"]]], data.catalog, prompts)
         with autocast:
-            logits, _ = forward(batch.input_ids, batch.position_ids, batch.masks, logits_index=batch.logits_index)
-        if trie is not None:
-            total = msl_nll(logits, batch.labels, allowed_tokens(batch, trie), cfg.msl_temperature)
-        else:
-            total = answer_nll(logits, batch.labels)
-        loss = total / (batch.labels != -100).sum()
+            loss = batch_loss(model, batch, trie, cfg, forward)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
