@@ -4,6 +4,8 @@ different hosts do not compare."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import platform
 import resource
 from importlib import metadata
@@ -51,6 +53,11 @@ def peak_rss_mib() -> float:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mib() -> float | None:
+    """This process's resident memory now (VmRSS), MiB; None where /proc is absent."""
+    return _proc_mib("/proc/self/status", "VmRSS")
+
+
 def available_mib() -> float | None:
     """Memory the kernel could give a new process now (MemAvailable), MiB; None where unknown."""
     return _proc_mib("/proc/meminfo", "MemAvailable")
@@ -63,3 +70,53 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+
+
+def release_free_memory() -> None:
+    """Hand the C allocator's free memory back to the kernel (glibc ``malloc_trim``; elsewhere
+    a no-op)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+class HeapTrim:
+    """Hands freed memory back (:func:`release_free_memory`) once the resident memory has grown
+    by more than ``growth`` since the first measurement after the last hand-back (``growth``
+    <= 0: at every step).
+
+    Each training step allocates activations of another shape; glibc keeps what they freed,
+    fragmented, so without this a run's resident memory grew from 8.5 to 11.7 GB over its first
+    20 steps and to 17-19 GB by its end, twice what one step needs. Handing back after every
+    step holds it at one step's need but costs about a fifth of the step time (the next step
+    faults its pages in again); on growth it happens every dozen steps or so."""
+
+    def __init__(self, growth: float = 0.25) -> None:
+        self.growth = growth
+        self.reference: float | None = None
+
+    def step(self) -> bool:
+        """Call after each step; returns whether memory was handed back."""
+        if self.growth <= 0:
+            release_free_memory()
+            return True
+        now = rss_mib()
+        if now is None:
+            return False
+        if self.reference is None:
+            self.reference = now
+            return False
+        if now <= self.reference * (1 + self.growth):
+            return False
+        release_free_memory()
+        self.reference = None
+        return True
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None

@@ -39,7 +39,7 @@ from hatllm_edge.core.formats import (
     Decoding,
     ModelMeta,
 )
-from hatllm_edge.core.machine import peak_rss_mib
+from hatllm_edge.core.machine import HeapTrim, peak_rss_mib, release_free_memory
 from hatllm_edge.core.masks import LayerSchedule
 from hatllm_edge.core.prompt import PromptBuilder, Template
 from hatllm_edge.core.recipe import LoraTargets, Loss, Mode
@@ -167,6 +167,7 @@ def validate(model: HatLLM, prompts: PromptBuilder, data: Dataset, examples: lis
                                 fusion=lambda chunk: Fusion(renormalise=renormalise))
     finally:
         model.train()
+        release_free_memory()
     return {"metrics": result["metrics"], "users": result["users"], "renormalise": renormalise, "wall_s": result["wall_s"]}
 
 
@@ -228,6 +229,19 @@ def batch_loss(model: HatLLM, batch: Batch, trie: TitleTrie | None, cfg: TrainCo
         logits, _ = forward(*inputs, logits_index=batch.logits_index)
         total = answer_nll(logits, batch.labels)
     return total / (batch.labels != -100).sum()
+
+
+def optimise(model: HatLLM, batch: Batch, trie: TitleTrie | None, cfg: TrainConfig, optim: torch.optim.Optimizer,
+             params: list[torch.nn.Parameter], forward: Any = None) -> torch.Tensor:
+    """One optimiser step on ``batch`` (bf16 autocast as configured, gradients clipped at 1.0);
+    returns the loss."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        loss = batch_loss(model, batch, trie, cfg, forward)
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optim.step()
+    return loss.detach()
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -325,25 +339,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     log = (cfg.out / LOG_FILE).open("a" if resume else "w", encoding="utf-8")
     if not resume:
         (cfg.out / EVAL_LOG_FILE).unlink(missing_ok=True)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
     deadline = time.time() + cfg.max_minutes * 60 if cfg.max_minutes else None
     build = make_window_batch if cfg.mode == "window" else make_batch
     trie = TitleTrie.build(data.catalog, prompts) if cfg.loss == "msl" else None
     bar = tqdm(total=len(steps), initial=run["step"], desc="train", disable=not progress, unit="step")
     recent: list[float] = []
+    heap = HeapTrim()
     if cfg.init_from and cfg.eval_every and run.get("last_eval") is None:  # the start competes for "best" too
         evaluate_now()
         checkpoint_state()
     while run["step"] < len(steps) and not (deadline and time.time() > deadline):
         t0 = time.time()
         batch = build([units[i] for i in steps[run["step"]]], data.catalog, prompts)
-        with autocast:
-            loss = batch_loss(model, batch, trie, cfg, forward)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
+        loss = optimise(model, batch, trie, cfg, optim, params, forward)
         sched.step()
+        heap.step()
         run["train_s"] += time.time() - t0
         run["step"] += 1
         run["tokens"] += batch.tokens
