@@ -27,7 +27,7 @@ def test_the_wheel_installs_one_package_with_its_data(site: Path) -> None:
     for name in ("hatllm.json", "catalog.jsonl", "tokenizer.json", "adapter/adapter_model.safetensors", "sasrec.onnx"):
         assert (model / name).is_file(), name
     assert (site / "hatllm_edge" / "examples" / "user.json").is_file()
-    assert not (site / "hatllm_edge" / "models" / "causal-ml100k-r2").exists(), "research checkpoints stay in the repository"
+    assert not (site / "hatllm_edge" / "models" / "causal-ml100k").exists(), "research checkpoints stay in the repository"
 
 
 def test_the_installed_command_line_runs_outside_the_checkout(site: Path, tmp_path: Path) -> None:

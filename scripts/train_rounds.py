@@ -1,0 +1,80 @@
+"""Train one arm of the masks-vs-causal comparison through all four rounds of the shipped
+recipe, for one set of seeds, resumably: re-run the same command after an interruption and it
+continues the round in progress (``--resume``) or starts the next.
+
+The rounds (docs/training.md): 2,400 sampled windows at peak lr 1e-3, validated every 100 steps
+with the best step kept; then 1,920, 2,400 and 2,400 windows at 5e-4, each started from the
+round before's kept checkpoint and validated at its end. Every round has its own seed, so each
+samples other windows. The arm's model is the fourth round's folder.
+
+    nice -n 10 python scripts/train_rounds.py hatllm --seeds 10,11,12,13 --out runs/ml100k/hatllm-seeds10
+    nice -n 10 python scripts/train_rounds.py causal --seeds 10,11,12,13 --out runs/ml100k/causal-seeds10
+
+Run it from outside the checkout with an absolute --out when the checkout may change
+meanwhile (a training process imports lazily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from hatllm_edge.training.resume import STATE_FILE
+from hatllm_edge.training.train import LAST_DIR, TrainConfig, train
+
+ARMS = {"hatllm": (3, 3), "causal": (0, 0)}
+ROUNDS = (  # examples, peak lr, eval_every (0: at the end only)
+    (2400, 1e-3, 100),
+    (1920, 5e-4, 0),
+    (2400, 5e-4, 0),
+    (2400, 5e-4, 0),
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("arm", choices=sorted(ARMS))
+    ap.add_argument("--seeds", required=True, help="four comma-separated seeds, one per round")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the rounds r1..r4")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this much time in all")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if len(seeds) != len(ROUNDS):
+        ap.error(f"--seeds: give {len(ROUNDS)} seeds, one per round; got {len(seeds)}")
+    torch.set_num_threads(args.threads)
+    out = args.out.resolve()
+    n_in, n_cr = ARMS[args.arm]
+    deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
+    previous: Path | None = None
+    for n, ((examples, lr, eval_every), seed) in enumerate(zip(ROUNDS, seeds), start=1):
+        folder = out / f"r{n}"
+        if not (folder / LAST_DIR).is_dir():
+            left = (deadline - time.time()) / 60 if deadline else None
+            if left is not None and left <= 0:
+                print(f"time is up before round {n}; run the same command again to continue")
+                return
+            cfg = TrainConfig(out=folder, n_in=n_in, n_cr=n_cr, examples=examples, batch_size=8, lr=lr, loss="msl", seed=seed,
+                              init_from=str(previous) if previous else None, eval_every=eval_every, eval_users=100,
+                              save_every=10, max_minutes=left)
+            print(f"round {n}: {args.arm}, seed {seed}, {examples} windows, lr {lr}" + (f", from {previous}" if previous else ""), flush=True)
+            summary = train(cfg, resume=(folder / STATE_FILE).is_file())
+            if not summary["finished"]:
+                print(f"round {n} stopped at step {summary['steps_done']} of {summary['steps_planned']}; run the same command again to continue")
+                return
+        previous = folder  # the round's kept (best validated) checkpoint starts the next
+    rounds = [json.loads((out / f"r{n}" / "hatllm.json").read_text(encoding="utf-8")) for n in range(1, len(ROUNDS) + 1)]
+    record = {"arm": args.arm, "seeds": seeds, "model": str(out / f"r{len(ROUNDS)}"),
+              "rounds": [{"round": n, "seed": r["train"]["seed"], "examples": r["train"]["examples"], "lr": r["train"]["lr"],
+                          "steps": r["train_summary"]["best"]["step"], "train_s": r["train_summary"]["train_s"]}
+                         for n, r in enumerate(rounds, start=1)]}
+    (out / "rounds.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
