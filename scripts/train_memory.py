@@ -44,6 +44,7 @@ from hatllm_edge.training.train import (
     plan_batches,
     trainable_model,
     training_units,
+    unit_sizes,
     validate,
     validation_users,
 )
@@ -63,17 +64,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(out=Path("unused"), n_in=args.n_in, n_cr=args.n_cr, examples=args.examples)
+    cfg = TrainConfig(out=Path("unused"), n_in=args.n_in, n_cr=args.n_cr, examples=args.examples, checkpointing=args.checkpointing)
     data = load_dataset(cfg.dataset)
     units = training_units(data, cfg)
     phases: dict[str, dict[str, float]] = {}
     reset_peak_rss()
-    lm, tokenizer, trainable, model = trainable_model(cfg)
-    if args.checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, tokenizer, _, model = trainable_model(cfg)
     prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history, cfg.template)
     trie = TitleTrie.build(data.catalog, prompts)
-    sizes = [sum(len(prompts.title_ids(data.catalog.title(i))) for i in u.items) for u in units]
+    sizes = unit_sizes(cfg, units, data, prompts)
     steps = plan_batches(sizes, cfg.batch_size, cfg.epochs, cfg.seed)
     widest = max(steps, key=lambda s: len(s) * max(sizes[i] for i in s))
     batch = make_window_batch([units[i] for i in widest], data.catalog, prompts)

@@ -143,6 +143,12 @@ def plan_batches(sizes: list[int], batch_size: int, epochs: int, seed: int) -> l
     return steps
 
 
+def unit_sizes(cfg: TrainConfig, units: list[Window] | list[Example], data: Dataset, prompts: PromptBuilder) -> list[int]:
+    """Title tokens per training unit (a window's items, a prompt's history): what a batch pads to."""
+    return [sum(len(prompts.title_ids(data.catalog.title(i))) for i in (u.items if cfg.mode == "window" else u.history))
+            for u in units]
+
+
 def validation_users(data: Dataset, max_history: int, n: int) -> list[Example]:
     """The fixed subset of validation examples that picks the best step (seeded, data order).
     Its seed is not the run's, so runs of different seeds are chosen on the same users."""
@@ -263,9 +269,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     schedule = model.schedule
     forward = torch.compile(model, dynamic=True) if cfg.compile else model
     prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history, cfg.template)
-    sizes = [sum(len(prompts.title_ids(data.catalog.title(i))) for i in (u.items if cfg.mode == "window" else u.history))
-             for u in units]
-    steps = plan_batches(sizes, cfg.batch_size, cfg.epochs, cfg.seed)
+    steps = plan_batches(unit_sizes(cfg, units, data, prompts), cfg.batch_size, cfg.epochs, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
