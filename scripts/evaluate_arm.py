@@ -1,0 +1,89 @@
+"""Export and evaluate one seed of a training arm (``scripts/train_rounds.py``'s output) the way
+every seed of the masks-vs-causal comparison is evaluated, and enter it in the comparison's spec.
+
+The five evaluations (ml-100k loo-full, all 943 users, the int4 engine, renormalised beams 10
+wide, 2 threads): validation and test with the LLM alone, test with the user's history left out,
+and test fused with SASRec (weight 16, the whole history) with the history kept and left out.
+Each one is skipped when its file exists, so re-running the command after an interruption
+continues where it stopped; about 11 minutes each on 2 cores.
+
+    python scripts/evaluate_arm.py runs/ml100k/hatllm-seeds10 --name hatllm_s10 \\
+        --spec results/ml100k/hatllm_vs_causal_spec.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+SASREC = Path("models/sasrec-ml100k")
+EVALS = {  # spec key -> (file suffix, split, fused with SASRec, history left out)
+    "valid/llm": ("llm_valid", "valid", False, False),
+    "test/llm": ("llm_test", "test", False, False),
+    "test/llm_histex": ("llm_test_histex", "test", False, True),
+    "test/fused": ("fused_test", "test", True, False),
+    "test/fused_histex": ("fused_test_histex", "test", True, True),
+}
+
+
+def cli(*args: str, cwd: Path) -> None:
+    """Run ``hatllm-edge ARGS`` in this interpreter's environment; stop on failure. ``cwd`` is
+    outside the checkout so that ``$PYTHONPATH`` (a frozen copy of the code) decides what runs."""
+    command = [sys.executable, "-m", "hatllm_edge", *args]
+    print("+ hatllm-edge", " ".join(args), flush=True)
+    subprocess.run(command, check=True, cwd=cwd)
+
+
+def keep_round_records(run: Path, dest: Path) -> list[str]:
+    """Copy each round's record (hatllm.json and its logs; not the weights) next to the results,
+    so the comparison reads them from the repository once the run folder is gone."""
+    paths = []
+    for n in range(1, 5):
+        folder = dest / f"r{n}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("hatllm.json", "train_log.jsonl", "valid_log.jsonl"):
+            if (run / f"r{n}" / name).is_file():
+                shutil.copyfile(run / f"r{n}" / name, folder / name)
+        paths.append(str(folder / "hatllm.json"))
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="the arm's folder from train_rounds.py (with r1..r4 and rounds.json)")
+    ap.add_argument("--name", required=True, help="prefix of the bundle and result files, e.g. hatllm_s10")
+    ap.add_argument("--spec", type=Path, required=True, help="the comparison's spec; the seed is added to its arm")
+    ap.add_argument("--bundles", type=Path, default=Path("bundles"))
+    ap.add_argument("--results", type=Path, default=Path("results/ml100k"))
+    args = ap.parse_args()
+    record_file = args.run / "rounds.json"
+    if not record_file.is_file():
+        raise SystemExit(f"{record_file} is missing: finish the arm with scripts/train_rounds.py first")
+    record = json.loads(record_file.read_text(encoding="utf-8"))
+    bundle = (args.bundles / f"{args.name}-int4").resolve()
+    if not (bundle / "hatllm.json").is_file():
+        cli("export", record["model"], str(bundle), "--quant", "int4", cwd=args.run.resolve())
+    evals = {}
+    for key, (suffix, split, fused, histex) in EVALS.items():
+        out = args.results / f"eval_{args.name}_{suffix}.json"
+        if not out.is_file():
+            flags = ["--renormalise", *(["--assistant", str(SASREC.resolve()), "--assistant-weight", "16"] if fused else ["--no-assist"]),
+                     *(["--exclude-history"] if histex else [])]
+            cli("evaluate", str(bundle), "--split", split, "--threads", "2", *flags, "--out", str(out.resolve()),
+                cwd=args.run.resolve())
+        evals[key] = str(out)
+    spec = json.loads(args.spec.read_text(encoding="utf-8"))
+    seeds = spec["arms"][record["arm"]]["seeds"]
+    label = "rounds seeded " + ",".join(str(s) for s in record["seeds"])
+    entry = {"label": label, "rounds": keep_round_records(args.run, args.results / args.name), "evals": evals}
+    seeds[:] = [s for s in seeds if s["label"] != label] + [entry]
+    args.spec.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+    print(f"{args.spec}: {record['arm']} now has {len(seeds)} seed(s)")
+
+
+if __name__ == "__main__":
+    main()
