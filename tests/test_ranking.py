@@ -443,6 +443,25 @@ def test_shortlist_scores_the_assistants_best_items_exactly(backend: TorchBacken
     assert [r.items for r in alone] == [r.items for r in beam_search(backend, prompts, trie, histories, 3, 3, Fusion(renormalise=True))]
 
 
+def test_shortlist_lists_do_not_depend_on_batch_or_order(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie) -> None:
+    """Users of different prompt lengths and exclusions batched together, in either order, get
+    the list each gets alone with its own row of the assistant's prior."""
+    histories = [HISTORY, *OTHER_HISTORIES]
+    fusion = Fusion(renormalise=True, weight=4.0, prior=random_prior(len(histories), seed=5))
+    exclude = [{2}, set(), {0, 1, 5}, set()]
+    alone = [shortlist_search(backend, prompts, trie, CATALOG, [h], 4, fusion.rows([u]), 6, [exclude[u]])[0]
+             for u, h in enumerate(histories)]
+    together = shortlist_search(backend, prompts, trie, CATALOG, histories, 4, fusion, 6, exclude)
+    back = list(range(len(histories)))[::-1]
+    reversed_ = shortlist_search(backend, prompts, trie, CATALOG, [histories[u] for u in back], 4, fusion.rows(back), 6,
+                                 [exclude[u] for u in back])[::-1]
+    for u, want in enumerate(alone):
+        assert not exclude[u] & set(want.items)
+        for got in (together[u], reversed_[u]):
+            assert got.items == want.items
+            np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
+
+
 @pytest.mark.parametrize("weight", [0.5, 2.0])
 def test_fused_beam_score_is_llm_plus_weight_times_assistant(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie,
                                                              weight: float) -> None:
