@@ -153,3 +153,34 @@ def test_native_routes_run_a_request_as_one_batch(engine: OnnxBackend, prompts: 
     assert counted.prefills == (1 if engine.compute == "native" else widths)
     longest = max(len(prompts.title_ids(t)) for t in TITLES) + len(prompts.end_ids)
     assert 0 < steps <= longest * counted.prefills  # a run per step of each batch's search, no reorder runs
+
+
+def test_a_beam_step_runs_one_row_per_user_over_one_prompt_copy(engine: OnnxBackend, prompts: PromptBuilder) -> None:
+    """Beam search's tree layout: a step passes one row per user still searching, its
+    hypotheses as that row's query positions (``beams`` of them on the exact int8 route, so a
+    row's key columns never depend on its company), and the row's cache grows by those
+    columns: the prompt is held once per user, never once per hypothesis."""
+    steps: list[tuple[int, int, int, int] | None] = []  # (rows, queries, cached columns, cache rows); None: a prefill
+
+    class Recorder:
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(engine, name)
+
+        def forward(self, ids, positions, masks, cache, last_only=False, rows=None):  # type: ignore[no-untyped-def]
+            steps.append(None if cache is None else (*ids.shape, cache.length, cache.batch))
+            if cache is not None:
+                assert (positions == positions[:, :1]).all()  # every hypothesis of a step is one token deeper
+            return engine.forward(ids, positions, masks, cache, last_only=last_only, rows=rows)
+
+    users = [HISTORIES[1], HISTORIES[3]]  # 7 and 11 titles: two prompt widths on the int8 route, one batch on native
+    beam_search(Recorder(), prompts, TitleTrie.build(CATALOG, prompts), users, k=3, beams=4)  # type: ignore[arg-type]
+    assert steps.count(None) == (2 if engine.exact_layout else 1) and len(steps) > 2
+    previous = None
+    for step in steps:
+        if step is not None:
+            rows, queries, cached, cache_rows = step
+            assert rows <= (1 if engine.exact_layout else 2) and rows <= cache_rows
+            assert queries == 4 if engine.exact_layout else 1 <= queries <= 4
+            if previous is not None:
+                assert cached == previous[2] + previous[1]  # the step's queries became cache columns
+        previous = step
