@@ -167,10 +167,14 @@ def test_a_beam_step_runs_one_row_per_user_over_one_prompt_copy(engine: OnnxBack
             return getattr(engine, name)
 
         def forward(self, ids, positions, masks, cache, last_only=False, rows=None):  # type: ignore[no-untyped-def]
-            steps.append(None if cache is None else (*ids.shape, cache.length, cache.batch))
-            if cache is not None:
-                assert (positions == positions[:, :1]).all()  # every hypothesis of a step is one token deeper
+            assert cache is None  # the prefill; a step reads only its hypotheses' allowed tokens
+            steps.append(None)
             return engine.forward(ids, positions, masks, cache, last_only=last_only, rows=rows)
+
+        def token_logprobs(self, ids, positions, masks, cache, targets, rows=None):  # type: ignore[no-untyped-def]
+            steps.append((*ids.shape, cache.length, cache.batch))
+            assert (positions == positions[:, :1]).all()  # every hypothesis of a step is one token deeper
+            return engine.token_logprobs(ids, positions, masks, cache, targets, rows=rows)
 
     users = [HISTORIES[1], HISTORIES[3]]  # 7 and 11 titles: two prompt widths on the int8 route, one batch on native
     beam_search(Recorder(), prompts, TitleTrie.build(CATALOG, prompts), users, k=3, beams=4)  # type: ignore[arg-type]

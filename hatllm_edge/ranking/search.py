@@ -294,10 +294,11 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
     start = prefill(backend, encoded)
     cache, key_segs = start.cache, start.key_segments
     cache_row = np.arange(users)  # each user's row in the cache (-1: done)
-    # live hypotheses, flat over users: user, trie node, score, assistant log mass, next-token
-    # log-probs, and the cache columns of the tokens it fed (its ancestors)
+    # live hypotheses, flat over users: user, trie node, score, assistant log mass, the
+    # log-probs of the node's allowed tokens, and the cache columns of the tokens it fed (its ancestors)
     hyp_user, hyp_node, hyp_score, hyp_mass = np.arange(users), np.zeros(users, dtype=np.int64), np.zeros(users), np.zeros(users)
-    hyp_logprobs, hyp_cols = start.logprobs, [np.zeros(0, dtype=np.int64) for _ in range(users)]
+    root = trie.expand(0).allowed
+    hyp_logprobs, hyp_cols = [start.logprobs[u, root] for u in range(users)], [np.zeros(0, dtype=np.int64) for _ in range(users)]
     assist = fusion.prior is not None and fusion.weight != 0
     prob = np.exp(fusion.prior) if assist else None
     if prob is not None:  # the assistant's mass under a branch counts only what may still be recommended;
@@ -312,9 +313,9 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
             cand = []
             for h in np.flatnonzero(hyp_user == u):
                 ch = trie.expand(hyp_node[h])
-                gain = hyp_logprobs[h, ch.tokens]
+                gain = hyp_logprobs[h][np.searchsorted(ch.allowed, ch.tokens)]
                 if fusion.renormalise:
-                    gain = gain - logsumexp(hyp_logprobs[h, ch.allowed])
+                    gain = gain - logsumexp(hyp_logprobs[h])
                 mass = np.zeros(len(ch.nodes))
                 if assist:
                     mass = np.log(np.maximum(np.add.reduceat(prob[u, ch.items], ch.starts), 1e-300))
@@ -340,6 +341,8 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
         width = beams if backend.exact_layout else max(len(kept_by_user[u]) for u in active)
         rows, length = len(active), key_segs.shape[1]
         ids = np.zeros((rows, width), dtype=np.int64)
+        allowed = max(len(trie.expand(c[3]).allowed) for u in active for c in kept_by_user[u])
+        targets = np.zeros((rows, width, allowed), dtype=np.int64)  # each hypothesis reads its next node's allowed tokens
         q_segs = np.zeros((rows, width), dtype=np.int64)
         visible = np.zeros((rows, width, length + width), dtype=bool)
         visible[:, :, : start.key_valid.shape[1]] = start.key_valid[active][:, None, :]
@@ -347,15 +350,18 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
         for i, u in enumerate(active):
             for j, (score, h, t, child, m) in enumerate(kept_by_user[u]):
                 ids[i, j] = t
+                next_tokens = trie.expand(child).allowed
+                targets[i, j, : len(next_tokens)] = next_tokens
                 q_segs[i, j] = answer_seg[u] if trie.is_title[child] else 0
                 visible[i, j, hyp_cols[h]] = True
                 fed.append((u, child, score, m, np.append(hyp_cols[h], length + j), i, j))
         key_segs = np.concatenate([key_segs[cache_row[active]], q_segs], axis=1)
         masks = build_masks(q_segs, key_segs, visible)
         positions = np.repeat((start.lengths[active] + step)[:, None], width, axis=1)
-        logits, cache = backend.forward(ids, positions, masks, cache, rows=cache_row[active])
+        logprobs, cache = backend.token_logprobs(ids, positions, masks, cache, targets, rows=cache_row[active])
         fed_user, fed_node, fed_score, fed_mass, hyp_cols, at_row, at_query = zip(*fed)
-        hyp_logprobs = log_softmax(logits[list(at_row), list(at_query)].astype(np.float32))
+        hyp_logprobs = [logprobs[i, j, : len(trie.expand(n).allowed)].astype(np.float64)
+                        for i, j, n in zip(at_row, at_query, fed_node)]
         hyp_user, hyp_node = np.asarray(fed_user, dtype=np.int64), np.asarray(fed_node, dtype=np.int64)
         hyp_score, hyp_mass = np.asarray(fed_score), np.asarray(fed_mass)
         cache_row = np.full(users, -1)
