@@ -1,5 +1,7 @@
-"""Export and evaluate one seed of a training arm (``scripts/train_rounds.py``'s output) the way
-every seed of the masks-vs-causal comparison is evaluated, and enter it in the comparison's spec.
+"""Export and evaluate one seed of a training arm the way every seed of the masks-vs-causal
+comparison is evaluated, and enter it in the comparison's spec: a ``scripts/train_rounds.py``
+folder (its rounds.json names the arm, the seeds and the model), or a checkpoint with ``--arm``
+and ``--label`` (a seed already in the spec, evaluated again: its rounds stay as recorded).
 
 The five evaluations (ml-100k loo-full, all 943 users, the int4 engine, renormalised beams 10
 wide, 2 threads): validation and test with the LLM alone, test with the user's history left out,
@@ -9,6 +11,8 @@ continues where it stopped; about 11 minutes each on 2 cores.
 
     python scripts/evaluate_arm.py runs/ml100k/hatllm-seeds10 --name hatllm_s10 \\
         --spec results/ml100k/hatllm_vs_causal_spec.json
+    python scripts/evaluate_arm.py models/hatllm-ml100k --name hatllm_s0 --arm hatllm \\
+        --label "rounds seeded 0,1,2,3" --spec results/ml100k/hatllm_vs_causal_spec.json
 """
 
 from __future__ import annotations
@@ -54,16 +58,23 @@ def keep_round_records(run: Path, dest: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", type=Path, help="the arm's folder from train_rounds.py (with r1..r4 and rounds.json)")
+    ap.add_argument("run", type=Path, help="the arm's folder from train_rounds.py (with r1..r4 and rounds.json), or a checkpoint")
     ap.add_argument("--name", required=True, help="prefix of the bundle and result files, e.g. hatllm_s10")
-    ap.add_argument("--spec", type=Path, required=True, help="the comparison's spec; the seed is added to its arm")
+    ap.add_argument("--spec", type=Path, help="the comparison's spec; the seed is entered in its arm (left alone without it)")
+    ap.add_argument("--arm", help="a checkpoint's arm in the spec")
+    ap.add_argument("--label", help="a checkpoint's seed label in the spec")
     ap.add_argument("--bundles", type=Path, default=Path("bundles"))
     ap.add_argument("--results", type=Path, default=Path("results/ml100k"))
     args = ap.parse_args()
     record_file = args.run / "rounds.json"
-    if not record_file.is_file():
-        raise SystemExit(f"{record_file} is missing: finish the arm with scripts/train_rounds.py first")
-    record = json.loads(record_file.read_text(encoding="utf-8"))
+    if record_file.is_file():
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        label = "rounds seeded " + ",".join(str(s) for s in record["seeds"])
+    elif (args.run / "hatllm.json").is_file() and args.arm and args.label:
+        record, label = {"arm": args.arm, "model": str(args.run.resolve())}, args.label
+    else:
+        raise SystemExit(f"{args.run}: neither a train_rounds.py folder with rounds.json (finish the arm first) "
+                         "nor a checkpoint given with --arm and --label")
     bundle = (args.bundles / f"{args.name}-int4").resolve()
     if not (bundle / "hatllm.json").is_file():
         cli("export", record["model"], str(bundle), "--quant", "int4", cwd=args.run.resolve())
@@ -76,11 +87,18 @@ def main() -> None:
             cli("evaluate", str(bundle), "--split", split, "--threads", "2", *flags, "--out", str(out.resolve()),
                 cwd=args.run.resolve())
         evals[key] = str(out)
+    if args.spec is None:
+        return
     spec = json.loads(args.spec.read_text(encoding="utf-8"))
     seeds = spec["arms"][record["arm"]]["seeds"]
-    label = "rounds seeded " + ",".join(str(s) for s in record["seeds"])
-    entry = {"label": label, "rounds": keep_round_records(args.run, args.results / args.name), "evals": evals}
-    seeds[:] = [s for s in seeds if s["label"] != label] + [entry]
+    known = [s for s in seeds if s["label"] == label]
+    if "seeds" in record:
+        entry = {"label": label, "rounds": keep_round_records(args.run, args.results / args.name), "evals": evals}
+        seeds[:] = [s for s in seeds if s["label"] != label] + [entry]
+    elif known:
+        known[0]["evals"] = evals
+    else:
+        raise SystemExit(f"{args.spec}: arm {record['arm']} has no seed labelled {label!r}; its rounds must be recorded there first")
     args.spec.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
     print(f"{args.spec}: {record['arm']} now has {len(seeds)} seed(s)")
 
