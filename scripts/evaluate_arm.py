@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hatllm_edge.core.formats import MANIFEST_FILE
+
 SASREC = Path("models/sasrec-ml100k")
 EVALS = {  # spec key -> (file suffix, split, fused with SASRec, history left out)
     "valid/llm": ("llm_valid", "valid", False, False),
@@ -76,12 +78,12 @@ def main() -> None:
         raise SystemExit(f"{args.run}: neither a train_rounds.py folder with rounds.json (finish the arm first) "
                          "nor a checkpoint given with --arm and --label")
     bundle = (args.bundles / f"{args.name}-int4").resolve()
-    if not (bundle / "hatllm.json").is_file():
-        cli("export", record["model"], str(bundle), "--quant", "int4", cwd=args.run.resolve())
     evals = {}
     for key, (suffix, split, fused, histex) in EVALS.items():
         out = args.results / f"eval_{args.name}_{suffix}.json"
         if not out.is_file():
+            if not (bundle / MANIFEST_FILE).is_file():  # exported once, by the first evaluation that needs it
+                cli("export", record["model"], str(bundle), "--quant", "int4", "--overwrite", cwd=args.run.resolve())
             flags = ["--renormalise", *(["--assistant", str(SASREC.resolve()), "--assistant-weight", "16"] if fused else ["--no-assist"]),
                      *(["--exclude-history"] if histex else [])]
             cli("evaluate", str(bundle), "--split", split, "--threads", "2", *flags, "--out", str(out.resolve()),
