@@ -359,7 +359,8 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
         masks = build_masks(q_segs, key_segs, visible)
         positions = np.repeat((start.lengths[active] + step)[:, None], width, axis=1)
         logprobs, cache = backend.token_logprobs(ids, positions, masks, cache, targets, rows=cache_row[active])
-        fed_user, fed_node, fed_score, fed_mass, hyp_cols, at_row, at_query = zip(*fed)
+        fed_user, fed_node, fed_score, fed_mass, fed_cols, at_row, at_query = zip(*fed)
+        hyp_cols = list(fed_cols)
         hyp_logprobs = [logprobs[i, j, : len(trie.expand(n).allowed)].astype(np.float64)
                         for i, j, n in zip(at_row, at_query, fed_node)]
         hyp_user, hyp_node = np.asarray(fed_user, dtype=np.int64), np.asarray(fed_node, dtype=np.int64)
