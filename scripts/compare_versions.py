@@ -12,7 +12,6 @@ compare two trees' results."""
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np  # noqa: E402
 from hatllm_edge.bench.backends import runner  # noqa: E402
 from hatllm_edge.bench.workloads import Workload, make_requests  # noqa: E402
 from hatllm_edge.core.data import load_dataset  # noqa: E402
+from hatllm_edge.core.machine import peak_rss_mib  # noqa: E402
 from hatllm_edge.ranking.ranker import Ranker  # noqa: E402
 
 ranker = Ranker.from_bundle(args.bundle, "cpu", 2, args.compute)
@@ -48,4 +48,4 @@ for histories, cands in requests[: args.count]:
 if args.lists:
     args.lists.write_text(json.dumps(lists))
 print(json.dumps({"root": args.root, "compute": args.compute, "workload": args.workload, "p50_ms": float(np.median(times)),
-                  "ms": [round(x) for x in times], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+                  "ms": [round(x) for x in times], "peak_rss_mib": round(peak_rss_mib())}))

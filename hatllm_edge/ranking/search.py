@@ -346,7 +346,7 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
         q_segs = np.zeros((rows, width), dtype=np.int64)
         visible = np.zeros((rows, width, length + width), dtype=bool)
         visible[:, :, : start.key_valid.shape[1]] = start.key_valid[active][:, None, :]
-        fed = []  # (user, node, score, mass, cache columns, row, query) of each hypothesis fed now
+        fed = []  # (user, node, score, mass, cache columns, row, query, allowed next tokens) of each hypothesis fed now
         for i, u in enumerate(active):
             for j, (score, h, t, child, m) in enumerate(kept_by_user[u]):
                 ids[i, j] = t
@@ -354,15 +354,14 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
                 targets[i, j, : len(next_tokens)] = next_tokens
                 q_segs[i, j] = answer_seg[u] if trie.is_title[child] else 0
                 visible[i, j, hyp_cols[h]] = True
-                fed.append((u, child, score, m, np.append(hyp_cols[h], length + j), i, j))
+                fed.append((u, child, score, m, np.append(hyp_cols[h], length + j), i, j, len(next_tokens)))
         key_segs = np.concatenate([key_segs[cache_row[active]], q_segs], axis=1)
         masks = build_masks(q_segs, key_segs, visible)
         positions = np.repeat((start.lengths[active] + step)[:, None], width, axis=1)
         logprobs, cache = backend.token_logprobs(ids, positions, masks, cache, targets, rows=cache_row[active])
-        fed_user, fed_node, fed_score, fed_mass, fed_cols, at_row, at_query = zip(*fed)
+        fed_user, fed_node, fed_score, fed_mass, fed_cols, at_row, at_query, n_next = zip(*fed)
         hyp_cols = list(fed_cols)
-        hyp_logprobs = [logprobs[i, j, : len(trie.expand(n).allowed)].astype(np.float64)
-                        for i, j, n in zip(at_row, at_query, fed_node)]
+        hyp_logprobs = [logprobs[i, j, :n].astype(np.float64) for i, j, n in zip(at_row, at_query, n_next)]
         hyp_user, hyp_node = np.asarray(fed_user, dtype=np.int64), np.asarray(fed_node, dtype=np.int64)
         hyp_score, hyp_mass = np.asarray(fed_score), np.asarray(fed_mass)
         cache_row = np.full(users, -1)
