@@ -26,6 +26,14 @@ def ranker(tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Ra
     return Ranker.from_bundle(tiny_bundle(tmp_path_factory.mktemp("batch"), tokenizer_json, TITLES, IDS, 5), threads=1)
 
 
+def test_a_bundle_named_by_a_string_ranks_as_by_a_path(ranker: Ranker, tokenizer_json: Path, tmp_path: Path) -> None:
+    """Library callers pass paths as text; the tokenizer then failed to load with a misleading message."""
+    folder = tiny_bundle(tmp_path, tokenizer_json, TITLES, IDS, 5)
+    by_text = Ranker.from_bundle(str(folder), threads=1).top_k([[0, 1]], k=3)[0]
+    by_path = ranker.top_k([[0, 1]], k=3)[0]
+    assert (by_text.items, by_text.scores) == (by_path.items, by_path.scores)
+
+
 REQUESTS: list[dict[str, Any]] = [
     {"history": ["i1", "i2"], "user_id": "a"},
     {"history": ["Gamma, The (1992)"], "k": 3},

@@ -52,12 +52,13 @@ class Ranker:
     _resolver: Resolver | None = field(default=None, repr=False)
 
     @classmethod
-    def from_bundle(cls, folder: Path, device: Device = "cpu", threads: int | None = None,
+    def from_bundle(cls, folder: Path | str, device: Device = "cpu", threads: int | None = None,
                     compute: Compute = "auto", optimization: Optimization = "all", cuda_graph: bool = False) -> "Ranker":
         """An ONNX Runtime ranker from an exported bundle (manifest checked); ``cuda_graph``:
         passes replayed as captured CUDA graphs."""
         from hatllm_edge.engine.session import OnnxBackend
 
+        folder = Path(folder)
         backend = OnnxBackend.from_bundle(folder, device=device, threads=threads, compute=compute, optimization=optimization,
                                           cuda_graph=cuda_graph)
         ranker = cls._assemble(backend, folder, read_bundle_meta(folder))

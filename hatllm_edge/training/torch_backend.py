@@ -108,9 +108,10 @@ class TorchBackend:
         return (picked if tgt.ndim == 3 else picked[..., 0]).cpu().numpy(), present
 
 
-def checkpoint_ranker(folder: Path, bf16: bool = False, nf4: bool = False) -> Ranker:
+def checkpoint_ranker(folder: Path | str, bf16: bool = False, nf4: bool = False) -> Ranker:
     """A PyTorch ranker from a training checkpoint (LoRA merged); ``nf4``: its decoder
     Linears as bitsandbytes NF4 (fp32 compute)."""
+    folder = Path(folder)
     loaded = load_checkpoint(folder)
     model = to_nf4(loaded.model) if nf4 else loaded.model
     backend = TorchBackend(model, torch.bfloat16 if bf16 else torch.float32)

@@ -309,7 +309,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             state = {k: v.contiguous() for k, v in lm.state_dict().items() if not (tied and k == "lm_head.weight")}
             save_file(state, str(folder / FULL_WEIGHTS))
         else:
-            trainable.save_pretrained(str(folder / ADAPTER_DIR))
+            # the vocabulary is never resized and embeddings never adapted: saying so stops peft from
+            # looking for the base's config.json (a GGUF has none), and from asking the Hub
+            trainable.save_pretrained(str(folder / ADAPTER_DIR), save_embedding_layers=False)
             (folder / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's model card: local paths, no facts
 
     def summary() -> dict[str, Any]:
