@@ -71,6 +71,7 @@ def main() -> None:
     record_file = args.run / "rounds.json"
     if record_file.is_file():
         record = json.loads(record_file.read_text(encoding="utf-8"))
+        record["model"] = str(args.run.resolve() / Path(record["model"]).name)  # the run may have moved (trained elsewhere)
         label = "rounds seeded " + ",".join(str(s) for s in record["seeds"])
     elif (args.run / "hatllm.json").is_file() and args.arm and args.label:
         record, label = {"arm": args.arm, "model": str(args.run.resolve())}, args.label

@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder for the rounds r1..r4")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this much time in all")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the same rounds on a GPU")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     if len(seeds) != len(ROUNDS):
@@ -60,7 +61,7 @@ def main() -> None:
                 return
             cfg = TrainConfig(out=folder, n_in=n_in, n_cr=n_cr, examples=examples, batch_size=8, lr=lr, loss="msl", seed=seed,
                               init_from=str(previous) if previous else None, eval_every=eval_every, eval_users=100,
-                              save_every=10, max_minutes=left)
+                              save_every=10, max_minutes=left, device=args.device)
             print(f"round {n}: {args.arm}, seed {seed}, {examples} windows, lr {lr}" + (f", from {previous}" if previous else ""), flush=True)
             summary = train(cfg, resume=(folder / STATE_FILE).is_file())
             if not summary["finished"]:

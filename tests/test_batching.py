@@ -59,6 +59,16 @@ def test_layout(prompts: PromptBuilder) -> None:
             assert not m[r, 0, pad:, :pad].any(), kind  # real tokens never see padding
 
 
+def test_a_batch_moves_whole_to_a_device(prompts: PromptBuilder) -> None:
+    """Every tensor of a batch goes to the training device (a forgotten one fails only on a GPU)."""
+    batch = make_window_batch([Window("u1", ("a", "b", "c", "d"), 1)], CATALOG, prompts)
+    assert batch.to("cpu") is batch
+    moved = batch.to("meta")
+    tensors = {k: v for k, v in vars(moved).items() if isinstance(v, torch.Tensor)} | {f"mask {k}": m for k, m in moved.masks.items()}
+    assert len(tensors) >= 6 and all(t.device.type == "meta" for t in tensors.values()), tensors.keys()
+    assert (moved.targets, moved.tokens) == (batch.targets, batch.tokens)
+
+
 @pytest.mark.parametrize("n_in,n_cr", [(0, 0), (1, 1)])
 def test_padded_rows_score_as_alone(prompts: PromptBuilder, n_in: int, n_cr: int) -> None:
     torch.manual_seed(0)

@@ -158,6 +158,29 @@ def test_train_resumes_to_the_same_weights(trained: tuple[Path, Any], tiny_base:
         np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no GPU")
+def test_train_on_cuda_without_a_gpu_says_so(tiny_base: Path, data_files: tuple[Path, Path], tmp_path: Path) -> None:
+    result = invoke(*train_args(tmp_path / "run", tiny_base, data_files, *TRAIN_FLAGS, "--device", "cuda"))
+    assert_usage_error(result, "--device cuda", "no CUDA GPU", "--device cpu")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_on_cuda_follows_the_cpu_run(trained: tuple[Path, Any], tiny_base: Path, data_files: tuple[Path, Path],
+                                          tmp_path: Path) -> None:
+    """The same recipe on a GPU: the same steps and data, losses within bf16 rounding; stopped
+    after one step on the GPU, the run resumes on the CPU."""
+    out = tmp_path / "run"
+    first = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--device", "cuda", "--max-minutes", 0.00001))
+    assert first.exit_code == 0, first.output
+    resumed = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--device", "cpu", "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (trained[0] / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [r["step"] for r in reference]
+    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in reference], rel=0.05)
+
+
 def test_train_with_checkpointing_ends_with_the_same_weights(trained: tuple[Path, Any], tiny_base: Path,
                                                            data_files: tuple[Path, Path], tmp_path: Path) -> None:
     """Recomputing the layers in the backward (and switching it on mid-run) changes memory, not

@@ -10,6 +10,7 @@ import typer
 
 from hatllm_edge.cli.common import (
     DatasetOpt,
+    Device,
     InterOpt,
     ItemsOpt,
     LoraTargets,
@@ -54,7 +55,8 @@ def train(
     save_every: Annotated[int, typer.Option(min=0, help="Steps between saved training states (for --resume).")] = 25,
     max_minutes: Annotated[Optional[float], typer.Option(min=0, help="Training-time budget; the run stops resumably after it.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from this LoRA checkpoint's adapter (same base and LoRA shape) with a fresh optimiser and schedule; validated at step 0 too.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT (same settings; only --max-minutes, --eval-every, --eval-users, --save-every, --compile, --checkpointing may change).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT (same settings; only --max-minutes, --eval-every, --eval-users, --save-every, --compile, --checkpointing, --device may change).")] = False,
+    device: Annotated[Device, typer.Option(help="Where to train: cpu, or cuda (a CUDA build of torch and a GPU; the same recipe, minutes a round).")] = Device("cpu"),
     threads: TrainThreadsOpt = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
@@ -73,6 +75,7 @@ def train(
         interactions=interactions, items=items, mode=mode.value, stride=stride, examples=examples or None, epochs=epochs,
         batch_size=batch_size, lr=lr, full=full, lora_r=lora_r, lora_targets=lora_targets.value, max_history=max_history, template=template.value,
         bf16=bf16, compile=compile, checkpointing=checkpointing, loss=loss.value, msl_temperature=msl_temperature, seed=seed, init_from=str(init_from.resolve()) if init_from else None, eval_every=eval_every, eval_users=eval_users, save_every=save_every, max_minutes=max_minutes,
+        device=device.value,
     )
     summary = run(run_train, cfg, resume=resume, progress=not quiet)
     typer.echo(json.dumps(summary))

@@ -10,7 +10,7 @@ over the tokens that continue a real title (:func:`msl_nll`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -32,6 +32,15 @@ class Batch:
     segments: torch.Tensor  # [B, L]
     targets: int  # answers (titles) in the batch
     tokens: int  # real (not padding) tokens in the batch
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """The batch's tensors on ``device`` (itself where they are there already)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return replace(self, input_ids=move(self.input_ids), position_ids=move(self.position_ids),
+                       masks={k: move(m) for k, m in self.masks.items()}, logits_index=move(self.logits_index),
+                       labels=move(self.labels), segments=move(self.segments))
 
 
 def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

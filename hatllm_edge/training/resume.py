@@ -21,7 +21,9 @@ def save_state(folder: Path, config: dict[str, Any], weights: dict[str, torch.Te
     """Write the state atomically (a reader never sees half a file; a crash keeps the last one)."""
     tmp = folder / f"{STATE_FILE}.partial-{os.getpid()}"
     torch.save({"config": config, "weights": {n: w.detach().clone() for n, w in weights.items()}, "optim": optim.state_dict(),
-                "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(), "progress": progress}, tmp)
+                "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_initialized() else {}),
+                "progress": progress}, tmp)
     tmp.replace(folder / STATE_FILE)
 
 
@@ -32,7 +34,7 @@ def load_state(folder: Path, config: dict[str, Any], resumable: Collection[str],
     path = folder / STATE_FILE
     if not path.is_file():
         raise InputError(f"{folder}: nothing to resume (no {STATE_FILE}); start without --resume")
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, map_location="cpu", weights_only=False)  # the optimiser moves its state to the weights' device
     before = {**(then or {}), **saved["config"]}
     changed = sorted(k for k, v in config.items() if k not in resumable and before.get(k) != v)
     if changed:
@@ -42,11 +44,14 @@ def load_state(folder: Path, config: dict[str, Any], resumable: Collection[str],
 
 
 def restore(saved: dict[str, Any], optim: torch.optim.Optimizer, sched: Any) -> dict[str, torch.Tensor]:
-    """Put the optimiser, the scheduler and torch's RNG back where they were; returns the
-    weights, for the trainer to load into its model."""
+    """Put the optimiser, the scheduler and torch's RNGs back where they were (the GPUs' where
+    the run used one and this one has them); returns the weights, for the trainer to load into
+    its model."""
     optim.load_state_dict(saved["optim"])
     sched.load_state_dict(saved["sched"])
     torch.set_rng_state(saved["torch_rng"])
+    if "cuda_rng" in saved and torch.cuda.is_available() and len(saved["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
     return saved["weights"]
 
 
