@@ -119,3 +119,21 @@ def run_installed(site: Path, args: list[str], cwd: Path, code: str | None = Non
     env = {k: v for k, v in os.environ.items() if k != "HATLLM_DEBUG"} | {"PYTHONPATH": str(site)}
     cmd = [sys.executable, "-c", code] if code else [str(site / "bin" / "hatllm-edge"), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+# A tiny interaction data set (the CLI and training tests): six users watch six items in rotated
+# order; u1 watched i2 once more at the start.
+ITEMS = [("i1", "Alpha (1990)"), ("i2", "Beta (1991)"), ("i3", "Gamma, The (1992)"),
+         ("i4", "Delta (1993)"), ("i5", 'Epsilon "E" (1994)'), ("i6", "Zeta (1995)")]
+CYCLE = [f"i{n}" for n in range(1, 7)]
+SEQUENCES = {f"u{u + 1}": (["i2"] if u == 0 else []) + CYCLE[u:] + CYCLE[:u] for u in range(6)}
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("data")
+    inter, items = folder / "inter.csv", folder / "items.csv"
+    rows = [f"{u},{item},{1000 + 10 * t}" for u, seq in SEQUENCES.items() for t, item in enumerate(seq)]
+    inter.write_text("user_id,item_id,timestamp\n" + "\n".join(reversed(rows)) + "\n", encoding="utf-8")
+    items.write_text("item_id,title\n" + "".join(f'{i},"{t.replace(chr(34), chr(34) * 2)}"\n' for i, t in ITEMS), encoding="utf-8")
+    return inter, items

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import run_installed
+from conftest import ITEMS, SEQUENCES, run_installed
 from typer.testing import CliRunner
 
 from hatllm_edge.cli import app
@@ -25,26 +25,10 @@ from hatllm_edge.core.metrics import mean_metrics
 from hatllm_edge.training.checkpoint import load_checkpoint
 from hatllm_edge.training.resume import STATE_FILE
 
-ITEMS = [("i1", "Alpha (1990)"), ("i2", "Beta (1991)"), ("i3", "Gamma, The (1992)"),
-         ("i4", "Delta (1993)"), ("i5", 'Epsilon "E" (1994)'), ("i6", "Zeta (1995)")]
-CYCLE = [f"i{n}" for n in range(1, 7)]
-# u1..u6 watch the six items in rotated order; u1 watched i2 once more at the start.
-SEQUENCES = {f"u{u + 1}": (["i2"] if u == 0 else []) + CYCLE[u:] + CYCLE[:u] for u in range(6)}
-
 
 @pytest.fixture(autouse=True)
 def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HATLLM_DEBUG", raising=False)
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("data")
-    inter, items = folder / "inter.csv", folder / "items.csv"
-    rows = [f"{u},{item},{1000 + 10 * t}" for u, seq in SEQUENCES.items() for t, item in enumerate(seq)]
-    inter.write_text("user_id,item_id,timestamp\n" + "\n".join(reversed(rows)) + "\n", encoding="utf-8")
-    items.write_text("item_id,title\n" + "".join(f'{i},"{t.replace(chr(34), chr(34) * 2)}"\n' for i, t in ITEMS), encoding="utf-8")
-    return inter, items
 
 
 def invoke(*args: Any) -> Any:
@@ -156,29 +140,6 @@ def test_train_resumes_to_the_same_weights(trained: tuple[Path, Any], tiny_base:
     assert got.keys() == want.keys()
     for name in got:
         np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=name)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no GPU")
-def test_train_on_cuda_without_a_gpu_says_so(tiny_base: Path, data_files: tuple[Path, Path], tmp_path: Path) -> None:
-    result = invoke(*train_args(tmp_path / "run", tiny_base, data_files, *TRAIN_FLAGS, "--device", "cuda"))
-    assert_usage_error(result, "--device cuda", "no CUDA GPU", "--device cpu")
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_train_on_cuda_follows_the_cpu_run(trained: tuple[Path, Any], tiny_base: Path, data_files: tuple[Path, Path],
-                                          tmp_path: Path) -> None:
-    """The same recipe on a GPU: the same steps and data, losses within bf16 rounding; stopped
-    after one step on the GPU, the run resumes on the CPU."""
-    out = tmp_path / "run"
-    first = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--device", "cuda", "--max-minutes", 0.00001))
-    assert first.exit_code == 0, first.output
-    resumed = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--device", "cpu", "--resume"))
-    assert resumed.exit_code == 0, resumed.output
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    reference = [json.loads(line) for line in (trained[0] / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [r["step"] for r in reference]
-    assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in reference], rel=0.05)
 
 
 def test_train_with_checkpointing_ends_with_the_same_weights(trained: tuple[Path, Any], tiny_base: Path,
