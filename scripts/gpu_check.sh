@@ -14,7 +14,9 @@
 # The last writes $OUT/{summary.txt, parity.json, latency.json, pytest.log, session_start.stderr}:
 # parity with the CPU (100 seeded users: candidate and full-catalog top-10, Kendall tau, score
 # differences), latency at batch 1, 8 and 32 (p50, p90, users/s, runs per request, GPU memory)
-# with and without CUDA graphs, and the GPU's name and driver. Copy them to results/gpu/.
+# with and without CUDA graphs, and the GPU's name and driver. Copy them to results/gpu/; where
+# the host had no scipy, `python3 scripts/gpu_check.py taus results/gpu/parity.json
+# .gpu-check/reference.json` adds Kendall's tau here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 shared=${HATLLM_SHARED:-../shared/gpu}
