@@ -37,7 +37,10 @@ class Batch:
         """The batch's tensors on ``device`` (itself where they are there already)."""
         if self.input_ids.device == torch.device(device):
             return self
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
         return replace(self, input_ids=move(self.input_ids), position_ids=move(self.position_ids),
                        masks={k: move(m) for k, m in self.masks.items()}, logits_index=move(self.logits_index),
                        labels=move(self.labels), segments=move(self.segments))
