@@ -10,8 +10,11 @@ written inline where the run record is gone) and their evaluation JSONs (``evalu
                                                       "evals": {"test/llm": "results/....json"}}]},
               "causal": {...}}}
 
-Pooled: each user's metric averaged over an arm's seeds, then the paired bootstrap over users
-(seeds pair by position; an evaluation enters the pooled figure only where every seed has it).
+Per seed: the arms' seeds paired by position. Seed spread: each arm's later seeds minus its
+first, the noise a difference between arms has to clear. Pooled (once every seed of both arms
+has the evaluation): each arm's mean over its seeds and users, the paired bootstrap over users;
+with two or more seeds per arm also with the seeds resampled, whose interval carries the
+seed-to-seed variance that a bootstrap over users alone leaves out.
 
     python scripts/compare_arms.py results/ml100k/hatllm_vs_causal_spec.json --out results/ml100k/hatllm_vs_causal.json
 """
@@ -25,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from hatllm_edge.core.metrics import user_metrics
+from hatllm_edge.core.metrics import bootstrap_difference, user_metrics
 
 ROUND_FIELDS = ("seed", "examples", "lr", "loss", "init_from")
 
@@ -45,22 +48,39 @@ def per_user(path: str, metric: str) -> dict[str, float]:
     return {u: user_metrics(r)[metric] for u, r in ranks.items()}
 
 
-def bootstrap(a: dict[str, float], b: dict[str, float], samples: int = 2000, seed: int = 0) -> dict[str, float]:
-    """b - a over the users both have (they must be the same users)."""
-    if set(a) != set(b):
-        raise SystemExit("the two evaluations cover different users; compare runs of the same split and users")
-    users = sorted(a)
-    x, y = np.array([a[u] for u in users]), np.array([b[u] for u in users])
-    idx = np.random.default_rng(seed).integers(0, len(users), size=(samples, len(users)))
-    diffs = y[idx].mean(1) - x[idx].mean(1)
-    return {"a": float(x.mean()), "b": float(y.mean()), "diff": float(y.mean() - x.mean()),
-            "ci_low": float(np.percentile(diffs, 2.5)), "ci_high": float(np.percentile(diffs, 97.5)),
-            "p_b_better": float((diffs > 0).mean()), "users": len(users)}
+def compare(base: list[str], other: list[str], metric: str, resample_seeds: bool = False) -> dict[str, Any]:
+    """``other`` minus ``base``: each a list of one arm's evaluation JSONs (its seeds)."""
+    runs = [per_user(p, metric) for p in base + other]
+    users = sorted(runs[0])
+    if any(set(r) != set(users) for r in runs):
+        raise SystemExit("the evaluations cover different users; compare runs of the same split and users")
+    values = np.array([[r[u] for u in users] for r in runs])
+    return bootstrap_difference(values[: len(base)], values[len(base):], resample_seeds=resample_seeds)
 
 
-def pooled(paths: list[str], metric: str) -> dict[str, float]:
-    runs = [per_user(p, metric) for p in paths]
-    return {u: float(np.mean([r[u] for r in runs])) for u in runs[0]}
+def rows(spec: dict[str, Any], arms: dict[str, Any], key: str) -> dict[str, Any]:
+    """Every comparison of one evaluation (``test/llm``, ...) that the arms' seeds allow."""
+    base = spec["baseline"]
+    (other,) = [a for a in arms if a != base]
+    metrics = spec["metrics"]
+    have = {name: [s for s in arm["seeds"] if key in s["evals"]] for name, arm in arms.items()}
+
+    def row(seeds: list[Any], a: list[dict], b: list[dict], resample: bool = False) -> dict[str, Any]:
+        return {"seeds": seeds, **{m: compare([s["evals"][key] for s in a], [s["evals"][key] for s in b], m, resample)
+                                   for m in metrics}}
+
+    entry: dict[str, Any] = {
+        "per_seed": [row([sa["label"], sb["label"]], [sa], [sb]) for sa, sb in zip(have[base], have[other])],
+        # how far two seeds of one arm lie apart: the noise any difference between arms has to clear
+        "seed_spread": {name: [row([seeds[0]["label"], s["label"]], [seeds[0]], [s]) for s in seeds[1:]]
+                        for name, seeds in have.items() if len(seeds) > 1},
+        "pooled": None, "pooled_seeds_resampled": None}
+    if all(len(have[n]) == len(arms[n]["seeds"]) for n in arms):  # every seed of both arms evaluated
+        counts = [len(have[base]), len(have[other])]
+        entry["pooled"] = row(counts, have[base], have[other])
+        if min(counts) > 1:
+            entry["pooled_seeds_resampled"] = row(counts, have[base], have[other], resample=True)
+    return entry
 
 
 def main() -> None:
@@ -74,27 +94,18 @@ def main() -> None:
     arms = {name: {**arm, "seeds": [{**s, "rounds": [round_record(r) for r in s["rounds"]]} for s in arm["seeds"]]}
             for name, arm in spec["arms"].items()}
     keys = sorted({k for s in arms[base]["seeds"] for k in s["evals"]} & {k for s in arms[other]["seeds"] for k in s["evals"]})
-    comparisons: dict[str, Any] = {}
-    for key in keys:
-        entry: dict[str, Any] = {"per_seed": [], "pooled": None}
-        pairs = list(zip(arms[base]["seeds"], arms[other]["seeds"]))
-        for sa, sb in pairs:
-            if key in sa["evals"] and key in sb["evals"]:
-                entry["per_seed"].append({"seeds": [sa["label"], sb["label"]],
-                                          **{m: bootstrap(per_user(sa["evals"][key], m), per_user(sb["evals"][key], m))
-                                             for m in spec["metrics"]}})
-        full = [s for s in arms[base]["seeds"] if key in s["evals"]], [s for s in arms[other]["seeds"] if key in s["evals"]]
-        if len(full[0]) == len(arms[base]["seeds"]) and len(full[1]) == len(arms[other]["seeds"]):
-            entry["pooled"] = {"seeds": [len(full[0]), len(full[1])],
-                               **{m: bootstrap(pooled([s["evals"][key] for s in full[0]], m),
-                                               pooled([s["evals"][key] for s in full[1]], m)) for m in spec["metrics"]}}
-        comparisons[key] = entry
-    result = {"question": spec["question"], "difference": f"{other} minus {base}", "arms": arms, "comparisons": comparisons}
+    comparisons = {key: rows(spec, arms, key) for key in keys}
+    result = {"question": spec["question"], "difference": f"{other} minus {base}; seed_spread: a later seed minus the first",
+              "arms": arms, "comparisons": comparisons}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for key, entry in comparisons.items():
-        for row in entry["per_seed"] + ([entry["pooled"]] if entry["pooled"] else []):
+        printed = [("", r) for r in entry["per_seed"]]
+        printed += [(f"{name} spread ", r) for name, rs in entry["seed_spread"].items() for r in rs]
+        printed += [("pooled ", entry["pooled"])] if entry["pooled"] else []
+        printed += [("pooled, seeds resampled ", entry["pooled_seeds_resampled"])] if entry["pooled_seeds_resampled"] else []
+        for tag, row in printed:
             figs = "  ".join(f"{m} {row[m]['diff']:+.4f} [{row[m]['ci_low']:+.4f}, {row[m]['ci_high']:+.4f}]" for m in spec["metrics"])
-            print(f"{key:<12} {str(row['seeds']):<28} {figs}")
+            print(f"{key:<18} {tag + str(row['seeds']):<60} {figs}")
 
 
 if __name__ == "__main__":

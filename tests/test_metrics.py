@@ -108,3 +108,40 @@ def test_compare_runs_table_bootstrap_and_errors(tmp_path) -> None:
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(InputError, match="not an evaluation JSON"):
         compare_runs([base, tmp_path / "junk.json"])
+
+
+def test_bootstrap_difference_one_seed_is_the_users_bootstrap() -> None:
+    import numpy as np
+
+    from hatllm_edge.core.metrics import bootstrap_difference
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random(200), rng.random(200) + 0.05
+    flat = bootstrap_difference(a, b, samples=500, seed=2)
+    assert flat == bootstrap_difference(a[None], b[None], samples=500, seed=2)
+    assert flat == bootstrap_difference(a[None], b[None], samples=500, seed=2, resample_seeds=True)  # nothing to resample
+    assert flat["diff"] == pytest.approx(b.mean() - a.mean()) and flat["seeds"] == [1, 1] and flat["users"] == 200
+    # identical seeds: resampling them changes nothing
+    assert bootstrap_difference(np.stack([a, a]), np.stack([b, b]), samples=500, seed=2, resample_seeds=True)["ci_low"] == pytest.approx(flat["ci_low"])
+    with pytest.raises(ValueError, match="same users"):
+        bootstrap_difference(a, b[:-1])
+
+
+def test_bootstrap_difference_carries_seed_variance_only_when_asked() -> None:
+    """Two seeds of arm b, one far above arm a and one far below: pooled over users alone the
+    interval is narrow around zero; with the seeds resampled it spans both seeds' offsets."""
+    import numpy as np
+
+    from hatllm_edge.core.metrics import bootstrap_difference
+
+    rng = np.random.default_rng(1)
+    a = rng.random((2, 2000))
+    b = np.stack([a[0] + 0.2, a[1] - 0.2])
+    users_only = bootstrap_difference(a, b, samples=1000)
+    both = bootstrap_difference(a, b, samples=1000, resample_seeds=True)
+    assert users_only["diff"] == pytest.approx(0.0, abs=1e-9) == both["diff"]
+    assert users_only["ci_high"] - users_only["ci_low"] < 0.01
+    assert both["ci_low"] < -0.15 and both["ci_high"] > 0.15
+    # a difference every seed agrees on stays resolved with the seeds resampled
+    steady = bootstrap_difference(a, a + 0.1, samples=1000, resample_seeds=True)
+    assert steady["ci_low"] > 0.05 and steady["p_b_better"] == 1.0

@@ -47,17 +47,38 @@ def paired_bootstrap(
         raise ValueError("paired bootstrap needs the same users in both runs")
     a = np.array([user_metrics(r)[metric] for r in ranks_a])
     b = np.array([user_metrics(r)[metric] for r in ranks_b])
+    out = bootstrap_difference(a, b, samples, seed)
+    return {"metric_a": out["a"], "metric_b": out["b"], **{k: out[k] for k in ("diff", "ci_low", "ci_high", "p_b_better")}}
+
+
+def bootstrap_difference(
+    a: np.ndarray, b: np.ndarray, samples: int = 2000, seed: int = 0, resample_seeds: bool = False
+) -> dict[str, float]:
+    """Difference b - a of per-user values with a 95% interval, paired over users.
+
+    ``a`` and ``b`` are [users] or [training seeds, users] (the same users in the same order,
+    each arm with its own seeds). An arm's figure is its mean over seeds and users. Users are
+    resampled (the same draw for both arms); with ``resample_seeds`` each arm's seeds are
+    resampled too, so the interval carries seed-to-seed variance as well as the users' (a
+    two-level bootstrap: with few seeds it is coarse, but a pooled user bootstrap alone
+    reads two lucky seeds as a sure difference)."""
+    a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"paired bootstrap needs the same users in both runs ({a.shape[1]} vs {b.shape[1]})")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(samples, len(a)))
-    diffs = b[idx].mean(axis=1) - a[idx].mean(axis=1)
-    return {
-        "metric_a": float(a.mean()),
-        "metric_b": float(b.mean()),
-        "diff": float(b.mean() - a.mean()),
-        "ci_low": float(np.percentile(diffs, 2.5)),
-        "ci_high": float(np.percentile(diffs, 97.5)),
-        "p_b_better": float((diffs > 0).mean()),
-    }
+    users = rng.integers(0, a.shape[1], size=(samples, a.shape[1]))
+    per_seed_a, per_seed_b = a[:, users].mean(-1), b[:, users].mean(-1)  # [seeds, samples]
+
+    def arm_mean(per_seed: np.ndarray) -> np.ndarray:
+        if not resample_seeds:
+            return per_seed.mean(0)
+        picks = rng.integers(0, per_seed.shape[0], size=(samples, per_seed.shape[0]))
+        return per_seed[picks, np.arange(samples)[:, None]].mean(1)
+
+    diffs = arm_mean(per_seed_b) - arm_mean(per_seed_a)
+    return {"a": float(a.mean()), "b": float(b.mean()), "diff": float(b.mean() - a.mean()),
+            "ci_low": float(np.percentile(diffs, 2.5)), "ci_high": float(np.percentile(diffs, 97.5)),
+            "p_b_better": float((diffs > 0).mean()), "users": a.shape[1], "seeds": [a.shape[0], b.shape[0]]}
 
 
 def compare_runs(paths: Sequence[Path], samples: int = 2000, seed: int = 0) -> dict[str, Any]:

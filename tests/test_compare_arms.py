@@ -1,0 +1,55 @@
+"""scripts/compare_arms.py on hand-made evaluations: which comparisons it reports per seed, as
+seed spread and pooled, and that resampling seeds widens the pooled interval when seeds disagree."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_arms.py"
+
+
+def evaluation(path: Path, ranks: list[int | None]) -> str:
+    path.write_text(json.dumps({"ranks": {f"u{i}": r for i, r in enumerate(ranks)}, "metrics": {}}))
+    return str(path)
+
+
+def test_per_seed_spread_and_pooled(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    users = 400
+
+    def ranks(hit_rate: float) -> list[int | None]:
+        return [int(rng.integers(0, 10)) if rng.random() < hit_rate else None for _ in range(users)]
+
+    # arm b's two seeds disagree: one far above arm a, one far below
+    rates = {"a": [0.3, 0.3], "b": [0.6, 0.05]}
+    spec = {"question": "q", "baseline": "a", "metrics": ["NDCG@10", "HR@10"], "arms": {
+        arm: {"schedule": {}, "seeds": [
+            {"label": f"{arm}{i}", "rounds": [{"round": 1, "seed": i}],
+             "evals": {"test/llm": evaluation(tmp_path / f"{arm}{i}.json", ranks(rate)),
+                       **({"valid/llm": evaluation(tmp_path / f"{arm}{i}v.json", ranks(rate))} if i == 0 else {})}}
+            for i, rate in enumerate(seed_rates)]}
+        for arm, seed_rates in rates.items()}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "spec.json"), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["difference"].startswith("b minus a")
+    test = result["comparisons"]["test/llm"]
+    assert [r["seeds"] for r in test["per_seed"]] == [["a0", "b0"], ["a1", "b1"]]
+    assert test["per_seed"][0]["HR@10"]["ci_low"] > 0 > test["per_seed"][1]["HR@10"]["ci_high"]
+    assert [r["seeds"] for r in test["seed_spread"]["b"]] == [["b0", "b1"]]
+    assert test["seed_spread"]["b"][0]["HR@10"]["diff"] < -0.4
+    users_only, both = test["pooled"]["HR@10"], test["pooled_seeds_resampled"]["HR@10"]
+    assert users_only["diff"] == both["diff"] and users_only["users"] == users
+    assert both["ci_high"] - both["ci_low"] > 3 * (users_only["ci_high"] - users_only["ci_low"])
+    # an evaluation only the first seeds have: compared per seed, never pooled
+    valid = result["comparisons"]["valid/llm"]
+    assert len(valid["per_seed"]) == 1 and valid["pooled"] is None and valid["seed_spread"] == {}
+    assert "pooled, seeds resampled" in done.stdout
