@@ -813,8 +813,12 @@ def test_sasrec_report_writes_the_results_files(sasrec_trained: tuple[Path, Any]
     assert json.loads((tmp_path / "results" / "toy_valid.json").read_text())["split"] == "valid"
     assert (tmp_path / "results" / "toy_train_log.jsonl").read_text() == (out / "train_log.jsonl").read_text()
     assert (tmp_path / "results" / "toy_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # compare reads it like any evaluation JSON
-    assert invoke("compare", dest, dest, "--samples", 50).exit_code == 0
+    # compare reads it like any evaluation JSON, and writes what it printed with its command
+    compared = tmp_path / "results" / "compare.json"
+    assert invoke("compare", dest, dest, "--samples", 50, "--out", compared).exit_code == 0
+    record = json.loads(compared.read_text())
+    assert record["command"] == f"hatllm-edge compare {dest} {dest} --samples 50 --out {compared}"
+    assert record["bootstrap"]["toy"]["NDCG@10"]["diff"] == 0.0 and "NDCG@10" in record["table"]
 
 
 @pytest.mark.parametrize(("args", "needle"), [

@@ -34,6 +34,7 @@ from hatllm_edge.cli.common import (
     ThreadsOpt,
     UsersOpt,
     app,
+    command_line,
     print_table,
     run,
     write_json,
@@ -230,14 +231,17 @@ def fidelity(
 
 @app.command()
 def compare(
+    ctx: typer.Context,
     baseline: Annotated[Path, typer.Argument(help="Evaluation JSON (evaluate/popularity --out) of the reference run.")],
     runs: Annotated[list[Path], typer.Argument(help="Evaluation JSONs to compare with it, on the same users.")],
     samples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
     seed: SeedOpt = 0,
+    out: Annotated[Optional[Path], typer.Option(help="JSON file for the table, the bootstrap and the command that made them.")] = None,
 ) -> None:
     """Metrics side by side, and a paired bootstrap over users of each run against the baseline."""
     from hatllm_edge.core.metrics import compare_runs
 
     result = run(compare_runs, [baseline, *runs], samples, seed)
+    write_json(out, {"command": command_line(ctx), **result})
     typer.echo(result["table"])
     typer.echo(json.dumps(result["bootstrap"]))
