@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,14 @@ def round_record(entry: Any) -> dict[str, Any]:
             "steps": summary.get("steps_done"), "train_s": summary.get("train_s"), "peak_rss_mib": summary.get("peak_rss_mib")}
 
 
+@lru_cache(maxsize=None)
+def ranks_of(path: str) -> dict[str, int | None]:
+    """An evaluation's per-user ranks, read once however many comparisons use it."""
+    return json.loads(Path(path).read_text())["ranks"]
+
+
 def per_user(path: str, metric: str) -> dict[str, float]:
-    ranks = json.loads(Path(path).read_text())["ranks"]
-    return {u: user_metrics(r)[metric] for u, r in ranks.items()}
+    return {u: user_metrics(r)[metric] for u, r in ranks_of(path).items()}
 
 
 def compare(base: list[str], other: list[str], metric: str, resample_seeds: bool = False) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from hatllm_edge.core.masks import MaskKind
 from hatllm_edge.core.metrics import mean_metrics, paired_bootstrap
 from hatllm_edge.ranking.loo import rank_split, ranker_fusion, split_examples
 from hatllm_edge.ranking.ranker import Ranker
+from hatllm_edge.ranking.search import log_softmax
 
 
 class EnsembleBackend:
@@ -50,8 +51,7 @@ class EnsembleBackend:
                 last_only: bool = False, rows: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
         outs = [m.forward(input_ids, position_ids, masks, c, last_only, rows)
                 for m, c in zip(self.members, cache or [None] * len(self.members))]
-        logp = [logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True) for logits, _ in outs]
-        return np.mean(logp, axis=0).astype(np.float32), [c for _, c in outs]
+        return np.mean([log_softmax(logits) for logits, _ in outs], axis=0).astype(np.float32), [c for _, c in outs]
 
     def token_logprobs(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: dict[MaskKind, np.ndarray], cache: Any | None,
                        targets: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
