@@ -5,7 +5,9 @@ int8 expansion (docs/results.md, "How the engine computes").
 kernel with the same seeded weights: fp32 MatMul, MatMulNBits 4- and 8-bit (block 32/64,
 accuracy levels 0 and 4), DynamicQuantizeMatMul (int8 weights, per-tensor activations) and
 the engine's per-token u8 x s8 route (blocked QuantizeLinear + MatMulIntegerToFloat). Prints
-the mean of 5 runs after a warm-up.
+the mean of 5 runs after a warm-up, and whether ONNX Runtime set up its AMX int8 GEMM here (on a
+CPU with AMX, the int8 rows are then about twice as fast: docs/results.md, "On an Intel CPU
+with AMX").
 
     python scripts/matmul_kernels.py --rows 1200 --threads 2
 """
@@ -20,6 +22,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from hatllm_edge.core.machine import amx_tiles_granted, cpu_flags, cpu_name
 from hatllm_edge.engine.int8 import INT8_ROW_CONSTS, int8_per_channel, int8_rows
 from hatllm_edge.engine.quant.q8 import q8_pack
 
@@ -80,7 +83,7 @@ def main() -> None:
     x = rng.standard_normal((args.rows, 576)).astype(np.float32)
     flops = 2 * args.rows * sum(n * k for n, k in SHAPES)
     kinds = ["fp32", "nbits-4-32-0", "nbits-4-32-4", "nbits-8-64-0", "nbits-8-64-4", "int8-tensor", "int8-row"]
-    print(f"{args.rows} rows, {args.threads} threads; 16 chained matmuls = {flops / 1e9:.1f} GFLOP")
+    print(f"{cpu_name()}; {args.rows} rows, {args.threads} threads; 16 chained matmuls = {flops / 1e9:.1f} GFLOP")
     for kind in kinds:
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
@@ -91,6 +94,9 @@ def main() -> None:
             session.run(None, {"x": x})
         seconds = (time.perf_counter() - start) / 5
         print(f"{kind:<14} {seconds * 1000:8.1f} ms  {flops / seconds / 1e12:5.2f} TOP/s")
+    granted = amx_tiles_granted()  # MLAS asks for the tiles only when it installs its AMX u8 x s8 GEMM (at import)
+    print(f"AMX: {'in the CPU' if 'amx_int8' in cpu_flags() else 'not in the CPU'}; ONNX Runtime's AMX int8 GEMM "
+          + {True: "set up", False: "not set up", None: "unknown (cannot ask this kernel)"}[granted])
 
 
 if __name__ == "__main__":

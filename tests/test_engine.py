@@ -3,6 +3,7 @@ refuses CUDA without CUDA, and needs no torch."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.formats import GRAPH_CONTRACT, GRAPH_REVISION
 from hatllm_edge.core.masks import LayerSchedule, build_masks, causal_visibility
-from hatllm_edge.engine.session import OnnxBackend
+from hatllm_edge.engine.session import PROFILE_ENV, OnnxBackend
 from hatllm_edge.export import export_onnx
 from hatllm_edge.export.validate import run_onnx, sample_steps
 from hatllm_edge.training.model import HatLLM
@@ -96,6 +97,20 @@ def test_last_only_equals_last_position_of_full(backend: OnnxBackend) -> None:
     full, _ = backend.forward(s.input_ids, s.position_ids, s.masks, None)
     last, cache = backend.forward(s.input_ids, s.position_ids, s.masks, None, last_only=True)
     assert np.array_equal(last, full[:, -1]) and cache.length == s.input_ids.shape[1]
+
+
+def test_the_profiler_knob_writes_every_nodes_time(onnx_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$HATLLM_ORT_PROFILE turns ONNX Runtime's profiler on: one event per executed node, the
+    model's attention among them (what scripts/op_profile.py sums)."""
+    monkeypatch.setenv(PROFILE_ENV, str(tmp_path / "ort"))
+    profiled = OnnxBackend(onnx_path, threads=1)
+    s = sample_steps(128)[0]
+    profiled.forward(s.input_ids, s.position_ids, s.masks, None)
+    written = Path(profiled.session.end_profiling())
+    assert written.parent == tmp_path and written.name.startswith("ort")
+    events = json.loads(written.read_text())
+    ops = {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
+    assert "Attention" in ops and len(ops) > 5
 
 
 def test_rejects_bad_inputs(backend: OnnxBackend) -> None:

@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from hatllm_edge.core.machine import (
+    amx_tiles_granted,
+    cpu_flags,
     peak_rss_mib,
     release_free_memory,
     reset_peak_rss,
@@ -46,3 +48,17 @@ def test_heap_trim_hands_back_once_memory_grew_past_its_share(monkeypatch: pytes
     assert len(released) == 2
     every = machine.HeapTrim(growth=0)
     assert [every.step() for _ in range(3)] == [True, True, True] and len(released) == 5
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the tile permission is asked of Linux")
+def test_the_amx_grant_follows_the_cpu_once_onnx_runtime_is_loaded() -> None:
+    """ONNX Runtime's MLAS asks for AMX tile data as it loads when the CPU has AMX (its u8 x s8
+    GEMM then runs on tiles); without AMX nothing may hold the grant. What the bench records."""
+    import onnxruntime  # noqa: F401  (loading it is the point)
+
+    granted = amx_tiles_granted()
+    if "amx_int8" in cpu_flags():
+        assert granted is True
+    else:
+        assert granted in (False, None)
+    assert "fpu" in cpu_flags() or not cpu_flags()  # the flags line was read, not some other line

@@ -24,7 +24,14 @@ from hatllm_edge.bench.records import BackendRun, Result
 from hatllm_edge.bench.workloads import Workload, default_workloads, make_requests
 from hatllm_edge.core.data import Dataset
 from hatllm_edge.core.errors import InputError
-from hatllm_edge.core.machine import cpu_name, peak_rss_mib, reset_peak_rss, versions
+from hatllm_edge.core.machine import (
+    amx_tiles_granted,
+    cpu_flags,
+    cpu_name,
+    peak_rss_mib,
+    reset_peak_rss,
+    versions,
+)
 
 
 def _gpu_mem_mb() -> float | None:
@@ -104,7 +111,9 @@ def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[st
                    "min_repeats": cfg.min_repeats, "max_repeats": cfg.max_repeats, "seconds": cfg.seconds, "seed": cfg.seed,
                    "paired_rounds": cfg.paired, "workloads": [asdict(w) | {"name": w.name} for w in cfg.workloads]},
         "machine": {"platform": platform.platform(), "cpu": cpu_name(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "versions": versions()},
+                    "cpus": os.cpu_count(), "versions": versions(),
+                    # AMX changes which kernels are fastest; the grant says whether a library set one up
+                    "amx": "amx_int8" in cpu_flags(), "amx_tiles_granted": amx_tiles_granted()},
         "backends": [asdict(r) for r in runs],
         "paired": [asdict(r) for r in paired],
         # the verdict from the paired check when it ran (drift cancels there), else from the table

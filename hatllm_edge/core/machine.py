@@ -24,6 +24,34 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo "flags"); empty where there is no such file."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, _XTILEDATA = 158, 0x1022, 1 << 18  # x86-64 Linux
+
+
+def amx_tiles_granted() -> bool | None:
+    """Whether this process holds the kernel's permission to use AMX tile data. A library asks
+    for it only when it sets up an AMX kernel (ONNX Runtime's MLAS for its u8 x s8 GEMM as the
+    library loads, oneDNN for bf16 and int8), so afterwards True says one was set up and False
+    that none was. None where it cannot be asked (not x86-64 Linux, or a kernel before 5.16)."""
+    libc = _libc()
+    if libc is None or platform.machine() != "x86_64":
+        return None
+    mask = ctypes.c_uint64(0)
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, ctypes.byref(mask)) != 0:
+        return None
+    return bool(mask.value & _XTILEDATA)
+
+
 def versions(names: tuple[str, ...] = ("onnx", "onnxruntime", "onnxruntime-gpu", "torch", "transformers", "bitsandbytes")
              ) -> dict[str, str]:
     """Installed version of each of ``names`` that is installed."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,9 @@ def verify_bundle(folder: Path, hashes: bool = True) -> dict[str, Any]:
     return manifest
 
 
+PROFILE_ENV = "HATLLM_ORT_PROFILE"  # a file prefix: ONNX Runtime's profiler on (scripts/op_profile.py reads it)
+
+
 @dataclass(frozen=True)
 class OrtCache:
     """The KV cache of one batch: OrtValues [B, kv_heads, P, head_dim] in graph-input order
@@ -213,6 +217,8 @@ class OnnxBackend:
         options = ort.SessionOptions()
         options.graph_optimization_level = levels[optimization]
         options.log_severity_level = 3
+        if profile := os.environ.get(PROFILE_ENV):  # per-node timings of every run, written when the session ends
+            options.enable_profiling, options.profile_file_prefix = True, profile
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
