@@ -30,10 +30,11 @@ VARIANTS = {
     "fp32": dict(bf16=False, threads=2),
     "bf16-1thread": dict(bf16=True, threads=1),
     "bf16-compile": dict(bf16=True, threads=2, compile=True),
+    "bf16-no-lora-dropout": dict(bf16=True, threads=2, lora_dropout=0.0),  # what drawing LoRA's dropout masks costs
 }
 
 
-def measure(name: str, steps: int, n_in: int, n_cr: int, threads: int, **fields: bool) -> dict:
+def measure(name: str, steps: int, n_in: int, n_cr: int, threads: int, **fields: bool | float) -> dict:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         # the shipped recipe (docs/training.md) with the cross-entropy loss the table there was
