@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The masks-vs-causal comparison's remaining seeds, unattended on the CPU: for each ARM:FIRST_SEED
+# job in turn, train the arm's four rounds (scripts/train_rounds.py, resumable), export and
+# evaluate it into the comparison's spec (scripts/evaluate_arm.py, skips what is done), and
+# rewrite results/ml100k/hatllm_vs_causal.json (scripts/compare_arms.py). Re-run the same command
+# after an interruption: finished rounds and evaluations are skipped, a round in progress resumes.
+#
+#   cd /tmp && nohup bash /path/to/checkout/scripts/seed_queue.sh causal:10 hatllm:20 causal:20 \
+#       > /path/to/checkout/runs/ml100k/seed_queue.log 2>&1 &
+#
+# Training and evaluation import lazily and run for hours, so they run from frozen copies of the
+# package made with `git archive` (export/ and models/ moved under hatllm_edge/ as the wheel lays
+# them out), not from the checkout being edited: TRAIN_COMMIT is the code every seed so far was
+# trained with, EVAL_COMMIT the code every seed so far was evaluated with (the tree-layout beam
+# search). Both at nice 10, two threads. Read progress with
+#   tr '\r' '\n' < runs/ml100k/seed_queue.log | grep -v '^$' | tail -1
+set -u
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PY:-$REPO/.venv/bin/python}
+TRAIN_COMMIT=${TRAIN_COMMIT:-ca84f30}
+EVAL_COMMIT=${EVAL_COMMIT:-8ad6818}
+SNAPS=${SNAPS:-${TMPDIR:-/tmp}/hatllm-snapshots}
+SPEC=results/ml100k/hatllm_vs_causal_spec.json
+[ $# -gt 0 ] || { echo "usage: $0 ARM:FIRST_SEED... (e.g. causal:10 hatllm:20 causal:20)" >&2; exit 2; }
+
+snapshot() {  # commit -> folder holding a frozen hatllm_edge/ and scripts/
+  local dir=$SNAPS/$1
+  if [ ! -d "$dir/hatllm_edge" ]; then
+    rm -rf "$dir" && mkdir -p "$dir" || return 1
+    (cd "$REPO" && git archive "$1" hatllm_edge export models scripts) | tar -x -C "$dir" || return 1
+    mv "$dir/export" "$dir/hatllm_edge/export" && mv "$dir/models" "$dir/hatllm_edge/models" || return 1
+  fi
+  echo "$dir"
+}
+train_code=$(snapshot "$TRAIN_COMMIT") || { echo "cannot snapshot $TRAIN_COMMIT" >&2; exit 1; }
+eval_code=$(snapshot "$EVAL_COMMIT") || { echo "cannot snapshot $EVAL_COMMIT" >&2; exit 1; }
+
+for job in "$@"; do
+  arm=${job%%:*} first=${job##*:}
+  case "$arm:$first" in hatllm:[0-9]*|causal:[0-9]*) ;; *) echo "bad job $job: expected hatllm:N or causal:N" >&2; exit 2 ;; esac
+  seeds="$first,$((first + 1)),$((first + 2)),$((first + 3))"
+  out=$REPO/runs/ml100k/$arm-seeds$first
+  while pgrep -f "train_rounds.py $arm " > /dev/null; do sleep 60; done  # one training at a time
+  echo "== $(date -u +%FT%TZ) train $arm seeds $seeds -> $out"
+  (cd /tmp && PYTHONPATH=$train_code nice -n 10 "$PY" "$train_code/scripts/train_rounds.py" "$arm" --seeds "$seeds" \
+      --out "$out" --threads 2) || { echo "training $job failed" >&2; exit 1; }
+  [ -f "$out/rounds.json" ] || { echo "training $job stopped before its last round" >&2; exit 1; }
+  echo "== $(date -u +%FT%TZ) evaluate ${arm}_s$first"
+  (cd "$REPO" && PYTHONPATH=$eval_code nice -n 10 "$PY" "$eval_code/scripts/evaluate_arm.py" "$out" --name "${arm}_s$first" \
+      --spec $SPEC) || { echo "evaluating $job failed" >&2; exit 1; }
+  (cd "$REPO" && "$PY" scripts/compare_arms.py $SPEC --out results/ml100k/hatllm_vs_causal.json) || exit 1
+  echo "== $(date -u +%FT%TZ) done $job"
+done
