@@ -19,8 +19,10 @@ import torch
 from conftest import ITEMS, SEQUENCES, run_installed
 from typer.testing import CliRunner
 
+from hatllm_edge.bench.report import machine_line
 from hatllm_edge.cli import app
 from hatllm_edge.core.data import load_dataset
+from hatllm_edge.core.machine import cpu_flags
 from hatllm_edge.core.metrics import mean_metrics
 from hatllm_edge.training.checkpoint import load_checkpoint
 from hatllm_edge.training.resume import STATE_FILE
@@ -639,6 +641,10 @@ def test_bench_runs_every_backend_on_the_same_workloads(trained: tuple[Path, Any
     assert runs[("ort-int4-native", "cand4-h3-b2")] == runs[("torch-fp32", "cand4-h3-b2")] == 2
     assert runs[("ort-int4", "cand4-h3-b2")] >= 2 and runs[("ort-int4", "top3-h3-b1")] > 2
     assert report["config"]["threads"] == 1 and "ort-int4-native" in result.stdout
+    # the machine the figures belong to, AMX included (it decides which backend leads)
+    machine = report["machine"]
+    assert machine["amx"] == ("amx_int8" in cpu_flags()) and machine["amx_tiles_granted"] in (True, False, None)
+    assert machine_line(machine) in result.stdout and ("no AMX" in result.stdout) != machine["amx"]
     # paired check: the references and the picked ORT backend, 2 turns each (max_repeats)
     paired = {run["name"]: run for run in report["paired"]}
     cand_pick = report["targets_sequential"]["candidates"]["backend"]

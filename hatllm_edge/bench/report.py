@@ -7,11 +7,19 @@ from pathlib import Path
 from typing import Any
 
 
+def machine_line(machine: dict[str, Any]) -> str:
+    """Where the figures come from: they compare only within one machine, and AMX (or its
+    absence) decides which backend leads (docs/results.md, "On an Intel CPU with AMX")."""
+    granted = {True: ", tiles granted", False: ", tiles not granted"}.get(machine.get("amx_tiles_granted"), "")
+    amx = f"AMX{granted}" if machine.get("amx") else "no AMX"
+    return f"machine: {machine.get('cpu', 'unknown CPU')}, {machine.get('cpus', '?')} CPUs, {amx}"
+
+
 def table(report: dict[str, Any]) -> str:
     """A plain-text table: one line per backend and workload."""
     head = (f"{'backend':<16} {'workload':<16} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'req/s':>7} {'users/s':>8} "
             f"{'tok/s':>8} {'runs':>5} {'n':>3}")
-    lines = [head, "-" * len(head)]
+    lines = [machine_line(report.get("machine", {})), head, "-" * len(head)]
     for run in report["backends"]:
         for r in run["results"]:
             lines.append(f"{run['name']:<16} {r['workload']:<16} {r['p50_ms']:>9.1f} {r['p95_ms']:>9.1f} {r['p99_ms']:>9.1f} "
