@@ -22,6 +22,7 @@ from typing import Any
 from hatllm_edge.app.models import default_checkpoint
 from hatllm_edge.bench.backends import open_backend, runner
 from hatllm_edge.bench.workloads import Workload, make_requests
+from hatllm_edge.cli.common import write_json
 from hatllm_edge.core.data import load_dataset
 from hatllm_edge.core.machine import amx_tiles_granted, cpu_name
 from hatllm_edge.engine.session import PROFILE_ENV
@@ -84,9 +85,7 @@ def main() -> None:
         print(f"  {row['op']:<26} {row['ms']:9.1f} ms  {100 * row['share']:5.1f}%  {row['calls_per_run']:6.1f} calls/run")
     for row in summary["top_op_shapes"]:
         print(f"  {row['ms']:9.1f} ms  {json.dumps(row['inputs'])}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
