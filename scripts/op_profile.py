@@ -64,13 +64,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="JSON with the summary")
     args = ap.parse_args()
+    if not args.backend.startswith("ort-"):
+        ap.error(f"--backend {args.backend}: only ONNX Runtime backends (ort-...) have its profiler")
     workload = Workload.parse(args.workload)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ[PROFILE_ENV] = f"{tmp}/ort"
-        ranker, _ = open_backend(args.backend, args.model or default_checkpoint(), "cpu", args.threads, False)
-        del os.environ[PROFILE_ENV]
+        try:
+            ranker, _ = open_backend(args.backend, args.model or default_checkpoint(), "cpu", args.threads, False)
+        finally:
+            del os.environ[PROFILE_ENV]
         request = runner(ranker, workload)
-        warmup, *timed = make_requests(load_dataset(), workload, args.seed, args.requests + 1)
+        *timed, warmup = make_requests(load_dataset(), workload, args.seed, args.requests + 1)  # as bench orders them
         request(*warmup)  # first runs of a shape allocate and plan: not what a served request costs
         skip = ranker.backend.runs
         for histories, candidates in timed:

@@ -10,11 +10,12 @@
 #
 # Training and evaluation import lazily and run for hours, so they run from frozen copies of the
 # package made with `git archive` (export/ and models/ moved under hatllm_edge/ as the wheel lays
-# them out), not from the checkout being edited: TRAIN_COMMIT is the code every seed so far was
-# trained with, EVAL_COMMIT the code every seed so far was evaluated with (the tree-layout beam
-# search). Both at nice 10, two threads. Read progress with
+# them out), not from the checkout being edited: TRAIN_COMMIT is the code the seed-10 rounds were
+# trained with (train_rounds.py), EVAL_COMMIT the code every seed was evaluated with (the
+# tree-layout beam search). Both at nice 10, two threads; one queue at a time (a lock file), one
+# training at a time. Read progress with
 #   tr '\r' '\n' < runs/ml100k/seed_queue.log | grep -v '^$' | tail -1
-set -u
+set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$REPO/.venv/bin/python}
 TRAIN_COMMIT=${TRAIN_COMMIT:-ca84f30}
@@ -22,13 +23,20 @@ EVAL_COMMIT=${EVAL_COMMIT:-8ad6818}
 SNAPS=${SNAPS:-${TMPDIR:-/tmp}/hatllm-snapshots}
 SPEC=results/ml100k/hatllm_vs_causal_spec.json
 [ $# -gt 0 ] || { echo "usage: $0 ARM:FIRST_SEED... (e.g. causal:10 hatllm:20 causal:20)" >&2; exit 2; }
+for job in "$@"; do  # every job checked before hours of work start
+  [[ $job =~ ^(hatllm|causal):(0|[1-9][0-9]*)$ ]] || { echo "bad job $job: expected hatllm:N or causal:N" >&2; exit 2; }
+done
+mkdir -p "$REPO/runs/ml100k"
+exec 9> "$REPO/runs/ml100k/seed_queue.lock"
+flock -n 9 || { echo "another seed_queue.sh is running (runs/ml100k/seed_queue.lock)" >&2; exit 1; }
 
-snapshot() {  # commit -> folder holding a frozen hatllm_edge/ and scripts/
+snapshot() {  # commit -> folder holding a frozen hatllm_edge/ and scripts/ (made whole, then moved in place)
   local dir=$SNAPS/$1
-  if [ ! -d "$dir/hatllm_edge" ]; then
-    rm -rf "$dir" && mkdir -p "$dir" || return 1
-    (cd "$REPO" && git archive "$1" hatllm_edge export models scripts) | tar -x -C "$dir" || return 1
-    mv "$dir/export" "$dir/hatllm_edge/export" && mv "$dir/models" "$dir/hatllm_edge/models" || return 1
+  if [ ! -d "$dir" ]; then
+    rm -rf "$dir.part" && mkdir -p "$dir.part" || return 1
+    (cd "$REPO" && git archive "$1" hatllm_edge export models scripts) | tar -x -C "$dir.part" || return 1
+    mv "$dir.part/export" "$dir.part/hatllm_edge/export" && mv "$dir.part/models" "$dir.part/hatllm_edge/models" || return 1
+    mv "$dir.part" "$dir" || return 1
   fi
   echo "$dir"
 }
@@ -37,10 +45,9 @@ eval_code=$(snapshot "$EVAL_COMMIT") || { echo "cannot snapshot $EVAL_COMMIT" >&
 
 for job in "$@"; do
   arm=${job%%:*} first=${job##*:}
-  case "$arm:$first" in hatllm:[0-9]*|causal:[0-9]*) ;; *) echo "bad job $job: expected hatllm:N or causal:N" >&2; exit 2 ;; esac
   seeds="$first,$((first + 1)),$((first + 2)),$((first + 3))"
   out=$REPO/runs/ml100k/$arm-seeds$first
-  while pgrep -f "train_rounds.py $arm " > /dev/null; do sleep 60; done  # one training at a time
+  while pgrep -f "train_rounds\.py (hatllm|causal) " > /dev/null; do sleep 60; done  # one training at a time
   echo "== $(date -u +%FT%TZ) train $arm seeds $seeds -> $out"
   (cd /tmp && PYTHONPATH=$train_code nice -n 10 "$PY" "$train_code/scripts/train_rounds.py" "$arm" --seeds "$seeds" \
       --out "$out" --threads 2) || { echo "training $job failed" >&2; exit 1; }

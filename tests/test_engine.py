@@ -111,6 +111,8 @@ def test_the_profiler_knob_writes_every_nodes_time(onnx_path: Path, tmp_path: Pa
     events = json.loads(written.read_text())
     ops = {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
     assert "Attention" in ops and len(ops) > 5
+    monkeypatch.delenv(PROFILE_ENV)
+    assert OnnxBackend(onnx_path, threads=1).session.end_profiling() == ""  # off unless asked: it costs time
 
 
 def test_rejects_bad_inputs(backend: OnnxBackend) -> None:

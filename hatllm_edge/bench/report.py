@@ -10,8 +10,8 @@ from typing import Any
 def machine_line(machine: dict[str, Any]) -> str:
     """Where the figures come from: they compare only within one machine, and AMX (or its
     absence) decides which backend leads (docs/results.md, "On an Intel CPU with AMX")."""
-    granted = {True: ", tiles granted", False: ", tiles not granted"}.get(machine.get("amx_tiles_granted"), "")
-    amx = f"AMX{granted}" if machine.get("amx") else "no AMX"
+    ort = {True: ", ONNX Runtime's int8 GEMM on it", False: ", not used by ONNX Runtime"}.get(machine.get("onnxruntime_amx"), "")
+    amx = f"AMX{ort}" if machine.get("amx") else "no AMX"
     return f"machine: {machine.get('cpu', 'unknown CPU')}, {machine.get('cpus', '?')} CPUs, {amx}"
 
 

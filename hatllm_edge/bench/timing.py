@@ -25,9 +25,9 @@ from hatllm_edge.bench.workloads import Workload, default_workloads, make_reques
 from hatllm_edge.core.data import Dataset
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.machine import (
-    amx_tiles_granted,
     cpu_flags,
     cpu_name,
+    onnxruntime_sets_up_amx,
     peak_rss_mib,
     reset_peak_rss,
     versions,
@@ -112,8 +112,8 @@ def run_bench(cfg: BenchConfig, data: Dataset, progress: bool = True) -> dict[st
                    "paired_rounds": cfg.paired, "workloads": [asdict(w) | {"name": w.name} for w in cfg.workloads]},
         "machine": {"platform": platform.platform(), "cpu": cpu_name(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "versions": versions(),
-                    # AMX changes which kernels are fastest; the grant says whether a library set one up
-                    "amx": "amx_int8" in cpu_flags(), "amx_tiles_granted": amx_tiles_granted()},
+                    # AMX decides which backend leads; whether ONNX Runtime's int8 GEMM runs on it
+                    "amx": "amx_int8" in cpu_flags(), "onnxruntime_amx": onnxruntime_sets_up_amx()},
         "backends": [asdict(r) for r in runs],
         "paired": [asdict(r) for r in paired],
         # the verdict from the paired check when it ran (drift cancels there), else from the table

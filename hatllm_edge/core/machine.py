@@ -9,6 +9,8 @@ import ctypes.util
 import functools
 import platform
 import resource
+import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -46,10 +48,26 @@ def amx_tiles_granted() -> bool | None:
     libc = _libc()
     if libc is None or platform.machine() != "x86_64":
         return None
+    syscall = libc.syscall
+    syscall.restype, syscall.argtypes = ctypes.c_long, [ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
     mask = ctypes.c_uint64(0)
-    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, ctypes.byref(mask)) != 0:
+    if syscall(_SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, ctypes.byref(mask)) != 0:
         return None
     return bool(mask.value & _XTILEDATA)
+
+
+def onnxruntime_sets_up_amx() -> bool | None:
+    """Whether ONNX Runtime, loaded alone in a fresh process, sets up its AMX int8 GEMM here
+    (:func:`amx_tiles_granted` after the import; in this process torch may hold the grant
+    already). None where it cannot be told."""
+    code = ("import onnxruntime\n"
+            "from hatllm_edge.core.machine import amx_tiles_granted\n"
+            "print(amx_tiles_granted())")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"True": True, "False": False}.get(out.strip())
 
 
 def versions(names: tuple[str, ...] = ("onnx", "onnxruntime", "onnxruntime-gpu", "torch", "transformers", "bitsandbytes")
