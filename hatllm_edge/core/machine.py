@@ -15,26 +15,25 @@ from importlib import metadata
 from pathlib import Path
 
 
-def cpu_name() -> str:
-    """The CPU model (lscpu's "Model name"); the architecture where /proc/cpuinfo has none."""
+def _cpuinfo(key: str) -> str | None:
+    """The first /proc/cpuinfo line's value for ``key``; None where there is none."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(key):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU model (lscpu's "Model name"); the architecture where /proc/cpuinfo has none."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (/proc/cpuinfo "flags"); empty where there is no such file."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((_cpuinfo("flags") or "").split())
 
 
 _SYS_ARCH_PRCTL, _ARCH_GET_XCOMP_PERM, _XTILEDATA = 158, 0x1022, 1 << 18  # x86-64 Linux
