@@ -55,7 +55,7 @@ def train(
     save_every: Annotated[int, typer.Option(min=0, help="Steps between saved training states (for --resume).")] = 25,
     max_minutes: Annotated[Optional[float], typer.Option(min=0, help="Training-time budget; the run stops resumably after it.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from this LoRA checkpoint's adapter (same base and LoRA shape) with a fresh optimiser and schedule; validated at step 0 too.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT (same settings; only --max-minutes, --eval-every, --eval-users, --save-every, --compile, --checkpointing, --device may change).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT (same settings; only --max-minutes, --eval-every, --eval-users, --save-every, --compile, --checkpointing, --device may change; OUT may have moved).")] = False,
     device: Annotated[Device, typer.Option(help="Where to train: cpu, or cuda (a CUDA build of torch and a GPU; the same recipe, minutes a round).")] = Device("cpu"),
     threads: TrainThreadsOpt = None,
     seed: SeedOpt = 0,

@@ -1,7 +1,8 @@
 """Resumable training state, one format for every trainer here: the trainable weights, the
 optimiser, the scheduler, torch's RNG, the run's counters and the config it ran with, written
 atomically to ``train_state.pt``. A resumed run must have the same config except for the
-fields its trainer names as resumable (budgets, validation cadence)."""
+fields its trainer names as resumable (budgets, validation cadence); settings that name files
+compare by the file they name, so a run reached through a symlink or a moved parent resumes."""
 
 from __future__ import annotations
 
@@ -27,16 +28,23 @@ def save_state(folder: Path, config: dict[str, Any], weights: dict[str, torch.Te
     tmp.replace(folder / STATE_FILE)
 
 
-def load_state(folder: Path, config: dict[str, Any], resumable: Collection[str], then: dict[str, Any] | None = None
-               ) -> dict[str, Any]:
+def _same(before: Any, now: Any, is_path: bool) -> bool:
+    if before == now:
+        return True
+    return is_path and before is not None and now is not None and os.path.realpath(before) == os.path.realpath(now)
+
+
+def load_state(folder: Path, config: dict[str, Any], resumable: Collection[str], then: dict[str, Any] | None = None,
+               paths: Collection[str] = ()) -> dict[str, Any]:
     """The saved state of the run in ``folder``, refused when another setting than ``resumable``
-    differs from ``config``. ``then``: values of fields a saved run predates (they had these)."""
+    differs from ``config``. ``then``: values of fields a saved run predates (they had these);
+    ``paths``: fields naming a file or folder, equal when they resolve to the same one."""
     path = folder / STATE_FILE
     if not path.is_file():
         raise InputError(f"{folder}: nothing to resume (no {STATE_FILE}); start without --resume")
     saved = torch.load(path, map_location="cpu", weights_only=False)  # the optimiser moves its state to the weights' device
     before = {**(then or {}), **saved["config"]}
-    changed = sorted(k for k, v in config.items() if k not in resumable and before.get(k) != v)
+    changed = sorted(k for k, v in config.items() if k not in resumable and not _same(before.get(k), v, k in paths))
     if changed:
         raise InputError(f"--resume with other settings than the run in {folder}: {', '.join(changed)} differ "
                          f"(only {', '.join(sorted(resumable))} may change)")

@@ -71,7 +71,9 @@ EVAL_LOG_FILE = "valid_log.jsonl"
 LAST_DIR = "last"  # a finished run's last step, as a checkpoint folder of its own
 # Fields that may change on --resume: they do not change what a step computes (compile and device: only its
 # rounding; checkpointing recomputes the same layers with the same dropout masks).
-RESUMABLE = ("max_minutes", "eval_every", "eval_users", "save_every", "compile", "checkpointing", "device")
+# out: the folder the state is read from, wherever it now lies.
+RESUMABLE = ("out", "max_minutes", "eval_every", "eval_users", "save_every", "compile", "checkpointing", "device")
+PATHS = ("interactions", "items", "init_from")  # compared by the file they name (a symlink, a relative path)
 VALID_SEED = 0
 PREDATED = {"loss": "ce"}  # the value of a field whose default changed, for states saved before it existed
 
@@ -264,7 +266,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     saved = None
     if resume:
         # a field the saved run predates had its default then
-        saved = load_state(cfg.out, cfg.to_dict(), RESUMABLE, then={**TrainConfig(out=cfg.out).to_dict(), **PREDATED})
+        saved = load_state(cfg.out, cfg.to_dict(), RESUMABLE, then={**TrainConfig(out=cfg.out).to_dict(), **PREDATED},
+                           paths=PATHS)
     else:
         refuse_overwrite(cfg.out)
     if cfg.device == "cuda" and not torch.cuda.is_available():

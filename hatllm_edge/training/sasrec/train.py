@@ -179,7 +179,7 @@ def train(
                           "eval_s": 0.0, "targets": 0, "windows": 0, "stopped": None}
     log_path = out / LOG_FILE
     if resume:
-        saved = load_state(out, cfg.to_json(), _RESUMABLE)
+        saved = load_state(out, cfg.to_json(), _RESUMABLE, paths=("interactions", "items"))
         model.load_state_dict(restore(saved, opt, sched))
         st = saved["progress"]
         st["stopped"] = None  # a larger budget may continue a run that stopped; patience still counts
