@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The masks-vs-causal comparison's remaining seeds, unattended on the CPU: for each ARM:FIRST_SEED
-# job in turn, train the arm's four rounds (scripts/train_rounds.py, resumable), export and
-# evaluate it into the comparison's spec (scripts/evaluate_arm.py, skips what is done), and
-# rewrite results/ml100k/hatllm_vs_causal.json (scripts/compare_arms.py). Re-run the same command
-# after an interruption: finished rounds and evaluations are skipped, a round in progress resumes.
+# The masks-vs-causal comparison's remaining training, unattended on the CPU. Jobs, in turn:
+#   ARM:FIRST_SEED  train the arm's four rounds (scripts/train_rounds.py, resumable), export and
+#                   evaluate it into the comparison's spec (scripts/evaluate_arm.py, skips what is
+#                   done), and rewrite results/ml100k/hatllm_vs_causal.json (scripts/compare_arms.py);
+#   ARM:rN          continue the shipped model of the arm (models/ARM-ml100k, rounds seeded 0-3)
+#                   with rounds 5..N seeded 4..N-1 into runs/ml100k/ARM-seeds0, and evaluate round N
+#                   on validation only (eval_ARM_s0_rN_llm_valid.json): whether more rounds help is
+#                   read there before any test figure is.
+# Re-run the same command after an interruption: finished rounds and evaluations are skipped, a
+# round in progress resumes.
 #
 #   cd /tmp && nohup bash /path/to/checkout/scripts/seed_queue.sh causal:10 hatllm:20 causal:20 \
 #       > /path/to/checkout/runs/ml100k/seed_queue.log 2>&1 &
@@ -12,7 +17,8 @@
 # package made with `git archive` (export/ and models/ moved under hatllm_edge/ as the wheel lays
 # them out), not from the checkout being edited: TRAIN_COMMIT is the code the seed-10 rounds were
 # trained with (train_rounds.py), EVAL_COMMIT the code every seed was evaluated with (the
-# tree-layout beam search). Both at nice 10, two threads; one queue at a time (a lock file), one
+# tree-layout beam search), ROUND_COMMIT the code that continues a shipped model (the checkout's
+# HEAD when the queue starts; its models/ is the starting point). Both at nice 10, two threads; one queue at a time (a lock file), one
 # training at a time. Read progress with
 #   tr '\r' '\n' < runs/ml100k/seed_queue.log | grep -v '^$' | tail -1
 set -uo pipefail
@@ -20,11 +26,13 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$REPO/.venv/bin/python}
 TRAIN_COMMIT=${TRAIN_COMMIT:-ca84f30}
 EVAL_COMMIT=${EVAL_COMMIT:-8ad6818}
+ROUND_COMMIT=${ROUND_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD)}
 SNAPS=${SNAPS:-${TMPDIR:-/tmp}/hatllm-snapshots}
 SPEC=results/ml100k/hatllm_vs_causal_spec.json
-[ $# -gt 0 ] || { echo "usage: $0 ARM:FIRST_SEED... (e.g. causal:10 hatllm:20 causal:20)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 JOB... with JOB ARM:FIRST_SEED or ARM:rN (e.g. causal:10 hatllm:r5 hatllm:20)" >&2; exit 2; }
 for job in "$@"; do  # every job checked before hours of work start
-  [[ $job =~ ^(hatllm|causal):(0|[1-9][0-9]*)$ ]] || { echo "bad job $job: expected hatllm:N or causal:N" >&2; exit 2; }
+  [[ $job =~ ^(hatllm|causal):((0|[1-9][0-9]*)|r([5-9]|[1-9][0-9]+))$ ]] \
+    || { echo "bad job $job: expected ARM:FIRST_SEED (hatllm:20) or ARM:rN with N >= 5 (causal:r5)" >&2; exit 2; }
 done
 mkdir -p "$REPO/runs/ml100k"
 exec 9> "$REPO/runs/ml100k/seed_queue.lock"
@@ -42,12 +50,27 @@ snapshot() {  # commit -> folder holding a frozen hatllm_edge/ and scripts/ (mad
 }
 train_code=$(snapshot "$TRAIN_COMMIT") || { echo "cannot snapshot $TRAIN_COMMIT" >&2; exit 1; }
 eval_code=$(snapshot "$EVAL_COMMIT") || { echo "cannot snapshot $EVAL_COMMIT" >&2; exit 1; }
+round_code=$(snapshot "$ROUND_COMMIT") || { echo "cannot snapshot $ROUND_COMMIT" >&2; exit 1; }
 
 for job in "$@"; do
-  arm=${job%%:*} first=${job##*:}
-  seeds="$first,$((first + 1)),$((first + 2)),$((first + 3))"
-  out=$REPO/runs/ml100k/$arm-seeds$first
+  arm=${job%%:*} what=${job##*:}
   while pgrep -f "train_rounds\.py (hatllm|causal) " > /dev/null; do sleep 60; done  # one training at a time
+  if [[ $what == r* ]]; then  # the shipped model, further rounds
+    last=${what#r} out=$REPO/runs/ml100k/$arm-seeds0
+    seeds=$(seq -s, 4 $((last - 1)))
+    echo "== $(date -u +%FT%TZ) train $arm rounds 5-$last seeds $seeds from models/$arm-ml100k -> $out"
+    (cd /tmp && PYTHONPATH=$round_code nice -n 10 "$PY" "$round_code/scripts/train_rounds.py" "$arm" --rounds "$last" \
+        --start "5:$round_code/hatllm_edge/models/$arm-ml100k" --seeds "$seeds" --out "$out" --threads 2) \
+      || { echo "training $job failed" >&2; exit 1; }
+    [ -f "$out/r$last/last/hatllm.json" ] || { echo "training $job stopped before its last round" >&2; exit 1; }
+    echo "== $(date -u +%FT%TZ) evaluate ${arm}_s0_r$last on validation"
+    (cd "$REPO" && PYTHONPATH=$eval_code nice -n 10 "$PY" "$round_code/scripts/evaluate_arm.py" "$out/r$last" \
+        --name "${arm}_s0_r$last" --only valid/llm) || { echo "evaluating $job failed" >&2; exit 1; }
+    echo "== $(date -u +%FT%TZ) done $job"
+    continue
+  fi
+  first=$what seeds="$what,$((what + 1)),$((what + 2)),$((what + 3))"
+  out=$REPO/runs/ml100k/$arm-seeds$first
   echo "== $(date -u +%FT%TZ) train $arm seeds $seeds -> $out"
   (cd /tmp && PYTHONPATH=$train_code nice -n 10 "$PY" "$train_code/scripts/train_rounds.py" "$arm" --seeds "$seeds" \
       --out "$out" --threads 2) || { echo "training $job failed" >&2; exit 1; }

@@ -10,6 +10,13 @@ samples other windows. The arm's model is the fourth round's folder.
     nice -n 10 python scripts/train_rounds.py hatllm --seeds 10,11,12,13 --out runs/ml100k/hatllm-seeds10
     nice -n 10 python scripts/train_rounds.py causal --seeds 10,11,12,13 --out runs/ml100k/causal-seeds10
 
+More rounds: ``--rounds N`` goes on past the fourth with the fourth's settings (2,400 new
+windows at 5e-4 each), and ``--start ROUND:CHECKPOINT`` takes the rounds before ROUND as done,
+CHECKPOINT being their model, so a shipped model gets a fifth round without its first four:
+
+    nice -n 10 python scripts/train_rounds.py hatllm --rounds 5 --start 5:models/hatllm-ml100k --seeds 4 \
+        --out runs/ml100k/hatllm-seeds0
+
 Run it from outside the checkout with an absolute --out when the checkout may change
 meanwhile (a training process imports lazily).
 """
@@ -35,24 +42,46 @@ ROUNDS = (  # examples, peak lr, eval_every (0: at the end only)
 )
 
 
+def round_settings(n: int) -> tuple[int, float, int]:
+    """Round ``n``'s windows, peak lr and validation cadence: rounds past the recipe's repeat its last."""
+    return ROUNDS[min(n, len(ROUNDS)) - 1]
+
+
+def parse_start(text: str) -> tuple[int, Path]:
+    """``ROUND:CHECKPOINT`` -> (ROUND, CHECKPOINT), the checkpoint holding a model (hatllm.json)."""
+    first, sep, folder = text.partition(":")
+    if not sep or not first.isdigit() or int(first) < 2 or not (Path(folder) / "hatllm.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ROUND:CHECKPOINT with ROUND >= 2 and a checkpoint folder "
+                                         "(with hatllm.json), e.g. 5:models/hatllm-ml100k")
+    return int(first), Path(folder).resolve()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("arm", choices=sorted(ARMS))
-    ap.add_argument("--seeds", required=True, help="four comma-separated seeds, one per round")
-    ap.add_argument("--out", type=Path, required=True, help="folder for the rounds r1..r4")
+    ap.add_argument("--seeds", required=True, help="comma-separated seeds, one per round trained here")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the rounds (r1, r2, ...)")
+    ap.add_argument("--rounds", type=int, default=len(ROUNDS), help=f"rounds in all (default {len(ROUNDS)}); later ones repeat the last")
+    ap.add_argument("--start", type=parse_start, default=None, metavar="ROUND:CHECKPOINT",
+                    help="the rounds before ROUND are done and CHECKPOINT is their model; train from ROUND on")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this much time in all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the same rounds on a GPU")
     args = ap.parse_args()
+    first, previous = args.start if args.start else (1, None)
+    if first > args.rounds:
+        ap.error(f"--start {first}:...: past the last round (--rounds {args.rounds})")
     seeds = [int(s) for s in args.seeds.split(",")]
-    if len(seeds) != len(ROUNDS):
-        ap.error(f"--seeds: give {len(ROUNDS)} seeds, one per round; got {len(seeds)}")
+    if len(seeds) != args.rounds - first + 1:
+        ap.error(f"--seeds: give one seed per round trained here (rounds {first}-{args.rounds}: {args.rounds - first + 1}); "
+                 f"got {len(seeds)}")
     torch.set_num_threads(args.threads)
     out = args.out.resolve()
     n_in, n_cr = ARMS[args.arm]
     deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
-    previous: Path | None = None
-    for n, ((examples, lr, eval_every), seed) in enumerate(zip(ROUNDS, seeds), start=1):
+    trained = range(first, args.rounds + 1)
+    for n, seed in zip(trained, seeds):
+        examples, lr, eval_every = round_settings(n)
         folder = out / f"r{n}"
         if not (folder / LAST_DIR).is_dir():
             left = (deadline - time.time()) / 60 if deadline else None
@@ -68,11 +97,12 @@ def main() -> None:
                 print(f"round {n} stopped at step {summary['steps_done']} of {summary['steps_planned']}; run the same command again to continue")
                 return
         previous = folder  # the round's kept (best validated) checkpoint starts the next
-    rounds = [json.loads((out / f"r{n}" / "hatllm.json").read_text(encoding="utf-8")) for n in range(1, len(ROUNDS) + 1)]
-    record = {"arm": args.arm, "seeds": seeds, "model": str(out / f"r{len(ROUNDS)}"),
+    rounds = {n: json.loads((out / f"r{n}" / "hatllm.json").read_text(encoding="utf-8")) for n in trained}
+    record = {"arm": args.arm, "seeds": seeds, "model": str(out / f"r{args.rounds}"),
+              **({"start": {"round": first, "from": str(args.start[1])}} if args.start else {}),
               "rounds": [{"round": n, "seed": r["train"]["seed"], "examples": r["train"]["examples"], "lr": r["train"]["lr"],
                           "steps": r["train_summary"]["best"]["step"], "train_s": r["train_summary"]["train_s"]}
-                         for n, r in enumerate(rounds, start=1)]}
+                         for n, r in rounds.items()]}
     (out / "rounds.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(record, indent=2))
 
