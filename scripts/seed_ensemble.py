@@ -1,6 +1,8 @@
-"""Several fine-tunes of one recipe ranking as one (a product of experts): at every beam step
-each title token's log-probability is the mean of the members' (their geometric mean, which the
-renormalised beam normalises over the catalog's titles). Two seeds of the same recipe hit
+"""Several fine-tunes of one recipe ranking as one: at every beam step each title token's
+log-probability combines the members'. ``--combine product`` (a product of experts): the mean
+of their log-probabilities (a geometric mean, which the renormalised beam normalises over the
+catalog's titles), so a title needs every member's support. ``--combine mixture``: the log of
+the mean of their probabilities, so one member's confident pick survives the others' doubt. Two seeds of the same recipe hit
 different users (HatLLM's two seeds share 38 of their 76 and 81 test hits), which is what an
 ensemble can use; the weight-space mean of the seeds did not (``docs/training.md``). Each
 member runs its own bundle and cache, so the cost is the members' sum.
@@ -32,11 +34,25 @@ from hatllm_edge.ranking.ranker import Ranker
 from hatllm_edge.ranking.search import log_softmax
 
 
-class EnsembleBackend:
-    """The members' steps run one after the other on their own caches; log-probabilities averaged."""
+def combine_product(logprobs: list[np.ndarray]) -> np.ndarray:
+    return np.mean(logprobs, axis=0)
 
-    def __init__(self, members: list[Any]) -> None:
+
+def combine_mixture(logprobs: list[np.ndarray]) -> np.ndarray:
+    stacked = np.stack(logprobs)
+    top = stacked.max(axis=0)
+    return top + np.log(np.exp(stacked - top).mean(axis=0))
+
+
+COMBINE = {"product": combine_product, "mixture": combine_mixture}
+
+
+class EnsembleBackend:
+    """The members' steps run one after the other on their own caches; log-probabilities combined."""
+
+    def __init__(self, members: list[Any], combine: str = "product") -> None:
         self.members = members
+        self.combine = COMBINE[combine]
         self.pass_tokens = min(m.pass_tokens for m in members)
 
     @property
@@ -51,13 +67,13 @@ class EnsembleBackend:
                 last_only: bool = False, rows: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
         outs = [m.forward(input_ids, position_ids, masks, c, last_only, rows)
                 for m, c in zip(self.members, cache or [None] * len(self.members))]
-        return np.mean([log_softmax(logits) for logits, _ in outs], axis=0).astype(np.float32), [c for _, c in outs]
+        return self.combine([log_softmax(logits) for logits, _ in outs]).astype(np.float32), [c for _, c in outs]
 
     def token_logprobs(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: dict[MaskKind, np.ndarray], cache: Any | None,
                        targets: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
         outs = [m.token_logprobs(input_ids, position_ids, masks, c, targets, rows)
                 for m, c in zip(self.members, cache or [None] * len(self.members))]
-        return np.mean([lp for lp, _ in outs], axis=0).astype(np.float32), [c for _, c in outs]
+        return self.combine([lp for lp, _ in outs]).astype(np.float32), [c for _, c in outs]
 
 
 def main() -> None:
@@ -66,6 +82,8 @@ def main() -> None:
     ap.add_argument("--split", default="valid", choices=["valid", "test"])
     ap.add_argument("--users", type=int, default=300, help="a seeded sample of this many users (0: all)")
     ap.add_argument("--alone", type=Path, nargs="*", default=[], help="each member's full evaluation (evaluate --out), same split")
+    ap.add_argument("--combine", choices=sorted(COMBINE), default="product",
+                    help="product: the mean of the members' log-probabilities; mixture: the log of their mean probability")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -76,10 +94,10 @@ def main() -> None:
             raise SystemExit(f"{b}: another catalog, prompt or mask schedule than {args.bundles[0]}; ensemble one recipe's seeds")
     data = load_dataset("ml-100k", None, None)
     examples = split_examples(data, args.split, args.users or None, True, 0)
-    result = rank_split(EnsembleBackend([r.backend for r in rankers]), first.prompts, data, args.split, 10, beam_width(10, None),
+    result = rank_split(EnsembleBackend([r.backend for r in rankers], args.combine), first.prompts, data, args.split, 10, beam_width(10, None),
                         examples=examples, fusion=ranker_fusion(first, assist=False, renormalise=True))
     users = sorted(result["ranks"])
-    out: dict[str, Any] = {"bundles": [str(b) for b in args.bundles], "split": args.split, "users": len(users),
+    out: dict[str, Any] = {"bundles": [str(b) for b in args.bundles], "combine": args.combine, "split": args.split, "users": len(users),
                            "users_sample": {"seed": 0} if args.users else None, "ensemble": result["metrics"],
                            "s_per_user": result["s_per_user"], "peak_rss_mib": result["peak_rss_mib"], "alone": {}}
     ens = [result["ranks"][u] for u in users]
