@@ -11,7 +11,7 @@ continues where it stopped; about 11 minutes each on 2 cores. ``--only`` runs so
 for a model that is not (yet) a seed of the comparison: a further round read on validation
 before anything else is, e.g.
 
-    python scripts/evaluate_arm.py runs/ml100k/hatllm-seeds0/r5 --name hatllm_s0_r5 --only valid/llm
+    python scripts/evaluate_arm.py runs/ml100k/hatllm-shipped/r5 --name hatllm_s0_r5 --only valid/llm
 
     python scripts/evaluate_arm.py runs/ml100k/hatllm-seeds10 --name hatllm_s10 \\
         --spec results/ml100k/hatllm_vs_causal_spec.json
@@ -83,6 +83,9 @@ def main() -> None:
         record = json.loads(record_file.read_text(encoding="utf-8"))
         record["model"] = str(args.run.resolve() / Path(record["model"]).name)  # the run may have moved (trained elsewhere)
         label = "rounds seeded " + ",".join(str(s) for s in record["seeds"])
+        if "start" in record and args.spec:
+            raise SystemExit(f"{args.run}: rounds {record['start']['round']}+ on a model trained elsewhere; a seed of the "
+                             "comparison is all its rounds from one train_rounds.py folder (leave out --spec)")
     elif (args.run / "hatllm.json").is_file() and (args.spec is None or (args.arm and args.label)):
         record, label = {"arm": args.arm, "model": str(args.run.resolve())}, args.label
     else:

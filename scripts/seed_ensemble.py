@@ -39,9 +39,7 @@ def combine_product(logprobs: list[np.ndarray]) -> np.ndarray:
 
 
 def combine_mixture(logprobs: list[np.ndarray]) -> np.ndarray:
-    stacked = np.stack(logprobs)
-    top = stacked.max(axis=0)
-    return top + np.log(np.exp(stacked - top).mean(axis=0))
+    return np.logaddexp.reduce(np.stack(logprobs), axis=0) - np.log(len(logprobs))
 
 
 COMBINE = {"product": combine_product, "mixture": combine_mixture}

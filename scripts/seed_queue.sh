@@ -4,8 +4,8 @@
 #                   evaluate it into the comparison's spec (scripts/evaluate_arm.py, skips what is
 #                   done), and rewrite results/ml100k/hatllm_vs_causal.json (scripts/compare_arms.py);
 #   ARM:rN          continue the shipped model of the arm (models/ARM-ml100k, rounds seeded 0-3)
-#                   with rounds 5..N seeded 4..N-1 into runs/ml100k/ARM-seeds0, and evaluate round N
-#                   on validation only (eval_ARM_s0_rN_llm_valid.json): whether more rounds help is
+#                   with rounds 5..N seeded 4..N-1 into runs/ml100k/ARM-shipped, and evaluate each
+#                   on validation only (eval_ARM_s0_rK_llm_valid.json): whether more rounds help is
 #                   read there before any test figure is.
 # Re-run the same command after an interruption: finished rounds and evaluations are skipped, a
 # round in progress resumes.
@@ -17,8 +17,9 @@
 # package made with `git archive` (export/ and models/ moved under hatllm_edge/ as the wheel lays
 # them out), not from the checkout being edited: TRAIN_COMMIT is the code the seed-10 rounds were
 # trained with (train_rounds.py), EVAL_COMMIT the code every seed was evaluated with (the
-# tree-layout beam search), ROUND_COMMIT the code that continues a shipped model (the checkout's
-# HEAD when the queue starts; its models/ is the starting point). Both at nice 10, two threads; one queue at a time (a lock file), one
+# tree-layout beam search), ROUND_COMMIT the code that continues a shipped model (its models/ is
+# the starting point, so a later shipped model does not change what a restarted job continues).
+# All at nice 10, two threads; one queue at a time (a lock file), one
 # training at a time. Read progress with
 #   tr '\r' '\n' < runs/ml100k/seed_queue.log | grep -v '^$' | tail -1
 set -uo pipefail
@@ -26,7 +27,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$REPO/.venv/bin/python}
 TRAIN_COMMIT=${TRAIN_COMMIT:-ca84f30}
 EVAL_COMMIT=${EVAL_COMMIT:-8ad6818}
-ROUND_COMMIT=${ROUND_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD)}
+ROUND_COMMIT=${ROUND_COMMIT:-63be13d}
 SNAPS=${SNAPS:-${TMPDIR:-/tmp}/hatllm-snapshots}
 SPEC=results/ml100k/hatllm_vs_causal_spec.json
 [ $# -gt 0 ] || { echo "usage: $0 JOB... with JOB ARM:FIRST_SEED or ARM:rN (e.g. causal:10 hatllm:r5 hatllm:20)" >&2; exit 2; }
@@ -56,16 +57,18 @@ for job in "$@"; do
   arm=${job%%:*} what=${job##*:}
   while pgrep -f "train_rounds\.py (hatllm|causal) " > /dev/null; do sleep 60; done  # one training at a time
   if [[ $what == r* ]]; then  # the shipped model, further rounds
-    last=${what#r} out=$REPO/runs/ml100k/$arm-seeds0
+    last=${what#r} out=$REPO/runs/ml100k/$arm-shipped
     seeds=$(seq -s, 4 $((last - 1)))
     echo "== $(date -u +%FT%TZ) train $arm rounds 5-$last seeds $seeds from models/$arm-ml100k -> $out"
     (cd /tmp && PYTHONPATH=$round_code nice -n 10 "$PY" "$round_code/scripts/train_rounds.py" "$arm" --rounds "$last" \
         --start "5:$round_code/hatllm_edge/models/$arm-ml100k" --seeds "$seeds" --out "$out" --threads 2) \
       || { echo "training $job failed" >&2; exit 1; }
     [ -f "$out/r$last/last/hatllm.json" ] || { echo "training $job stopped before its last round" >&2; exit 1; }
-    echo "== $(date -u +%FT%TZ) evaluate ${arm}_s0_r$last on validation"
-    (cd "$REPO" && PYTHONPATH=$eval_code nice -n 10 "$PY" "$round_code/scripts/evaluate_arm.py" "$out/r$last" \
-        --name "${arm}_s0_r$last" --only valid/llm) || { echo "evaluating $job failed" >&2; exit 1; }
+    for n in $(seq 5 "$last"); do
+      echo "== $(date -u +%FT%TZ) evaluate ${arm}_s0_r$n on validation"
+      (cd "$REPO" && PYTHONPATH=$eval_code nice -n 10 "$PY" "$round_code/scripts/evaluate_arm.py" "$out/r$n" \
+          --name "${arm}_s0_r$n" --only valid/llm) || { echo "evaluating $job failed" >&2; exit 1; }
+    done
     echo "== $(date -u +%FT%TZ) done $job"
     continue
   fi

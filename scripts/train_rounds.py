@@ -1,5 +1,5 @@
-"""Train one arm of the masks-vs-causal comparison through all four rounds of the shipped
-recipe, for one set of seeds, resumably: re-run the same command after an interruption and it
+"""Train one arm of the masks-vs-causal comparison through the rounds of the shipped recipe
+(four, or more with ``--rounds``), for one set of seeds, resumably: re-run the same command after an interruption and it
 continues the round in progress (``--resume``) or starts the next.
 
 The rounds (docs/training.md): 2,400 sampled windows at peak lr 1e-3, validated every 100 steps
@@ -15,7 +15,7 @@ windows at 5e-4 each), and ``--start ROUND:CHECKPOINT`` takes the rounds before 
 CHECKPOINT being their model, so a shipped model gets a fifth round without its first four:
 
     nice -n 10 python scripts/train_rounds.py hatllm --rounds 5 --start 5:models/hatllm-ml100k --seeds 4 \
-        --out runs/ml100k/hatllm-seeds0
+        --out runs/ml100k/hatllm-shipped
 
 Run it from outside the checkout with an absolute --out when the checkout may change
 meanwhile (a training process imports lazily).
@@ -50,10 +50,21 @@ def round_settings(n: int) -> tuple[int, float, int]:
 def parse_start(text: str) -> tuple[int, Path]:
     """``ROUND:CHECKPOINT`` -> (ROUND, CHECKPOINT), the checkpoint holding a model (hatllm.json)."""
     first, sep, folder = text.partition(":")
-    if not sep or not first.isdigit() or int(first) < 2 or not (Path(folder) / "hatllm.json").is_file():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected ROUND:CHECKPOINT with ROUND >= 2 and a checkpoint folder "
-                                         "(with hatllm.json), e.g. 5:models/hatllm-ml100k")
+    if not sep or not first.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ROUND:CHECKPOINT, e.g. 5:models/hatllm-ml100k")
+    if int(first) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: ROUND must be 2 or more (round 1 starts from the base model)")
+    if not (Path(folder) / "hatllm.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: {folder} is not a checkpoint folder (no hatllm.json)")
     return int(first), Path(folder).resolve()
+
+
+def check_arm(arm: str, checkpoint: Path) -> None:
+    """A round continues a model of its own arm: the LoRA shapes of both arms fit either."""
+    schedule = json.loads((checkpoint / "hatllm.json").read_text(encoding="utf-8"))["schedule"]
+    if (schedule["n_in"], schedule["n_cr"]) != ARMS[arm]:
+        raise SystemExit(f"--start: {checkpoint} has masks n_in={schedule['n_in']}, n_cr={schedule['n_cr']}, "
+                         f"not the {arm} arm's {ARMS[arm]}; continue it as its own arm")
 
 
 def main() -> None:
@@ -70,7 +81,9 @@ def main() -> None:
     args = ap.parse_args()
     first, previous = args.start if args.start else (1, None)
     if first > args.rounds:
-        ap.error(f"--start {first}:...: past the last round (--rounds {args.rounds})")
+        ap.error(f"--rounds {args.rounds}: " + (f"--start {first} is past the last round" if args.start else "at least 1"))
+    if previous:
+        check_arm(args.arm, previous)
     seeds = [int(s) for s in args.seeds.split(",")]
     if len(seeds) != args.rounds - first + 1:
         ap.error(f"--seeds: give one seed per round trained here (rounds {first}-{args.rounds}: {args.rounds - first + 1}); "

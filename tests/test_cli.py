@@ -130,7 +130,8 @@ def test_train_resumes_to_the_same_weights(trained: tuple[Path, Any], tiny_base:
     state = torch.load(out / "train_state.pt", weights_only=False)
     state["progress"]["peak_rss_mib"] = 1e9  # as if the stopped process had peaked there
     torch.save(state, out / "train_state.pt")
-    resumed = invoke(*train_args(out, tiny_base, data_files, *TRAIN_FLAGS, "--resume"))
+    (tmp_path / "link").symlink_to(tmp_path)  # the run reached another way is the same run
+    resumed = invoke(*train_args(tmp_path / "link" / "run", tiny_base, data_files, *TRAIN_FLAGS, "--resume"))
     assert resumed.exit_code == 0, resumed.output
     assert last_json(resumed)["steps_done"] == 4 and last_json(resumed)["finished"]
     assert last_json(resumed)["peak_rss_mib"] == 1e9  # the peak over every process of the run

@@ -23,10 +23,10 @@ def load(name: str) -> ModuleType:
     return module
 
 
-def checkpoint(folder: Path, seed: int, examples: int, lr: float) -> None:
+def checkpoint(folder: Path, seed: int, examples: int, lr: float, masks: tuple[int, int] = (3, 3)) -> None:
     """What a finished round leaves: its checkpoint record and its last step."""
     (folder / "last").mkdir(parents=True)
-    record = {"train": {"seed": seed, "examples": examples, "lr": lr},
+    record = {"schedule": {"num_layers": 30, "n_in": masks[0], "n_cr": masks[1]}, "train": {"seed": seed, "examples": examples, "lr": lr},
               "train_summary": {"best": {"step": examples // 8}, "train_s": 1.0}}
     (folder / "hatllm.json").write_text(json.dumps(record))
 
@@ -38,7 +38,7 @@ def rounds(monkeypatch: pytest.MonkeyPatch) -> tuple[ModuleType, list[Any]]:
 
     def fake_train(cfg: Any, resume: bool = False) -> dict[str, Any]:
         calls.append(cfg)
-        checkpoint(cfg.out, cfg.seed, cfg.examples, cfg.lr)
+        checkpoint(cfg.out, cfg.seed, cfg.examples, cfg.lr, (cfg.n_in, cfg.n_cr))
         return {"finished": True}
 
     monkeypatch.setattr(module, "train", fake_train)
@@ -88,8 +88,10 @@ def test_a_shipped_model_gets_more_rounds(rounds: tuple[ModuleType, list[Any]], 
 @pytest.mark.parametrize(("args", "message"), [
     (["--seeds", "1,2,3"], "one seed per round trained here"),
     (["--rounds", "4", "--start", "5:{ckpt}", "--seeds", "4"], "past the last round"),
-    (["--rounds", "5", "--start", "5:{tmp}/nowhere", "--seeds", "4"], "expected ROUND:CHECKPOINT"),
-    (["--rounds", "5", "--start", "1:{ckpt}", "--seeds", "4"], "ROUND >= 2"),
+    (["--rounds", "5", "--start", "5:{tmp}/nowhere", "--seeds", "4"], "not a checkpoint folder"),
+    (["--rounds", "5", "--start", "five:{ckpt}", "--seeds", "4"], "expected ROUND:CHECKPOINT"),
+    (["--rounds", "5", "--start", "1:{ckpt}", "--seeds", "4"], "ROUND must be 2 or more"),
+    (["--rounds", "0", "--seeds", "4"], "at least 1"),
 ])
 def test_bad_round_arguments_are_refused(rounds: tuple[ModuleType, list[Any]], tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
@@ -100,6 +102,16 @@ def test_bad_round_arguments_are_refused(rounds: tuple[ModuleType, list[Any]], t
     with pytest.raises(SystemExit) as stop:
         run_main(module, monkeypatch, "hatllm", *args, "--out", str(tmp_path / "run"))
     assert stop.value.code == 2 and message in capsys.readouterr().err and calls == []
+
+
+def test_a_round_continues_only_its_own_arm(rounds: tuple[ModuleType, list[Any]], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    module, calls = rounds
+    checkpoint(tmp_path / "hatllm", 3, 2400, 5e-4, masks=(3, 3))
+    with pytest.raises(SystemExit, match=r"n_in=3, n_cr=3, not the causal arm's \(0, 0\)"):
+        run_main(module, monkeypatch, "causal", "--rounds", "5", "--start", f"5:{tmp_path / 'hatllm'}", "--seeds", "4",
+                 "--out", str(tmp_path / "run"))
+    assert calls == []
 
 
 def test_evaluate_arm_runs_only_what_is_asked_and_skips_what_is_done(tmp_path: Path,
@@ -138,3 +150,21 @@ def test_evaluate_arm_runs_only_what_is_asked_and_skips_what_is_done(tmp_path: P
     with pytest.raises(SystemExit) as stop:  # a seed in the comparison needs all five
         module.main()
     assert stop.value.code == 2
+
+
+def test_a_continued_model_is_not_entered_as_a_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --start folder holds round 5 alone: it is no seed of the comparison, whose seeds are
+    four rounds from one folder."""
+    module = load("evaluate_arm")
+    monkeypatch.setattr(module, "cli", lambda *a, **k: pytest.fail("refused only after evaluating"))
+    run = tmp_path / "shipped"
+    checkpoint(run / "r5", 4, 2400, 5e-4)
+    (run / "rounds.json").write_text(json.dumps({"arm": "hatllm", "seeds": [4], "model": str(run / "r5"),
+                                                 "start": {"round": 5, "from": "models/hatllm-ml100k"},
+                                                 "rounds": [{"round": 5, "seed": 4}]}))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"arms": {"hatllm": {"seeds": []}}}))
+    monkeypatch.setattr(sys, "argv", ["evaluate_arm.py", str(run), "--name", "x", "--spec", str(spec)])
+    with pytest.raises(SystemExit, match="rounds 5\\+ on a model trained elsewhere"):
+        module.main()
+    assert json.loads(spec.read_text()) == {"arms": {"hatllm": {"seeds": []}}}
