@@ -27,7 +27,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$REPO/.venv/bin/python}
 TRAIN_COMMIT=${TRAIN_COMMIT:-ca84f30}
 EVAL_COMMIT=${EVAL_COMMIT:-8ad6818}
-ROUND_COMMIT=${ROUND_COMMIT:-63be13d}
+ROUND_COMMIT=${ROUND_COMMIT:-433192c}
 SNAPS=${SNAPS:-${TMPDIR:-/tmp}/hatllm-snapshots}
 SPEC=results/ml100k/hatllm_vs_causal_spec.json
 [ $# -gt 0 ] || { echo "usage: $0 JOB... with JOB ARM:FIRST_SEED or ARM:rN (e.g. causal:10 hatllm:r5 hatllm:20)" >&2; exit 2; }
