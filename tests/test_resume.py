@@ -48,3 +48,20 @@ def test_a_moved_run_resumes_and_another_run_is_refused(tmp_path: Path) -> None:
         load_state(moved, same, resumable=("out", "max_minutes"))
     with pytest.raises(InputError, match="nothing to resume"):
         load_state(tmp_path / "r0", same, resumable=("out",))
+
+
+def test_a_relative_path_means_the_file_it_named_when_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same relative spelling from another working directory names another file: refused."""
+    for d in ("a", "b"):
+        (tmp_path / d / "start").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    layer = torch.nn.Linear(2, 2)
+    optim = torch.optim.SGD(layer.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1.0)
+    (tmp_path / "run").mkdir()
+    config = {"out": str(tmp_path / "run"), "init_from": "start"}
+    save_state(tmp_path / "run", config, dict(layer.named_parameters()), optim, sched, {"step": 1}, paths=("init_from",))
+    assert load_state(tmp_path / "run", config, ("out",), paths=("init_from",))["config"]["init_from"] == str(tmp_path / "a" / "start")
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(InputError, match="init_from differ"):
+        load_state(tmp_path / "run", config, ("out",), paths=("init_from",))

@@ -18,8 +18,11 @@ STATE_FILE = "train_state.pt"
 
 
 def save_state(folder: Path, config: dict[str, Any], weights: dict[str, torch.Tensor], optim: torch.optim.Optimizer,
-               sched: Any, progress: dict[str, Any]) -> None:
-    """Write the state atomically (a reader never sees half a file; a crash keeps the last one)."""
+               sched: Any, progress: dict[str, Any], paths: Collection[str] = ()) -> None:
+    """Write the state atomically (a reader never sees half a file; a crash keeps the last one).
+    ``paths``: fields naming a file or folder, kept as the file they name now (a relative path
+    or a link resolved), so a resume elsewhere compares against that file."""
+    config = {k: os.path.realpath(v) if k in paths and v is not None else v for k, v in config.items()}
     tmp = folder / f"{STATE_FILE}.partial-{os.getpid()}"
     torch.save({"config": config, "weights": {n: w.detach().clone() for n, w in weights.items()}, "optim": optim.state_dict(),
                 "sched": sched.state_dict(), "torch_rng": torch.get_rng_state(),

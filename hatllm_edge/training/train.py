@@ -311,7 +311,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
     def checkpoint_state() -> None:
         note_peak()
-        save_state(cfg.out, cfg.to_dict(), named, optim, sched, run)
+        save_state(cfg.out, cfg.to_dict(), named, optim, sched, run, paths=PATHS)
 
     def write_checkpoint(valid: dict[str, Any] | None, folder: Path = cfg.out) -> None:
         ckpt.write_common(folder, tokenizer, data.catalog, replace(meta, validation=valid, train_summary=summary()))

@@ -127,6 +127,7 @@ class TrainConfig:
 
 # what a resumed run may change: when to stop, and threads (the LR schedule keeps its saved state)
 _RESUMABLE = frozenset({"out", "max_epochs", "patience", "max_minutes", "threads", "eval_batch"})
+_PATHS = ("interactions", "items")  # compared by the file they name
 
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -179,7 +180,7 @@ def train(
                           "eval_s": 0.0, "targets": 0, "windows": 0, "stopped": None}
     log_path = out / LOG_FILE
     if resume:
-        saved = load_state(out, cfg.to_json(), _RESUMABLE, paths=("interactions", "items"))
+        saved = load_state(out, cfg.to_json(), _RESUMABLE, paths=_PATHS)
         model.load_state_dict(restore(saved, opt, sched))
         st = saved["progress"]
         st["stopped"] = None  # a larger budget may continue a run that stopped; patience still counts
@@ -239,7 +240,7 @@ def train(
                         best=f"{(st['best'] or {}).get('NDCG@10', 0):.4f}@{st['best_epoch']}", tgt_s=f"{row['targets_per_s']:.0f}")
         if progress:
             tqdm.write(json.dumps(row))
-        save_state(out, cfg.to_json(), model.state_dict(), opt, sched, st)
+        save_state(out, cfg.to_json(), model.state_dict(), opt, sched, st, paths=_PATHS)
     bar.close()
     if st["stopped"] is None:
         st["stopped"] = f"max_epochs {cfg.max_epochs}"
