@@ -164,7 +164,8 @@ def test_a_continued_model_is_not_entered_as_a_seed(tmp_path: Path, monkeypatch:
                                                  "rounds": [{"round": 5, "seed": 4}]}))
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"arms": {"hatllm": {"seeds": []}}}))
-    monkeypatch.setattr(sys, "argv", ["evaluate_arm.py", str(run), "--name", "x", "--spec", str(spec)])
+    monkeypatch.setattr(sys, "argv", ["evaluate_arm.py", str(run), "--name", "x", "--spec", str(spec),
+                                      "--bundles", str(tmp_path / "bundles"), "--results", str(tmp_path / "results")])
     with pytest.raises(SystemExit, match="rounds 5\\+ on a model trained elsewhere"):
         module.main()
     assert json.loads(spec.read_text()) == {"arms": {"hatllm": {"seeds": []}}}
