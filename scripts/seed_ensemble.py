@@ -2,9 +2,9 @@
 log-probability combines the members'. ``--combine product`` (a product of experts): the mean
 of their log-probabilities (a geometric mean, which the renormalised beam normalises over the
 catalog's titles), so a title needs every member's support. ``--combine mixture``: the log of
-the mean of their probabilities, so one member's confident pick survives the others' doubt. Two seeds of the same recipe hit
-different users (HatLLM's two seeds share 38 of their 76 and 81 test hits), which is what an
-ensemble can use; the weight-space mean of the seeds did not (``docs/training.md``). Each
+the mean of their probabilities, so one member's confident pick survives the others' doubt.
+Two seeds of the same recipe hit different users (HatLLM's two seeds share 38 of their 76 and
+81 test hits), which is what an ensemble can use; the weight-space mean of the seeds did not (``docs/training.md``). Each
 member runs its own bundle and cache, so the cost is the members' sum.
 
 The LLM alone, renormalised beams, on a seeded sample of users; each member alone is read from

@@ -1,6 +1,6 @@
 """Train one arm of the masks-vs-causal comparison through the rounds of the shipped recipe
-(four, or more with ``--rounds``), for one set of seeds, resumably: re-run the same command after an interruption and it
-continues the round in progress (``--resume``) or starts the next.
+(four, or more with ``--rounds``), for one set of seeds, resumably: re-run the same command
+after an interruption and it continues the round in progress (``--resume``) or starts the next.
 
 The rounds (docs/training.md): 2,400 sampled windows at peak lr 1e-3, validated every 100 steps
 with the best step kept; then 1,920, 2,400 and 2,400 windows at 5e-4, each started from the
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from hatllm_edge.training.checkpoint import read_meta
 from hatllm_edge.training.resume import STATE_FILE
 from hatllm_edge.training.train import LAST_DIR, TrainConfig, train
 
@@ -61,7 +62,7 @@ def parse_start(text: str) -> tuple[int, Path]:
 
 def check_arm(arm: str, checkpoint: Path) -> None:
     """A round continues a model of its own arm: the LoRA shapes of both arms fit either."""
-    schedule = json.loads((checkpoint / "hatllm.json").read_text(encoding="utf-8"))["schedule"]
+    schedule = read_meta(checkpoint).schedule
     if (schedule["n_in"], schedule["n_cr"]) != ARMS[arm]:
         raise SystemExit(f"--start: {checkpoint} has masks n_in={schedule['n_in']}, n_cr={schedule['n_cr']}, "
                          f"not the {arm} arm's {ARMS[arm]}; continue it as its own arm")

@@ -23,10 +23,15 @@ def load(name: str) -> ModuleType:
     return module
 
 
+SHIPPED_META = json.loads((SCRIPTS.parent / "models" / "hatllm-ml100k" / "hatllm.json").read_text())
+
+
 def checkpoint(folder: Path, seed: int, examples: int, lr: float, masks: tuple[int, int] = (3, 3)) -> None:
-    """What a finished round leaves: its checkpoint record and its last step."""
+    """What a finished round leaves: its checkpoint record (the shipped model's, with this
+    round's masks and training) and its last step."""
     (folder / "last").mkdir(parents=True)
-    record = {"schedule": {"num_layers": 30, "n_in": masks[0], "n_cr": masks[1]}, "train": {"seed": seed, "examples": examples, "lr": lr},
+    record = {**SHIPPED_META, "schedule": {"num_layers": 30, "n_in": masks[0], "n_cr": masks[1]},
+              "train": {"seed": seed, "examples": examples, "lr": lr},
               "train_summary": {"best": {"step": examples // 8}, "train_s": 1.0}}
     (folder / "hatllm.json").write_text(json.dumps(record))
 
