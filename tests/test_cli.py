@@ -875,6 +875,7 @@ def test_fuse_writes_the_decoding_and_the_assistant_travels_into_the_bundle(
                   "--backend", "torch", "--write", "--quiet", *data).exit_code == 0
     meta = json.loads((ckpt / "hatllm.json").read_text())
     assert meta["decoding"]["assistant_weight"] == 1 and meta["decoding"]["renormalise"] is False
+    assert meta["decoding"]["chosen_on"]["history"] == "included"  # the protocol the weight was chosen under
     assert (ckpt / "sasrec.onnx").is_file() and (ckpt / "sasrec.json").is_file()
     user = write_user(tmp_path / "u.json", history=["i1", "i2"], k=3)
     fused = json.loads(invoke("rank", user, "--model", ckpt, "--backend", "torch").stdout)

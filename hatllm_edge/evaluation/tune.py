@@ -85,6 +85,6 @@ def write_decoding(checkpoint: Path, assistant_dir: Path, result: dict[str, Any]
             shutil.copyfile(assistant_dir / name, checkpoint / name)
     meta.decoding = Decoding(chosen["renormalise"], chosen["assistant_weight"],
                              {"split": "valid", "users": result["users"], "seed": result["seed"], "backend": result["backend"],
-                              "metrics": chosen["metrics"], "grid": [{k: v for k, v in r.items() if k != "ranks"} for r in result["grid"]]},
+                              "history": result["history"], "metrics": chosen["metrics"], "grid": [{k: v for k, v in r.items() if k != "ranks"} for r in result["grid"]]},
                              shortlist=chosen["shortlist"])
     meta.write(checkpoint / CHECKPOINT_META)
