@@ -44,6 +44,14 @@ def round_record(entry: Any) -> dict[str, Any]:
             "steps": summary.get("steps_done"), "train_s": summary.get("train_s"), "peak_rss_mib": summary.get("peak_rss_mib")}
 
 
+def seed_record(seed: dict[str, Any]) -> dict[str, Any]:
+    """A seed with its rounds read from their records; one entered before its evaluations (its
+    last round may still be training, its record not yet written) as the spec names it, pending."""
+    if not seed["evals"]:
+        return {**seed, "pending": True}
+    return {**seed, "rounds": [round_record(r) for r in seed["rounds"]]}
+
+
 @lru_cache(maxsize=None)
 def ranks_of(path: str) -> dict[str, int | None]:
     """An evaluation's per-user ranks, read once however many comparisons use it."""
@@ -97,8 +105,7 @@ def main() -> None:
     spec = json.loads(args.spec.read_text())
     base = spec["baseline"]
     (other,) = [a for a in spec["arms"] if a != base]
-    arms = {name: {**arm, "seeds": [{**s, "rounds": [round_record(r) for r in s["rounds"]]} for s in arm["seeds"]]}
-            for name, arm in spec["arms"].items()}
+    arms = {name: {**arm, "seeds": [seed_record(s) for s in arm["seeds"]]} for name, arm in spec["arms"].items()}
     keys = sorted({k for s in arms[base]["seeds"] for k in s["evals"]} & {k for s in arms[other]["seeds"] for k in s["evals"]})
     comparisons = {key: rows(spec, arms, key) for key in keys}
     result = {"question": spec["question"], "difference": f"{other} minus {base}; seed_spread: a later seed minus the first",

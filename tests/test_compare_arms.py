@@ -53,3 +53,24 @@ def test_per_seed_spread_and_pooled(tmp_path: Path) -> None:
     valid = result["comparisons"]["valid/llm"]
     assert len(valid["per_seed"]) == 1 and valid["pooled"] is None and valid["seed_spread"] == {}
     assert "pooled, seeds resampled" in done.stdout
+
+
+def test_a_seed_entered_before_its_evaluations_is_pending(tmp_path: Path) -> None:
+    """A seed whose round is still training (its record not yet written) is listed, not read,
+    and keeps its arm out of the pooled rows until it is evaluated."""
+    hits = [1, None, 3, None] * 25
+    spec = {"question": "q", "baseline": "a", "metrics": ["NDCG@10"], "arms": {
+        "a": {"schedule": {}, "seeds": [{"label": "a0", "rounds": [{"round": 1}], "evals": {"test/llm": evaluation(tmp_path / "a0.json", hits)}}]},
+        "b": {"schedule": {}, "seeds": [
+            {"label": "b0", "rounds": [{"round": 1}], "evals": {"test/llm": evaluation(tmp_path / "b0.json", hits)}},
+            {"label": "b1", "rounds": [str(tmp_path / "not-yet" / "hatllm.json")], "evals": {}}]}}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "spec.json"), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    pending = result["arms"]["b"]["seeds"][1]
+    assert pending["pending"] is True and pending["rounds"] == spec["arms"]["b"]["seeds"][1]["rounds"]
+    test = result["comparisons"]["test/llm"]
+    assert len(test["per_seed"]) == 1 and test["pooled"] is None
