@@ -18,6 +18,16 @@ def evaluation(path: Path, ranks: list[int | None]) -> str:
     return str(path)
 
 
+def run_script(tmp_path: Path, spec: dict) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run the script on ``spec``: its process (checked to succeed) and the comparison it wrote."""
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "spec.json"), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done, json.loads(out.read_text())
+
+
 def test_per_seed_spread_and_pooled(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     users = 400
@@ -34,12 +44,7 @@ def test_per_seed_spread_and_pooled(tmp_path: Path) -> None:
                        **({"valid/llm": evaluation(tmp_path / f"{arm}{i}v.json", ranks(rate))} if i == 0 else {})}}
             for i, rate in enumerate(seed_rates)]}
         for arm, seed_rates in rates.items()}}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    out = tmp_path / "out.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "spec.json"), "--out", str(out)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(out.read_text())
+    done, result = run_script(tmp_path, spec)
     assert result["difference"].startswith("b minus a")
     test = result["comparisons"]["test/llm"]
     assert [r["seeds"] for r in test["per_seed"]] == [["a0", "b0"], ["a1", "b1"]]
@@ -64,12 +69,7 @@ def test_a_seed_entered_before_its_evaluations_is_pending(tmp_path: Path) -> Non
         "b": {"schedule": {}, "seeds": [
             {"label": "b0", "rounds": [{"round": 1}], "evals": {"test/llm": evaluation(tmp_path / "b0.json", hits)}},
             {"label": "b1", "rounds": [str(tmp_path / "not-yet" / "hatllm.json")], "evals": {}}]}}}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    out = tmp_path / "out.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "spec.json"), "--out", str(out)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(out.read_text())
+    _, result = run_script(tmp_path, spec)
     pending = result["arms"]["b"]["seeds"][1]
     assert pending["pending"] is True and pending["rounds"] == spec["arms"]["b"]["seeds"][1]["rounds"]
     test = result["comparisons"]["test/llm"]
