@@ -227,7 +227,7 @@ def _lm_head(g: _Graph, spec: DecoderSpec, h: str, embeddings: Embeddings) -> st
     end, axis = g.const("/lm_head/end", np.array([INT64_MAX], np.int64)), g.const("/lm_head/axis", np.array([1], np.int64))
     x = g.op("Slice", [x, start, end, axis], "/lm_head/keep/Slice")
     targets = g.op("Slice", [TARGET_IDS, start, end, axis], "/lm_head/targets/Slice")
-    head = "lm_head.weight" if "lm_head.weight" in spec.weights else "model.embed_tokens.weight"
+    head = "model.embed_tokens.weight" if spec.tied_embeddings else "lm_head.weight"
     if embeddings == "int8":  # MatMulNBits takes [B, Q', hidden] as is: no reshape, so no copy of the logits
         if g.np_dtype is np.float16:
             logits = _matmul_q8(g, x, head, spec.weights[head], "/lm_head")

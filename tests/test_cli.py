@@ -371,6 +371,35 @@ def test_malformed_data_names_file_and_line(tmp_path: Path, data_files: tuple[Pa
     assert_usage_error(invoke("popularity", "--interactions", bad, "--items", data_files[1]), "bad.csv:3", "i99")
 
 
+def test_a_file_that_is_not_utf8_is_named(tmp_path: Path, data_files: tuple[Path, Path]) -> None:
+    items = tmp_path / "items.csv"
+    items.write_bytes(data_files[1].read_text().replace("Alpha", "Alpha Misérables").encode("latin-1"))
+    assert_usage_error(invoke("popularity", "--interactions", data_files[0], "--items", items), "items.csv: not UTF-8 text", "iconv")
+
+
+def test_an_incomplete_checkpoint_is_refused_before_loading(trained: tuple[Path, Any], data_files: tuple[Path, Path],
+                                                            tmp_path: Path) -> None:
+    """A copy without -r leaves adapter/ behind: named, exit 2, before the base model loads."""
+    copy = tmp_path / "copy"
+    shutil.copytree(trained[0], copy, ignore=shutil.ignore_patterns("adapter", "train_state*"))
+    assert_usage_error(invoke("evaluate", copy, "--interactions", data_files[0], "--items", data_files[1], "--quiet"),
+                       "incomplete checkpoint, missing adapter/adapter_config.json", "cp -r")
+
+
+def test_fuse_write_into_a_bundle_is_refused_before_tuning(bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hatllm_edge.evaluation.tune as tune
+
+    monkeypatch.setattr(tune, "tune", lambda *a, **k: pytest.fail("tuned before refusing --write"))
+    assert_usage_error(invoke("fuse", bundle, "--assistant", tmp_path, "--write", "--quiet"),
+                       "written into a training checkpoint", "drop --write")
+
+
+def test_evaluate_refuses_engine_options_on_a_checkpoint(trained: tuple[Path, Any], data_files: tuple[Path, Path]) -> None:
+    data = ["--interactions", data_files[0], "--items", data_files[1], "--users", 1, "--quiet"]
+    for flags in (["--device", "cuda"], ["--compute", "int8"]):
+        assert_usage_error(invoke("evaluate", trained[0], *data, *flags), "run in PyTorch on the CPU", "export")
+
+
 def test_bad_split(trained: tuple[Path, Any], data_files: tuple[Path, Path]) -> None:
     assert_usage_error(invoke("evaluate", trained[0], "--split", "train", "--quiet"), "--split")
 
@@ -1005,8 +1034,10 @@ def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[P
     assert_usage_error(invoke("rank", user, "--model", bundle, "--quant", "int4"), "--quant", "bundle already")
     assert_usage_error(invoke("rank", user, "--model", bundle, "--dtype", "fp16"), "--dtype", "dtype fp32")
     assert_usage_error(invoke("rank", user, "--model", bundle, "--cuda-graph"), "CUDA graphs need --device cuda")
-    for flags in (["--compute", "int8"], ["--quant", "nf4"], ["--dtype", "fp16"], ["--cuda-graph"]):
+    for flags in (["--quant", "nf4"], ["--dtype", "fp16"]):
         assert_usage_error(invoke("rank", user, "--model", trained[0], "--backend", "torch", *flags), "--backend torch")
+    for flags in (["--compute", "int8"], ["--cuda-graph"], ["--device", "cuda"]):
+        assert_usage_error(invoke("rank", user, "--model", trained[0], "--backend", "torch", *flags), "run in PyTorch on the CPU")
     ok = invoke("rank", user, "--model", trained[0], "--backend", "torch", "--threads", 1)
     assert ok.exit_code == 0, ok.output
 
@@ -1025,6 +1056,12 @@ def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[P
     (["serve", "--port", "0"], "Invalid value for '--port'"),
     (["loadtest", "http://192.0.2.1:8000/rank", "-n", "1"], "not a loopback address"),
     (["loadtest", "http://127.0.0.1:9/rank", "-c", "0"], "Invalid value for '-c'"),
+    (["loadtest", "http://127.0.0.1:99999/rank", "-n", "1"], "the port must be a number from 0 to 65535"),
+    (["evaluate", "models/x", "--batch-users", "0"], "Invalid value for '--batch-users'"),
+    (["compare", "a.json", "b.json", "--samples", "0"], "Invalid value for '--samples'"),
+    (["fidelity", "a", "b", "--candidates", "1"], "Invalid value for '--candidates'"),
+    (["popularity", "--out", "tests"], "--out tests is a folder; give a file name"),
+    (["evaluate", "models/x", "--out", "tests"], "--out tests is a folder"),
 ])
 def test_usage_errors_are_one_line(args: list[str], needle: str) -> None:
     """Typer's own usage errors read like every other bad input: one 'error:' line, exit code 2."""

@@ -45,10 +45,14 @@ def check_target(url: str, allow_remote: bool) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InputError(f"{url!r}: expected an http:// or https:// URL, e.g. http://127.0.0.1:8000/rank")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise InputError(f"{url!r}: the port must be a number from 0 to 65535") from None
     if allow_remote:
         return
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 80)}
+        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, port)}
     except socket.gaierror as e:
         raise InputError(f"{url}: cannot resolve {parts.hostname!r} ({e.strerror})") from None
     remote = sorted(a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_loopback)

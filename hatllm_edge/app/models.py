@@ -97,14 +97,21 @@ def model_kind(folder: Path) -> Literal["bundle", "checkpoint"]:
 def open_model(folder: Path, device: Device = "cpu", threads: int | None = None, bf16: bool = False,
                compute: Compute = "auto", nf4: bool = False, cuda_graph: bool = False) -> Ranker:
     """A ranker for a bundle (the engine; ``compute`` as in :class:`~hatllm_edge.engine.session.OnnxBackend`)
-    or a checkpoint (PyTorch; ``bf16`` weights or ``nf4`` bitsandbytes Linears)."""
+    or a checkpoint (PyTorch on the CPU, ``threads`` its intra-op threads; ``bf16`` weights or
+    ``nf4`` bitsandbytes Linears). An option that does not apply to the folder is refused."""
     if model_kind(folder) == "bundle":
         if bf16 or nf4:
             raise InputError(f"{folder} is an ONNX bundle: its weights were fixed at export; --bf16 and --nf4 "
                              "apply to a PyTorch checkpoint (export with --quant nf4 for an NF4 bundle)")
         return Ranker.from_bundle(folder, device, threads, compute, cuda_graph=cuda_graph)
-    if cuda_graph:
-        raise InputError(f"{folder} is a checkpoint: CUDA graphs run on the engine (an exported bundle)")
+    if cuda_graph or device != "cpu" or compute != "auto":
+        raise InputError(f"{folder} is a checkpoint, run in PyTorch on the CPU: --device cuda, --compute and --cuda-graph "
+                         f"choose the engine's device and arithmetic (export it with 'hatllm-edge export' and pass the bundle)")
+    import torch
+
     from hatllm_edge.training.torch_backend import checkpoint_ranker
+
+    if threads:
+        torch.set_num_threads(threads)
 
     return checkpoint_ranker(folder, bf16=bf16, nf4=nf4)

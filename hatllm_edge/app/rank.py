@@ -54,16 +54,10 @@ def open_ranker(model: Path | None, device: Device, quant: str | None, backend: 
     if backend == "torch":
         if kind != "checkpoint":
             raise InputError(f"{folder}: --backend torch needs a checkpoint folder, this is an ONNX bundle")
-        if device != "cpu":
-            raise InputError("--backend torch runs on the CPU here; use the onnx backend for --device cuda")
-        if compute != "auto" or quant is not None or dtype is not None or cuda_graph:
-            raise InputError("--compute, --quant, --dtype and --cuda-graph choose the engine's bundle and arithmetic; --backend torch runs the "
-                             "checkpoint in PyTorch fp32 (drop them, or use the onnx backend)")
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
-        return open_model(folder)
+        if quant is not None or dtype is not None:
+            raise InputError("--quant and --dtype choose the engine's bundle; --backend torch runs the checkpoint in PyTorch fp32 "
+                             "(drop them, or use the onnx backend)")
+        return open_model(folder, device, threads, compute=compute, cuda_graph=cuda_graph)
     if kind == "bundle" and (quant is not None or dtype is not None):
         export = read_bundle_meta(folder).export or {}
         raise InputError(f"--quant and --dtype choose the bundle built from a checkpoint; {folder} is a bundle already "

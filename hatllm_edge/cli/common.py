@@ -120,6 +120,26 @@ def bounded(flag: str, limit: int, what: str):  # type: ignore[no-untyped-def]
     return check
 
 
+def writable_file(value: Optional[Path]) -> Optional[Path]:
+    """An ``--out FILE`` callback: a folder, or a place this process cannot write, is refused
+    before any work starts (one 'error:' line, exit code 2) rather than after an hour's run."""
+    if value is None:
+        return value
+    problem = None
+    if value.is_dir():
+        problem = f"is a folder; give a file name, e.g. {value / 'result.json'}"
+    elif value.exists() and not os.access(value, os.W_OK):
+        problem = "exists and is not writable"
+    else:
+        parent = next(p for p in (value.absolute().parent, *value.absolute().parents) if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            problem = f"cannot be written: {parent} is not a writable folder"
+    if problem:
+        typer.secho(f"error: --out {value} {problem}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    return value
+
+
 KOpt = Annotated[int, typer.Option(callback=bounded("--k", MAX_K, "the list length"), help=f"Length of the ranked list, 1-{MAX_K}.")]
 BeamsOpt = Annotated[Optional[int], typer.Option(callback=bounded("--beams", MAX_BEAMS, "the beam width"), help=f"Beam width of the full-catalog search, 1-{MAX_BEAMS} (default {DEFAULT_BEAMS}); it runs max(beams, k) wide, so with the same beams a shorter list is a prefix of a longer one.")]
 

@@ -37,6 +37,7 @@ from hatllm_edge.cli.common import (
     command_line,
     print_table,
     run,
+    writable_file,
     write_json,
 )
 
@@ -50,7 +51,7 @@ def evaluate(
     beams: BeamsOpt = None,
     bf16: Annotated[bool, typer.Option(help="Run the model with bf16 weights (faster on this CPU).")] = False,
     nf4: Annotated[bool, typer.Option(help="Run the checkpoint's decoder Linears as bitsandbytes NF4 (the reference the nf4 bundle mirrors).")] = False,
-    batch_users: Annotated[int, typer.Option(help="Users whose beams run together in one batch.")] = 8,
+    batch_users: Annotated[int, typer.Option(min=1, help="Users whose beams run together in one batch.")] = 8,
     device: DeviceOpt = Device("cpu"),
     threads: ThreadsOpt = None,
     compute: ComputeOpt = Compute("auto"),
@@ -66,7 +67,7 @@ def evaluate(
     exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Leave each user's history out of the ranked list, as rank does by default (default: included, the loo-full protocol); the output's 'history' field says which.")] = False,
     shortlist: ShortlistOpt = None,
     search_errors: Annotated[bool, typer.Option(help="Score each missed target exactly and count the users whose target beats the list's k-th item: what the beam width costs, without ranking the whole catalog.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="JSON file for metrics and per-user ranks.")] = None,
+    out: Annotated[Optional[Path], typer.Option(callback=writable_file, help="JSON file for metrics and per-user ranks.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Full-catalog evaluation (loo-full): constrained beam search, HR@1/5/10, NDCG@5/10."""
@@ -92,7 +93,7 @@ def evaluate(
 def fuse(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder; tuned on the engine (its bundle is built on first use).")],
     assistant: Annotated[Path, typer.Option(help="SASRec checkpoint folder (sasrec.json + sasrec.onnx), e.g. models/sasrec-ml100k.")],
-    weights: Annotated[str, typer.Option(help="Assistant weights to try, comma-separated (0 = the LLM alone; the shipped model chose 16).")] = "0,4,8,16,32",
+    weights: Annotated[str, typer.Option(help="Assistant weights to try, comma-separated (0 = the LLM alone; the shipped model chose 32).")] = "0,4,8,16,32",
     renormalise: Annotated[Renormalise, typer.Option(help="Trie renormalisation to try: off, on or both.")] = Renormalise("both"),
     users: UsersOpt = 300,
     first: FirstOpt = False,
@@ -108,13 +109,18 @@ def fuse(
     exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Rank with each user's history left out, as rank does by default (default: included, the loo-full protocol).")] = False,
     batch_users: Annotated[int, typer.Option(min=1, help="Users whose beams run together in one batch (memory grows with it).")] = 8,
     write: Annotated[bool, typer.Option("--write", help="Store the winner in the checkpoint (hatllm.json 'decoding', assistant files copied in).")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="JSON file for the grid (metrics and per-user ranks).")] = None,
+    out: Annotated[Optional[Path], typer.Option(callback=writable_file, help="JSON file for the grid (metrics and per-user ranks).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Choose the decoding on validation: trie renormalisation and the assistant's weight."""
     from hatllm_edge.app.rank import open_ranker
     from hatllm_edge.core.data import load_dataset
-    from hatllm_edge.evaluation.tune import TuneConfig, tune, write_decoding
+    from hatllm_edge.evaluation.tune import (
+        TuneConfig,
+        check_decoding_target,
+        tune,
+        write_decoding,
+    )
 
     try:
         grid = tuple(float(w) for w in weights.split(","))
@@ -131,6 +137,8 @@ def fuse(
                      exclude_history=exclude_history, batch_users=batch_users, shortlists=sizes)
 
     def tune_and_write() -> dict:
+        if write:
+            check_decoding_target(checkpoint)
         ranker = open_ranker(checkpoint, "cpu", quant and quant.value, backend.value, threads, not quiet, build=bundle_builder())
         result = tune(ranker, load_dataset(dataset, interactions, items), cfg, progress=not quiet)
         if write:
@@ -153,17 +161,14 @@ def popularity(
     interactions: InterOpt = None,
     items: ItemsOpt = None,
     exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Per user, the most popular items not yet had (default: one list for all, history included: loo-full).")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="JSON file for metrics and per-user ranks.")] = None,
+    out: Annotated[Optional[Path], typer.Option(callback=writable_file, help="JSON file for metrics and per-user ranks.")] = None,
 ) -> None:
     """The most-popular baseline on the same split, for scale."""
     from hatllm_edge.evaluation.evaluate import popularity_baseline
 
     result = run(popularity_baseline, split.value, dataset, interactions, items, exclude_history)
     write_json(out, result)
-    summary = {k: v for k, v in result.items() if k != "ranks"}
-    if "search_errors" in summary:
-        summary["search_errors"] = {k: v for k, v in summary["search_errors"].items() if k != "users"}
-    typer.echo(json.dumps(summary))
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "ranks"}))
 
 
 @app.command()
@@ -201,7 +206,7 @@ def fidelity(
     reference: Annotated[Path, typer.Argument(help="Reference model: checkpoint (PyTorch fp32) or bundle.")],
     model: Annotated[Path, typer.Argument(help="Model to compare: bundle or checkpoint.")],
     users: Annotated[int, typer.Option(min=1, help="Users: a seeded sample of N (--seed).")] = 50,
-    candidates: Annotated[int, typer.Option(help="Candidates per user (the target plus random items).")] = 100,
+    candidates: Annotated[int, typer.Option(min=2, help="Candidates per user (the target plus random items).")] = 100,
     split: SplitOpt = Split("test"),
     threads: ThreadsOpt = None,
     compute: Annotated[Compute, typer.Option(help="Engine arithmetic of MODEL (the reference always runs as stored): auto, native or int8.")] = Compute("auto"),
@@ -210,7 +215,7 @@ def fidelity(
     interactions: InterOpt = None,
     items: ItemsOpt = None,
     seed: SeedOpt = 0,
-    out: Annotated[Optional[Path], typer.Option(help="JSON file for the figures.")] = None,
+    out: Annotated[Optional[Path], typer.Option(callback=writable_file, help="JSON file for the figures.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Kendall's tau of candidate scores between a model and a reference (e.g. int4 vs fp32)."""
@@ -234,9 +239,9 @@ def compare(
     ctx: typer.Context,
     baseline: Annotated[Path, typer.Argument(help="Evaluation JSON (evaluate/popularity --out) of the reference run.")],
     runs: Annotated[list[Path], typer.Argument(help="Evaluation JSONs to compare with it, on the same users.")],
-    samples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 2000,
+    samples: Annotated[int, typer.Option(min=1, help="Bootstrap resamples.")] = 2000,
     seed: SeedOpt = 0,
-    out: Annotated[Optional[Path], typer.Option(help="JSON file for the table, the bootstrap and the command that made them.")] = None,
+    out: Annotated[Optional[Path], typer.Option(callback=writable_file, help="JSON file for the table, the bootstrap and the command that made them.")] = None,
 ) -> None:
     """Metrics side by side, and a paired bootstrap over users of each run against the baseline."""
     from hatllm_edge.core.metrics import compare_runs

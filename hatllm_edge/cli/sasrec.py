@@ -21,6 +21,7 @@ from hatllm_edge.cli.common import (
     app,
     command_line,
     run,
+    writable_file,
     write_json,
 )
 
@@ -85,7 +86,7 @@ def sasrec_evaluate(
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
-    out: Annotated[Optional[Path], typer.Option(help="JSON file for metrics and per-user ranks (readable by 'hatllm-edge compare').")] = None,
+    out: Annotated[Optional[Path], typer.Option(callback=writable_file, help="JSON file for metrics and per-user ranks (readable by 'hatllm-edge compare').")] = None,
     exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Leave each user's history out of their ranking, as rank does by default (default: included, the loo-full protocol); the output's 'history' field says which.")] = False,
 ) -> None:
     """Full-catalog evaluation (loo-full): HR@1/5/10, NDCG@5/10 and per-user ranks."""

@@ -10,7 +10,15 @@ from typing import Annotated, Optional
 import typer
 
 from hatllm_edge.app.models import bundle_builder
-from hatllm_edge.cli.common import Device, DeviceOpt, QuietOpt, app, run, write_json
+from hatllm_edge.cli.common import (
+    Device,
+    DeviceOpt,
+    QuietOpt,
+    app,
+    run,
+    writable_file,
+    write_json,
+)
 
 
 @app.command()
@@ -58,7 +66,7 @@ def loadtest(
     rate: Annotated[Optional[float], typer.Option(min=0.01, help="Open loop: send this many requests per second at fixed intervals, latency counted from when each was due (default: closed loop, each sender waits for its answer).")] = None,
     deadline: Annotated[float, typer.Option(min=0.1, help="Seconds after which nothing is sent or waited on.")] = 60.0,
     allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Allow a URL that is not a loopback address.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="JSON file for the figures.")] = None,
+    out: Annotated[Optional[Path], typer.Option(callback=writable_file, help="JSON file for the figures.")] = None,
 ) -> None:
     """A bounded load test of 'hatllm-edge serve', closed or open loop: throughput, p50/p95/p99, errors."""
     from hatllm_edge.app.loadtest import LoadConfig, read_bodies, run_load, summary_line

@@ -233,6 +233,14 @@ def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     """(line number, row with RecBole type suffixes stripped from the keys)."""
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    try:
+        yield from _parse_rows(path)
+    except UnicodeDecodeError as e:  # MovieLens's own u.item is Latin-1; spreadsheets write cp1252
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start:,}); convert it, "
+                        f"e.g. iconv -f latin1 -t utf-8 {path} > utf8{path.suffix}") from None
+
+
+def _parse_rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     suffix = path.suffix.lower()
     with path.open(encoding="utf-8-sig", newline="") as f:
         if suffix in (".jsonl", ".json"):

@@ -18,7 +18,7 @@ from hatllm_edge.ranking.loo import rank_split, ranker_fusion, split_examples
 class EvalConfig:
     checkpoint: Path
     split: Split = "test"
-    users: int | None = None  # the first N users of the split (in data order)
+    users: int | None = None  # N users of the split: the first N, or a seeded sample with ``sample``
     k: int = 10
     beams: int | None = None  # None: limits.DEFAULT_BEAMS; the search runs max(beams, k) wide
     bf16: bool = False  # checkpoints only: bf16 weights

@@ -74,10 +74,16 @@ def tune(ranker: Ranker, data: Dataset, cfg: TuneConfig, progress: bool = True) 
                        "shortlist": best["shortlist"], "metrics": best["metrics"]}}
 
 
+def check_decoding_target(checkpoint: Path) -> None:
+    """Refuse, before any tuning, a folder :func:`write_decoding` cannot store into."""
+    if model_kind(checkpoint) != "checkpoint":
+        raise InputError(f"{checkpoint}: the decoding is written into a training checkpoint (bundles are built from it); "
+                         "run fuse on the checkpoint, or drop --write")
+
+
 def write_decoding(checkpoint: Path, assistant_dir: Path, result: dict[str, Any]) -> None:
     """Store the chosen decoding in ``checkpoint`` and copy the assistant beside it."""
-    if model_kind(checkpoint) != "checkpoint":
-        raise InputError(f"{checkpoint}: the decoding is written into a training checkpoint (bundles are built from it)")
+    check_decoding_target(checkpoint)
     meta = ModelMeta.read(checkpoint / CHECKPOINT_META)
     chosen = result["chosen"]
     if chosen["assistant_weight"] > 0:

@@ -49,7 +49,7 @@ def ranker_fusion(ranker: Any, assist: bool = True, weight: float | None = None,
 
 def rank_split(
     backend: Backend, prompts: PromptBuilder, data: Dataset, split: Split, k: int, beams: int | None,
-    users: int | None = None, progress: bool = True, batch_users: int = 8, examples: list[Example] | None = None,
+    progress: bool = True, batch_users: int = 8, examples: list[Example] | None = None,
     fusion: Callable[[Sequence[Example]], Fusion] | None = None, exclude_history: bool = False,
     search_errors: bool = False, shortlist: int = 0,
 ) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def rank_split(
     target exactly and count the users whose target outscores the list's k-th item
     (:func:`target_search_errors`)."""
     if examples is None:
-        examples = data.split(split)[:users]
+        examples = data.split(split)
     titles = {ex.user_id: [data.catalog.title(j) for j in ex.history] for ex in examples}
     order = sorted(examples, key=lambda ex: prompt_width(len(prompts.prompt(titles[ex.user_id]))))
     trie = TitleTrie.build(data.catalog, prompts)

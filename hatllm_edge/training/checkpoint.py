@@ -61,6 +61,10 @@ def load_checkpoint(folder: Path, dtype: torch.dtype = torch.float32) -> Loaded:
     """Load a checkpoint folder: base weights from where ``hatllm.json`` says, then the
     adapter (merged, so inference runs on plain weights) or the full weights."""
     meta = read_meta(folder)
+    weights = f"{ADAPTER_DIR}/adapter_config.json" if meta.finetune == "lora" else FULL_WEIGHTS
+    missing = [name for name in (TOKENIZER_FILE, CATALOG_FILE, weights) if not (folder / name).exists()]
+    if missing:  # checked before the base model loads (a copy without -r leaves adapter/ behind)
+        raise InputError(f"{folder}: incomplete checkpoint, missing {', '.join(missing)}; copy the whole folder (cp -r)")
     base, tokenizer = load_base(BaseModelSpec(**meta.base), dtype=dtype)
     if meta.finetune == "lora":
         from peft import PeftModel

@@ -188,7 +188,7 @@ def train(
         log_path.write_text("", encoding="utf-8")
     n_params = sum(p.numel() for p in model.parameters())
     threads = torch.get_num_threads()
-    meta_extra = lambda: {"dataset": data.name, "train_config": cfg.to_json(), "training": _summary(st, cfg, n_params, threads, steps_per_epoch)}  # noqa: E731
+    meta_extra = lambda: {"dataset": data.name, "train_config": cfg.to_json(), "training": _summary(st, n_params, threads, steps_per_epoch)}  # noqa: E731
     total = steps_per_epoch * cfg.max_epochs
     bar = tqdm(total=total, initial=st["step"], desc="sasrec", unit="step", disable=not progress, mininterval=2.0)
     started = time.perf_counter() - st["train_s"] - st["eval_s"]
@@ -247,14 +247,14 @@ def train(
     if st["best"] is None:  # no evaluation ran: keep the last weights
         save_checkpoint(out, model, data.catalog.item_ids, meta_extra())
     meta = read_config(out)
-    meta.update(training={**_summary(st, cfg, n_params, threads, steps_per_epoch), "wall_s": round(time.perf_counter() - t_call, 1)})
+    meta.update(training={**_summary(st, n_params, threads, steps_per_epoch), "wall_s": round(time.perf_counter() - t_call, 1)})
     if command is not None:
         meta["command"] = command
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return meta["training"]
 
 
-def _summary(st: dict[str, Any], cfg: TrainConfig, n_params: int, threads: int, steps_per_epoch: int) -> dict[str, Any]:
+def _summary(st: dict[str, Any], n_params: int, threads: int, steps_per_epoch: int) -> dict[str, Any]:
     return {
         "epochs": st["epoch"], "steps": st["step"], "steps_per_epoch": steps_per_epoch, "chosen_epoch": st["best_epoch"],
         "valid_at_chosen_epoch": st["best"], "stopped": st["stopped"], "parameters": n_params,
