@@ -89,13 +89,13 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old)
 
 
-def _calibration(model: HatLLM, folder: Path, meta: ModelMeta) -> dict[str, np.ndarray] | None:
-    """Activation statistics for the engine's int8 route (:mod:`hatllm_edge.export.calibrate`), when the
-    bundle carries the tokenizer and catalog to build prompts from; None otherwise."""
+def _calibration_prompts(folder: Path, meta: ModelMeta) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """The calibration prompts (:func:`~hatllm_edge.export.calibrate.calibration_sequences`), when
+    the bundle carries the tokenizer and catalog to build them from; None otherwise."""
     if not ((folder / TOKENIZER_FILE).is_file() and (folder / CATALOG_FILE).is_file()):
         return None
     prompts = PromptBuilder.from_meta(folder / TOKENIZER_FILE, meta.prompt)
-    return activation_absmax(model, calibration_sequences(prompts, Catalog.from_jsonl(folder / CATALOG_FILE)))
+    return list(calibration_sequences(prompts, Catalog.from_jsonl(folder / CATALOG_FILE)))
 
 
 def export_bundle(
@@ -134,7 +134,11 @@ def export_bundle(
         hashes = {f"hatllm.file.{name}.sha256": file_sha256(tmp / name) for name in files}
         stages.update()
         stages.set_postfix_str("onnx")
-        calibration = _calibration(model, tmp, meta) if dtype == "fp32" else None
+        sequences = _calibration_prompts(tmp, meta)
+        # activation statistics for the engine's int8 route (read from fp32 graphs only)
+        calibration = activation_absmax(model, sequences) if sequences and dtype == "fp32" else None
+        if quant == "int4" and int4 is not None and int4.algo == "gptq" and not int4.calibration and sequences:
+            int4 = replace(int4, calibration=tuple(sequences))
         model_path = export_onnx(model, tmp / MODEL_FILE, quant=quant, dtype=dtype, opset=opset, int4=int4,
                                  metadata=hashes, embeddings=embeddings, calibration=calibration)
         stages.update()

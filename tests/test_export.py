@@ -29,8 +29,6 @@ from hatllm_edge.export.quant.nf4 import nf4_absmax, nf4_pack
 from hatllm_edge.export.validate import Step, compare, run_onnx, run_torch, sample_steps
 from hatllm_edge.training.model import HatLLM
 
-bnbf = pytest.importorskip("bitsandbytes.functional")
-
 
 def tiny_llama(n_in: int = 1, n_cr: int = 1, **config: object) -> HatLLM:
     torch.manual_seed(0)
@@ -122,6 +120,7 @@ def test_each_mask_kind_alone(n_in: int, n_cr: int, tmp_path: Path) -> None:
 
 
 def test_nf4_bytes_and_parity_with_bitsandbytes(llama: HatLLM, exported: dict[str, Path]) -> None:
+    bnbf = pytest.importorskip("bitsandbytes.functional")  # only the NF4 reference needs it
     model = onnx.load(str(exported["nf4"]))
     arrays = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     reference = tiny_llama()  # same seed, same weights; bitsandbytes dequantises independently
@@ -143,6 +142,7 @@ def test_nf4_bytes_and_parity_with_bitsandbytes(llama: HatLLM, exported: dict[st
 
 
 def test_nf4_double_quantised_absmax_is_expanded() -> None:
+    bnbf = pytest.importorskip("bitsandbytes.functional")
     w = torch.randn(32, 128)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     assert state.nested
@@ -175,13 +175,29 @@ def test_int4_weights_within_one_step_and_logits_close(llama: HatLLM, exported: 
     exact, fp32 = report.parities
     assert exact.reference == "dequantized" and exact.rel_diff <= 1e-4
     # a random tiny model has near-tied logits, so agreement is a weak figure here; the bound is
-    # the quantisation error itself (~8% RMS per weight for 4-bit RTN, block 32)
-    assert fp32.rel_diff <= 0.35 and fp32.top1_agreement >= 0.6 and fp32.top5_overlap >= 0.7
+    # the quantisation error itself (~8% RMS per weight for 4-bit RTN, block 32): measured rel
+    # 0.14, top-1 0.93, top-5 0.88
+    assert fp32.rel_diff <= 0.2 and fp32.top1_agreement >= 0.85 and fp32.top5_overlap >= 0.8
+
+
+def test_int4_of_a_tied_model_shares_one_8bit_embedding_and_head(qwen2: HatLLM, tmp_path: Path) -> None:
+    """SmolLM2's layout: the embedding and the head are one tensor, written once in 8 bits and
+    read by both the embedding's Gather and the head's MatMulNBits."""
+    path = export_onnx(qwen2, tmp_path / "q.onnx", quant="int4")
+    graph = onnx.load(str(path)).graph
+    users = {n.name: list(n.input) for n in graph.node}
+    assert "model.embed_tokens.weight.q8" in users["/model/embed_tokens/Gather"]
+    assert users["/lm_head/MatMulNBits"][1:3] == ["model.embed_tokens.weight.q8", "model.embed_tokens.weight.scales"]
+    assert not [t.name for t in graph.initializer if t.name.startswith("lm_head")]
+    exact, fp32 = validate(qwen2, path).parities
+    assert exact.reference == "dequantized" and exact.rel_diff <= 1e-4
+    assert fp32.rel_diff <= 0.2
 
 
 @pytest.mark.parametrize("algo", ["hqq", "gptq"])
 def test_int4_other_algorithms_match_their_weights(algo: str, llama: HatLLM, tmp_path: Path) -> None:
-    options = Int4Options(algo=algo, calibration=(np.arange(24) % 128, np.arange(16) * 5 % 128))
+    segments = np.repeat(np.arange(4), 6)  # template, then three items of 6 tokens: every mask kind differs
+    options = Int4Options(algo=algo, calibration=((np.arange(24) % 128, segments), (np.arange(16) * 5 % 128, segments[:16])))
     path = export_onnx(llama, tmp_path / "m.onnx", quant="int4", int4=options)
     assert validate(llama, path).exact.rel_diff <= 1e-4
 
@@ -222,6 +238,30 @@ def bundle(tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     (root / "catalog.jsonl").write_text('{"item_id": "1", "title": "A"}\n')
     files = {"tokenizer.json": tokenizer_json, "catalog.jsonl": root / "catalog.jsonl"}
     return export_bundle(llama, root / "out", "nf4", files, model_meta(llama), progress=False)
+
+
+def test_gptq_export_calibrates_on_the_bundles_prompts(tokenizer_json: Path, tmp_path: Path) -> None:
+    """export_bundle builds GPTQ's calibration prompts from the bundle's tokenizer and catalog
+    (what 'hatllm-edge export --int4-algo gptq' relies on), and each reaches the quantiser with
+    its HatLLM masks, not a plain causal one."""
+    from hatllm_edge.export.quant import int4 as int4_module
+
+    fed: list[dict[str, np.ndarray]] = []
+    feed = int4_module._TokenReader._feed
+    torch.manual_seed(0)
+    # 64 wide: ONNX Runtime's GPTQ packs zero points in pairs, so a weight needs an even count of blocks
+    llama = HatLLM(LlamaForCausalLM(tiny_llama_config(layers=4, hidden=64)).eval(), LayerSchedule(4, 1, 1))
+    (tmp_path / "catalog.jsonl").write_text('{"item_id": "1", "title": "Alpha (1990)"}\n{"item_id": "2", "title": "Beta (1991)"}\n')
+    files = {"tokenizer.json": tokenizer_json, "catalog.jsonl": tmp_path / "catalog.jsonl"}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(int4_module._TokenReader, "_feed", lambda self, seq: fed.append(feed(self, seq)) or fed[-1])
+        out = export_bundle(llama, tmp_path / "out", "int4", files, model_meta(llama), progress=False,
+                            int4=Int4Options(algo="gptq", block_size=32))
+    export = json.loads((out / "bundle.json").read_text())["export"]
+    assert export["int4"]["algo"] == "gptq" and export["int4"]["calibration_prompts"] == len(fed) > 0
+    assert export["validation"]["dequantized"]["rel_diff"] <= 1e-4
+    assert any(not np.array_equal(f["mask_in"], f["mask_or"]) for f in fed)
+    assert any(not np.array_equal(f["mask_cr"], f["mask_or"]) for f in fed)
 
 
 def test_bundle_contents_and_manifest(bundle: Path) -> None:
