@@ -378,8 +378,11 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path: Path, data_files: tuple[Path
 
 
 def test_an_incomplete_checkpoint_is_refused_before_loading(trained: tuple[Path, Any], data_files: tuple[Path, Path],
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A copy without -r leaves adapter/ behind: named, exit 2, before the base model loads."""
+    import hatllm_edge.training.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_base", lambda *a, **k: pytest.fail("the base model loaded before the check"))
     copy = tmp_path / "copy"
     shutil.copytree(trained[0], copy, ignore=shutil.ignore_patterns("adapter", "train_state*"))
     assert_usage_error(invoke("evaluate", copy, "--interactions", data_files[0], "--items", data_files[1], "--quiet"),
@@ -394,7 +397,11 @@ def test_fuse_write_into_a_bundle_is_refused_before_tuning(bundle: Path, tmp_pat
                        "written into a training checkpoint", "drop --write")
 
 
-def test_evaluate_refuses_engine_options_on_a_checkpoint(trained: tuple[Path, Any], data_files: tuple[Path, Path]) -> None:
+def test_evaluate_refuses_engine_options_on_a_checkpoint(trained: tuple[Path, Any], data_files: tuple[Path, Path],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import hatllm_edge.training.torch_backend as torch_backend
+
+    monkeypatch.setattr(torch_backend, "checkpoint_ranker", lambda *a, **k: pytest.fail("the checkpoint loaded before the check"))
     data = ["--interactions", data_files[0], "--items", data_files[1], "--users", 1, "--quiet"]
     for flags in (["--device", "cuda"], ["--compute", "int8"]):
         assert_usage_error(invoke("evaluate", trained[0], *data, *flags), "run in PyTorch on the CPU", "export")
@@ -405,8 +412,8 @@ def test_bad_split(trained: tuple[Path, Any], data_files: tuple[Path, Path]) -> 
 
 
 def test_popularity_bad_split(data_files: tuple[Path, Path]) -> None:
-    """popularity does not check --split: 'train' (or any typo) silently scores the
-    validation targets and exits 0."""
+    """--split takes valid or test only: 'train' (or any typo) is a usage error, not a silent
+    scoring of the validation targets."""
     assert_usage_error(invoke("popularity", "--split", "train", "--interactions", data_files[0], "--items", data_files[1]), "split")
 
 
@@ -423,14 +430,14 @@ def test_catalog_mismatch(trained: tuple[Path, Any], tmp_path: Path, data_files:
 
 
 def test_schedule_larger_than_the_model(tiny_base: Path, data_files: tuple[Path, Path], tmp_path: Path) -> None:
-    """--n-in 2 --n-cr 1 on a 2-layer base: LayerSchedule raises a plain ValueError, which
-    the CLI does not map, so the user gets a traceback and exit code 1."""
+    """--n-in 2 --n-cr 1 on a 2-layer base: more masked layers than the model has is one
+    'error:' line naming n_in and exit code 2, not a traceback."""
     result = invoke(*train_args(tmp_path / "o", tiny_base, data_files, "--examples", 4, "--n-in", 2, "--n-cr", 1))
     assert_usage_error(result, "n_in")
 
 
 def test_popularity_out_in_a_new_folder(data_files: tuple[Path, Path], tmp_path: Path) -> None:
-    """evaluate creates the --out folder; popularity does not (FileNotFoundError, exit 1)."""
+    """--out in a folder that does not exist yet: the folder is made (popularity, as evaluate)."""
     res = tmp_path / "new" / "pop.json"
     result = invoke("popularity", "--interactions", data_files[0], "--items", data_files[1], "--out", res)
     assert result.exit_code == 0, (result.output, result.exception)
@@ -441,13 +448,15 @@ def test_relative_base_path_survives_a_change_of_directory(
     tiny_base: Path, data_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The checkpoint must describe itself: a --base given relative to the working
-    directory is stored verbatim in hatllm.json, so evaluate from anywhere else fails."""
+    directory is stored resolved in hatllm.json, so evaluate from anywhere else finds it."""
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     out = tmp_path / "ckpt"
     result = invoke(*train_args(out, os.path.relpath(tiny_base, work), data_files, "--examples", 4, "--batch-size", 4))
     assert result.exit_code == 0, (result.output, result.exception)
+    stored = Path(json.loads((out / "hatllm.json").read_text())["base"]["path"])
+    assert stored.is_absolute() and stored.resolve() == tiny_base.resolve()
     monkeypatch.chdir(tmp_path)
     result = invoke("evaluate", out, "--interactions", data_files[0], "--items", data_files[1], "--users", 1, "--quiet")
     assert result.exit_code == 0, (result.output, result.exception)

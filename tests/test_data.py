@@ -277,8 +277,8 @@ def test_missing_files_and_arguments(tmp_path: Path) -> None:
 
 
 def test_nan_timestamp_is_rejected(tmp_path: Path) -> None:
-    """'nan' parses as a float but has no order: rows a@3, b@nan, c@1 come out as a, b, c
-    (c, at time 1, after a, at time 3) instead of an error."""
+    """'nan' parses as a float but has no order (sorting by time would put rows around it
+    anywhere): the row is refused with its file and line."""
     msg = error_for(tmp_path, "user_id,item_id,timestamp\nu,i1,1\nu,i1,nan\n")
     assert "inter.csv:3: field 'timestamp'" in msg
 

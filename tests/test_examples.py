@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,19 @@ def test_the_own_data_walk_through_runs(tmp_path: Path) -> None:
     assert "rank" in done.stdout and (tmp_path / "run" / "bundle" / "bundle.json").is_file()
     result = json.loads((tmp_path / "run" / "test.json").read_text())
     assert result["users"] == 60 and 0 <= result["metrics"]["NDCG@10"] <= 1
+
+
+@pytest.mark.slow
+def test_the_quick_start_ranks_as_the_readme_shows(tmp_path: Path) -> None:
+    """The README's first line: the shipped model exported on first use, then examples/user.json
+    ranked over the whole catalog, history left out, fused with SASRec; the README's top 3."""
+    env = dict(os.environ, HATLLM_CACHE=str(tmp_path / "cache"))
+    env.pop("HATLLM_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "hatllm_edge", "rank", str(ROOT / "examples" / "user.json"), "-q"], capture_output=True,
+                          text=True, env=env, timeout=1800, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    catalog = Catalog.from_jsonl(ROOT / "models" / "hatllm-ml100k" / "catalog.jsonl")
+    seen = {catalog.item_ids[i] for i in Resolver(catalog).resolve(read_request(ROOT / "examples" / "user.json").history, "history")}
+    assert len(result["results"]) == 10 and not seen & {r["item_id"] for r in result["results"]}
+    assert [r["item_id"] for r in result["results"][:3]] == ["79", "176", "183"]  # the README's quick start

@@ -190,7 +190,6 @@ def test_load_base_rejects(tmp_path: Path, tiny_base: Path, hf_tokenizer) -> Non
         load_base(BaseModelSpec(path=str(tmp_path / "gpt2")))
 
 
-@pytest.mark.slow
 def test_default_gguf_base_loads_clean() -> None:
     """The SmolLM2-135M GGUF: 30 layers, no quantization config left, tied embeddings, and
     HatLLM all-OR reproduces the plain model on a prompt."""

@@ -27,7 +27,7 @@ def ranker(tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Ra
 
 
 def test_a_bundle_named_by_a_string_ranks_as_by_a_path(ranker: Ranker, tokenizer_json: Path, tmp_path: Path) -> None:
-    """Library callers pass paths as text; the tokenizer then failed to load with a misleading message."""
+    """Library callers pass paths as text: a str folder loads and ranks exactly as a Path."""
     folder = tiny_bundle(tmp_path, tokenizer_json, TITLES, IDS, 5)
     by_text = Ranker.from_bundle(str(folder), threads=1).top_k([[0, 1]], k=3)[0]
     by_path = ranker.top_k([[0, 1]], k=3)[0]
