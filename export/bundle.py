@@ -26,6 +26,7 @@ from hatllm_edge.core.formats import (
     MODEL_FILE,
     TOKENIZER_FILE,
     ModelMeta,
+    file_digest_key,
 )
 from hatllm_edge.core.machine import versions
 from hatllm_edge.core.prompt import PromptBuilder
@@ -131,7 +132,7 @@ def export_bundle(
     try:
         stages.set_postfix_str("files")
         _write_files(tmp, files)
-        hashes = {f"hatllm.file.{name}.sha256": file_sha256(tmp / name) for name in files}
+        hashes = {file_digest_key(name): file_sha256(tmp / name) for name in files}
         stages.update()
         stages.set_postfix_str("onnx")
         sequences = _calibration_prompts(tmp, meta)

@@ -26,6 +26,10 @@ from hatllm_edge.core.formats import (
     EMBEDDINGS,
     GRAPH_CONTRACT,
     GRAPH_REVISION,
+    META_DTYPE,
+    META_EMBEDDINGS,
+    META_LAYER_KINDS,
+    META_QUANT,
     QUANTS,
     DType,
     Embeddings,
@@ -107,7 +111,7 @@ def graph_metadata(spec: DecoderSpec, quant: Quant, dtype: DType, int4: Int4Opti
     """The ``hatllm.*`` metadata_props the engine reads (layer kinds, cache geometry, quant), and
     which graph contract and revision wrote the graph."""
     meta = {
-        "hatllm.layer_kinds": json.dumps(list(spec.layer_kinds)),
+        META_LAYER_KINDS: json.dumps(list(spec.layer_kinds)),
         "hatllm.model_type": spec.model_type,
         "hatllm.n_in": str(spec.n_in),
         "hatllm.n_cr": str(spec.n_cr),
@@ -115,9 +119,9 @@ def graph_metadata(spec: DecoderSpec, quant: Quant, dtype: DType, int4: Int4Opti
         "hatllm.num_kv_heads": str(spec.num_kv_heads),
         "hatllm.head_dim": str(spec.head_dim),
         "hatllm.vocab_size": str(spec.vocab_size),
-        "hatllm.quant": quant,
-        "hatllm.dtype": dtype,
-        "hatllm.embeddings": embeddings,
+        META_QUANT: quant,
+        META_DTYPE: dtype,
+        META_EMBEDDINGS: embeddings,
         "hatllm.graph_contract": str(GRAPH_CONTRACT),
         "hatllm.graph_revision": str(GRAPH_REVISION),
     }

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import torch
 
+from hatllm_edge.core.formats import META_QUANT
 from hatllm_edge.core.masks import MaskKind, build_masks, causal_visibility
 from hatllm_edge.engine.quant import dequantized_linears
 from hatllm_edge.engine.session import OnnxBackend
@@ -149,7 +150,7 @@ def validate(model: HatLLM, onnx_path: Path, seed: int = 0, batch: int = 3, pref
     steps = sample_steps(model.lm.config.vocab_size, batch, prefill, step, seed)
     got = run_onnx(backend, steps)
     parities = [compare("fp32", got, run_torch(model, steps), steps)]
-    if backend.metadata.get("hatllm.quant", "none") != "none":
+    if backend.metadata.get(META_QUANT, "none") != "none":
         reference = dequantized_model(model, onnx.load(str(onnx_path)))
         if reference is not None:
             parities.insert(0, compare("dequantized", got, run_torch(reference, steps), steps))

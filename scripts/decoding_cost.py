@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from hatllm_edge.app.models import open_model
-from hatllm_edge.core.data import load_dataset
+from hatllm_edge.core.data import candidate_set, load_dataset
 from hatllm_edge.core.machine import cpu_name
 
 
@@ -40,9 +40,8 @@ def main() -> None:
     examples = rng.sample(data.split("test", ranker.prompts.max_history), args.users)
     requests = []
     for ex in examples:
-        target = data.catalog.index(ex.target)
-        pool = [i for i in rng.sample(range(len(data.catalog)), args.candidates) if i != target][: args.candidates - 1]
-        requests.append(([data.catalog.index(i) for i in ex.history], [target] + pool))
+        requests.append(([data.catalog.index(i) for i in ex.history],
+                         candidate_set(len(data.catalog), data.catalog.index(ex.target), args.candidates, rng)))
     ranker.score(*requests[0], assist=False)  # warm-up: session arenas, the title tree
     ranker.top_k([requests[0][0]], assist=False)
     times: dict[str, dict[bool, list[float]]] = {"candidates": {False: [], True: []}, "top10": {False: [], True: []}}

@@ -22,18 +22,14 @@ from hatllm_edge.core.data import load_dataset
 from hatllm_edge.ranking.ranker import Ranker
 
 
-def _by_item(ranked) -> np.ndarray:  # type: ignore[no-untyped-def]
-    return np.asarray(ranked.scores)[np.argsort(ranked.items)]
-
-
 def probe(ranker: Ranker, histories: list[list[int]], candidates: list[list[int]], k: int) -> dict:
     alone = [ranker.score(h, c) for h, c in zip(histories, candidates)]
     batched = ranker.score_batch(histories, candidates)
     reversed_ = [ranker.score(h, c[::-1]) for h, c in zip(histories, candidates)]
     out: dict = {
-        "batched_vs_alone_max": max(float(np.abs(_by_item(a) - _by_item(b)).max()) for a, b in zip(alone, batched)),
+        "batched_vs_alone_max": max(float(np.abs(a.by_position() - b.by_position()).max()) for a, b in zip(alone, batched)),
         "batched_vs_alone_top10_differ": sum(a.items[:10] != b.items[:10] for a, b in zip(alone, batched)),
-        "reversed_vs_in_order_max": max(float(np.abs(_by_item(a) - _by_item(r)[::-1]).max())
+        "reversed_vs_in_order_max": max(float(np.abs(a.by_position() - r.by_position()[::-1]).max())
                                         for a, r in zip(alone, reversed_)),
     }
     copies = ranker.score(histories[0], [candidates[0][0]] * 4)
@@ -44,7 +40,7 @@ def probe(ranker: Ranker, histories: list[list[int]], candidates: list[list[int]
     out["topk_batched_vs_alone_max"] = max(
         (abs(sa - sb) for a, b in zip(top_alone, top_batched) for i, sa in zip(a.items, a.scores)
          for j, sb in zip(b.items, b.scores) if i == j), default=0.0)
-    out["alone_scores"] = [_by_item(a).tolist() for a in alone]
+    out["alone_scores"] = [a.by_position().tolist() for a in alone]
     return out
 
 
@@ -76,7 +72,7 @@ def main() -> None:
     result |= probe(ranker, histories, candidates, args.k)
     if args.reference:
         other = Ranker.from_bundle(args.bundle, threads=args.threads, compute=args.reference)
-        ref = [_by_item(other.score(h, c)) for h, c in zip(histories, candidates)]
+        ref = [other.score(h, c).by_position() for h, c in zip(histories, candidates)]
         diffs = np.concatenate([np.abs(np.asarray(a) - b) for a, b in zip(result["alone_scores"], ref)])
         result["vs_reference"] = {"route": args.reference, "mean": float(diffs.mean()), "max": float(diffs.max())}
     result.pop("alone_scores")

@@ -45,10 +45,8 @@ def score_shortlists(ranker: Ranker, data: Dataset, split: str, users: int, size
             shortlists.append(sorted(set(order[:size]) | set([j for j in order if j not in seen][:size])))
         histories = [[ranker.catalog.index(j) for j in ex.history] for ex in chunk]
         for ex, p, items, ranked in zip(chunk, prior, shortlists, ranker.score_batch(histories, shortlists, assist=False)):
-            llm = np.empty(len(items))
-            llm[ranked.items] = ranked.scores
             rows.append({"user": ex.user_id, "target": ex.target, "seen": sorted(data.seen(ex.user_id, split)),
-                         "items": items, "llm": llm, "prior": p[items]})
+                         "items": items, "llm": ranked.by_position(), "prior": p[items]})
     return rows
 
 

@@ -115,7 +115,7 @@ def main() -> None:
                 for ex in rng.sample(load_dataset().split("test", native.prompts.max_history), args.users)]
 
     def scores(ranker: Ranker) -> list[np.ndarray]:
-        return [np.asarray(r.scores)[np.argsort(r.items)] for r in (ranker.score(h, c) for h, c in requests)]
+        return [ranker.score(h, c).by_position() for h, c in requests]
 
     reference = scores(native)
     routes: list[tuple[str, Ranker]] = [("int8 (per token)", Ranker.from_bundle(args.bundle, threads=2, compute="int8"))]

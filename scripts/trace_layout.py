@@ -42,7 +42,7 @@ def _record(ranker: Ranker, history: list[int], candidates: list[int], pack: int
                                           [ranker.titles(candidates)], pack_tokens=pack)[0]
     finally:
         del backend.token_logprobs
-    return np.asarray(ranked.scores)[np.argsort(ranked.items)], seen
+    return ranked.by_position(), seen
 
 
 def _locate(ids: np.ndarray, tokens: np.ndarray) -> tuple[int, int]:

@@ -75,7 +75,7 @@ def _ablation_runner(checkpoint: Path, change: dict[str, Any], threads: int, pro
         ranked = score_candidates(backend, prompts, [ranker.titles(h) for h in histories], [ranker.titles(c) for c in cands],
                                   pack_tokens=change.get("pack_tokens", PACK_TOKENS), pass_tokens=change.get("pass_tokens"),
                                   balanced=change.get("balanced", True), bucket=change.get("bucket", PROMPT_BUCKET))
-        return np.concatenate([np.asarray(r.scores)[np.argsort(r.items)] for r in ranked])
+        return np.concatenate([r.by_position() for r in ranked])
 
     return go
 

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from hatllm_edge.core.data import Dataset
+from hatllm_edge.core.data import Dataset, candidate_set
 from hatllm_edge.core.errors import InputError
 
 CAND_TARGET, TOPK_TARGET = "cand100-h20-b1", "top10-h10-b1"  # the workloads the verdict compares on
@@ -71,9 +71,7 @@ def make_requests(data: Dataset, w: Workload, seed: int, count: int) -> list[Req
         cands: list[list[int]] = []
         for ex in users:
             if w.kind == "candidates":
-                target = catalog.index(ex.target)
-                pool = [i for i in rng.sample(range(len(catalog)), w.candidates) if i != target]
-                cands.append([target] + pool[: w.candidates - 1])
+                cands.append(candidate_set(len(catalog), catalog.index(ex.target), w.candidates, rng))
         out.append((histories, cands))
     return out
 

@@ -59,6 +59,13 @@ class Catalog:
         return cls(tuple(_field(r, "item_id", path, n) for n, r in rows), tuple(_field(r, "title", path, n) for n, r in rows))
 
 
+def candidate_set(catalog_size: int, target: int, count: int, rng: random.Random) -> list[int]:
+    """The target first, then ``count`` - 1 other catalog indices drawn by ``rng``: the candidate
+    lists of fidelity and latency measurements (one draw of ``count``, so seeded lists stay put)."""
+    pool = [i for i in rng.sample(range(catalog_size), count) if i != target]
+    return [target] + pool[: count - 1]
+
+
 @dataclass(frozen=True)
 class Example:
     """One ranking example: the history (item ids, oldest first) and the item that followed."""

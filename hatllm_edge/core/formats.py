@@ -40,6 +40,25 @@ GRAPH_REVISION = 3
 # not reused.
 INT8_REVISION = 2
 
+# Keys of the graph's metadata_props that export writes and the engine reads back
+META_LAYER_KINDS = "hatllm.layer_kinds"  # JSON list of mask kinds, one per layer
+META_QUANT = "hatllm.quant"
+META_DTYPE = "hatllm.dtype"
+META_EMBEDDINGS = "hatllm.embeddings"
+_META_FILE_PREFIX, _META_FILE_SUFFIX = "hatllm.file.", ".sha256"
+
+
+def file_digest_key(name: str) -> str:
+    """The metadata key holding the sha256 of bundle file ``name`` the graph was exported with."""
+    return f"{_META_FILE_PREFIX}{name}{_META_FILE_SUFFIX}"
+
+
+def digest_key_file(key: str) -> str | None:
+    """The bundle file a :func:`file_digest_key` key names; None for any other key."""
+    if key.startswith(_META_FILE_PREFIX) and key.endswith(_META_FILE_SUFFIX):
+        return key[len(_META_FILE_PREFIX): -len(_META_FILE_SUFFIX)]
+    return None
+
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 LOGITS_TO_KEEP = "logits_to_keep"

@@ -30,6 +30,10 @@ from hatllm_edge.core.formats import (
     LOGITS_TO_KEEP,
     MANIFEST_FILE,
     MASK_INPUT,
+    META_DTYPE,
+    META_EMBEDDINGS,
+    META_LAYER_KINDS,
+    META_QUANT,
     MODEL_FILE,
     PAST,
     PAST_ROWS,
@@ -39,6 +43,7 @@ from hatllm_edge.core.formats import (
     TARGET_IDS,
     TARGET_LOGPROBS,
     ModelMeta,
+    digest_key_file,
 )
 from hatllm_edge.core.masks import MASK_KINDS, MaskKind
 from hatllm_edge.engine.backend import cache_rows
@@ -83,8 +88,7 @@ def read_bundle_meta(folder: Path) -> ModelMeta:
 
 
 # bundle.json's export section against the graph's own metadata_props: the graph wins
-_META_PAIRS = (("quant", "hatllm.quant"), ("dtype", "hatllm.dtype"), ("embeddings", "hatllm.embeddings"),
-               ("layer_kinds", "hatllm.layer_kinds"))
+_META_PAIRS = (("quant", META_QUANT), ("dtype", META_DTYPE), ("embeddings", META_EMBEDDINGS), ("layer_kinds", META_LAYER_KINDS))
 
 
 def check_bundle_meta(folder: Path, meta: ModelMeta, manifest: dict[str, Any], graph: dict[str, str]) -> None:
@@ -99,9 +103,8 @@ def check_bundle_meta(folder: Path, meta: ModelMeta, manifest: dict[str, Any], g
         if said != own:
             raise InputError(f"bundle {folder}: {BUNDLE_META} says {field} {said} but {MODEL_FILE} records {own}; "
                              "the bundle was edited after export; re-export it")
-    for key, digest in graph.items():  # hatllm.file.<name>.sha256: the files exported with the graph
-        if key.startswith("hatllm.file.") and key.endswith(".sha256"):
-            name = key[len("hatllm.file."): -len(".sha256")]
+    for key, digest in graph.items():  # the files exported with the graph
+        if (name := digest_key_file(key)) is not None:
             listed = manifest.get("files", {}).get(name, {}).get("sha256")
             if listed is not None and listed != digest:
                 raise InputError(f"bundle {folder}: {name} is not the file {MODEL_FILE} was exported with; re-export the bundle")
@@ -249,12 +252,12 @@ class OnnxBackend:
                              f"missing?); session providers: {', '.join(self.session.get_providers())}")
 
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
-        if "hatllm.layer_kinds" not in self.metadata:
+        if META_LAYER_KINDS not in self.metadata:
             raise InputError(f"ONNX model {path} carries no hatllm.layer_kinds metadata; export it with hatllm-edge")
         try:
-            self.layer_kinds: list[MaskKind] = json.loads(self.metadata["hatllm.layer_kinds"])
+            self.layer_kinds: list[MaskKind] = json.loads(self.metadata[META_LAYER_KINDS])
             if not isinstance(self.layer_kinds, list) or not set(self.layer_kinds) <= set(MASK_KINDS):
-                raise ValueError(self.metadata["hatllm.layer_kinds"][:80])
+                raise ValueError(self.metadata[META_LAYER_KINDS][:80])
         except ValueError as e:
             raise InputError(f"ONNX model {path}: its hatllm.layer_kinds metadata is not a list of {MASK_KINDS} ({e}); "
                              "re-export it") from None
@@ -337,7 +340,7 @@ class OnnxBackend:
         except (DecodeError, ValueError, OSError) as e:
             raise InputError(f"ONNX model {path} is not a readable ONNX graph ({type(e).__name__}: {_first_line(e)}); "
                              "re-export the bundle") from None
-        quantised = any(p.key == "hatllm.quant" and p.value != "none" for p in stored.metadata_props)
+        quantised = any(p.key == META_QUANT and p.value != "none" for p in stored.metadata_props)
         compute = resolve_compute(compute, "cpu", quantised)
         if compute == "native":
             return str(path), compute

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from hatllm_edge.core.data import Dataset, Split
+from hatllm_edge.core.data import Dataset, Split, candidate_set
 from hatllm_edge.ranking.ranker import Ranker
 
 
@@ -42,17 +42,12 @@ def candidate_fidelity(reference: Ranker, other: Ranker, data: Dataset, cfg: Fid
     examples = rng.sample(examples, min(cfg.users, len(examples)))
     taus, top1 = [], []
     for ex in tqdm(examples, desc="fidelity", disable=not progress, unit="user"):
-        target = data.catalog.index(ex.target)
-        pool = [i for i in rng.sample(range(len(data.catalog)), cfg.candidates) if i != target][: cfg.candidates - 1]
-        candidates = [target] + pool
+        candidates = candidate_set(len(data.catalog), data.catalog.index(ex.target), cfg.candidates, rng)
         history = [data.catalog.index(i) for i in ex.history]
         # the LLM alone: a fused assistant would add the same bonus to both and flatter the tau
         ref = reference.score(history, candidates, assist=False, renormalise=renormalise)
         got = other.score(history, candidates, assist=False, renormalise=renormalise)
-        ref_scores = np.empty(len(candidates))
-        got_scores = np.empty(len(candidates))
-        ref_scores[ref.items], got_scores[got.items] = ref.scores, got.scores
-        taus.append(kendall_tau(ref_scores, got_scores))
+        taus.append(kendall_tau(ref.by_position(), got.by_position()))
         top1.append(ref.items[0] == got.items[0])
     tau = np.asarray(taus)
     return {

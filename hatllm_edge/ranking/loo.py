@@ -25,10 +25,11 @@ from hatllm_edge.ranking.search import (
 )
 
 
-def split_examples(data: Dataset, split: Split, users: int | None, sample: bool, seed: int) -> list[Example]:
-    """The split's examples with whole histories: all users, the first ``users``, or a seeded
-    sample of ``users`` (data order)."""
-    examples = data.split(split)
+def split_examples(data: Dataset, split: Split, users: int | None, sample: bool, seed: int,
+                   max_history: int | None = None) -> list[Example]:
+    """The split's examples (histories cut to ``max_history``, default whole): all users, the
+    first ``users``, or a seeded sample of ``users`` (data order)."""
+    examples = data.split(split, max_history)
     if not users or users >= len(examples):
         return examples
     if not sample:

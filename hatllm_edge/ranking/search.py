@@ -115,10 +115,18 @@ class Fusion:
 
 @dataclass(frozen=True)
 class Ranked:
-    """A ranked list: catalog indices, best first, and their scores (log-probabilities)."""
+    """A ranked list, best first, and its scores (log-probabilities): ``items`` are catalog
+    indices for a full-catalog list, positions in the candidate list for scored candidates."""
 
     items: list[int]
     scores: list[float]
+
+    def by_position(self) -> np.ndarray:
+        """Scored candidates' scores back in the order the candidates were given: what comparing
+        two models (or two layouts) candidate by candidate needs."""
+        scores = np.empty(len(self.items))
+        scores[self.items] = self.scores
+        return scores
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -44,6 +44,7 @@ from hatllm_edge.core.masks import LayerSchedule
 from hatllm_edge.core.prompt import PromptBuilder, Template
 from hatllm_edge.core.recipe import LoraTargets, Loss, Mode
 from hatllm_edge.engine.session import Device
+from hatllm_edge.ranking.loo import rank_split, split_examples
 from hatllm_edge.ranking.search import Fusion, TitleTrie
 from hatllm_edge.training import checkpoint as ckpt
 from hatllm_edge.training.batching import (
@@ -156,11 +157,7 @@ def unit_sizes(cfg: TrainConfig, units: list[Window] | list[Example], data: Data
 def validation_users(data: Dataset, max_history: int, n: int) -> list[Example]:
     """The fixed subset of validation examples that picks the best step (seeded, data order).
     Its seed is not the run's, so runs of different seeds are chosen on the same users."""
-    examples = data.split("valid", max_history)
-    if n and n < len(examples):
-        keep = set(random.Random(VALID_SEED).sample(range(len(examples)), n))
-        examples = [ex for i, ex in enumerate(examples) if i in keep]
-    return examples
+    return split_examples(data, "valid", n, True, VALID_SEED, max_history)
 
 
 def validate(model: HatLLM, prompts: PromptBuilder, data: Dataset, examples: list[Example], k: int = 10,
@@ -169,7 +166,6 @@ def validate(model: HatLLM, prompts: PromptBuilder, data: Dataset, examples: lis
     model's device; bf16 autocast keeps the fp32 master weights and halves the cost).
     ``renormalise``: beam steps scored over the trie node's children, the decoding that
     matches the masked-softmax loss."""
-    from hatllm_edge.ranking.loo import rank_split
     from hatllm_edge.training.torch_backend import TorchBackend
 
     try:

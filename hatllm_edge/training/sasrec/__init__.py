@@ -27,23 +27,16 @@ from the command line: ``hatllm-edge sasrec train|evaluate|export|report``.
 """
 
 from hatllm_edge.core.formats import ASSISTANT_CONFIG as CONFIG_FILE  # noqa: F401
-from hatllm_edge.core.formats import ASSISTANT_ONNX as ONNX_FILE  # noqa: F401
 from hatllm_edge.ranking.assistant import read_config  # noqa: F401
 from hatllm_edge.training.sasrec.checkpoint import (  # noqa: F401
-    FORMAT_VERSION,
     LOG_FILE,
     WEIGHTS_FILE,
     load_checkpoint,
-    save_checkpoint,
 )
 from hatllm_edge.training.sasrec.evaluate import (  # noqa: F401
-    Scorer,
     evaluate_checkpoint,
-    evaluate_scorer,
-    onnx_scorer,
     rank_examples,
     target_ranks,
-    torch_scorer,
 )
 from hatllm_edge.training.sasrec.model import SASRec, SASRecConfig  # noqa: F401
 from hatllm_edge.training.sasrec.onnx import (  # noqa: F401
@@ -51,11 +44,10 @@ from hatllm_edge.training.sasrec.onnx import (  # noqa: F401
     export_model_onnx,
     onnx_parity,
 )
-from hatllm_edge.training.sasrec.report import RANKS_NOTE, plot_training, report  # noqa: F401
+from hatllm_edge.training.sasrec.report import report  # noqa: F401
 from hatllm_edge.training.sasrec.train import (  # noqa: F401
     TrainConfig,
     train,
     train_sequences,
     training_windows,
-    window_loss,
 )
