@@ -20,7 +20,12 @@ import numpy as np
 import torch
 
 from hatllm_edge.core.data import Catalog
-from hatllm_edge.core.masks import build_masks, causal_visibility
+from hatllm_edge.core.masks import (
+    build_masks,
+    causal_visibility,
+    left_padded,
+    padded_positions,
+)
 from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.training.model import HatLLM
 
@@ -64,16 +69,10 @@ def activation_absmax(model: HatLLM, sequences: Iterable[tuple[np.ndarray, np.nd
     try:
         for at in range(0, len(rows), batch):
             chunk = rows[at : at + batch]
-            width = max(len(ids) for ids, _ in chunk)
-            ids = np.zeros((len(chunk), width), np.int64)
-            segs = np.zeros((len(chunk), width), np.int64)
-            valid = np.zeros((len(chunk), width), bool)
-            for r, (row_ids, row_segs) in enumerate(chunk):
-                ids[r, width - len(row_ids):], segs[r, width - len(row_ids):], valid[r, width - len(row_ids):] = row_ids, row_segs, True
+            ids, segs, valid = left_padded(chunk)
             real = torch.from_numpy(valid.reshape(-1))
-            masks = build_masks(segs, segs, causal_visibility(valid, width))
-            positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
-            model(torch.from_numpy(ids), torch.from_numpy(positions), {k: torch.from_numpy(m) for k, m in masks.items()})
+            masks = build_masks(segs, segs, causal_visibility(valid, ids.shape[1]))
+            model(torch.from_numpy(ids), torch.from_numpy(padded_positions(valid)), {k: torch.from_numpy(m) for k, m in masks.items()})
     finally:
         for h in hooks:
             h.remove()

@@ -21,7 +21,12 @@ import onnx
 import torch
 
 from hatllm_edge.core.formats import META_QUANT
-from hatllm_edge.core.masks import MaskKind, build_masks, causal_visibility
+from hatllm_edge.core.masks import (
+    MaskKind,
+    build_masks,
+    causal_visibility,
+    padded_positions,
+)
 from hatllm_edge.engine.quant import dequantized_linears
 from hatllm_edge.engine.session import OnnxBackend
 from hatllm_edge.training.model import HatLLM
@@ -54,7 +59,7 @@ def sample_steps(vocab_size: int, batch: int = 3, prefill: int = 9, step: int = 
                                         (step, np.ones((batch, step), bool), np.full((batch, step), 5))):
         key_valid = np.concatenate([key_valid, q_valid], axis=1)
         key_segments = np.concatenate([key_segments, q_segments], axis=1)
-        positions = np.maximum(np.cumsum(key_valid, axis=1)[:, -length:] - 1, 0)
+        positions = padded_positions(key_valid)[:, -length:]
         masks = build_masks(q_segments, key_segments, causal_visibility(key_valid, length))
         ids = rng.integers(0, vocab_size, (batch, length))
         steps.append(Step(ids.astype(np.int64), positions.astype(np.int64), masks, q_valid))

@@ -11,6 +11,8 @@ from hatllm_edge.core.masks import (
     LayerSchedule,
     build_masks,
     causal_visibility,
+    left_padded,
+    padded_positions,
 )
 
 # Template (0), item 1, item 1, template, item 2, item 2, template, answer item 3, answer item 3.
@@ -199,3 +201,13 @@ def test_layer_schedule_rejects(layers: int, n_in: int, n_cr: int) -> None:
     with pytest.raises(ValueError, match="n_in"):
         LayerSchedule(layers, n_in, n_cr)
 
+
+
+def test_left_padding_puts_every_last_token_in_the_last_column() -> None:
+    rows = [(np.array([5, 6, 7]), np.array([0, 1, 1])), (np.array([9]), np.array([2]))]
+    ids, segs, valid = left_padded(rows)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]] and segs.tolist() == [[0, 1, 1], [0, 0, 2]]
+    assert valid.tolist() == [[True, True, True], [False, False, True]]
+    assert padded_positions(valid).tolist() == [[0, 1, 2], [0, 0, 0]]
+    wide, _, wide_valid = left_padded(rows, width=5)
+    assert wide.tolist() == [[0, 0, 5, 6, 7], [0, 0, 0, 0, 9]] and padded_positions(wide_valid).tolist() == [[0, 0, 0, 1, 2], [0] * 5]

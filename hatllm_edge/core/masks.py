@@ -59,6 +59,23 @@ def _xp(a: Any) -> Any:
     return np if isinstance(a, np.ndarray) else sys.modules["torch"]
 
 
+def left_padded(rows: Sequence[tuple[np.ndarray, np.ndarray]], width: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token ids, segment ids) rows left-padded to ``width`` (default: the longest), so every
+    row's last token sits in the last column: ids, segments [B, W] int64 and validity [B, W]."""
+    width = width or max(len(ids) for ids, _ in rows)
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    segs = np.zeros((len(rows), width), dtype=np.int64)
+    valid = np.zeros((len(rows), width), dtype=bool)
+    for r, (row_ids, row_segs) in enumerate(rows):
+        ids[r, width - len(row_ids) :], segs[r, width - len(row_ids) :], valid[r, width - len(row_ids) :] = row_ids, row_segs, True
+    return ids, segs, valid
+
+
+def padded_positions(valid: np.ndarray) -> np.ndarray:
+    """Position ids of left-padded rows [B, W]: each row counts from 0 at its first real token (0 under padding)."""
+    return np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+
+
 def causal_visibility(key_valid: Any, num_queries: int) -> Any:
     """Base visibility for ``num_queries`` new tokens appended after the cached ones.
 

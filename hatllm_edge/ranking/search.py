@@ -13,7 +13,12 @@ from typing import Any, Collection, Mapping, Sequence
 import numpy as np
 
 from hatllm_edge.core.data import Catalog
-from hatllm_edge.core.masks import build_masks, causal_visibility
+from hatllm_edge.core.masks import (
+    build_masks,
+    causal_visibility,
+    left_padded,
+    padded_positions,
+)
 from hatllm_edge.core.prompt import Encoded, PromptBuilder
 from hatllm_edge.engine.backend import Backend
 
@@ -187,15 +192,10 @@ class Prefilled:
 def prefill(backend: Backend, encoded: Sequence[Encoded], bucket: int = PROMPT_BUCKET) -> Prefilled:
     """Run a batch of prompts in one pass (of the widest prompt's :func:`prompt_width`): what
     beam search and candidate scoring start from."""
-    users, width = len(encoded), prompt_width(max(len(p) for p in encoded), bucket)
-    ids = np.zeros((users, width), dtype=np.int64)
-    segs = np.zeros((users, width), dtype=np.int64)
-    valid = np.zeros((users, width), dtype=bool)
-    for u, p in enumerate(encoded):
-        ids[u, width - len(p) :], segs[u, width - len(p) :], valid[u, width - len(p) :] = p.ids, p.segments, True
-    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+    width = prompt_width(max(len(p) for p in encoded), bucket)
+    ids, segs, valid = left_padded([(p.ids, p.segments) for p in encoded], width)
     masks = build_masks(segs, segs, causal_visibility(valid, width))
-    logits, cache = backend.forward(ids, positions, masks, None, last_only=True)
+    logits, cache = backend.forward(ids, padded_positions(valid), masks, None, last_only=True)
     lengths = np.asarray([len(p) for p in encoded], dtype=np.int64)
     return Prefilled(log_softmax(logits.astype(np.float32)), cache, segs, valid, lengths)
 

@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from hatllm_edge.core.data import Catalog, Example, Window
-from hatllm_edge.core.masks import MaskKind, build_masks, causal_visibility
+from hatllm_edge.core.masks import (
+    MaskKind,
+    build_masks,
+    causal_visibility,
+    left_padded,
+    padded_positions,
+)
 from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.ranking.search import TitleTrie
 
@@ -96,20 +102,6 @@ def msl_nll(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, a
     return (torch.logsumexp(options, dim=1) - target).sum()
 
 
-def _pack(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Left-pad token and segment rows to one width; returns ids, segments, validity, width."""
-    width = max(len(ids) for ids, _ in rows)
-    b = len(rows)
-    ids = np.zeros((b, width), dtype=np.int64)
-    segs = np.zeros((b, width), dtype=np.int64)
-    valid = np.zeros((b, width), dtype=bool)
-    for r, (row_ids, row_segs) in enumerate(rows):
-        ids[r, width - len(row_ids) :] = row_ids
-        segs[r, width - len(row_ids) :] = row_segs
-        valid[r, width - len(row_ids) :] = True
-    return ids, segs, valid, width
-
-
 def make_batch(examples: Sequence[Example], catalog: Catalog, prompts: PromptBuilder) -> Batch:
     rows, answers = [], []
     for ex in examples:
@@ -117,7 +109,8 @@ def make_batch(examples: Sequence[Example], catalog: Catalog, prompts: PromptBui
         a = prompts.answer(catalog.title(ex.target), prompts.answer_segment(p))
         rows.append((np.concatenate([p.ids, a.ids]), np.concatenate([p.segments, a.segments])))
         answers.append(len(a))
-    ids, segs, valid, width = _pack(rows)
+    ids, segs, valid = left_padded(rows)
+    width = ids.shape[1]
     answer_width = max(answers)
     labels = np.full((len(rows), answer_width), -100, dtype=np.int64)
     for r, n in enumerate(answers):
@@ -133,7 +126,8 @@ def make_window_batch(windows: Sequence[Window], catalog: Catalog, prompts: Prom
         encoded, answer_spans = prompts.sequence([catalog.title(i) for i in w.items])
         rows.append((encoded.ids, encoded.segments))
         spans.append(answer_spans[w.first_target :])
-    ids, segs, valid, width = _pack(rows)
+    ids, segs, valid = left_padded(rows)
+    width = ids.shape[1]
     labels = np.full(ids.shape, -100, dtype=np.int64)
     for r, ((row_ids, _), row_spans) in enumerate(zip(rows, spans)):
         offset = width - len(row_ids)
@@ -144,7 +138,7 @@ def make_window_batch(windows: Sequence[Window], catalog: Catalog, prompts: Prom
 
 def _batch(ids: np.ndarray, segs: np.ndarray, valid: np.ndarray, labels: np.ndarray, logits_index: torch.Tensor | None,
            targets: int) -> Batch:
-    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+    positions = padded_positions(valid)
     t = torch.from_numpy
     masks = build_masks(t(segs), t(segs), causal_visibility(t(valid), ids.shape[1]))
     return Batch(
