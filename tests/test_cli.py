@@ -1071,6 +1071,9 @@ def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[P
     (["fidelity", "a", "b", "--candidates", "1"], "Invalid value for '--candidates'"),
     (["popularity", "--out", "tests"], "--out tests is a folder; give a file name"),
     (["evaluate", "models/x", "--out", "tests"], "--out tests is a folder"),
+    (["fuse", "models/x", "--assistant", "a", "--weights", "a,b"], "--weights 'a,b': expected numbers separated by commas"),
+    (["fuse", "models/x", "--assistant", "a", "--shortlists", "1.5"], "--shortlists '1.5': expected whole numbers"),
+    (["average", "out", "a", "b", "--weights", "x"], "--weights 'x': expected numbers separated by commas"),
 ])
 def test_usage_errors_are_one_line(args: list[str], needle: str) -> None:
     """Typer's own usage errors read like every other bad input: one 'error:' line, exit code 2."""

@@ -120,6 +120,17 @@ def bounded(flag: str, limit: int, what: str):  # type: ignore[no-untyped-def]
     return check
 
 
+def number_list(flag: str, text: str, kind: type[float] | type[int], example: str) -> tuple:
+    """A comma-separated option value as numbers of ``kind``; anything else is one 'error:'
+    line naming the flag and exit code 2."""
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        what = "numbers" if kind is float else "whole numbers"
+        typer.secho(f"error: {flag} {text!r}: expected {what} separated by commas, e.g. {example}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+
+
 def writable_file(value: Optional[Path]) -> Optional[Path]:
     """An ``--out FILE`` callback: a folder, or a place this process cannot write, is refused
     before any work starts (one 'error:' line, exit code 2) rather than after an hour's run."""

@@ -35,6 +35,7 @@ from hatllm_edge.cli.common import (
     UsersOpt,
     app,
     command_line,
+    number_list,
     print_table,
     run,
     writable_file,
@@ -122,16 +123,8 @@ def fuse(
         write_decoding,
     )
 
-    try:
-        grid = tuple(float(w) for w in weights.split(","))
-    except ValueError:
-        typer.secho(f"error: --weights {weights!r}: expected numbers separated by commas, e.g. 0,0.5,1", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from None
-    try:
-        sizes = tuple(int(n) for n in shortlists.split(","))
-    except ValueError:
-        typer.secho(f"error: --shortlists {shortlists!r}: expected whole numbers separated by commas, e.g. 0,50", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from None
+    grid = number_list("--weights", weights, float, "0,0.5,1")
+    sizes = number_list("--shortlists", shortlists, int, "0,50")
     modes = {"off": (False,), "on": (True,), "both": (False, True)}[renormalise.value]
     cfg = TuneConfig(assistant=assistant, weights=grid, renormalise=modes, users=users, seed=seed, beams=beams, sample=not first,
                      exclude_history=exclude_history, batch_users=batch_users, shortlists=sizes)

@@ -21,6 +21,7 @@ from hatllm_edge.cli.common import (
     TrainMode,
     TrainThreadsOpt,
     app,
+    number_list,
     run,
 )
 
@@ -90,9 +91,5 @@ def average(
     """Average checkpoints in weight space (exact for LoRA: the mean of the weight updates)."""
     from hatllm_edge.training.average import average_checkpoints
 
-    try:
-        parsed = [float(w) for w in weights.split(",")] if weights else None
-    except ValueError:
-        typer.secho(f"error: --weights {weights!r}: expected numbers separated by commas, e.g. 1,1", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from None
+    parsed = list(number_list("--weights", weights, float, "1,1")) if weights else None
     typer.echo(json.dumps(run(average_checkpoints, checkpoints, out, parsed)))
