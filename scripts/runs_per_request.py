@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hatllm_edge.bench.workloads import Workload, make_requests  # noqa: E402
 from hatllm_edge.core.data import load_dataset  # noqa: E402
-from hatllm_edge.engine.session import PASS_TOKENS_CUDA  # noqa: E402
+from hatllm_edge.engine.backend import PASS_TOKENS_CUDA  # noqa: E402
 from hatllm_edge.ranking.ranker import Ranker  # noqa: E402
 
 

@@ -30,7 +30,8 @@ from hatllm_edge.core.limits import (
     MAX_K,
     beam_width,
 )
-from hatllm_edge.engine.session import Compute, cache_root, read_bundle_meta
+from hatllm_edge.engine.backend import Compute
+from hatllm_edge.engine.session import cache_root, read_bundle_meta
 from hatllm_edge.ranking.ranker import Device, Ranker
 from hatllm_edge.ranking.resolve import Resolver, joined, show
 

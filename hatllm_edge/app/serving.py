@@ -24,7 +24,7 @@ from hatllm_edge.app.rank import (
 )
 from hatllm_edge.app.request import parse_request
 from hatllm_edge.core.errors import InputError
-from hatllm_edge.engine.session import Compute
+from hatllm_edge.engine.backend import Compute
 from hatllm_edge.ranking.ranker import Device, Ranker
 
 Answer = tuple[int, dict[str, Any]]  # (HTTP status, JSON body)

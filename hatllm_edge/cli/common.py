@@ -20,7 +20,7 @@ from hatllm_edge.core.formats import BACKENDS, DTYPES, EMBEDDINGS, INT4_ALGOS, Q
 from hatllm_edge.core.limits import DEFAULT_BEAMS, MAX_BEAMS, MAX_CANDIDATES, MAX_K
 from hatllm_edge.core.prompt import TEMPLATES
 from hatllm_edge.core.recipe import LORA_TARGET_SETS, LOSSES, LR_SCHEDULES, MODES
-from hatllm_edge.engine.session import COMPUTES, DEVICES
+from hatllm_edge.engine.backend import COMPUTES, DEVICES
 
 HELP = """hatllm-edge: the command line. Thin: parse, build a config, call the library, print.
 

@@ -6,12 +6,24 @@ protocol; arrays at the boundary are NumPy so that the engine needs no torch at 
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.masks import MaskKind
+
+# What a caller may ask of a backend, whichever runs it (defined here, below ranking and
+# training, so that neither needs the ONNX Runtime session module for a type).
+Compute = Literal["auto", "native", "int8", "int8-tensor"]
+# The routes a user may pick. "int8-tensor" (one activation scale per batch tensor) is kept for
+# the benchmark's ablation only: by design a user's scores there depend on who shares the batch.
+COMPUTES: tuple[Compute, ...] = ("auto", "native", "int8")
+Optimization = Literal["all", "basic", "none"]
+Device = Literal["cpu", "cuda"]
+DEVICES: tuple[Device, ...] = get_args(Device)
+PASS_TOKENS_CPU = 4096  # rows x width of one candidate pass on the CPU (docs/results.md)
+PASS_TOKENS_CUDA = 32768  # on a GPU: 32 users x 100 candidates (~41k padded tokens) in two passes
 
 
 class Backend(Protocol):

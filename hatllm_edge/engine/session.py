@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 
@@ -46,21 +46,19 @@ from hatllm_edge.core.formats import (
     digest_key_file,
 )
 from hatllm_edge.core.masks import MASK_KINDS, MaskKind
-from hatllm_edge.engine.backend import cache_rows
+from hatllm_edge.engine.backend import (
+    COMPUTES,
+    PASS_TOKENS_CPU,
+    PASS_TOKENS_CUDA,
+    Compute,
+    Device,
+    Optimization,
+    cache_rows,
+)
 from hatllm_edge.engine.cache import Int8Cache, cache_root, require_writable
 from hatllm_edge.engine.cuda_graph import GraphRunner, pad_rows, padded
 
 log = logging.getLogger("hatllm_edge")
-
-Compute = Literal["auto", "native", "int8", "int8-tensor"]
-# The routes a user may pick. "int8-tensor" (one activation scale per batch tensor) is kept for
-# the benchmark's ablation only: by design a user's scores there depend on who shares the batch.
-COMPUTES: tuple[Compute, ...] = ("auto", "native", "int8")
-Optimization = Literal["all", "basic", "none"]
-Device = Literal["cpu", "cuda"]
-DEVICES: tuple[Device, ...] = get_args(Device)
-PASS_TOKENS_CPU = 4096  # rows x width of one candidate pass on the CPU (docs/results.md)
-PASS_TOKENS_CUDA = 32768  # on a GPU: 32 users x 100 candidates (~41k padded tokens) in two passes
 
 
 def resolve_compute(compute: Compute, device: str, quantised: bool) -> Compute:
@@ -180,7 +178,7 @@ class OnnxBackend:
     ``compute`` (what was chosen).
     """
 
-    def __init__(self, onnx_path: Path | str, device: Literal["cpu", "cuda"] = "cpu",
+    def __init__(self, onnx_path: Path | str, device: Device = "cpu",
                  threads: int | None = None, device_id: int = 0, compute: Compute = "auto",
                  optimization: Optimization = "all", cache_key: str | None = None, cuda_graph: bool = False) -> None:
         import onnxruntime as ort
@@ -347,7 +345,7 @@ class OnnxBackend:
         return int8_compute(stored, activations)[0].SerializeToString(), compute  # type: ignore[arg-type]
 
     @classmethod
-    def from_bundle(cls, folder: Path | str, device: Literal["cpu", "cuda"] = "cpu", threads: int | None = None,
+    def from_bundle(cls, folder: Path | str, device: Device = "cpu", threads: int | None = None,
                     verify: bool = True, compute: Compute = "auto",
                     optimization: Optimization = "all", cuda_graph: bool = False) -> OnnxBackend:
         """Open ``folder/model.onnx`` after checking the manifest (sizes always, hashes when

@@ -10,7 +10,7 @@ from hatllm_edge.core.data import Split, load_dataset
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.limits import beam_width
 from hatllm_edge.core.metrics import mean_metrics, target_rank
-from hatllm_edge.engine.session import Compute
+from hatllm_edge.engine.backend import Compute
 from hatllm_edge.ranking.loo import rank_split, ranker_fusion, split_examples
 
 

@@ -23,8 +23,8 @@ from hatllm_edge.core.formats import (
 )
 from hatllm_edge.core.limits import beam_width
 from hatllm_edge.core.prompt import TEMPLATES, PromptBuilder
-from hatllm_edge.engine.backend import Backend
-from hatllm_edge.engine.session import Compute, Device, Optimization, read_bundle_meta
+from hatllm_edge.engine.backend import Backend, Compute, Device, Optimization
+from hatllm_edge.engine.session import read_bundle_meta
 from hatllm_edge.ranking.assistant import Assistant
 from hatllm_edge.ranking.resolve import Resolver
 from hatllm_edge.ranking.search import (

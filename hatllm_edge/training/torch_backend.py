@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from hatllm_edge.core.masks import MaskKind
-from hatllm_edge.engine.backend import cache_rows
-from hatllm_edge.engine.session import PASS_TOKENS_CPU
+from hatllm_edge.engine.backend import PASS_TOKENS_CPU, cache_rows
 from hatllm_edge.ranking.ranker import Ranker, open_assistant
 from hatllm_edge.training.checkpoint import load_checkpoint
 from hatllm_edge.training.model import HatLLM, KVCache

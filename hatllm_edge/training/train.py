@@ -43,7 +43,7 @@ from hatllm_edge.core.machine import HeapTrim, peak_rss_mib, release_free_memory
 from hatllm_edge.core.masks import LayerSchedule
 from hatllm_edge.core.prompt import PromptBuilder, Template
 from hatllm_edge.core.recipe import LoraTargets, Loss, Mode
-from hatllm_edge.engine.session import Device
+from hatllm_edge.engine.backend import Device
 from hatllm_edge.ranking.loo import rank_split, split_examples
 from hatllm_edge.ranking.search import Fusion, TitleTrie
 from hatllm_edge.training import checkpoint as ckpt
