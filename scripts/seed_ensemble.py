@@ -31,7 +31,7 @@ from hatllm_edge.core.masks import MaskKind
 from hatllm_edge.core.metrics import mean_metrics, paired_bootstrap
 from hatllm_edge.ranking.loo import rank_split, ranker_fusion, split_examples
 from hatllm_edge.ranking.ranker import Ranker
-from hatllm_edge.ranking.search import log_softmax
+from hatllm_edge.ranking.scoring import log_softmax
 
 
 def combine_product(logprobs: list[np.ndarray]) -> np.ndarray:

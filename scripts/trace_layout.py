@@ -22,7 +22,7 @@ import onnxruntime as ort
 from hatllm_edge.core.formats import MODEL_FILE
 from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.engine.int8 import int8_compute
-from hatllm_edge.ranking import search as ranking
+from hatllm_edge.ranking.candidates import score_candidates
 from hatllm_edge.ranking.ranker import Ranker
 
 
@@ -38,8 +38,8 @@ def _record(ranker: Ranker, history: list[int], candidates: list[int], pack: int
 
     backend.token_logprobs = spy  # type: ignore[method-assign]
     try:
-        ranked = ranking.score_candidates(backend, ranker.prompts, [ranker.titles(history)],
-                                          [ranker.titles(candidates)], pack_tokens=pack)[0]
+        ranked = score_candidates(backend, ranker.prompts, [ranker.titles(history)],
+                                  [ranker.titles(candidates)], pack_tokens=pack)[0]
     finally:
         del backend.token_logprobs
     return ranked.by_position(), seen

@@ -35,7 +35,7 @@ from hatllm_edge.core.machine import (
     rss_mib,
 )
 from hatllm_edge.core.prompt import PromptBuilder
-from hatllm_edge.ranking.search import TitleTrie
+from hatllm_edge.ranking.trie import TitleTrie
 from hatllm_edge.training.batching import make_window_batch
 from hatllm_edge.training.train import (
     TrainConfig,

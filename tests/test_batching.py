@@ -162,7 +162,9 @@ def test_windows_cover_every_training_target_once() -> None:
 def test_msl_at_temperature_one_is_minus_the_renormalised_beam_score(prompts: PromptBuilder) -> None:
     """The masked-softmax loss of an answer is minus its trie-renormalised log-probability:
     the loss and the decoding it pairs with agree; and it never exceeds the full-vocabulary loss."""
-    from hatllm_edge.ranking.search import Fusion, TitleTrie, beam_search
+    from hatllm_edge.ranking.scoring import Fusion
+    from hatllm_edge.ranking.search import beam_search
+    from hatllm_edge.ranking.trie import TitleTrie
     from hatllm_edge.training.torch_backend import TorchBackend
 
     torch.manual_seed(0)
@@ -194,7 +196,7 @@ def test_msl_from_the_allowed_tokens_logits_has_the_full_vocabularys_gradients(p
     """The loss computes logits for the batch's allowed tokens only; its value and its gradients
     (to the hidden states and to a trainable head) are those of the masked softmax taken over
     the whole vocabulary's logits, at every temperature."""
-    from hatllm_edge.ranking.search import TitleTrie
+    from hatllm_edge.ranking.trie import TitleTrie
 
     torch.manual_seed(0)
     model = HatLLM(LlamaForCausalLM(tiny_llama_config(layers=2, init=0.2)).eval(), LayerSchedule(2, 1, 1))

@@ -24,7 +24,9 @@ from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.engine.cuda_graph import GraphRunner, pad_rows, padded
 from hatllm_edge.engine.session import OnnxBackend
 from hatllm_edge.export import export_onnx
-from hatllm_edge.ranking.search import TitleTrie, beam_search, score_candidates
+from hatllm_edge.ranking.candidates import score_candidates
+from hatllm_edge.ranking.search import beam_search
+from hatllm_edge.ranking.trie import TitleTrie
 from hatllm_edge.training.model import HatLLM
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()

@@ -177,7 +177,7 @@ def test_engine_runs_without_torch(onnx_path: Path) -> None:
 
 def test_token_logprobs_equal_log_softmax_of_the_logits(model: HatLLM, backend: OnnxBackend) -> None:
     """In-graph log p(target) = log_softmax(logits)[target], on the engine and in PyTorch."""
-    from hatllm_edge.ranking.search import log_softmax
+    from hatllm_edge.ranking.scoring import log_softmax
     from hatllm_edge.training.torch_backend import TorchBackend
 
     s = sample_steps(128)[0]

@@ -14,7 +14,7 @@ from hatllm_edge.evaluation.fidelity import (
     candidate_fidelity,
     kendall_tau,
 )
-from hatllm_edge.ranking.search import Ranked
+from hatllm_edge.ranking.scoring import Ranked
 
 
 @pytest.mark.parametrize(

@@ -22,14 +22,10 @@ from hatllm_edge.core.masks import LayerSchedule
 from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.engine.session import OnnxBackend
 from hatllm_edge.export import export_onnx
-from hatllm_edge.ranking.search import (
-    PROMPT_BUCKET,
-    TitleTrie,
-    beam_search,
-    by_width,
-    prompt_width,
-    score_candidates,
-)
+from hatllm_edge.ranking.candidates import score_candidates
+from hatllm_edge.ranking.prefill import PROMPT_BUCKET, by_width, prompt_width
+from hatllm_edge.ranking.search import beam_search
+from hatllm_edge.ranking.trie import TitleTrie
 from hatllm_edge.training.model import HatLLM
 
 TITLES = [f"{name} ({year})" for name, year in [

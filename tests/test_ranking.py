@@ -12,18 +12,10 @@ from transformers import LlamaForCausalLM
 from hatllm_edge.core.data import Catalog
 from hatllm_edge.core.masks import LayerSchedule, build_masks, causal_visibility
 from hatllm_edge.core.prompt import Encoded, PromptBuilder
-from hatllm_edge.ranking.search import (
-    Fusion,
-    Ranked,
-    TitleTrie,
-    _fed,
-    _packs,
-    beam_search,
-    full_catalog,
-    log_softmax,
-    score_candidates,
-    shortlist_search,
-)
+from hatllm_edge.ranking.candidates import _fed, _packs, score_candidates
+from hatllm_edge.ranking.scoring import Fusion, Ranked, log_softmax
+from hatllm_edge.ranking.search import beam_search, full_catalog, shortlist_search
+from hatllm_edge.ranking.trie import TitleTrie
 from hatllm_edge.training.model import HatLLM
 from hatllm_edge.training.torch_backend import TorchBackend
 

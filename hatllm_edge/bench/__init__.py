@@ -8,7 +8,7 @@ opening them, one request), :mod:`.timing` (the run and the paired check), :mod:
 Each backend is opened (load time measured), warmed up on every workload, then timed
 request by request: at least ``min_repeats`` times and until ``seconds`` per workload have
 passed (at most ``max_repeats``). A request is one call of the shared ranking code
-(:func:`~hatllm_edge.ranking.search.score_candidates` or :func:`~hatllm_edge.ranking.search.beam_search`)
+(:func:`~hatllm_edge.ranking.candidates.score_candidates` or :func:`~hatllm_edge.ranking.search.beam_search`)
 for a batch of users, so every backend runs the very same algorithm. Peak RSS is reset
 before each backend loads (``/proc/self/clear_refs``), so each figure is that backend's own.
 The targets are then timed again in a paired check (:func:`.timing.run_paired`): the machine's

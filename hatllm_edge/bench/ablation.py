@@ -15,13 +15,10 @@ from hatllm_edge.bench.backends import all_history
 from hatllm_edge.bench.workloads import Workload, make_requests
 from hatllm_edge.core.data import Dataset
 from hatllm_edge.core.errors import InputError
+from hatllm_edge.ranking.candidates import PACK_TOKENS, score_candidates
+from hatllm_edge.ranking.prefill import PROMPT_BUCKET
 from hatllm_edge.ranking.ranker import Ranker
-from hatllm_edge.ranking.search import (
-    PACK_TOKENS,
-    PROMPT_BUCKET,
-    log_softmax,
-    score_candidates,
-)
+from hatllm_edge.ranking.scoring import log_softmax
 
 
 class _FullLogits:

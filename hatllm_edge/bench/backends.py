@@ -13,8 +13,9 @@ from hatllm_edge.bench.workloads import Workload
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.formats import MODEL_FILE
 from hatllm_edge.core.prompt import PromptBuilder
+from hatllm_edge.ranking.candidates import score_candidates
 from hatllm_edge.ranking.ranker import Ranker
-from hatllm_edge.ranking.search import beam_search, score_candidates
+from hatllm_edge.ranking.search import beam_search
 
 TORCH_BACKENDS = ("torch-fp32", "torch-bf16", "torch-nf4")
 ORT_QUANTS = {"fp32": "none", "fp16": "none", "nf4": "nf4", "int4": "int4", "int8": "int8"}

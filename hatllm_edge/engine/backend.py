@@ -39,7 +39,7 @@ class Backend(Protocol):
     @property
     def exact_layout(self) -> bool:
         """True when a result may move with the padding around it, so that batches must join
-        only prompts of one width (:func:`hatllm_edge.ranking.search.prompt_width`)."""
+        only prompts of one width (:func:`hatllm_edge.ranking.prefill.prompt_width`)."""
         ...
 
     pass_tokens: int  # tokens (rows x width) one candidate-scoring pass may hold

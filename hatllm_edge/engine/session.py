@@ -369,7 +369,7 @@ class OnnxBackend:
     @property
     def exact_layout(self) -> bool:
         """Whether a result can move with the padding around it (the int8 routes' per-token
-        quantiser, :func:`hatllm_edge.ranking.search.prompt_width`): batches then join only prompts of
+        quantiser, :func:`hatllm_edge.ranking.prefill.prompt_width`): batches then join only prompts of
         one width. Native arithmetic moves by rounding only, so any batch runs as one."""
         return self.compute.startswith("int8")
 

@@ -15,14 +15,11 @@ from hatllm_edge.core.machine import peak_rss_mib
 from hatllm_edge.core.metrics import mean_metrics, target_rank
 from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.engine.backend import Backend
-from hatllm_edge.ranking.search import (
-    Fusion,
-    Ranked,
-    TitleTrie,
-    full_catalog,
-    prompt_width,
-    score_candidates,
-)
+from hatllm_edge.ranking.candidates import score_candidates
+from hatllm_edge.ranking.prefill import prompt_width
+from hatllm_edge.ranking.scoring import Fusion, Ranked
+from hatllm_edge.ranking.search import full_catalog
+from hatllm_edge.ranking.trie import TitleTrie
 
 
 def split_examples(data: Dataset, split: Split, users: int | None, sample: bool, seed: int,

@@ -26,14 +26,11 @@ from hatllm_edge.core.prompt import TEMPLATES, PromptBuilder
 from hatllm_edge.engine.backend import Backend, Compute, Device, Optimization
 from hatllm_edge.engine.session import read_bundle_meta
 from hatllm_edge.ranking.assistant import Assistant
+from hatllm_edge.ranking.candidates import score_candidates
 from hatllm_edge.ranking.resolve import Resolver
-from hatllm_edge.ranking.search import (
-    Fusion,
-    Ranked,
-    TitleTrie,
-    full_catalog,
-    score_candidates,
-)
+from hatllm_edge.ranking.scoring import Fusion, Ranked
+from hatllm_edge.ranking.search import full_catalog
+from hatllm_edge.ranking.trie import TitleTrie
 
 
 @dataclass

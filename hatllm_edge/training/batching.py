@@ -25,7 +25,7 @@ from hatllm_edge.core.masks import (
     padded_positions,
 )
 from hatllm_edge.core.prompt import PromptBuilder
-from hatllm_edge.ranking.search import TitleTrie
+from hatllm_edge.ranking.trie import TitleTrie
 
 
 @dataclass

@@ -45,7 +45,8 @@ from hatllm_edge.core.prompt import PromptBuilder, Template
 from hatllm_edge.core.recipe import LoraTargets, Loss, Mode
 from hatllm_edge.engine.backend import Device
 from hatllm_edge.ranking.loo import rank_split, split_examples
-from hatllm_edge.ranking.search import Fusion, TitleTrie
+from hatllm_edge.ranking.scoring import Fusion
+from hatllm_edge.ranking.trie import TitleTrie
 from hatllm_edge.training import checkpoint as ckpt
 from hatllm_edge.training.batching import (
     Batch,
