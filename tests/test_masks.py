@@ -12,6 +12,7 @@ from hatllm_edge.core.masks import (
     build_masks,
     causal_visibility,
     left_padded,
+    packed_visibility,
     padded_positions,
 )
 
@@ -211,3 +212,13 @@ def test_left_padding_puts_every_last_token_in_the_last_column() -> None:
     assert padded_positions(valid).tolist() == [[0, 1, 2], [0, 0, 0]]
     wide, _, wide_valid = left_padded(rows, width=5)
     assert wide.tolist() == [[0, 0, 5, 6, 7], [0, 0, 0, 0, 9]] and padded_positions(wide_valid).tolist() == [[0, 0, 0, 1, 2], [0] * 5]
+
+
+def test_packed_rows_see_the_prompt_and_their_own_candidate_only() -> None:
+    """Two candidates packed in one row after a 3-token prompt whose first token is padding:
+    candidate 0 has 2 tokens, candidate 1 has 1, and the last column is padding (-1)."""
+    visible = packed_visibility(np.array([[False, True, True]]), np.array([[0, 0, 1, -1]]))
+    prompt, fed = visible[0, :, :3], visible[0, :, 3:]
+    assert visible.shape == (1, 4, 7) and (prompt == [False, True, True]).all()
+    assert fed.tolist() == [[True, False, False, False], [True, True, False, False],
+                            [False, False, True, False], [False, False, False, False]]

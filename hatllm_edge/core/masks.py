@@ -89,6 +89,19 @@ def causal_visibility(key_valid: Any, num_queries: int) -> Any:
     return causal[None, :, :] & key_valid[:, None, :]
 
 
+def packed_visibility(prompt_valid: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Base visibility of packed rows: several candidates' tokens share a row after the cached
+    prompt; each sees the prompt's real tokens and the earlier tokens of its own candidate only.
+
+    prompt_valid: [R, P] bool (False under padding); owner: [R, W] int, the candidate each fed
+    token belongs to (-1 for padding). Returns [R, W, P + W] bool, for :func:`build_masks`.
+    """
+    rows, width = owner.shape
+    own = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0)
+    prompt = np.broadcast_to(prompt_valid[:, None, :], (rows, width, prompt_valid.shape[1]))
+    return np.concatenate([prompt, own & np.tril(np.ones((width, width), dtype=bool))], axis=2)
+
+
 def self_positions(batch: int, num_queries: int, num_keys: int, like: Any) -> Any:
     """[B, Q, K] bool, True where the key is the query token itself (queries are the last keys)."""
     xp = _xp(like)

@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from hatllm_edge.core.masks import build_masks
+from hatllm_edge.core.masks import build_masks, packed_visibility
 from hatllm_edge.core.prompt import Encoded, PromptBuilder
 from hatllm_edge.engine.backend import Backend
 from hatllm_edge.ranking.prefill import PROMPT_BUCKET, Prefilled, batches, prefill
@@ -165,10 +165,7 @@ def _score_pass(backend: Backend, start: Prefilled, answers: list[list[Encoded]]
         spans.append(row_spans)
     users = np.asarray([u for u, _ in batch], dtype=np.int64)
     key_segs = np.concatenate([start.key_segments[users], q_segs], axis=1)
-    own = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0)
-    visible = np.concatenate([np.broadcast_to(start.key_valid[users][:, None, :], (rows, width, start.key_valid.shape[1])),
-                              own & np.tril(np.ones((width, width), dtype=bool))], axis=2)
-    masks = build_masks(q_segs, key_segs, visible)
+    masks = build_masks(q_segs, key_segs, packed_visibility(start.key_valid[users], owner))
     if renormalise is None:
         logprobs, _ = backend.token_logprobs(ids, positions, masks, start.cache, targets, rows=users)
         for r, (u, _) in enumerate(batch):
