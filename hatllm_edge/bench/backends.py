@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hatllm_edge.app.models import BundleBuilder, cached_bundle
+from hatllm_edge.app.models import BundleBuilder, cached_bundle, open_model
 from hatllm_edge.bench.workloads import Workload
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.formats import MODEL_FILE
@@ -51,12 +51,7 @@ def open_backend(name: str, checkpoint: Path, device: str, threads: int, progres
     ``ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]``: a bundle exported from ``checkpoint``
     into the bundle cache on first use; the suffix picks the engine's compute route."""
     if name in TORCH_BACKENDS:
-        import torch
-
-        torch.set_num_threads(threads)
-        from hatllm_edge.training.torch_backend import checkpoint_ranker
-
-        ranker = checkpoint_ranker(checkpoint, bf16=name == "torch-bf16", nf4=name == "torch-nf4")
+        ranker = open_model(checkpoint, threads=threads, bf16=name == "torch-bf16", nf4=name == "torch-nf4")
         model = ranker.backend.model  # type: ignore[attr-defined]
         size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         return ranker, size / 1e6
@@ -66,7 +61,7 @@ def open_backend(name: str, checkpoint: Path, device: str, threads: int, progres
     quant, dtype = ORT_QUANTS[parts[1]], "fp16" if parts[1] == "fp16" else "fp32"
     compute = parts[2] if len(parts) == 3 else "auto"
     folder = cached_bundle(checkpoint, quant, dtype, progress, build)
-    ranker = Ranker.from_bundle(folder, device, threads, compute, cuda_graph=cuda_graph)  # type: ignore[arg-type]
+    ranker = open_model(folder, device, threads, compute=compute, cuda_graph=cuda_graph)  # type: ignore[arg-type]
     return ranker, folder_mb(folder)
 
 
