@@ -105,8 +105,8 @@ def open_model(folder: Path, device: Device = "cpu", threads: int | None = None,
             raise InputError(f"{folder} is an ONNX bundle: its weights were fixed at export; --bf16 and --nf4 "
                              "apply to a PyTorch checkpoint (export with --quant nf4 for an NF4 bundle)")
         return Ranker.from_bundle(folder, device, threads, compute, cuda_graph=cuda_graph)
-    if cuda_graph or device != "cpu" or compute != "auto":
-        raise InputError(f"{folder} is a checkpoint, run in PyTorch on the CPU: --device cuda, --compute and --cuda-graph "
+    if cuda_graph or device != "cpu" or compute not in ("auto", "native"):  # PyTorch runs the weights as stored: native
+        raise InputError(f"{folder} is a checkpoint, run in PyTorch on the CPU: --device cuda, --compute int8 and --cuda-graph "
                          f"choose the engine's device and arithmetic (export it with 'hatllm-edge export' and pass the bundle)")
     import torch
 
