@@ -240,10 +240,11 @@ def bundle(tokenizer_json: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return export_bundle(llama, root / "out", "nf4", files, model_meta(llama), progress=False)
 
 
-def test_gptq_export_calibrates_on_the_bundles_prompts(tokenizer_json: Path, tmp_path: Path) -> None:
+def test_gptq_export_calibrates_on_the_bundles_prompts(tokenizer_json: Path, tmp_path: Path,
+                                                       capfd: pytest.CaptureFixture[str]) -> None:
     """export_bundle builds GPTQ's calibration prompts from the bundle's tokenizer and catalog
     (what 'hatllm-edge export --int4-algo gptq' relies on), and each reaches the quantiser with
-    its HatLLM masks, not a plain causal one."""
+    its HatLLM masks, not a plain causal one; its progress bar stays off stdout (the command's JSON)."""
     from hatllm_edge.export.quant import int4 as int4_module
 
     fed: list[dict[str, np.ndarray]] = []
@@ -257,6 +258,7 @@ def test_gptq_export_calibrates_on_the_bundles_prompts(tokenizer_json: Path, tmp
         mp.setattr(int4_module._TokenReader, "_feed", lambda self, seq: fed.append(feed(self, seq)) or fed[-1])
         out = export_bundle(llama, tmp_path / "out", "int4", files, model_meta(llama), progress=False,
                             int4=Int4Options(algo="gptq", block_size=32))
+    assert capfd.readouterr().out == ""
     export = json.loads((out / "bundle.json").read_text())["export"]
     assert export["int4"]["algo"] == "gptq" and export["int4"]["calibration_prompts"] == len(fed) > 0
     assert export["validation"]["dequantized"]["rel_diff"] <= 1e-4

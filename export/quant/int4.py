@@ -4,7 +4,9 @@ calibration prompts, fed with their HatLLM masks). Read back by :mod:`hatllm_edg
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +109,8 @@ def quantize_int4(model: onnx.ModelProto, options: Int4Options) -> onnx.ModelPro
     level = logging.getLogger("onnxruntime.quantization").level
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
     try:
-        quantizer.process()
+        with contextlib.redirect_stdout(sys.stderr):  # GPTQ prints a progress bar: stdout is the command's JSON
+            quantizer.process()
     finally:
         logging.getLogger("onnxruntime.quantization").setLevel(level)
     return quantizer.model.model
