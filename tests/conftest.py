@@ -1,5 +1,6 @@
-"""Shared fixtures: the real SmolLM2 tokenizer (built once per session) and a tiny random
-Llama saved as a local Hugging Face base folder (same vocabulary, so prompts fit)."""
+"""Shared fixtures: the real SmolLM2 tokenizer (the engine's tokenizer.json as shipped; the
+Hugging Face one read from the GGUF) and a tiny random Llama saved as a local Hugging Face base
+folder (same vocabulary, so prompts fit)."""
 
 from __future__ import annotations
 
@@ -30,11 +31,14 @@ def hf_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(folder, gguf_file=SMOL_GGUF)
 
 
+SHIPPED_TOKENIZER = Path(__file__).resolve().parent.parent / "models" / "hatllm-ml100k" / "tokenizer.json"
+
+
 @pytest.fixture(scope="session")
-def tokenizer_json(hf_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
-    hf_tokenizer.backend_tokenizer.save(str(path))
-    return path
+def tokenizer_json() -> Path:
+    """What the engine reads: the shipped model's tokenizer.json, the file the GGUF's tokenizer
+    saves (tests/test_prompt.py checks), so engine-only tests run where no GGUF is installed."""
+    return SHIPPED_TOKENIZER
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,8 @@ from hatllm_edge.core.metrics import mean_metrics
 from hatllm_edge.training.checkpoint import load_checkpoint
 from hatllm_edge.training.resume import STATE_FILE
 
+TESTS = Path(__file__).resolve().parent
+
 
 @pytest.fixture(autouse=True)
 def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1069,8 +1071,9 @@ def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[P
     (["evaluate", "models/x", "--batch-users", "0"], "Invalid value for '--batch-users'"),
     (["compare", "a.json", "b.json", "--samples", "0"], "Invalid value for '--samples'"),
     (["fidelity", "a", "b", "--candidates", "1"], "Invalid value for '--candidates'"),
-    (["popularity", "--out", "tests"], "--out tests is a folder; give a file name"),
-    (["evaluate", "models/x", "--out", "tests"], "--out tests is a folder"),
+    (["popularity", "--out", str(TESTS)], f"--out {TESTS} is a folder; give a file name"),
+    (["evaluate", "models/x", "--out", str(TESTS)], f"--out {TESTS} is a folder"),
+    (["sasrec", "report", "models/x", "--out", str(TESTS)], f"--out {TESTS} is a folder"),
     (["fuse", "models/x", "--assistant", "a", "--weights", "a,b"], "--weights 'a,b': expected numbers separated by commas"),
     (["fuse", "models/x", "--assistant", "a", "--shortlists", "1.5"], "--shortlists '1.5': expected whole numbers"),
     (["average", "out", "a", "b", "--weights", "x"], "--weights 'x': expected numbers separated by commas"),
@@ -1135,3 +1138,17 @@ def test_one_spelling_per_concept() -> None:
 
     shipped = ModelMeta.read(Path(__file__).resolve().parent.parent / "models" / "hatllm-ml100k" / "hatllm.json").decoding
     assert shipped.assistant_weight in [float(w) for w in fuse_weights.split(",")]
+
+
+def test_out_is_checked_for_the_user_who_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a user without write access (os.access answers for root here): a new file in a folder
+    they cannot write is refused, an existing file they may write is accepted wherever it is."""
+    import hatllm_edge.cli.common as common
+
+    locked, existing = tmp_path / "locked", tmp_path / "locked" / "old.json"
+    locked.mkdir()
+    existing.write_text("{}")
+    monkeypatch.setattr(common.os, "access", lambda path, mode: Path(path) == existing)
+    assert_usage_error(invoke("popularity", "--out", locked / "new.json"), f"--out {locked / 'new.json'} cannot be written",
+                       f"{locked} is not a writable folder")
+    assert common.writable_file(existing) == existing

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from hatllm_edge.core.data import (
     Catalog,
     Dataset,
     Example,
+    candidate_set,
     load_dataset,
     recbole_ml100k_dir,
 )
@@ -291,3 +293,11 @@ def test_csv_with_utf8_bom_header(tmp_path: Path) -> None:
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     data = load_dataset(interactions=inter, items=items)
     assert data.sequences["u1"] == U1
+
+
+def test_candidate_set_is_the_target_then_one_seeded_draw() -> None:
+    """One draw of ``count`` from the catalog, the target taken out, the target put first: the
+    candidate lists behind recorded fidelity and latency figures stay what they were."""
+    assert random.Random(0).sample(range(10), 4) == [6, 9, 0, 2]
+    assert candidate_set(10, 3, 4, random.Random(0)) == [3, 6, 9, 0]  # the target was not drawn: the last is cut
+    assert candidate_set(5, 2, 5, random.Random(1)) == [2, 1, 0, 4, 3]  # drawn at the end: taken out there

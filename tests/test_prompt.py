@@ -3,10 +3,13 @@ segment, whatever the title contains."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from conftest import SHIPPED_TOKENIZER
 
 from hatllm_edge.core.formats import PromptMeta
 from hatllm_edge.core.prompt import ANSWER_CLOSE, HEAD, ITEM_CLOSE, TAIL, PromptBuilder
@@ -148,3 +151,11 @@ def test_bad_titles_and_eos(tokenizer_json: Path, prompts: PromptBuilder) -> Non
         prompts.title_ids("")
     with pytest.raises(ValueError, match="not in the vocabulary"):
         PromptBuilder.from_file(tokenizer_json, "<no-such-token>")
+
+
+def test_the_shipped_tokenizer_is_the_one_in_the_gguf(hf_tokenizer: Any, tmp_path: Path) -> None:
+    """The engine's tests read models/hatllm-ml100k/tokenizer.json; it must be what the base
+    model's GGUF tokenizer saves."""
+    path = tmp_path / "tokenizer.json"
+    hf_tokenizer.backend_tokenizer.save(str(path))
+    assert json.loads(path.read_text()) == json.loads(SHIPPED_TOKENIZER.read_text())

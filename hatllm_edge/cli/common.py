@@ -137,14 +137,17 @@ def writable_file(value: Optional[Path]) -> Optional[Path]:
     if value is None:
         return value
     problem = None
-    if value.is_dir():
-        problem = f"is a folder; give a file name, e.g. {value / 'result.json'}"
-    elif value.exists() and not os.access(value, os.W_OK):
-        problem = "exists and is not writable"
-    else:
-        parent = next(p for p in (value.absolute().parent, *value.absolute().parents) if p.exists())
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            problem = f"cannot be written: {parent} is not a writable folder"
+    try:
+        if value.is_dir():
+            problem = f"is a folder; give a file name, e.g. {value / 'result.json'}"
+        elif value.exists():  # overwritten in place: only the file itself must be writable
+            problem = None if os.access(value, os.W_OK) else "exists and is not writable"
+        else:
+            parent = next(p for p in (value.absolute().parent, *value.absolute().parents) if p.exists())
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                problem = f"cannot be written: {parent} is not a writable folder"
+    except OSError as e:  # e.g. a folder on the way that this user may not search
+        problem = f"cannot be checked ({e.strerror})"
     if problem:
         typer.secho(f"error: --out {value} {problem}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)

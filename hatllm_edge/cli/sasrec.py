@@ -102,7 +102,7 @@ def sasrec_evaluate(
 @sasrec_app.command("export")
 def sasrec_export(
     checkpoint: SASRecCheckpointArg,
-    out: Annotated[Optional[Path], typer.Option(help="ONNX file (default: CHECKPOINT/sasrec.onnx).")] = None,
+    out: Annotated[Optional[Path], typer.Option(callback=writable_file, help="ONNX file (default: CHECKPOINT/sasrec.onnx).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
 ) -> None:
     """ONNX graph (item_ids [B, L] -> scores [B, num_items]), checked against PyTorch."""
@@ -115,7 +115,7 @@ def sasrec_export(
 def sasrec_report(
     ctx: typer.Context,
     checkpoint: SASRecCheckpointArg,
-    out: Annotated[Path, typer.Option(help="Results JSON (test); <stem>_valid.json, <stem>_train_log.jsonl and <stem>_curve.png go beside it.")],
+    out: Annotated[Path, typer.Option(callback=writable_file, help="Results JSON (test); <stem>_valid.json, <stem>_train_log.jsonl and <stem>_curve.png go beside it.")],
     threads: ReportThreadsOpt = None,
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
