@@ -2,7 +2,7 @@
 weights (:mod:`hatllm_edge.export.quant`), parity with PyTorch (:mod:`hatllm_edge.export.validate`) and the
 self-describing bundle (:mod:`hatllm_edge.export.bundle`)."""
 
-from hatllm_edge.engine.session import verify_bundle
+from hatllm_edge.engine.bundle import verify_bundle
 from hatllm_edge.export.bundle import export_bundle, write_manifest
 from hatllm_edge.export.convert import export_onnx, read_decoder
 from hatllm_edge.export.quant.int4 import Int4Options

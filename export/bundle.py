@@ -30,8 +30,8 @@ from hatllm_edge.core.formats import (
 )
 from hatllm_edge.core.machine import versions
 from hatllm_edge.core.prompt import PromptBuilder
+from hatllm_edge.engine.bundle import file_sha256
 from hatllm_edge.engine.cache import clean_stale, partial_prefix
-from hatllm_edge.engine.session import file_sha256
 from hatllm_edge.export.calibrate import (
     CALIBRATION_PROMPTS,
     activation_absmax,

@@ -14,9 +14,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from hatllm_edge.core.errors import HatLLMError, InputError
 from hatllm_edge.core.masks import LayerSchedule
+from hatllm_edge.engine.bundle import file_sha256
 from hatllm_edge.engine.quant import dequantized_linears
 from hatllm_edge.engine.quant.nf4 import nf4_unpack
-from hatllm_edge.engine.session import OnnxBackend, file_sha256
+from hatllm_edge.engine.session import OnnxBackend
 from hatllm_edge.export import (
     Int4Options,
     export_bundle,

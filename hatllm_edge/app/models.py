@@ -18,8 +18,12 @@ from hatllm_edge.core import formats
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.formats import BUNDLE_META, CHECKPOINT_META
 from hatllm_edge.engine.backend import Compute
-from hatllm_edge.engine.cache import clean_stale, file_lock, require_writable
-from hatllm_edge.engine.session import cache_root
+from hatllm_edge.engine.cache import (
+    cache_root,
+    clean_stale,
+    file_lock,
+    require_writable,
+)
 from hatllm_edge.ranking.ranker import Device, Ranker
 
 DEFAULT_MODEL = "hatllm-ml100k"

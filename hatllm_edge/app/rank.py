@@ -31,7 +31,8 @@ from hatllm_edge.core.limits import (
     beam_width,
 )
 from hatllm_edge.engine.backend import Compute
-from hatllm_edge.engine.session import cache_root, read_bundle_meta
+from hatllm_edge.engine.bundle import read_bundle_meta
+from hatllm_edge.engine.cache import cache_root
 from hatllm_edge.ranking.ranker import Device, Ranker
 from hatllm_edge.ranking.resolve import Resolver, joined, show
 

@@ -35,7 +35,7 @@ def export_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Merge the adapter, export to ONNX with one mask input per kind, quantise to 4 bits."""
-    from hatllm_edge.engine.session import read_bundle_meta
+    from hatllm_edge.engine.bundle import read_bundle_meta
     from hatllm_edge.export.checkpoint import export_checkpoint
     from hatllm_edge.export.quant.int4 import Int4Options
 

@@ -24,7 +24,7 @@ from hatllm_edge.core.formats import (
 from hatllm_edge.core.limits import beam_width
 from hatllm_edge.core.prompt import TEMPLATES, PromptBuilder
 from hatllm_edge.engine.backend import Backend, Compute, Device, Optimization
-from hatllm_edge.engine.session import read_bundle_meta
+from hatllm_edge.engine.bundle import read_bundle_meta
 from hatllm_edge.ranking.assistant import Assistant
 from hatllm_edge.ranking.candidates import score_candidates
 from hatllm_edge.ranking.resolve import Resolver
