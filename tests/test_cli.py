@@ -1064,6 +1064,7 @@ def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[P
     (["evaluate", "models/x", "--device", "tpu"], "Invalid value for '--device'"),
     (["nosuch"], "No such command 'nosuch'"),
     (["serve", "--replicas", "many"], "--replicas 'many': expected a number >= 1 or 'auto'"),
+    (["bench", "--min-repeats", "3", "--max-repeats", "2"], "need --threads >= 1, 1 <= --min-repeats <= --max-repeats"),
     (["serve", "--port", "0"], "Invalid value for '--port'"),
     (["loadtest", "http://192.0.2.1:8000/rank", "-n", "1"], "not a loopback address"),
     (["loadtest", "http://127.0.0.1:9/rank", "-c", "0"], "Invalid value for '-c'"),
@@ -1081,6 +1082,17 @@ def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[P
 def test_usage_errors_are_one_line(args: list[str], needle: str) -> None:
     """Typer's own usage errors read like every other bad input: one 'error:' line, exit code 2."""
     assert_usage_error(invoke(*args), needle)
+
+
+def test_serve_without_ray_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Serve is an extra: without it, serve stops before loading anything, with the pip line."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    result = invoke("serve", "--model", "models/nosuch")
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert result.stderr.strip().splitlines() == ["error: serving needs Ray Serve: pip install 'hatllm-edge[serve]'"]
 
 
 # --- every command's help -------------------------------------------------------------------

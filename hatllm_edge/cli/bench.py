@@ -20,6 +20,7 @@ from hatllm_edge.cli.common import (
     SeedOpt,
     app,
     run,
+    usage_error,
 )
 
 
@@ -55,8 +56,7 @@ def bench(
 
     device = device.value
     if threads < 1 or min_repeats < 1 or max_repeats < min_repeats or seconds < 0 or paired < 0:
-        typer.secho("error: need --threads >= 1, 1 <= --min-repeats <= --max-repeats, --seconds >= 0 and --paired >= 0", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
+        raise usage_error("need --threads >= 1, 1 <= --min-repeats <= --max-repeats, --seconds >= 0 and --paired >= 0")
     chosen = [run(Workload.parse, w) for w in workloads.split(",")] if workloads else default_workloads()
     names = tuple(b.strip() for b in backends.split(",")) if backends else (CUDA_BACKENDS if device == "cuda" else DEFAULT_BACKENDS)
     cfg = BenchConfig(checkpoint=model or default_checkpoint(), backends=names, workloads=tuple(chosen),

@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from hatllm_edge.core.data import SPLITS
-from hatllm_edge.core.errors import HatLLMError
+from hatllm_edge.core.errors import HatLLMError, InputError
 from hatllm_edge.core.formats import BACKENDS, DTYPES, EMBEDDINGS, INT4_ALGOS, QUANTS
 from hatllm_edge.core.limits import DEFAULT_BEAMS, MAX_BEAMS, MAX_CANDIDATES, MAX_K
 from hatllm_edge.core.prompt import TEMPLATES
@@ -107,14 +107,19 @@ ComputeOpt = Annotated[Compute, typer.Option(help="Engine arithmetic: auto (int8
 SplitOpt = Annotated[Split, typer.Option(help="valid or test (loo-full).")]
 
 
+def usage_error(message: str) -> typer.Exit:
+    """A bad option value found by the CLI itself: one 'error:' line and exit code 2, the same
+    as the library's InputError."""
+    return fail(InputError(message))
+
+
 def bounded(flag: str, limit: int, what: str):  # type: ignore[no-untyped-def]
     """An option callback: the value must be from 1 to ``limit``, else one 'error:' line and
     exit code 2 (the same bound and wording as the request file's field)."""
 
     def check(value: Optional[int]) -> Optional[int]:
         if value is not None and not 1 <= value <= limit:
-            typer.secho(f"error: {flag} is {value}; it must be from 1 to {limit} ({what})", err=True, fg=typer.colors.RED)
-            raise typer.Exit(2)
+            raise usage_error(f"{flag} is {value}; it must be from 1 to {limit} ({what})")
         return value
 
     return check
@@ -127,8 +132,7 @@ def number_list(flag: str, text: str, kind: type[float] | type[int], example: st
         return tuple(kind(v) for v in text.split(","))
     except ValueError:
         what = "numbers" if kind is float else "whole numbers"
-        typer.secho(f"error: {flag} {text!r}: expected {what} separated by commas, e.g. {example}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from None
+        raise usage_error(f"{flag} {text!r}: expected {what} separated by commas, e.g. {example}") from None
 
 
 def writable_file(value: Optional[Path]) -> Optional[Path]:
@@ -149,8 +153,7 @@ def writable_file(value: Optional[Path]) -> Optional[Path]:
     except OSError as e:  # e.g. a folder on the way that this user may not search
         problem = f"cannot be checked ({e.strerror})"
     if problem:
-        typer.secho(f"error: --out {value} {problem}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
+        raise usage_error(f"--out {value} {problem}")
     return value
 
 

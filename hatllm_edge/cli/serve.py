@@ -15,10 +15,13 @@ from hatllm_edge.cli.common import (
     DeviceOpt,
     QuietOpt,
     app,
+    fail,
     run,
+    usage_error,
     writable_file,
     write_json,
 )
+from hatllm_edge.core.errors import HatLLMError
 
 
 @app.command()
@@ -42,13 +45,11 @@ def serve(
     from hatllm_edge.app.serve_app import ROUTE, ServeConfig, serve_forever
 
     if replicas != "auto" and not (replicas.isdigit() and int(replicas) >= 1):
-        typer.secho(f"error: --replicas {replicas!r}: expected a number >= 1 or 'auto'", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
+        raise usage_error(f"--replicas {replicas!r}: expected a number >= 1 or 'auto'")
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
-        typer.secho("error: serving needs Ray Serve: pip install 'hatllm-edge[serve]'", err=True, fg=typer.colors.RED)
-        raise typer.Exit(1)
+        raise fail(HatLLMError("serving needs Ray Serve: pip install 'hatllm-edge[serve]'"))
     bundle = run(open_bundle, model, not quiet, bundle_builder(), dtype=bundle_dtype(device.value))
     cfg = ServeConfig(bundle=bundle, device=device.value, threads=threads, replicas=None if replicas == "auto" else int(replicas),
                       max_replicas=max_replicas, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000, max_queued=max_queued)
