@@ -17,6 +17,9 @@ with two or more seeds per arm also with the seeds resampled, whose interval car
 seed-to-seed variance that a bootstrap over users alone leaves out.
 
     python scripts/compare_arms.py results/ml100k/hatllm_vs_causal_spec.json --out results/ml100k/hatllm_vs_causal.json
+
+``--markdown`` also prints the first metric as one Markdown table (each seed's value, then every
+difference with its interval, bold where the interval excludes zero), the form docs/results.md uses.
 """
 
 from __future__ import annotations
@@ -97,10 +100,51 @@ def rows(spec: dict[str, Any], arms: dict[str, Any], key: str) -> dict[str, Any]
     return entry
 
 
+# how the table names the usual evaluations; any other key is shown as it is
+READINGS = {"valid/llm": "validation, the LLM alone", "test/llm": "test, the LLM alone",
+            "test/llm_histex": "test, the LLM alone, history left out", "test/fused": "test, fused, history kept",
+            "test/fused_histex": "test, fused, history left out"}
+
+
+def cell(row: dict[str, Any] | None, metric: str) -> str:
+    """A difference and its interval, bold where the interval excludes zero."""
+    if row is None:
+        return ""
+    r = row[metric]
+    text = f"{r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+    return f"**{text}**" if r["ci_low"] > 0 or r["ci_high"] < 0 else text
+
+
+def markdown(result: dict[str, Any], base: str, other: str, metric: str) -> str:
+    """One evaluation per line (the usual readings first): each seed's ``metric``, the per-seed
+    and pooled differences, the seed spreads; a legend below names the seeds."""
+    arms = result["arms"]
+    seeds = [(name, i, s) for name, arm in arms.items() for i, s in enumerate(arm["seeds"])]
+    pairs = min(len(arms[base]["seeds"]), len(arms[other]["seeds"]))
+    spreads = [(name, i) for name, arm in arms.items() for i in range(1, len(arm["seeds"]))]
+    head = ([f"{name} #{i}" for name, i, _ in seeds] + [f"{other} minus {base}, #{i}" for i in range(pairs)]
+            + ["pooled", "pooled, seeds resampled"] + [f"{name} #{i} minus #0" for name, i in spreads])
+    lines = [f"| {metric} | " + " | ".join(head) + " |", "| --- " * (len(head) + 1) + "|"]
+    order = sorted(result["comparisons"], key=lambda k: (list(READINGS).index(k) if k in READINGS else len(READINGS), k))
+    for key in order:
+        entry = result["comparisons"][key]
+        values = [f"{np.mean(list(per_user(s['evals'][key], metric).values())):.4f}" if key in s["evals"] else ""
+                  for _, _, s in seeds]
+        per_seed = [cell(r, metric) for r in entry["per_seed"]] + [""] * (pairs - len(entry["per_seed"]))
+        spread = {(name, i + 1): r for name, rs in entry["seed_spread"].items() for i, r in enumerate(rs)}
+        cells = (values + per_seed + [cell(entry["pooled"], metric), cell(entry["pooled_seeds_resampled"], metric)]
+                 + [cell(spread.get(k), metric) for k in spreads])
+        lines.append(f"| {READINGS.get(key, key)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"{name} #{i}: {s['label']}" + (" (pending)" if s.get("pending") else "") for name, i, s in seeds]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("spec", type=Path)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--markdown", action="store_true", help="also print the first metric as a Markdown table")
     args = ap.parse_args()
     spec = json.loads(args.spec.read_text())
     base = spec["baseline"]
@@ -119,6 +163,8 @@ def main() -> None:
         for tag, row in printed:
             figs = "  ".join(f"{m} {row[m]['diff']:+.4f} [{row[m]['ci_low']:+.4f}, {row[m]['ci_high']:+.4f}]" for m in spec["metrics"])
             print(f"{key:<18} {tag + str(row['seeds']):<60} {figs}")
+    if args.markdown:
+        print("\n" + markdown(result, base, other, spec["metrics"][0]))
 
 
 if __name__ == "__main__":

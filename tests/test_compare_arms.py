@@ -18,11 +18,11 @@ def evaluation(path: Path, ranks: list[int | None]) -> str:
     return str(path)
 
 
-def run_script(tmp_path: Path, spec: dict) -> tuple[subprocess.CompletedProcess, dict]:
+def run_script(tmp_path: Path, spec: dict, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
     """Run the script on ``spec``: its process (checked to succeed) and the comparison it wrote."""
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out = tmp_path / "out.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "spec.json"), "--out", str(out)],
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "spec.json"), "--out", str(out), *flags],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return done, json.loads(out.read_text())
@@ -44,7 +44,7 @@ def test_per_seed_spread_and_pooled(tmp_path: Path) -> None:
                        **({"valid/llm": evaluation(tmp_path / f"{arm}{i}v.json", ranks(rate))} if i == 0 else {})}}
             for i, rate in enumerate(seed_rates)]}
         for arm, seed_rates in rates.items()}}
-    done, result = run_script(tmp_path, spec)
+    done, result = run_script(tmp_path, spec, "--markdown")
     assert result["difference"].startswith("b minus a")
     test = result["comparisons"]["test/llm"]
     assert [r["seeds"] for r in test["per_seed"]] == [["a0", "b0"], ["a1", "b1"]]
@@ -58,6 +58,18 @@ def test_per_seed_spread_and_pooled(tmp_path: Path) -> None:
     valid = result["comparisons"]["valid/llm"]
     assert len(valid["per_seed"]) == 1 and valid["pooled"] is None and valid["seed_spread"] == {}
     assert "pooled, seeds resampled" in done.stdout
+    # --markdown: the first metric (NDCG@10), the usual readings first, a cell per seed and per difference
+    *_, table, legend = (part.splitlines() for part in done.stdout.split("\n\n"))
+    assert table[0] == ("| NDCG@10 | a #0 | a #1 | b #0 | b #1 | b minus a, #0 | b minus a, #1 | pooled "
+                        "| pooled, seeds resampled | a #1 minus #0 | b #1 minus #0 |")
+    cells = [c.strip() for c in table[2].split("|")[1:-1]]
+    assert cells[0] == "validation, the LLM alone" and cells[2] == cells[4] == cells[6] == cells[7] == ""
+    cells = [c.strip() for c in table[3].split("|")[1:-1]]
+    ndcg = test["per_seed"][0]["NDCG@10"]
+    assert cells[0] == "test, the LLM alone" and cells[1] == f"{ndcg['a']:.4f}" and cells[3] == f"{ndcg['b']:.4f}"
+    assert cells[5] == f"**{ndcg['diff']:+.4f} [{ndcg['ci_low']:+.4f}, {ndcg['ci_high']:+.4f}]**"  # b0 far above a0
+    assert not cells[8].startswith("**")  # the seeds resampled: b's two seeds disagree too much to tell
+    assert len(table) == 4 and legend == ["a #0: a0", "a #1: a1", "b #0: b0", "b #1: b1"]
 
 
 def test_a_seed_entered_before_its_evaluations_is_pending(tmp_path: Path) -> None:
