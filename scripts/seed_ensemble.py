@@ -52,6 +52,7 @@ class EnsembleBackend:
         self.members = members
         self.combine = COMBINE[combine]
         self.pass_tokens = min(m.pass_tokens for m in members)
+        self.label = f"ensemble-{combine}(" + ",".join(m.label for m in members) + ")"
 
     @property
     def runs(self) -> int:

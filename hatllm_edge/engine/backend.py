@@ -35,6 +35,7 @@ class Backend(Protocol):
     """
 
     runs: int  # passes run so far (bench reports them per request)
+    label: str  # what runs, in results and logs: onnx-<quant>-<dtype>-<device>-<compute> or torch-<fp32|bf16|nf4>
 
     @property
     def exact_layout(self) -> bool:

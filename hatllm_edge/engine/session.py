@@ -28,6 +28,7 @@ from hatllm_edge.core.formats import (
     LOGITS,
     LOGITS_TO_KEEP,
     MASK_INPUT,
+    META_DTYPE,
     META_LAYER_KINDS,
     META_QUANT,
     MODEL_FILE,
@@ -284,6 +285,11 @@ class OnnxBackend:
                       cache_key=key, cuda_graph=cuda_graph)
         check_bundle_meta(folder, meta, manifest, backend.metadata)  # the graph's own word wins over bundle.json
         return backend
+
+    @property
+    def label(self) -> str:
+        """``onnx-<quant>-<dtype>-<device>-<compute>``, from what the graph records about itself."""
+        return f"onnx-{self.metadata.get(META_QUANT, '?')}-{self.metadata.get(META_DTYPE, '?')}-{self.device}-{self.compute}"
 
     @property
     def exact_layout(self) -> bool:

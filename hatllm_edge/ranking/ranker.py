@@ -78,12 +78,8 @@ class Ranker:
 
     @property
     def label(self) -> str:
-        """What runs: ``onnx-<quant>-<dtype>-<device>-<compute>`` or ``torch-<fp32|bf16>``."""
-        compute = getattr(self.backend, "compute", None)
-        if compute is None:
-            return f"torch-{self.backend.dtype_name}"  # type: ignore[attr-defined]
-        export = self.meta.export or {}
-        return f"onnx-{export.get('quant', '?')}-{export.get('dtype', '?')}-{self.backend.device}-{compute}"  # type: ignore[attr-defined]
+        """What runs (the backend's label): ``onnx-<quant>-<dtype>-<device>-<compute>`` or ``torch-<fp32|bf16|nf4>``."""
+        return self.backend.label
 
     @property
     def trie(self) -> TitleTrie:

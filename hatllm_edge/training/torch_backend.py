@@ -50,9 +50,8 @@ class TorchBackend:
 
     def __init__(self, model: HatLLM, dtype: torch.dtype = torch.float32) -> None:
         self.model = model.eval().to(dtype)
-        self.dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
-        if any(type(m).__name__ == "Linear4bit" for m in model.modules()):
-            self.dtype_name = "nf4"
+        quantised = any(type(m).__name__ == "Linear4bit" for m in model.modules())
+        self.label = "torch-" + ("nf4" if quantised else {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype)))
         self.device = next(model.parameters()).device
         self.runs = 0
 
