@@ -316,7 +316,7 @@ def test_evaluate_test_split_first_users(trained: tuple[Path, Any], data_files: 
 
 
 def test_evaluate_user_batching_and_bf16(trained: tuple[Path, Any], data_files: tuple[Path, Path], tmp_path: Path) -> None:
-    """Users batched together rank exactly as one at a time; bf16 weights run too."""
+    """Users batched together rank exactly as one at a time; bf16 weights rank as fp32 does."""
     out, _ = trained
     data = ["--interactions", data_files[0], "--items", data_files[1], "--split", "valid", "--quiet"]
     ranks = []
@@ -326,9 +326,13 @@ def test_evaluate_user_batching_and_bf16(trained: tuple[Path, Any], data_files: 
         assert result.exit_code == 0, (result.output, result.exception)
         ranks.append(json.loads(res.read_text())["ranks"])
     assert ranks[0] == ranks[1]
-    result = invoke("evaluate", out, *data, "--bf16", "--users", 2)
+    res = tmp_path / "bf16.json"
+    result = invoke("evaluate", out, *data, "--bf16", "--out", res)
     assert result.exit_code == 0, (result.output, result.exception)
-    assert last_json(result)["backend"] == "torch-bf16" and last_json(result)["users"] == 2
+    bf16 = json.loads(res.read_text())
+    assert bf16["backend"] == "torch-bf16" and set(bf16["ranks"]) == set(ranks[0])
+    # bf16 rounding may flip a near tie on another CPU, not the ranking: at most one user moves
+    assert sum(bf16["ranks"][u] != r for u, r in ranks[0].items()) <= 1, (bf16["ranks"], ranks[0])
 
 
 def test_popularity_by_hand(data_files: tuple[Path, Path], tmp_path: Path) -> None:
@@ -347,12 +351,17 @@ def test_popularity_by_hand(data_files: tuple[Path, Path], tmp_path: Path) -> No
     assert valid["split"] == "valid" and valid["users"] == 6
 
 
-def test_popularity_ml100k() -> None:
-    result = invoke("popularity")
+@pytest.mark.parametrize("histex", [False, True])
+def test_popularity_ml100k_is_the_published_baseline(histex: bool, tmp_path: Path) -> None:
+    """Most-popular on the built-in ml-100k reproduces the README's row rank for rank, under both
+    protocols: a change to loading, the loo-full split or the history rule would move it."""
+    res = tmp_path / "pop.json"
+    result = invoke("popularity", *(["--exclude-history"] if histex else []), "--out", res)
     assert result.exit_code == 0, (result.output, result.exception)
-    summary = last_json(result)
-    assert summary["users"] == 943 and summary["split"] == "test"
-    assert 0 < summary["metrics"]["HR@10"] < 1 and summary["metrics"]["NDCG@10"] <= summary["metrics"]["HR@10"]
+    got = json.loads(res.read_text())
+    published = json.loads((TESTS.parent / "results" / "ml100k" / f"eval_pop_test{'_histex' if histex else ''}.json").read_text())
+    assert got["users"] == 943 and got["split"] == "test" and got["ranks"] == published["ranks"]
+    assert got["metrics"] == pytest.approx(published["metrics"], abs=1e-12)
 
 
 # --------------------------------------------------------------------- bad input
