@@ -93,3 +93,10 @@ def cache_rows(rows: np.ndarray | None, batch: int, cached: int | None) -> np.nd
     if idx.size and (idx.min() < 0 or idx.max() >= cached):
         raise InputError(f"cache rows out of range for a cache of {cached} rows: {idx.tolist()[:8]}")
     return idx
+
+
+def resolve_compute(compute: Compute, device: str, quantised: bool) -> Compute:
+    """What "auto" means: int8 for a quantised graph on the CPU, the graph as stored otherwise."""
+    if compute != "auto":
+        return compute
+    return "int8" if quantised and device == "cpu" else "native"

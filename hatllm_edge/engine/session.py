@@ -9,7 +9,6 @@ pass is one run. Graph contract: :mod:`hatllm_edge.export.graph`. Bundle layout 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,6 @@ from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.formats import (
     GRAPH_CONTRACT,
     INPUT_IDS,
-    INT8_REVISION,
     LOGITS,
     LOGITS_TO_KEEP,
     MASK_INPUT,
@@ -49,6 +47,7 @@ from hatllm_edge.engine.backend import (
     Device,
     Optimization,
     cache_rows,
+    resolve_compute,
 )
 from hatllm_edge.engine.bundle import (
     check_bundle_meta,
@@ -56,17 +55,10 @@ from hatllm_edge.engine.bundle import (
     read_bundle_meta,
     verify_bundle,
 )
-from hatllm_edge.engine.cache import Int8Cache, cache_root, require_writable
 from hatllm_edge.engine.cuda_graph import GraphRunner, pad_rows, padded
+from hatllm_edge.engine.int8_source import int8_source
 
 log = logging.getLogger("hatllm_edge")
-
-
-def resolve_compute(compute: Compute, device: str, quantised: bool) -> Compute:
-    """What "auto" means: int8 for a quantised graph on the CPU, the graph as stored otherwise."""
-    if compute != "auto":
-        return compute
-    return "int8" if quantised and device == "cpu" else "native"
 
 
 PROFILE_ENV = "HATLLM_ORT_PROFILE"  # a file prefix: ONNX Runtime's profiler on (scripts/op_profile.py reads it)
@@ -149,7 +141,7 @@ class OnnxBackend:
             compute = "native"
         cached = None
         if compute != "native":
-            source, compute, cached = self._int8_source(path, compute, cache_key)
+            source, compute, cached = int8_source(path, compute, cache_key)
         self.compute: Compute = compute
         try:
             self.session = ort.InferenceSession(source, options, providers=providers)
@@ -161,7 +153,7 @@ class OnnxBackend:
             log.warning("cached int8 graph %s does not load (%s); rebuilding it from the verified bundle",
                         cached[0].path(cached[1]), type(e).__name__)
             cached[0].drop(cached[1])
-            source, compute, _ = self._int8_source(path, compute, cache_key)
+            source, compute, _ = int8_source(path, compute, cache_key)
             self.session = ort.InferenceSession(source, options, providers=providers)
         self.load_seconds = time.perf_counter() - start
         if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
@@ -203,66 +195,6 @@ class OnnxBackend:
             self._graphs = GraphRunner(self.session, device, device_id)
             self._plain = ort.RunOptions()
             self._plain.add_run_config_entry("gpu_graph_id", "-1")
-
-    @staticmethod
-    def _int8_source(path: Path, compute: Compute,
-                     cache_key: str | None) -> tuple[str | bytes, Compute, tuple[Int8Cache, str] | None]:
-        """The graph to run for an int8 route ("auto" resolved by the stored graph's
-        ``hatllm.quant``), the route taken, and the cache entry it was read from (None when
-        expanded now). The expansion costs seconds at every load, so with a ``cache_key`` (the
-        bundle's verified content) it is kept under :func:`cache_root`, with its own sha256,
-        and read back from there next time only if it still matches; one process expands
-        while others wait for it (a file lock), and the cache keeps the most recently used
-        few."""
-        activations = "tensor" if compute == "int8-tensor" else "row"
-        if cache_key is None:
-            data, compute = OnnxBackend._expand(path, compute, activations)
-            return data, compute, None
-        key = hashlib.sha256(f"{cache_key}-{activations}-int8-revision-{INT8_REVISION}".encode()).hexdigest()[:16]
-        cache = Int8Cache(cache_root())
-        if compute != "auto":  # "auto" must first see whether the graph is quantised
-            hit = cache.read(key)
-            if hit is not None:
-                return hit, compute, (cache, key)
-        try:
-            require_writable(cache.dir)
-        except InputError as e:
-            log.warning("%s; the int8 expansion (seconds) runs at every load", e)
-            data, compute = OnnxBackend._expand(path, compute, activations)
-            return data, compute, None
-        with cache.lock():
-            if compute != "auto":
-                hit = cache.read(key)  # another process may have written it while we waited
-                if hit is not None:
-                    return hit, compute, (cache, key)
-            data, compute = OnnxBackend._expand(path, compute, activations)
-            if isinstance(data, bytes):
-                try:
-                    cache.write(key, data)
-                except OSError as e:
-                    log.warning("could not keep the int8 graph in %s (%s); the expansion runs again next time",
-                                cache.dir, e.strerror or e)
-        return data, compute, None
-
-    @staticmethod
-    def _expand(path: Path, compute: Compute, activations: str) -> tuple[str | bytes, Compute]:
-        """The stored graph expanded to int8 (bytes), or its path when "auto" finds it is not
-        quantised."""
-        import onnx
-        from google.protobuf.message import DecodeError
-
-        from hatllm_edge.engine.int8 import int8_compute
-
-        try:
-            stored = onnx.load(str(path))
-        except (DecodeError, ValueError, OSError) as e:
-            raise InputError(f"ONNX model {path} is not a readable ONNX graph ({type(e).__name__}: {first_line(e)}); "
-                             "re-export the bundle") from None
-        quantised = any(p.key == META_QUANT and p.value != "none" for p in stored.metadata_props)
-        compute = resolve_compute(compute, "cpu", quantised)
-        if compute == "native":
-            return str(path), compute
-        return int8_compute(stored, activations)[0].SerializeToString(), compute  # type: ignore[arg-type]
 
     @classmethod
     def from_bundle(cls, folder: Path | str, device: Device = "cpu", threads: int | None = None,
