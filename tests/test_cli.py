@@ -408,6 +408,18 @@ def test_fuse_write_into_a_bundle_is_refused_before_tuning(bundle: Path, tmp_pat
                        "written into a training checkpoint", "drop --write")
 
 
+def test_fuse_checks_its_grid_and_assistant_before_building_the_model(trained: tuple[Path, Any], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A negative weight or a folder that is no SASRec model is refused before the model's bundle
+    is built (minutes on first use) or loaded."""
+    import hatllm_edge.app.rank as rank
+
+    monkeypatch.setattr(rank, "open_ranker", lambda *a, **k: pytest.fail("opened the model before refusing"))
+    assert_usage_error(invoke("fuse", trained[0], "--assistant", tmp_path, "--weights", "1,-2", "--quiet"), "weights must be >= 0")
+    assert_usage_error(invoke("fuse", trained[0], "--assistant", tmp_path, "--shortlists", "0,-5", "--quiet"), "shortlist sizes")
+    assert_usage_error(invoke("fuse", trained[0], "--assistant", tmp_path / "nosuch", "--quiet"), "nosuch")
+
+
 def test_evaluate_refuses_engine_options_on_a_checkpoint(trained: tuple[Path, Any], data_files: tuple[Path, Path],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import hatllm_edge.training.torch_backend as torch_backend
@@ -1079,6 +1091,9 @@ def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[P
     (["loadtest", "http://127.0.0.1:9/rank", "-c", "0"], "Invalid value for '-c'"),
     (["loadtest", "http://127.0.0.1:99999/rank", "-n", "1"], "the port must be a number from 0 to 65535"),
     (["evaluate", "models/x", "--batch-users", "0"], "Invalid value for '--batch-users'"),
+    (["rank", "examples/user.json", "--threads", "0"], "Invalid value for '--threads'"),
+    (["fidelity", "a", "b", "--threads", "-1"], "Invalid value for '--threads'"),
+    (["sasrec", "evaluate", "models/x", "--threads", "0"], "Invalid value for '--threads'"),
     (["compare", "a.json", "b.json", "--samples", "0"], "Invalid value for '--samples'"),
     (["fidelity", "a", "b", "--candidates", "1"], "Invalid value for '--candidates'"),
     (["popularity", "--out", str(TESTS)], f"--out {TESTS} is a folder; give a file name"),

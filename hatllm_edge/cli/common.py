@@ -91,7 +91,7 @@ InterOpt = Annotated[Optional[Path], typer.Option(help="Interactions file (CSV/T
 ItemsOpt = Annotated[Optional[Path], typer.Option(help="Items file (CSV/TSV/JSONL: item_id, title).")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option(help="Intra-op threads (default: ONNX Runtime's choice).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="Intra-op threads (default: ONNX Runtime's choice).")]
 AssistOpt = Annotated[bool, typer.Option("--assist/--no-assist", help="Fuse the collaborative assistant (SASRec) shipped with the model, when there is one.")]
 AssistantWeightOpt = Annotated[Optional[float], typer.Option(min=0, help="Weight of the assistant's log-probability (default: the model's, chosen on validation).")]
 RenormaliseOpt = Annotated[Optional[bool], typer.Option("--renormalise/--no-renormalise", help="Beam steps: log-softmax over the title tree's allowed tokens only (default: the model's choice).")]

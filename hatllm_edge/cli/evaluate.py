@@ -107,7 +107,7 @@ def fuse(
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
-    exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Rank with each user's history left out, as rank does by default (default: included, the loo-full protocol).")] = False,
+    exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Rank with each user's history left out, as rank and serve do (default: included, the loo-full protocol; leave it out when the decoding written is for rank and serve on data without repeats).")] = False,
     batch_users: Annotated[int, typer.Option(min=1, help="Users whose beams run together in one batch (memory grows with it).")] = 8,
     write: Annotated[bool, typer.Option("--write", help="Store the winner in the checkpoint (hatllm.json 'decoding', assistant files copied in).")] = False,
     out: Annotated[Optional[Path], typer.Option(callback=writable_file, help="JSON file for the grid (metrics and per-user ranks).")] = None,
@@ -119,6 +119,7 @@ def fuse(
     from hatllm_edge.evaluation.tune import (
         TuneConfig,
         check_decoding_target,
+        check_tune,
         tune,
         write_decoding,
     )
@@ -130,6 +131,7 @@ def fuse(
                      exclude_history=exclude_history, batch_users=batch_users, shortlists=sizes)
 
     def tune_and_write() -> dict:
+        check_tune(cfg, checkpoint)
         if write:
             check_decoding_target(checkpoint)
         ranker = open_ranker(checkpoint, "cpu", quant and quant.value, backend.value, threads, not quiet, build=bundle_builder())

@@ -30,8 +30,8 @@ from hatllm_edge.cli.common import (
 sasrec_app = typer.Typer(no_args_is_help=True, help="SASRec, the classic sequential baseline (hatllm_edge/training/sasrec/): train, evaluate, export, report.")
 app.add_typer(sasrec_app, name="sasrec")
 SASRecCheckpointArg = Annotated[Path, typer.Argument(help="Checkpoint folder written by 'hatllm-edge sasrec train'.")]
-SASRecThreadsOpt = Annotated[Optional[int], typer.Option(help="Threads (torch intra-op; ONNX Runtime's too with --backend onnx). Default: their choice.")]
-ReportThreadsOpt = Annotated[Optional[int], typer.Option(help="Threads for PyTorch and ONNX Runtime (default: their choice).")]
+SASRecThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="Threads (torch intra-op; ONNX Runtime's too with --backend onnx). Default: their choice.")]
+ReportThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="Threads for PyTorch and ONNX Runtime (default: their choice).")]
 
 
 @sasrec_app.command("train")
@@ -57,7 +57,7 @@ def sasrec_train(
     eval_every: Annotated[int, typer.Option(help="Epochs between validation evaluations.")] = 1,
     max_minutes: Annotated[Optional[float], typer.Option(help="Wall-clock budget of the training loop, in minutes (default: none).")] = None,
     eval_batch: Annotated[int, typer.Option(help="Users per batch in the validation evaluation.")] = 256,
-    threads: Annotated[Optional[int], typer.Option(help="torch intra-op threads (default: torch's choice).")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch intra-op threads (default: torch's choice).")] = None,
     seed: SeedOpt = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/train_state.pt (same flags; only --max-epochs, --patience, --max-minutes, --threads and --eval-batch may change).")] = False,
     quiet: QuietOpt = False,

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hatllm_edge.app.models import model_kind
-from hatllm_edge.core.data import Dataset
+from hatllm_edge.core.data import Catalog, Dataset
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.formats import (
     ASSISTANT_CONFIG,
     ASSISTANT_ONNX,
+    CATALOG_FILE,
     CHECKPOINT_META,
     Decoding,
     ModelMeta,
@@ -39,17 +40,29 @@ class TuneConfig:
     k: int = 10
     beams: int | None = None
     batch_users: int = 8
-    exclude_history: bool = False  # rank as `rank` does by default: the history left out of the list
+    exclude_history: bool = False  # True: rank as `rank` and `serve` do, the history left out; False: loo-full as published
     shortlists: Sequence[int] = (0,)  # with each weight > 0: 0 = fused beam search, N = the assistant's N best scored exactly
+
+
+def _check_grid(cfg: TuneConfig) -> None:
+    if any(w < 0 for w in cfg.weights):
+        raise InputError(f"assistant weights must be >= 0, got {list(cfg.weights)}")
+    if any(n < 0 for n in cfg.shortlists):
+        raise InputError(f"shortlist sizes must be >= 0, got {list(cfg.shortlists)}")
+
+
+def check_tune(cfg: TuneConfig, model: Path) -> None:
+    """Refuse, before a model is built or loaded, a grid out of range or an assistant that cannot
+    serve ``model`` (the folder's catalog, when it has one: the ranker checks it otherwise)."""
+    _check_grid(cfg)
+    if (Path(model) / CATALOG_FILE).is_file():
+        Assistant.open(cfg.assistant, Catalog.from_jsonl(Path(model) / CATALOG_FILE))
 
 
 def tune(ranker: Ranker, data: Dataset, cfg: TuneConfig, progress: bool = True) -> dict[str, Any]:
     """Every (renormalise, weight, shortlist) setting on the same validation users of ``data``
     (a shortlist only with a weight > 0: it is drawn from the assistant); the best by NDCG@10."""
-    if any(w < 0 for w in cfg.weights):
-        raise InputError(f"assistant weights must be >= 0, got {list(cfg.weights)}")
-    if any(n < 0 for n in cfg.shortlists):
-        raise InputError(f"shortlist sizes must be >= 0, got {list(cfg.shortlists)}")
+    _check_grid(cfg)
     ranker.assistant = Assistant.open(cfg.assistant, ranker.catalog)
     if data.catalog.item_ids != ranker.catalog.item_ids:
         raise InputError("the model's catalog differs from its data set's; tune on the data it was trained on")
