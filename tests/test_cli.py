@@ -420,6 +420,20 @@ def test_fuse_checks_its_grid_and_assistant_before_building_the_model(trained: t
     assert_usage_error(invoke("fuse", trained[0], "--assistant", tmp_path / "nosuch", "--quiet"), "nosuch")
 
 
+@pytest.mark.parametrize("args", [["rank", "examples/user.json"], ["serve"], ["bench", "--startup"]])
+def test_cuda_without_a_gpu_is_refused_before_a_bundle_is_built(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cuda on a machine without onnxruntime-gpu: one line, before the shipped model is
+    exported for it (minutes)."""
+    import onnxruntime as ort
+
+    import hatllm_edge.app.rank as rank
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(rank, "cached_bundle", lambda *a, **k: pytest.fail("built a bundle before refusing"))
+    assert_usage_error(invoke(*args, "--device", "cuda"), "onnxruntime-gpu with a CUDA GPU is needed for --device cuda")
+
+
 def test_evaluate_refuses_engine_options_on_a_checkpoint(trained: tuple[Path, Any], data_files: tuple[Path, Path],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import hatllm_edge.training.torch_backend as torch_backend

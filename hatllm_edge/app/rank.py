@@ -33,6 +33,7 @@ from hatllm_edge.core.limits import (
 from hatllm_edge.engine.backend import Compute
 from hatllm_edge.engine.bundle import read_bundle_meta
 from hatllm_edge.engine.cache import cache_root
+from hatllm_edge.engine.session import check_device
 from hatllm_edge.ranking.ranker import Device, Ranker
 from hatllm_edge.ranking.resolve import Resolver, joined, show
 
@@ -64,6 +65,7 @@ def open_ranker(model: Path | None, device: Device, quant: str | None, backend: 
         export = read_bundle_meta(folder).export or {}
         raise InputError(f"--quant and --dtype choose the bundle built from a checkpoint; {folder} is a bundle already "
                          f"(quant {export.get('quant', '?')}, dtype {export.get('dtype', '?')}): drop them")
+    check_device(device, compute, cuda_graph)  # before a bundle is built for a device this machine lacks
     return open_model(open_bundle(folder, progress, build, quant or "int4", bundle_dtype(device, dtype)), device, threads,
                       compute=compute, cuda_graph=cuda_graph)
 

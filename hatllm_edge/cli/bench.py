@@ -53,10 +53,12 @@ def bench(
     from hatllm_edge.bench.timing import BenchConfig, run_bench
     from hatllm_edge.bench.workloads import Workload, default_workloads
     from hatllm_edge.core.data import load_dataset
+    from hatllm_edge.engine.session import check_device
 
     device = device.value
     if threads < 1 or min_repeats < 1 or max_repeats < min_repeats or seconds < 0 or paired < 0:
         raise usage_error("need --threads >= 1, 1 <= --min-repeats <= --max-repeats, --seconds >= 0 and --paired >= 0")
+    run(check_device, device)  # before a bundle is built for a device this machine lacks
     chosen = [run(Workload.parse, w) for w in workloads.split(",")] if workloads else default_workloads()
     names = tuple(b.strip() for b in backends.split(",")) if backends else (CUDA_BACKENDS if device == "cuda" else DEFAULT_BACKENDS)
     cfg = BenchConfig(checkpoint=model or default_checkpoint(), backends=names, workloads=tuple(chosen),

@@ -43,6 +43,7 @@ def serve(
     """Serve ranking over HTTP on Ray Serve: one loaded model per replica, concurrent requests batched."""
     from hatllm_edge.app.rank import bundle_dtype, open_bundle
     from hatllm_edge.app.serve_app import ROUTE, ServeConfig, serve_forever
+    from hatllm_edge.engine.session import check_device
 
     if replicas != "auto" and not (replicas.isdigit() and int(replicas) >= 1):
         raise usage_error(f"--replicas {replicas!r}: expected a number >= 1 or 'auto'")
@@ -50,6 +51,7 @@ def serve(
 
     if importlib.util.find_spec("ray") is None:
         raise fail(HatLLMError("serving needs Ray Serve: pip install 'hatllm-edge[serve]'"))
+    run(check_device, device.value)  # before a bundle is built for a device this machine lacks
     bundle = run(open_bundle, model, not quiet, bundle_builder(), dtype=bundle_dtype(device.value))
     cfg = ServeConfig(bundle=bundle, device=device.value, threads=threads, replicas=None if replicas == "auto" else int(replicas),
                       max_replicas=max_replicas, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000, max_queued=max_queued)

@@ -61,6 +61,30 @@ from hatllm_edge.engine.int8_source import int8_source
 log = logging.getLogger("hatllm_edge")
 
 
+def check_device(device: str, compute: str = "auto", cuda_graph: bool = False) -> None:
+    """Refuse a device, arithmetic or CUDA-graph choice that this route or this machine cannot
+    run. Cheap: callers run it before a bundle is built or a model loaded."""
+    import onnxruntime as ort
+
+    if compute not in (*COMPUTES, "int8-tensor"):
+        raise InputError(f"compute {compute!r}: expected one of {COMPUTES}")
+    if compute.startswith("int8") and device == "cuda":
+        raise InputError(f"compute {compute} is a CPU route; use --compute native or auto on CUDA")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r}: expected 'cpu' or 'cuda'")
+    if cuda_graph and device != "cuda":
+        raise InputError("CUDA graphs need --device cuda")
+    if device == "cuda":
+        # ONNX Runtime's default logger warns "No registered plugin EP device found for
+        # 'CUDAExecutionProvider'" at every CUDA session start (it looks for plugin EPs
+        # before the built-in one): noise to a user. Errors still print.
+        ort.set_default_logger_severity(3)
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise InputError("onnxruntime-gpu with a CUDA GPU is needed for --device cuda; available "
+                             f"providers: {', '.join(available)}")
+
+
 PROFILE_ENV = "HATLLM_ORT_PROFILE"  # a file prefix: ONNX Runtime's profiler on (scripts/op_profile.py reads it)
 
 
@@ -100,27 +124,12 @@ class OnnxBackend:
             raise InputError(f"ONNX model {path}: no such file")
         if threads is not None and threads < 1:
             raise InputError(f"threads must be >= 1, got {threads}")
-        if compute not in (*COMPUTES, "int8-tensor"):
-            raise InputError(f"compute {compute!r}: expected one of {COMPUTES}")
-        if compute.startswith("int8") and device == "cuda":
-            raise InputError(f"compute {compute} is a CPU route; use --compute native or auto on CUDA")
+        check_device(device, compute, cuda_graph)
         if device == "cuda":
-            # ONNX Runtime's default logger warns "No registered plugin EP device found for
-            # 'CUDAExecutionProvider'" at every CUDA session start (it looks for plugin EPs
-            # before the built-in one): noise to a user. Errors still print.
-            ort.set_default_logger_severity(3)
-            available = ort.get_available_providers()
-            if "CUDAExecutionProvider" not in available:
-                raise InputError("onnxruntime-gpu with a CUDA GPU is needed for --device cuda; available "
-                                 f"providers: {', '.join(available)}")
             cuda = {"device_id": device_id} | ({"enable_cuda_graph": "1"} if cuda_graph else {})
             providers: list[Any] = [("CUDAExecutionProvider", cuda)]
-        elif device == "cpu":
-            providers = ["CPUExecutionProvider"]
         else:
-            raise InputError(f"device {device!r}: expected 'cpu' or 'cuda'")
-        if cuda_graph and device != "cuda":
-            raise InputError("CUDA graphs need --device cuda")
+            providers = ["CPUExecutionProvider"]
         self.device, self.device_id = device, device_id
 
         levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
