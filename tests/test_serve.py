@@ -223,3 +223,27 @@ def test_the_cluster_config_builds_the_same_application(bundle: Path) -> None:
     assert app_builder({**args, "bundle": str(bundle)}) is not None
     with pytest.raises(ValueError, match="unknown args \\['colour'\\]"):
         app_builder({"bundle": str(bundle), "colour": "red"})
+
+
+def test_sigterm_is_a_normal_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service manager's SIGTERM while serving ends serve_forever normally (the command exits 0,
+    not as interrupted), with Serve and Ray shut down and the previous SIGTERM handler back."""
+    import signal
+    import sys
+    import types
+
+    import hatllm_edge.app.serve_app as serve_app
+
+    calls: list[str] = []
+    fake_serve = types.SimpleNamespace(
+        start=lambda **k: calls.append("start"),
+        run=lambda *a, **k: (calls.append("run"), os.kill(os.getpid(), signal.SIGTERM), time.sleep(5), calls.append("ran on")),
+        shutdown=lambda: calls.append("serve down"))
+    fake_ray = types.SimpleNamespace(init=lambda **k: calls.append("init"), shutdown=lambda: calls.append("ray down"), serve=fake_serve)
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setitem(sys.modules, "ray.serve", fake_serve)
+    monkeypatch.setattr(serve_app, "build_app", lambda cfg: None)
+    before = signal.getsignal(signal.SIGTERM)
+    serve_app.serve_forever(serve_app.ServeConfig(bundle=tmp_path), "127.0.0.1", free_port(), address="127.0.0.1:1")
+    assert calls == ["init", "start", "run", "serve down", "ray down"]
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -108,8 +108,8 @@ def check_can_start(cfg: ServeConfig, host: str, port: int, metrics_port: int | 
 
 def serve_forever(cfg: ServeConfig, host: str, port: int, address: str | None, metrics_port: int | None = None) -> None:
     """Start (or join, with ``address``) a Ray cluster, run the application on ``host:port``
-    and block until interrupted (Ctrl-C, or SIGTERM as a service manager sends it); Serve is
-    shut down on the way out. ``metrics_port``: where a started cluster exports Prometheus
+    and block until stopped: SIGTERM, as a service manager sends it, returns normally (exit code
+    0), Ctrl-C ends as interrupted (130); Serve is shut down on the way out. ``metrics_port``: where a started cluster exports Prometheus
     metrics. A failure to start is one message saying what to change."""
     import signal
 
@@ -118,8 +118,11 @@ def serve_forever(cfg: ServeConfig, host: str, port: int, address: str | None, m
 
     from hatllm_edge.core.errors import HatLLMError
 
+    class Terminated(Exception):
+        """SIGTERM: the service manager's normal stop, so the process ends with exit code 0."""
+
     def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        raise Terminated
 
     if address is None:
         check_can_start(cfg, host, port, metrics_port)
@@ -132,11 +135,13 @@ def serve_forever(cfg: ServeConfig, host: str, port: int, address: str | None, m
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         raise HatLLMError(f"could not start {where}: {' '.join(str(e).split())[:300]}"
                           + (" (is it running? 'ray status' says)" if address else " (free memory and /tmp space; see 'ray status')")) from None
-    signal.signal(signal.SIGTERM, stop)  # after ray.init, whose own handler only dumps a trace and dies
+    previous = signal.signal(signal.SIGTERM, stop)  # after ray.init, whose own handler only dumps a trace and dies
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(cfg), name=APP_NAME, route_prefix=ROUTE, blocking=True)
-    except (KeyboardInterrupt, HatLLMError):
+    except Terminated:
+        return
+    except (KeyboardInterrupt, HatLLMError):  # Ctrl-C ends as interrupted (exit code 130)
         raise
     except Exception as e:  # Ray's actor errors: say which part failed and the usual causes
         text = " ".join(str(e).split())
@@ -145,5 +150,6 @@ def serve_forever(cfg: ServeConfig, host: str, port: int, address: str | None, m
                           f"memory, --port {port} taken by another process, or a machine too busy for Ray's start-up checks "
                           f"(raise RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S, now {os.environ['RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S']} s)") from None
     finally:
+        signal.signal(signal.SIGTERM, previous)
         serve.shutdown()
         ray.shutdown()
