@@ -172,17 +172,29 @@ def test_the_schema_health_and_metrics_are_served(cluster: tuple[str, str], serv
     assert "serve_num_http_requests" in text and "serve_deployment_queued_queries" in text
 
 
-def test_a_server_that_cannot_start_says_why(bundle: Path) -> None:
-    from hatllm_edge.app.serve_app import ServeConfig, check_can_start
+def test_a_server_that_cannot_start_says_why(bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from hatllm_edge.app import serve_app
+    from hatllm_edge.core.errors import HatLLMError
 
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
         with pytest.raises(InputError, match=f"--port {port} is in use"):
-            check_can_start(ServeConfig(bundle=bundle, threads=1), "127.0.0.1", port, None)
+            serve_app.check_resources("127.0.0.1", port, None, "cpu", 1, 1, 1)
+        # from the command line, before the model's bundle is built (minutes on first use)
+        monkeypatch.setattr("hatllm_edge.app.rank.open_bundle", lambda *a, **k: pytest.fail("built the bundle first"))
+        result = CliRunner().invoke(app, ["serve", "--port", str(port), "--host", "127.0.0.1"])
+        assert result.exit_code == 2 and f"--port {port} is in use" in result.stderr
     with pytest.raises(InputError, match="CPUs; this machine has"):
-        check_can_start(ServeConfig(bundle=bundle, threads=1, replicas=4096), "127.0.0.1", free_port(), None)
+        serve_app.check_resources("127.0.0.1", free_port(), None, "cpu", 1, 4096, 4096)
+    with caplog.at_level("WARNING", logger="hatllm_edge"):  # autoscaled: only the replicas that fit start
+        serve_app.check_resources("127.0.0.1", free_port(), None, "cpu", 1, None, 4096)
+    assert "replica(s) will start" in caplog.text
+    monkeypatch.setattr("hatllm_edge.core.machine.available_mib", lambda: 10.0)
+    with pytest.raises(HatLLMError, match="MiB of memory is free") as e:
+        serve_app.check_memory(bundle)
+    assert e.value.exit_code == 1
 
 
 def test_loadtest_counts_what_it_sent(server: str) -> None:

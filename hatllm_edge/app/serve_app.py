@@ -17,6 +17,7 @@ app's ``hatllm_requests`` by status and ``hatllm_rank_latency_ms``) at
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from hatllm_edge.ranking.ranker import Device
+
+log = logging.getLogger("hatllm_edge")
 
 ROUTE = "/rank"
 APP_NAME = "hatllm-edge"
@@ -79,11 +82,12 @@ def app_builder(args: dict[str, Any]) -> Any:
 SLOW_MACHINE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 
 
-def check_can_start(cfg: ServeConfig, host: str, port: int, metrics_port: int | None) -> None:
-    """What would make Ray fail with an unreadable error, checked first: a port in use, more
-    CPUs asked than the machine has, too little free memory for one loaded replica."""
+def check_resources(host: str, port: int, metrics_port: int | None, device: str, threads: int,
+                    replicas: int | None, max_replicas: int) -> None:
+    """What would make Ray fail with an unreadable error and needs no model, checked before one is
+    built: a port in use, more CPUs asked than the machine has (``replicas`` None: autoscaled,
+    where only the replicas that fit ever start, which is said as a warning)."""
     from hatllm_edge.core.errors import InputError
-    from hatllm_edge.core.machine import available_mib
 
     for what, number in (("--port", port), ("--metrics-port", metrics_port)):
         if number is None:
@@ -94,16 +98,30 @@ def check_can_start(cfg: ServeConfig, host: str, port: int, metrics_port: int | 
             except OSError as e:
                 raise InputError(f"{what} {number} is in use or not allowed on {host} ({e.strerror}): stop what holds it "
                                  f"(another 'hatllm-edge serve'?) or pass another {what}") from None
-    cpus, replicas = os.cpu_count() or 1, cfg.replicas or 1
-    if cfg.device == "cpu" and replicas * cfg.threads > cpus:
-        raise InputError(f"{replicas} replica(s) x --threads {cfg.threads} need {replicas * cfg.threads} CPUs; this machine has {cpus}: "
-                         "lower --threads or --replicas")
+    cpus = os.cpu_count() or 1
+    if device != "cpu":
+        return
+    if (replicas or 1) * threads > cpus:
+        raise InputError(f"{replicas or 1} replica(s) x --threads {threads} need {(replicas or 1) * threads} CPUs; this machine "
+                         f"has {cpus}: lower --threads or --replicas")
+    if replicas is None and max_replicas * threads > cpus:
+        log.warning("--replicas auto: %d replicas x --threads %d would need %d CPUs, this machine has %d; at most %d "
+                    "replica(s) will start (lower --max-replicas to match)", max_replicas, threads, max_replicas * threads,
+                    cpus, cpus // threads)
+
+
+def check_memory(bundle: Path) -> None:
+    """Enough free memory for Ray and one loaded replica of ``bundle``, else a message saying so
+    (exit code 1: the machine, not the command, has to change)."""
+    from hatllm_edge.core.errors import HatLLMError
+    from hatllm_edge.core.machine import available_mib
+
     available = available_mib()
-    bundle_mib = sum(f.stat().st_size for f in Path(cfg.bundle).rglob("*") if f.is_file()) / 2**20
+    bundle_mib = sum(f.stat().st_size for f in Path(bundle).rglob("*") if f.is_file()) / 2**20
     need = 1024 + 4 * bundle_mib  # Ray's own processes, and a replica's session (the int8 route expands the weights)
     if available is not None and available < need:
-        raise InputError(f"{available:,.0f} MiB of memory is free; Ray and one replica of this model need about {need:,.0f} MiB: "
-                         "free some (a training run?) before serving")
+        raise HatLLMError(f"{available:,.0f} MiB of memory is free; Ray and one replica of this model need about {need:,.0f} MiB: "
+                          "free some (a training run?) before serving")
 
 
 def serve_forever(cfg: ServeConfig, host: str, port: int, address: str | None, metrics_port: int | None = None) -> None:
@@ -124,8 +142,9 @@ def serve_forever(cfg: ServeConfig, host: str, port: int, address: str | None, m
     def stop(signum: int, frame: Any) -> None:
         raise Terminated
 
-    if address is None:
-        check_can_start(cfg, host, port, metrics_port)
+    if address is None:  # checked again: the bundle may have taken minutes to build
+        check_resources(host, port, metrics_port, cfg.device, cfg.threads, cfg.replicas, cfg.max_replicas)
+        check_memory(cfg.bundle)
     for key, value in SLOW_MACHINE_ENV.items():
         os.environ.setdefault(key, value)
     try:

@@ -42,7 +42,12 @@ def serve(
 ) -> None:
     """Serve ranking over HTTP on Ray Serve: one loaded model per replica, concurrent requests batched."""
     from hatllm_edge.app.rank import bundle_dtype, open_bundle
-    from hatllm_edge.app.serve_app import ROUTE, ServeConfig, serve_forever
+    from hatllm_edge.app.serve_app import (
+        ROUTE,
+        ServeConfig,
+        check_resources,
+        serve_forever,
+    )
     from hatllm_edge.engine.session import check_device
 
     if replicas != "auto" and not (replicas.isdigit() and int(replicas) >= 1):
@@ -51,9 +56,12 @@ def serve(
 
     if importlib.util.find_spec("ray") is None:
         raise fail(HatLLMError("serving needs Ray Serve: pip install 'hatllm-edge[serve]'"))
+    count = None if replicas == "auto" else int(replicas)
     run(check_device, device.value)  # before a bundle is built for a device this machine lacks
+    if address is None:  # a started cluster's ports and CPUs, before the bundle build too
+        run(check_resources, host, port, metrics_port, device.value, threads, count, max_replicas)
     bundle = run(open_bundle, model, not quiet, bundle_builder(), dtype=bundle_dtype(device.value))
-    cfg = ServeConfig(bundle=bundle, device=device.value, threads=threads, replicas=None if replicas == "auto" else int(replicas),
+    cfg = ServeConfig(bundle=bundle, device=device.value, threads=threads, replicas=count,
                       max_replicas=max_replicas, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000, max_queued=max_queued)
     typer.echo(f"serving {bundle} at http://{host}:{port}{ROUTE} (schema: {ROUTE}/openapi.json, health: {ROUTE}/health, "
                f"metrics: http://{host}:{metrics_port}/metrics; Ctrl-C stops)", err=True)
