@@ -946,6 +946,11 @@ def test_fuse_writes_the_decoding_and_the_assistant_travels_into_the_bundle(
     saved = json.loads(grid.read_text())
     assert [(r["renormalise"], r["assistant_weight"]) for r in saved["grid"]] == [(False, 0), (False, 1), (True, 0), (True, 1)]
     assert saved["users"] == 6 and not (ckpt / "sasrec.onnx").exists()  # no --write: the checkpoint is untouched
+    # no decoding written yet: an assistant or a shortlist that would not be fused is refused, not ignored
+    assert_usage_error(invoke("evaluate", ckpt, "--assistant", sasrec_dir, "--quiet", *data), "no fusion weight of its own",
+                       "--assistant-weight")
+    assert_usage_error(invoke("evaluate", ckpt, "--assistant", sasrec_dir, "--no-assist", "--quiet", *data), "drop one of them")
+    assert_usage_error(invoke("evaluate", ckpt, "--shortlist", 6, "--quiet", *data), "--shortlist 6 draws the list from the assistant")
     assert invoke("fuse", ckpt, "--assistant", sasrec_dir, "--weights", "1", "--renormalise", "off", "--users", 0,
                   "--backend", "torch", "--write", "--quiet", *data).exit_code == 0
     meta = json.loads((ckpt / "hatllm.json").read_text())
@@ -959,6 +964,7 @@ def test_fuse_writes_the_decoding_and_the_assistant_travels_into_the_bundle(
                             "--model", ckpt, "--backend", "torch").stdout)
     assert fused["assistant_weight"] == 1 and alone["assistant_weight"] == off["assistant_weight"] == 0
     assert alone["results"] == off["results"] and [r["score"] for r in fused["results"]] != [r["score"] for r in alone["results"]]
+    assert_usage_error(invoke("rank", user, "--model", ckpt, "--backend", "torch", "--shortlist", 6, "--no-assist"), "--no-assist")
     # a shortlist of the whole 6-item catalog is exact, as the 10-wide beam over it is
     r6 = invoke("rank", user, "--model", ckpt, "--backend", "torch", "--shortlist", 6)
     assert r6.exit_code == 0, (r6.output, r6.exception)

@@ -159,6 +159,8 @@ def check_options(opts: RankOptions) -> None:
             raise InputError(f"{name} is {value}; it must be from 1 to {limit} ({what})")
     if opts.shortlist is not None and not 0 <= opts.shortlist <= MAX_CANDIDATES:
         raise InputError(f"--shortlist is {opts.shortlist}; it must be from 0 (beam search) to {MAX_CANDIDATES}")
+    if opts.shortlist and opts.assist is False:
+        raise InputError(f"--shortlist {opts.shortlist} draws the list from the assistant, which --no-assist leaves out; drop one of them")
 
 
 def prepare(ranker: Ranker, req: RankRequest, where: str, opts: RankOptions) -> Prepared:

@@ -46,6 +46,8 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     bundle (the engine)."""
     from hatllm_edge.app.models import model_kind, open_model
 
+    if cfg.assistant is not None and not cfg.assist:
+        raise InputError(f"--assistant {cfg.assistant} with --no-assist: the assistant would not be fused; drop one of them")
     kind = model_kind(cfg.checkpoint)
     ranker = open_model(cfg.checkpoint, cfg.device, cfg.threads, cfg.bf16, cfg.compute, cfg.nf4)
     data = load_dataset(cfg.dataset, cfg.interactions, cfg.items)
@@ -59,6 +61,12 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     examples = split_examples(data, cfg.split, cfg.users, cfg.sample, cfg.seed)
     fusion = ranker_fusion(ranker, cfg.assist, cfg.assistant_weight, cfg.renormalise)
     renormalise, weight = ranker.scoring(cfg.assist, cfg.assistant_weight, cfg.renormalise)
+    if cfg.assistant is not None and cfg.assistant_weight is None and not weight:
+        raise InputError(f"--assistant {cfg.assistant}: {cfg.checkpoint} has no fusion weight of its own (its decoding says 0); "
+                         "pass --assistant-weight (hatllm-edge fuse chooses one on validation)")
+    if cfg.shortlist and not weight:
+        raise InputError(f"--shortlist {cfg.shortlist} draws the list from the assistant, which is not fused here (weight 0); "
+                         "pass --assistant and --assistant-weight, or drop --shortlist")
     shortlist = ranker.shortlist(cfg.shortlist) if weight else 0
     result = rank_split(ranker.backend, ranker.prompts, data, cfg.split, cfg.k, width, progress=progress,
                         batch_users=cfg.batch_users, examples=examples, fusion=fusion, exclude_history=cfg.exclude_history,
