@@ -1036,9 +1036,10 @@ def test_rank_on_a_bundle_runs_with_the_training_stack_blocked(bundle: Path, tra
     cands = write_user(tmp_path / "c.json", history=["i1"], candidates=["i2", "i3"])
     result = run_without_training_stack("rank", cands, "--model", bundle, "-q", "--threads", 1, "--table")
     assert result.returncode == 0 and "candidates" in result.stdout, result.stderr
-    result = run_without_training_stack("rank", user, "--model", trained[0], "-q")
-    assert result.returncode == 2 and "pip install 'hatllm-edge[train]'" in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+    for flags in ([], ["--backend", "torch"]):  # built into a bundle, or run in PyTorch: both need the training stack
+        result = run_without_training_stack("rank", user, "--model", trained[0], "-q", *flags)
+        assert result.returncode == 2 and "pip install 'hatllm-edge[train]'" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
 
 
 WHEEL_BLOCKED = ("torch", "transformers", "peft", "bitsandbytes", "hatllm_edge.export", "hatllm_edge.training")

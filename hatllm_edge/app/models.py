@@ -112,7 +112,11 @@ def open_model(folder: Path, device: Device = "cpu", threads: int | None = None,
     if cuda_graph or device != "cpu" or compute not in ("auto", "native"):  # PyTorch runs the weights as stored: native
         raise InputError(f"{folder} is a checkpoint, run in PyTorch on the CPU: --device cuda, --compute int8 and --cuda-graph "
                          f"choose the engine's device and arithmetic (export it with 'hatllm-edge export' and pass the bundle)")
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise InputError(f"{folder} is a training checkpoint, run in PyTorch, which this install lacks: pip install "
+                         f"'hatllm-edge[train]', or export it elsewhere and pass the bundle") from None
 
     from hatllm_edge.training.torch_backend import checkpoint_ranker
 
