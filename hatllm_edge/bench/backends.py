@@ -55,15 +55,20 @@ def open_backend(name: str, checkpoint: Path, device: str, threads: int, progres
         model = ranker.backend.model  # type: ignore[attr-defined]
         size = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         return ranker, size / 1e6
-    parts = name.split("-")
-    if parts[0] != "ort" or len(parts) not in (2, 3) or parts[1] not in ORT_QUANTS or (len(parts) == 3 and parts[2] not in ("native", "int8")):
-        raise InputError(f"backend {name!r}: expected one of {TORCH_BACKENDS} or ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]")
-    quant, dtype = ORT_QUANTS[parts[1]], "fp16" if parts[1] == "fp16" else "fp32"
-    compute = parts[2] if len(parts) == 3 else "auto"
+    quant, dtype, compute = ort_backend(name)
     folder = cached_bundle(checkpoint, quant, dtype, progress, build)
     ranker = open_model(folder, device, threads, compute=compute, cuda_graph=cuda_graph)  # type: ignore[arg-type]
     return ranker, folder_mb(folder)
 
+
+
+def ort_backend(name: str) -> tuple[str, str, str]:
+    """``ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]`` as (quant, dtype, compute); any other name
+    that is not a torch backend is refused, so a typo stops bench before the first backend runs."""
+    parts = name.split("-")
+    if parts[0] != "ort" or len(parts) not in (2, 3) or parts[1] not in ORT_QUANTS or (len(parts) == 3 and parts[2] not in ("native", "int8")):
+        raise InputError(f"backend {name!r}: expected one of {TORCH_BACKENDS} or ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]")
+    return ORT_QUANTS[parts[1]], "fp16" if parts[1] == "fp16" else "fp32", parts[2] if len(parts) == 3 else "auto"
 
 
 def all_history(ranker: Ranker) -> PromptBuilder:

@@ -48,7 +48,12 @@ def bench(
 ) -> None:
     """Latency of every backend on the same seeded workloads, in one process: table, JSON, PNG."""
     from hatllm_edge.app.models import default_checkpoint
-    from hatllm_edge.bench.backends import CUDA_BACKENDS, DEFAULT_BACKENDS
+    from hatllm_edge.bench.backends import (
+        CUDA_BACKENDS,
+        DEFAULT_BACKENDS,
+        TORCH_BACKENDS,
+        ort_backend,
+    )
     from hatllm_edge.bench.report import table, write_report
     from hatllm_edge.bench.timing import BenchConfig, run_bench
     from hatllm_edge.bench.workloads import Workload, default_workloads
@@ -61,6 +66,11 @@ def bench(
     run(check_device, device)  # before a bundle is built for a device this machine lacks
     chosen = [run(Workload.parse, w) for w in workloads.split(",")] if workloads else default_workloads()
     names = tuple(b.strip() for b in backends.split(",")) if backends else (CUDA_BACKENDS if device == "cuda" else DEFAULT_BACKENDS)
+    for name in names:  # every name, before the first backend's minutes of work
+        if name not in TORCH_BACKENDS:
+            run(ort_backend, name)
+    if out.exists() and not out.is_dir():
+        raise usage_error(f"--out {out} is a file; bench writes a folder (bench.json, bench.png): give a folder's name")
     cfg = BenchConfig(checkpoint=model or default_checkpoint(), backends=names, workloads=tuple(chosen),
                       device=device, threads=threads, min_repeats=min_repeats, max_repeats=max_repeats, seconds=seconds, seed=seed,
                       paired=paired, build=bundle_builder(), cuda_graph=cuda_graph)  # type: ignore[arg-type]
