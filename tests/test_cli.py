@@ -1115,6 +1115,7 @@ def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[P
     (["loadtest", "http://127.0.0.1:99999/rank", "-n", "1"], "the port must be a number from 0 to 65535"),
     (["evaluate", "models/x", "--batch-users", "0"], "Invalid value for '--batch-users'"),
     (["rank", "examples/user.json", "--threads", "0"], "Invalid value for '--threads'"),
+    (["evaluate", "models/hatllm-ml100k", "--k", "5"], "--k 5: the metrics are read at 1, 5, 10"),
     (["fidelity", "a", "b", "--threads", "-1"], "Invalid value for '--threads'"),
     (["sasrec", "evaluate", "models/x", "--threads", "0"], "Invalid value for '--threads'"),
     (["compare", "a.json", "b.json", "--samples", "0"], "Invalid value for '--samples'"),

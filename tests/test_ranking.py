@@ -431,6 +431,18 @@ def test_shortlist_scores_the_assistants_best_items_exactly(backend: TorchBacken
         assert ranked.items == [allowed[i] for i in scored.items[:3]]
         np.testing.assert_allclose(ranked.scores, scored.scores[:3], atol=1e-6)
     assert len(shortlist_search(backend, prompts, trie, CATALOG, histories, 5, fusion, 2)[0].items) == 5  # never fewer than k
+    # one item of the duplicate title ("Heat", items 4 and 5) left out: its assistant mass leaves the
+    # title's score in the shortlist as it does in beam search
+    dup = [{4}, {5}]
+    everything = len(TITLES) - 1
+    exact = beam_search(backend, prompts, trie, histories, k=everything, beams=len(TITLES), fusion=fusion, exclude=dup)
+    whole = full_catalog(backend, prompts, trie, CATALOG, histories, everything, 10, fusion, shortlist=len(TITLES), exclude=dup)
+    for u, (got, want) in enumerate(zip(whole, exact)):
+        assert sorted(got.items) == sorted(want.items) == sorted(set(range(len(TITLES))) - dup[u])
+        heat = {i: s for i, s in zip(got.items, got.scores)}, {i: s for i, s in zip(want.items, want.scores)}
+        kept = 5 if u == 0 else 4
+        assert heat[0][kept] == pytest.approx(heat[1][kept], abs=1e-4)
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
     alone = full_catalog(backend, prompts, trie, CATALOG, histories, 3, 3, Fusion(renormalise=True), shortlist=4)
     assert [r.items for r in alone] == [r.items for r in beam_search(backend, prompts, trie, histories, 3, 3, Fusion(renormalise=True))]
 
@@ -487,3 +499,12 @@ def test_zero_weight_is_the_llm_alone(backend: TorchBackend, prompts: PromptBuil
     plain = beam_search(backend, prompts, trie, [HISTORY], k=5, beams=5)[0]
     zero = beam_search(backend, prompts, trie, [HISTORY], k=5, beams=5, fusion=Fusion(weight=0.0, prior=random_prior(1)))[0]
     assert plain == zero
+
+
+def test_logsumexp_of_nothing_possible_is_minus_infinity() -> None:
+    """Every allowed token at -inf (an overflowing fp16 graph): the step's mass is -inf, not NaN,
+    so the sort that follows stays defined."""
+    from hatllm_edge.ranking.scoring import logsumexp
+
+    assert logsumexp(np.full(3, -np.inf)) == -np.inf
+    assert logsumexp(np.log(np.array([0.25, 0.75]))) == pytest.approx(0.0, abs=1e-12)

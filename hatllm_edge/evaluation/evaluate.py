@@ -9,7 +9,7 @@ from typing import Any, Literal
 from hatllm_edge.core.data import Split, load_dataset
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.limits import beam_width
-from hatllm_edge.core.metrics import mean_metrics, target_rank
+from hatllm_edge.core.metrics import CUTOFFS, mean_metrics, target_rank
 from hatllm_edge.engine.backend import Compute
 from hatllm_edge.ranking.loo import rank_split, ranker_fusion, split_examples
 
@@ -46,6 +46,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     bundle (the engine)."""
     from hatllm_edge.app.models import model_kind, open_model
 
+    if cfg.k < max(CUTOFFS):
+        raise InputError(f"--k {cfg.k}: the metrics are read at {', '.join(map(str, CUTOFFS))}, so the list must hold at least "
+                         f"{max(CUTOFFS)} items (a shorter one would report HR@{max(CUTOFFS)} as HR@{cfg.k})")
     if cfg.assistant is not None and not cfg.assist:
         raise InputError(f"--assistant {cfg.assistant} with --no-assist: the assistant would not be fused; drop one of them")
     kind = model_kind(cfg.checkpoint)

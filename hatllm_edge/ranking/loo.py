@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from tqdm import tqdm
 
@@ -72,13 +72,14 @@ def rank_split(
     for i in range(0, len(order), batch_users):
         chunk = order[i : i + batch_users]
         scoring = fusion(chunk) if fusion else Fusion()
+        exclude = [data.seen(ex.user_id, split) for ex in chunk] if exclude_history else None
         ranked = full_catalog(backend, prompts, trie, data.catalog, [titles[ex.user_id] for ex in chunk], k, beams, scoring,
-                              shortlist, [data.seen(ex.user_id, split) for ex in chunk] if exclude_history else None)
+                              shortlist, exclude)
         for ex, r in zip(chunk, ranked):
             ranks[ex.user_id] = target_rank([data.catalog.item_ids[j] for j in r.items], ex.target)
         if search_errors:
             checks += target_search_errors(backend, prompts, trie, data, chunk, [titles[ex.user_id] for ex in chunk],
-                                           ranked, ranks, scoring, k)
+                                           ranked, ranks, scoring, k, exclude)
         bar.update(len(chunk))
     bar.close()
     wall = time.time() - start
@@ -102,17 +103,20 @@ def rank_split(
 
 def target_search_errors(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, data: Dataset, chunk: Sequence[Example],
                          histories: Sequence[Sequence[str]], ranked: Sequence[Ranked], ranks: dict[str, int | None],
-                         scoring: Fusion, k: int) -> list[dict[str, Any]]:
+                         scoring: Fusion, k: int, exclude: Sequence[Collection[int]] | None = None) -> list[dict[str, Any]]:
     """Beam search's errors on the answers that matter, without ranking the whole catalog: each
     target the list missed is scored exactly (as candidate scoring scores a title, the same
     score beam search would give it); if it beats the list's k-th score, the search pruned a
     title it should have kept (an error for certain; the exact top-k may hold other missed
     titles too, so ``rank_bound``, the target's place among the listed scores, is the best
-    rank exact search could give it)."""
-    missed = [j for j, ex in enumerate(chunk) if ranks[ex.user_id] is None and len(ranked[j].scores) == k]
+    rank exact search could give it). ``exclude``: each user's items the list may not hold; a
+    target among them (a repeat the data allows) is no search error."""
+    skip = exclude if exclude is not None else [frozenset()] * len(chunk)
+    missed = [j for j, ex in enumerate(chunk) if ranks[ex.user_id] is None and len(ranked[j].scores) == k
+              and data.catalog.index(ex.target) not in skip[j]]
     if not missed:
         return []
-    bonus = [scoring.title_bonus(j, data.catalog) for j in missed] if scoring.prior is not None else None
+    bonus = [scoring.title_bonus(j, data.catalog, skip[j]) for j in missed] if scoring.prior is not None else None
     exact = score_candidates(backend, prompts, [histories[j] for j in missed],
                              [[data.catalog.title(chunk[j].target)] for j in missed], bonus=bonus,
                              renormalise=trie if scoring.renormalise else None)

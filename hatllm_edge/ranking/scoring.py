@@ -4,7 +4,7 @@ fused share) and what a ranking returns."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -26,13 +26,17 @@ class Fusion:
     def rows(self, users: Sequence[int]) -> "Fusion":
         return Fusion(self.renormalise, self.weight, None if self.prior is None else self.prior[np.asarray(users)])
 
-    def title_bonus(self, u: int, catalog: Catalog) -> dict[str, float]:
+    def title_bonus(self, u: int, catalog: Catalog, exclude: Collection[int] = ()) -> dict[str, float]:
         """Per title: what the assistant adds to a full title's score (its leaf holds every
-        item of that title, as in beam search)."""
+        item of that title, as in beam search), counting, as beam search does, only the items
+        that may still be listed: ``exclude``'s (catalog indices) add no mass."""
         if self.prior is None or not self.weight:
             return {}
+        prob = np.exp(self.prior[u])
+        if exclude:
+            prob[sorted(exclude)] = 0.0
         mass: dict[str, float] = {}
-        for title, p in zip(catalog.titles, np.exp(self.prior[u]).tolist()):
+        for title, p in zip(catalog.titles, prob.tolist()):
             mass[title] = mass.get(title, 0.0) + p
         return {t: self.weight * float(np.log(max(m, 1e-300))) for t, m in mass.items()}
 
@@ -60,4 +64,6 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def logsumexp(x: np.ndarray) -> float:
     top = float(x.max())
+    if not np.isfinite(top):  # every entry -inf (or one +inf): the answer is top itself, not NaN
+        return top
     return top + float(np.log(np.exp(x - top).sum()))

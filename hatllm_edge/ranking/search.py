@@ -82,7 +82,8 @@ def shortlist_search(
         order = np.argsort(-fusion.prior[u], kind="stable")[: size + len(skip)]
         shortlists.append([int(i) for i in order if int(i) not in skip][:size])
     ranked = score_candidates(backend, prompts, histories, [[catalog.titles[i] for i in s] for s in shortlists],
-                              bonus=[fusion.title_bonus(u, catalog) for u in range(len(histories))],
+                              bonus=[fusion.title_bonus(u, catalog, exclude[u] if exclude is not None else ())
+                                     for u in range(len(histories))],
                               renormalise=trie if fusion.renormalise else None)
     return [Ranked([s[i] for i in r.items[:k]], r.scores[:k]) for s, r in zip(shortlists, ranked)]
 
@@ -126,7 +127,8 @@ def _search(backend: Backend, prompts: PromptBuilder, trie: TitleTrie, encoded: 
     # log-probs of the node's allowed tokens, and the cache columns of the tokens it fed (its ancestors)
     hyp_user, hyp_node, hyp_score, hyp_mass = np.arange(users), np.zeros(users, dtype=np.int64), np.zeros(users), np.zeros(users)
     root = trie.expand(0).allowed
-    hyp_logprobs, hyp_cols = [start.logprobs[u, root] for u in range(users)], [np.zeros(0, dtype=np.int64) for _ in range(users)]
+    hyp_logprobs = [start.logprobs[u, root].astype(np.float64) for u in range(users)]  # float64 as every later step
+    hyp_cols = [np.zeros(0, dtype=np.int64) for _ in range(users)]
     assist = fusion.prior is not None and fusion.weight != 0
     prob = np.exp(fusion.prior) if assist else None
     if prob is not None:  # the assistant's mass under a branch counts only what may still be recommended;
