@@ -94,7 +94,7 @@ class Assistant:
 
     def logprobs(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
         """[U, N] next-item log-probabilities, catalog order, for histories of item ids (the
-        last ``max_len`` items are read). Normalised in float64, so they sum to 1 exactly."""
+        last ``max_len`` items are read). Normalised in float64, so they sum to 1 to within rounding."""
         x = left_pad([catalog_ids(self.catalog, h) for h in histories], self.max_len)
         s = self.scores(x).astype(np.float64)
         s -= s.max(axis=1, keepdims=True)

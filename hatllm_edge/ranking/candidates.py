@@ -94,7 +94,7 @@ def score_candidates(
     :attr:`~Backend.exact_layout` asks for it, see :func:`prompt_width`): each distinct title is
     scored once, the titles packed in an order of their tokens (so neither the candidates'
     order nor copies of one move a score); with an exact layout a user's rows are all padded
-    to its widest row and a pass joins only rows of one width (``bucket``), otherwise every row
+    to its widest row and a pass joins only rows of one such width, otherwise every row
     of the request is padded to the widest. ``normalize`` divides by the answer length. Items
     index each user's ``candidates``.
     """
