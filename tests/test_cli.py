@@ -1109,6 +1109,8 @@ def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[P
     (["bench", "--min-repeats", "3", "--max-repeats", "2"], "need --threads >= 1, 1 <= --min-repeats <= --max-repeats"),
     (["bench", "--backends", "torch-fp32,ort-int5"], "backend 'ort-int5': expected one of"),
     (["bench", "--out", "README.md"], "--out README.md is a file; bench writes a folder"),
+    (["bench", "--variants", "own"], "--variants picks ablation variants: add --ablation"),
+    (["bench", "--ablation", "--startup"], "two different measurements"),
     (["serve", "--port", "0"], "Invalid value for '--port'"),
     (["loadtest", "http://192.0.2.1:8000/rank", "-n", "1"], "not a loopback address"),
     (["loadtest", "http://127.0.0.1:9/rank", "-c", "0"], "Invalid value for '-c'"),

@@ -63,6 +63,10 @@ def bench(
     device = device.value
     if threads < 1 or min_repeats < 1 or max_repeats < min_repeats or seconds < 0 or paired < 0:
         raise usage_error("need --threads >= 1, 1 <= --min-repeats <= --max-repeats, --seconds >= 0 and --paired >= 0")
+    if variants and not ablation:
+        raise usage_error("--variants picks ablation variants: add --ablation, or drop --variants")
+    if ablation and startup:
+        raise usage_error("--ablation and --startup are two different measurements: run them one at a time")
     run(check_device, device)  # before a bundle is built for a device this machine lacks
     chosen = [run(Workload.parse, w) for w in workloads.split(",")] if workloads else default_workloads()
     names = tuple(b.strip() for b in backends.split(",")) if backends else (CUDA_BACKENDS if device == "cuda" else DEFAULT_BACKENDS)

@@ -63,8 +63,9 @@ def serve(
     bundle = run(open_bundle, model, not quiet, bundle_builder(), dtype=bundle_dtype(device.value))
     cfg = ServeConfig(bundle=bundle, device=device.value, threads=threads, replicas=count,
                       max_replicas=max_replicas, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000, max_queued=max_queued)
+    metrics = f"metrics: http://{host}:{metrics_port}/metrics; " if address is None and metrics_port else ""  # a joined cluster's own
     typer.echo(f"serving {bundle} at http://{host}:{port}{ROUTE} (schema: {ROUTE}/openapi.json, health: {ROUTE}/health, "
-               f"metrics: http://{host}:{metrics_port}/metrics; Ctrl-C stops)", err=True)
+               f"{metrics}Ctrl-C stops)", err=True)
     run(serve_forever, cfg, host, port, address, metrics_port)
 
 
