@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +13,8 @@ from hatllm_edge.core.limits import beam_width
 from hatllm_edge.core.metrics import CUTOFFS, mean_metrics, target_rank
 from hatllm_edge.engine.backend import Compute
 from hatllm_edge.ranking.loo import rank_split, ranker_fusion, split_examples
+
+log = logging.getLogger("hatllm_edge")
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     from hatllm_edge.app.models import model_kind, open_model
 
     if cfg.k < max(CUTOFFS):
-        raise InputError(f"--k {cfg.k}: the metrics are read at {', '.join(map(str, CUTOFFS))}, so the list must hold at least "
-                         f"{max(CUTOFFS)} items (a shorter one would report HR@{max(CUTOFFS)} as HR@{cfg.k})")
+        above = [c for c in CUTOFFS if c > cfg.k]
+        log.warning("--k %d: the metrics at %s read a %d-item list, so they are the metrics at %d", cfg.k,
+                    ", ".join(map(str, above)), cfg.k, cfg.k)
     if cfg.assistant is not None and not cfg.assist:
         raise InputError(f"--assistant {cfg.assistant} with --no-assist: the assistant would not be fused; drop one of them")
     kind = model_kind(cfg.checkpoint)
