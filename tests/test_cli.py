@@ -909,7 +909,7 @@ def test_sasrec_report_writes_the_results_files(sasrec_trained: tuple[Path, Any]
     (["evaluate", "{ckpt}", "--backend", "tflite"], "Invalid value for '--backend'"),
     (["evaluate", "{missing}"], "not a SASRec checkpoint"),
     (["evaluate", "{ckpt}", "--backend", "onnx", "--onnx", "{missing}/m.onnx"], "no ONNX file"),
-    (["evaluate", "{ckpt}", "--threads", "0"], "threads 0"),
+    (["evaluate", "{ckpt}", "--threads", "0"], "Invalid value for '--threads'"),
     (["export", "{missing}"], "not a SASRec checkpoint"),
     (["report", "{missing}", "--out", "{missing}/r.json"], "not a SASRec checkpoint"),
     (["train", "{new}", "--schedule", "linear"], "Invalid value for '--schedule'"),

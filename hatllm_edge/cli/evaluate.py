@@ -131,9 +131,9 @@ def fuse(
                      exclude_history=exclude_history, batch_users=batch_users, shortlists=sizes)
 
     def tune_and_write() -> dict:
-        check_tune(cfg, checkpoint)
         if write:
             check_decoding_target(checkpoint)
+        check_tune(cfg, checkpoint)
         ranker = open_ranker(checkpoint, "cpu", quant and quant.value, backend.value, threads, not quiet, build=bundle_builder())
         result = tune(ranker, load_dataset(dataset, interactions, items), cfg, progress=not quiet)
         if write:
