@@ -163,6 +163,17 @@ def check_options(opts: RankOptions) -> None:
         raise InputError(f"--shortlist {opts.shortlist} draws the list from the assistant, which --no-assist leaves out; drop one of them")
 
 
+def check_mode(opts: RankOptions, req: RankRequest, where: str) -> None:
+    """One request, one mode: a command-line option that only the other mode reads is refused
+    rather than ignored (a server's options serve both modes, so it does not call this)."""
+    if req.candidates is None and opts.normalize:
+        raise InputError(f"{where} ranks the whole catalog; --length-normalise applies to scoring its \"candidates\": drop it")
+    if req.candidates is not None:
+        given = [flag for flag, value in (("--beams", opts.beams), ("--shortlist", opts.shortlist)) if value is not None]
+        if given:
+            raise InputError(f"{where} scores its \"candidates\"; {' and '.join(given)} shape the whole-catalog search: drop them")
+
+
 def prepare(ranker: Ranker, req: RankRequest, where: str, opts: RankOptions) -> Prepared:
     """Resolve a checked request against the model; ``opts`` (the command line's or the
     server's, :func:`check_options`) override the request's k, beams and assist."""
@@ -230,6 +241,7 @@ def run_rank(user: Path, opts: RankOptions, progress: bool = True, build: Bundle
     req = read_request(user)
     where = STDIN_NAME if str(user) == STDIN else str(user)
     check_options(opts)
+    check_mode(opts, req, where)
     folder = _model_folder(opts.model)
     if (folder / CATALOG_FILE).is_file():  # unknown titles are reported before the model loads
         resolve_request(Resolver(Catalog.from_jsonl(folder / CATALOG_FILE)), req, where)
