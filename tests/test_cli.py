@@ -1118,6 +1118,7 @@ def test_rank_refuses_flags_that_would_do_nothing(bundle: Path, trained: tuple[P
     (["loadtest", "http://127.0.0.1:99999/rank", "-n", "1"], "the port must be a number from 0 to 65535"),
     (["evaluate", "models/x", "--batch-users", "0"], "Invalid value for '--batch-users'"),
     (["rank", "examples/user.json", "--threads", "0"], "Invalid value for '--threads'"),
+    (["evaluate", "models/hatllm-ml100k", "--no-assist", "--shortlist", "50"], "which --no-assist leaves out"),
     (["fidelity", "a", "b", "--threads", "-1"], "Invalid value for '--threads'"),
     (["sasrec", "evaluate", "models/x", "--threads", "0"], "Invalid value for '--threads'"),
     (["compare", "a.json", "b.json", "--samples", "0"], "Invalid value for '--samples'"),

@@ -55,6 +55,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
                     ", ".join(map(str, above)), cfg.k, cfg.k)
     if cfg.assistant is not None and not cfg.assist:
         raise InputError(f"--assistant {cfg.assistant} with --no-assist: the assistant would not be fused; drop one of them")
+    if cfg.shortlist and (not cfg.assist or cfg.assistant_weight == 0):  # known before the model loads
+        raise InputError(f"--shortlist {cfg.shortlist} draws the list from the assistant, which "
+                         f"{'--no-assist' if not cfg.assist else '--assistant-weight 0'} leaves out; drop one of them")
     kind = model_kind(cfg.checkpoint)
     ranker = open_model(cfg.checkpoint, cfg.device, cfg.threads, cfg.bf16, cfg.compute, cfg.nf4)
     data = load_dataset(cfg.dataset, cfg.interactions, cfg.items)
