@@ -1039,7 +1039,7 @@ def test_rank_on_a_bundle_runs_with_the_training_stack_blocked(bundle: Path, tra
     assert result.returncode == 0 and "candidates" in result.stdout, result.stderr
     for flags in ([], ["--backend", "torch"]):  # built into a bundle, or run in PyTorch: both need the training stack
         result = run_without_training_stack("rank", user, "--model", trained[0], "-q", *flags)
-        assert result.returncode == 2 and "pip install 'hatllm-edge[train]'" in result.stderr, result.stderr
+        assert result.returncode == 2 and "pip install '.[train]' in the checkout" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
 
 
@@ -1143,7 +1143,7 @@ def test_serve_without_ray_says_what_to_install(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     result = invoke("serve", "--model", "models/nosuch")
     assert result.exit_code == 1, (result.output, result.exception)
-    assert result.stderr.strip().splitlines() == ["error: serving needs Ray Serve: pip install 'hatllm-edge[serve]'"]
+    assert result.stderr.strip().splitlines() == ["error: serving needs Ray Serve, the serve extra: pip install '.[serve]' in the checkout"]
 
 
 # --- every command's help -------------------------------------------------------------------

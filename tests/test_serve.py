@@ -24,7 +24,7 @@ from hatllm_edge.app.loadtest import LoadConfig, check_target, run_load
 from hatllm_edge.cli import app
 from hatllm_edge.core.errors import InputError
 
-ray = pytest.importorskip("ray", reason="the serve extra (pip install 'hatllm-edge[serve]')")
+ray = pytest.importorskip("ray", reason="the serve extra (pip install '.[serve]')")
 
 TITLES = ["Alpha (1990)", "Beta (1991)", "Gamma, The (1992)", "Delta (1993)", "Epsilon (1994)", "Zeta (1995)"]
 IDS = [f"i{n}" for n in range(1, len(TITLES) + 1)]

@@ -81,7 +81,7 @@ def cached_bundle(checkpoint: Path, quant: str, dtype: str = "fp32", progress: b
         return folder
     if build is None:
         raise InputError(f"{checkpoint} is a training checkpoint and this install cannot export it (the exporter needs the "
-                         f"training stack: pip install 'hatllm-edge[train]'); or pass an exported bundle with --model")
+                         f"training stack, the train extra: pip install '.[train]' in the checkout); or pass an exported bundle with --model")
     require_writable(folder.parent)
     with file_lock(folder.parent / f".{folder.name}.lock", str(folder)):
         if (folder / BUNDLE_META).is_file():  # built by another process while we waited
@@ -116,7 +116,7 @@ def open_model(folder: Path, device: Device = "cpu", threads: int | None = None,
         import torch
     except ImportError:
         raise InputError(f"{folder} is a training checkpoint, run in PyTorch, which this install lacks: pip install "
-                         f"'hatllm-edge[train]', or export it elsewhere and pass the bundle") from None
+                         f"'.[train]' in the checkout (the train extra), or export it elsewhere and pass the bundle") from None
 
     from hatllm_edge.training.torch_backend import checkpoint_ranker
 

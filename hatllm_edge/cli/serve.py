@@ -55,7 +55,7 @@ def serve(
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
-        raise fail(HatLLMError("serving needs Ray Serve: pip install 'hatllm-edge[serve]'"))
+        raise fail(HatLLMError("serving needs Ray Serve, the serve extra: pip install '.[serve]' in the checkout"))
     count = None if replicas == "auto" else int(replicas)
     run(check_device, device.value)  # before a bundle is built for a device this machine lacks
     if address is None:  # a started cluster's ports and CPUs, before the bundle build too
