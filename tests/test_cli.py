@@ -207,6 +207,9 @@ def test_average_is_the_mean_of_the_merged_weights(trained: tuple[Path, Any], tm
     weights of its inputs (not of their A and B factors), and says what it averages."""
     first = _perturbed_copy(trained[0], tmp_path / "r1", 1)
     second = _perturbed_copy(trained[0], tmp_path / "r2", 2)
+    fused = json.loads((second / "hatllm.json").read_text())  # the newest round was fused with an assistant
+    fused["decoding"] = {"renormalise": True, "assistant_weight": 16.0, "shortlist": 0, "chosen_on": {"split": "valid"}}
+    (second / "hatllm.json").write_text(json.dumps(fused))
     result = invoke("average", tmp_path / "avg", first, second, "--weights", "1,3")
     assert result.exit_code == 0, result.output
     assert last_json(result)["weights"] == [0.25, 0.75]
@@ -220,6 +223,9 @@ def test_average_is_the_mean_of_the_merged_weights(trained: tuple[Path, Any], tm
     meta = json.loads((tmp_path / "avg" / "hatllm.json").read_text())
     assert meta["average"]["checkpoints"] == [str(first), str(second)] and "validation" not in meta
     assert json.loads((tmp_path / "avg" / "adapter" / "adapter_config.json").read_text())["r"] == 2 * 16
+    assert (meta["train"]["lora_r"], meta["train"]["lora_alpha"]) == (32, 32)  # what --init-from checks against
+    # the round's fusion is not the average's (and its assistant files stayed behind): renormalisation kept, no weight
+    assert meta["decoding"]["renormalise"] is True and meta["decoding"]["assistant_weight"] == 0
 
 
 def test_average_refuses_what_it_cannot_average(trained: tuple[Path, Any], tmp_path: Path) -> None:

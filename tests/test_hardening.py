@@ -259,6 +259,13 @@ def test_the_graph_metadata_wins_over_bundle_json(bundle: Path, tmp_path: Path) 
     write_manifest(swapped)
     assert_clean_exit(rank(swapped, user), 2, "catalog.jsonl is not the file model.onnx was exported with")
 
+    unlisted = copy_bundle(bundle, tmp_path / "unlisted")  # swapped, and its entry dropped so nothing hashes it
+    (unlisted / "catalog.jsonl").write_text('{"item_id": "i1", "title": "Other"}\n')
+    manifest = json.loads((unlisted / "manifest.json").read_text())
+    del manifest["files"]["catalog.jsonl"]
+    (unlisted / "manifest.json").write_text(json.dumps(manifest))
+    assert_clean_exit(rank(unlisted, user), 2, "manifest.json does not list catalog.jsonl, which model.onnx was exported with")
+
 
 @pytest.mark.parametrize(("name", "garble", "needle"), [
     ("model.onnx", lambda b: b[:1000] + bytes(5000) + b[6000:], "model.onnx"),

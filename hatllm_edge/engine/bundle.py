@@ -60,7 +60,10 @@ def check_bundle_meta(folder: Path, meta: ModelMeta, manifest: dict[str, Any], g
     for key, digest in graph.items():  # the files exported with the graph
         if (name := digest_key_file(key)) is not None:
             listed = manifest.get("files", {}).get(name, {}).get("sha256")
-            if listed is not None and listed != digest:
+            if listed is None:  # dropped from the manifest, so verify_bundle never hashed it
+                raise InputError(f"bundle {folder}: {MANIFEST_FILE} does not list {name}, which {MODEL_FILE} was exported with; "
+                                 "re-export the bundle")
+            if listed != digest:
                 raise InputError(f"bundle {folder}: {name} is not the file {MODEL_FILE} was exported with; re-export the bundle")
 
 

@@ -24,6 +24,7 @@ from hatllm_edge.core.formats import (
     CHECKPOINT_META,
     FULL_WEIGHTS,
     TOKENIZER_FILE,
+    Decoding,
 )
 from hatllm_edge.training.checkpoint import read_meta
 
@@ -102,6 +103,12 @@ def average_checkpoints(folders: list[Path], out: Path, weights: list[float] | N
         record = {"checkpoints": [str(f) for f in folders], "weights": weights}
         meta = metas[-1]  # the newest round describes the recipe; its own validation no longer applies
         meta.validation = None
+        if meta.finetune == "lora":  # the merged adapter's shape (ranks summed, scaling 1), which --init-from checks
+            merged = json.loads((out / ADAPTER_DIR / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+            meta.train = {**meta.train, "lora_r": merged["r"], "lora_alpha": merged["lora_alpha"]}
+        # a fusion chosen for one round is not chosen for the average, and its assistant's files stay
+        # behind: the average decodes as its recipe validated (renormalised or not), fused once `fuse` says so
+        meta.decoding = Decoding(renormalise=meta.decoding.renormalise) if meta.decoding is not None else None
         meta.extra = {k: v for k, v in meta.extra.items() if k != "validation_full"} | {"average": record}
         meta.write(out / CHECKPOINT_META)
     except BaseException:

@@ -174,7 +174,10 @@ def load_base(spec: BaseModelSpec, dtype: torch.dtype = torch.float32) -> tuple[
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         clean = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        clean.load_state_dict(loaded.state_dict(), strict=False)
+        result = clean.load_state_dict(loaded.state_dict(), strict=False)
+        missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+        if missing:  # a tensor the GGUF did not supply would stay at its random initial value
+            raise InputError(f"base model {folder}/{gguf}: the GGUF supplies no {missing[:3]} for a {config.model_type} model")
         clean.tie_weights()
         loaded = clean
     loaded.eval()

@@ -71,8 +71,10 @@ LORA_TARGETS = {
 LOG_FILE = "train_log.jsonl"
 EVAL_LOG_FILE = "valid_log.jsonl"
 LAST_DIR = "last"  # a finished run's last step, as a checkpoint folder of its own
-# Fields that may change on --resume: they do not change what a step computes (compile and device: only its
-# rounding; checkpointing recomputes the same layers with the same dropout masks).
+# Fields that may change on --resume: they do not change the recipe (compile: only a step's rounding;
+# checkpointing recomputes the same layers with the same dropout masks; device: the same steps, but
+# LoRA's dropout masks then come from the other device's generator and autocast rounds otherwise, so a
+# run moved between CPU and GPU does not repeat a plain run bit for bit).
 # out: the folder the state is read from, wherever it now lies.
 RESUMABLE = ("out", "max_minutes", "eval_every", "eval_users", "save_every", "compile", "checkpointing", "device")
 PATHS = ("interactions", "items", "init_from")  # compared by the file they name (a symlink, a relative path)
@@ -311,7 +313,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         save_state(cfg.out, cfg.to_dict(), named, optim, sched, run, paths=PATHS)
 
     def write_checkpoint(valid: dict[str, Any] | None, folder: Path = cfg.out) -> None:
-        ckpt.write_common(folder, tokenizer, data.catalog, replace(meta, validation=valid, train_summary=summary()))
+        # the weights first, hatllm.json last: a step's metadata (its validation) is never written
+        # over weights that a kill kept from being saved
+        folder.mkdir(parents=True, exist_ok=True)
         if cfg.full:
             from safetensors.torch import save_file
 
@@ -323,6 +327,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             # looking for the base's config.json (a GGUF has none), and from asking the Hub
             trainable.save_pretrained(str(folder / ADAPTER_DIR), save_embedding_layers=False)
             (folder / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's model card: local paths, no facts
+        ckpt.write_common(folder, tokenizer, data.catalog, replace(meta, validation=valid, train_summary=summary()))
 
     def summary() -> dict[str, Any]:
         return {
