@@ -20,7 +20,6 @@ import onnx
 import onnxruntime as ort
 
 from hatllm_edge.core.formats import MODEL_FILE
-from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.engine.int8 import int8_compute
 from hatllm_edge.ranking.candidates import score_candidates
 from hatllm_edge.ranking.ranker import Ranker
@@ -68,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
 
     ranker = Ranker.from_bundle(args.bundle, threads=2, compute=args.compute)
-    ranker.prompts = PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0, template=ranker.prompts.template)
+    ranker.prompts = ranker.prompts.with_max_history(0)
     rng = random.Random(args.seed)
     history = rng.sample(range(len(ranker.catalog)), args.history)
     candidates = rng.sample(range(len(ranker.catalog)), args.candidates)

@@ -129,6 +129,28 @@ def test_meta_round_trip(tokenizer_json: Path, prompts: PromptBuilder, instruct:
         PromptBuilder.from_meta(tokenizer_json, PromptMeta("<|im_end|>", 10, "chat"))
 
 
+def test_begin_token_opens_every_prompt_and_travels_in_the_meta(tokenizer_json: Path, prompts: PromptBuilder) -> None:
+    """A base whose tokenizer prepends a begin token (Gemma) gets it first in every prompt and
+    window, as template (segment 0); a section without one builds exactly what it always did."""
+    meta = prompts.meta()
+    assert meta.bos_token is None and "bos_token" not in meta.to_dict()
+    raw = meta.to_dict() | {"bos_token": "<|im_start|>"}
+    begun = PromptBuilder.from_meta(tokenizer_json, PromptMeta.parse(raw, "meta"))
+    bos = begun.bos_id
+    assert bos is not None and begun.meta().to_dict() == raw
+    for plain, with_bos in ((prompts.prompt(TRICKY), begun.prompt(TRICKY)),
+                            (prompts.sequence(TRICKY)[0], begun.sequence(TRICKY)[0])):
+        assert with_bos.ids.tolist() == [bos] + plain.ids.tolist()
+        assert with_bos.segments.tolist() == [0] + plain.segments.tolist()
+    spans, shifted = prompts.sequence(TRICKY)[1], begun.sequence(TRICKY)[1]
+    assert [(s.start + 1, s.stop + 1) for s in spans] == [(s.start, s.stop) for s in shifted]
+    assert begun.with_max_history(0).bos_id == bos
+    with pytest.raises(ValueError, match="begin token"):
+        PromptBuilder.from_meta(tokenizer_json, PromptMeta.parse(meta.to_dict() | {"bos_token": "<nope>"}, "meta"))
+    with pytest.raises(ValueError, match="bos_token"):
+        PromptMeta.parse(meta.to_dict() | {"bos_token": 2}, "meta")
+
+
 def test_empty_history(prompts: PromptBuilder, instruct: PromptBuilder) -> None:
     p = prompts.prompt([])
     assert (p.segments == 0).all() and decode(prompts, p.ids) == HEAD + '1. "'

@@ -73,7 +73,7 @@ def ort_backend(name: str) -> tuple[str, str, str]:
 
 def all_history(ranker: Ranker) -> PromptBuilder:
     """The ranker's prompt builder with the model's ``max_history`` lifted: 20 items are 20."""
-    return PromptBuilder(ranker.prompts.tokenizer, ranker.prompts.eos_id, max_history=0, template=ranker.prompts.template)
+    return ranker.prompts.with_max_history(0)
 
 
 def runner(ranker: Ranker, w: Workload) -> Callable[[list[list[int]], list[list[int]]], None]:

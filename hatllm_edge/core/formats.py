@@ -116,25 +116,31 @@ SCHEDULE_FIELDS = ("num_layers", "n_in", "n_cr")
 
 @dataclass(frozen=True)
 class PromptMeta:
-    """How prompts are built: the template, the history length and the end-of-item token.
-    A section without ``template`` was written before the list template existed: "instruct"."""
+    """How prompts are built: the template, the history length, the end-of-item token and the
+    begin token that opens every prompt (for a base that expects one, as Gemma does; None: no
+    begin token). A section without ``template`` was written before the list template existed:
+    "instruct"."""
 
     eos_token: str
     max_history: int = 20
     template: str = LEGACY_TEMPLATE
+    bos_token: str | None = None
 
     @classmethod
     def parse(cls, raw: Any, where: str) -> "PromptMeta":
         if not isinstance(raw, dict):
             raise InputError(f"{where}: prompt section missing or not an object")
         eos, history, template = raw.get("eos_token"), raw.get("max_history", 20), raw.get("template", LEGACY_TEMPLATE)
-        if not isinstance(eos, str) or not _is_int(history) or history < 0 or not isinstance(template, str):
-            raise InputError(f"{where}: prompt section needs eos_token (string), max_history (integer >= 0) and "
-                             f"template (string); got {json.dumps(raw)[:200]}")
-        return cls(eos, history, template)
+        bos = raw.get("bos_token")
+        if (not isinstance(eos, str) or not _is_int(history) or history < 0 or not isinstance(template, str)
+                or not (bos is None or isinstance(bos, str))):
+            raise InputError(f"{where}: prompt section needs eos_token (string), max_history (integer >= 0), "
+                             f"template (string) and optionally bos_token (string); got {json.dumps(raw)[:200]}")
+        return cls(eos, history, template, bos)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"template": self.template, "max_history": self.max_history, "eos_token": self.eos_token}
+        out = {"template": self.template, "max_history": self.max_history, "eos_token": self.eos_token}
+        return out | ({"bos_token": self.bos_token} if self.bos_token is not None else {})
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ Training, evaluation and the engine all build prompts here, so the pieces always
 Layout of the ``list`` template (segment ids in brackets; 0 = template, never masked by
 HatLLM)::
 
+    [begin token, for a base that expects one] [0]
     HEAD [0]
     1. " [0]  <title 1> [1]  "\\n [0]
     ...
@@ -59,31 +60,45 @@ class Encoded:
 class PromptBuilder:
     """Turns a history of titles into prompt tokens, and titles into answer tokens."""
 
-    def __init__(self, tokenizer: Tokenizer, eos_id: int, max_history: int = 20, template: Template = "list") -> None:
+    def __init__(self, tokenizer: Tokenizer, eos_id: int, max_history: int = 20, template: Template = "list",
+                 bos_id: int | None = None) -> None:
         if template not in TEMPLATES:
             raise InputError(f"prompt template {template!r}: expected one of {TEMPLATES}")
         self.tokenizer = tokenizer
         self.eos_id = eos_id
+        self.bos_id = bos_id
         self.max_history = max_history
         self.template = template
         self._encode = lru_cache(maxsize=None)(self._encode_uncached)
 
     @classmethod
-    def from_file(cls, tokenizer_json: Path, eos_token: str, max_history: int = 20, template: Template = "list") -> "PromptBuilder":
+    def from_file(cls, tokenizer_json: Path, eos_token: str, max_history: int = 20, template: Template = "list",
+                  bos_token: str | None = None) -> "PromptBuilder":
         tok = Tokenizer.from_file(str(tokenizer_json))
-        eos_id = tok.token_to_id(eos_token)
-        if eos_id is None:
-            raise InputError(f"{tokenizer_json}: end token {eos_token!r} is not in the vocabulary")
-        return cls(tok, eos_id, max_history, template)
+        ids = {}
+        for role, token in (("end", eos_token), ("begin", bos_token)):
+            ids[role] = tok.token_to_id(token) if token is not None else None
+            if token is not None and ids[role] is None:
+                raise InputError(f"{tokenizer_json}: {role} token {token!r} is not in the vocabulary")
+        return cls(tok, ids["end"], max_history, template, ids["begin"])
 
     @classmethod
     def from_meta(cls, tokenizer_json: Path, prompt: PromptMeta) -> "PromptBuilder":
         """From a checkpoint's or bundle's ``prompt`` section (see :meth:`meta`)."""
-        return cls.from_file(tokenizer_json, prompt.eos_token, prompt.max_history, prompt.template)  # type: ignore[arg-type]
+        return cls.from_file(tokenizer_json, prompt.eos_token, prompt.max_history, prompt.template,  # type: ignore[arg-type]
+                             prompt.bos_token)
 
     def meta(self) -> PromptMeta:
         """The ``prompt`` section that checkpoints and bundles carry."""
-        return PromptMeta(self.tokenizer.id_to_token(self.eos_id), self.max_history, self.template)
+        bos = self.tokenizer.id_to_token(self.bos_id) if self.bos_id is not None else None
+        return PromptMeta(self.tokenizer.id_to_token(self.eos_id), self.max_history, self.template, bos)
+
+    def with_max_history(self, max_history: int) -> "PromptBuilder":
+        """The same prompts with another history length (0: the whole history)."""
+        return PromptBuilder(self.tokenizer, self.eos_id, max_history, self.template, self.bos_id)  # type: ignore[arg-type]
+
+    def _head(self) -> list[int]:
+        return ([self.bos_id] if self.bos_id is not None else []) + list(self._encode(HEAD))
 
     def _encode_uncached(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode(text, add_special_tokens=False).ids)
@@ -108,7 +123,7 @@ class PromptBuilder:
     def prompt(self, history: Sequence[str]) -> Encoded:
         """The prompt for a history of titles (oldest first; only the last ``max_history``)."""
         history = list(history)[-self.max_history :] if self.max_history else list(history)
-        ids: list[int] = list(self._encode(HEAD))
+        ids: list[int] = self._head()
         segs: list[int] = [0] * len(ids)
         for n, title in enumerate(history, 1):
             for piece, seg in ((ITEM_OPEN.format(n=n), 0), (title, n), (ITEM_CLOSE, 0)):
@@ -139,7 +154,7 @@ class PromptBuilder:
         every title as the answer to the ones before it (``max_history`` is not applied)."""
         if self.template != "list":
             raise InputError("window training needs the 'list' prompt template")
-        ids: list[int] = list(self._encode(HEAD))
+        ids: list[int] = self._head()
         segs: list[int] = [0] * len(ids)
         spans = []
         for n, title in enumerate(titles, 1):
