@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -38,7 +39,7 @@ from hatllm_edge.core.formats import (
 from hatllm_edge.engine.int8 import CALIBRATION_PREFIX
 from hatllm_edge.export.graph import build_decoder
 from hatllm_edge.export.quant.int4 import Int4Options, quantize_int4
-from hatllm_edge.export.spec import DecoderSpec
+from hatllm_edge.export.spec import DecoderSpec, Rope
 from hatllm_edge.training.model import SUPPORTED_TYPES, HatLLM
 
 MIN_OPSET = 23  # Attention, RotaryEmbedding and RMSNormalization enter the standard here
@@ -56,18 +57,40 @@ def _plain_linear(module: torch.nn.Module, path: str) -> torch.nn.Linear:
     return module
 
 
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # Hugging Face name -> graph's
+GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+               "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm")
+
+
+def _ropes(lm: torch.nn.Module, cfg: Any) -> tuple[tuple[Rope, ...], tuple[int, ...]]:
+    """The model's RoPE tables and which one each layer reads: one for Llama/Qwen2; Gemma3
+    keeps one per layer type (local layers rotate with a smaller base)."""
+    rotary = lm.model.rotary_emb
+    types = list(dict.fromkeys(cfg.layer_types)) if getattr(rotary, "layer_types", None) else [None]
+    ropes = []
+    for kind in types:
+        prefix = f"{kind}_" if kind else ""
+        rope_type = rotary.rope_type[kind] if kind else rotary.rope_type
+        if rope_type in ("dynamic", "longrope"):
+            # these recompute inv_freq from the sequence length at run time; a fixed graph cannot
+            raise InputError(f"rope_type {rope_type!r} depends on the sequence length; not exportable")
+        inv_freq = getattr(rotary, f"{prefix}inv_freq").detach().float().cpu().numpy()
+        ropes.append(Rope(inv_freq, float(getattr(rotary, f"{prefix}attention_scaling"))))
+    layer_rope = tuple(types.index(cfg.layer_types[i] if types != [None] else None) for i in range(cfg.num_hidden_layers))
+    return tuple(ropes), layer_rope
+
+
 def read_decoder(model: HatLLM) -> DecoderSpec:
     """Check that the model is a decoder this exporter writes exactly, and read its weights."""
     lm, cfg = model.lm, model.config
     if cfg.model_type not in SUPPORTED_TYPES:
         raise InputError(f"model type {cfg.model_type!r} cannot be exported; use one of {SUPPORTED_TYPES}")
-    if cfg.hidden_act != "silu":
-        raise InputError(f"hidden_act {cfg.hidden_act!r} is not supported by the exporter (only 'silu')")
-    rotary = lm.model.rotary_emb
-    if rotary.rope_type in ("dynamic", "longrope"):
-        # these recompute inv_freq from the sequence length at run time; a fixed graph cannot
-        raise InputError(f"rope_type {rotary.rope_type!r} depends on the sequence length; not exportable")
-    weights: dict[str, np.ndarray] = {}
+    gemma = cfg.model_type == "gemma3_text"
+    act = getattr(cfg, "hidden_activation", None) if gemma else cfg.hidden_act
+    if act not in ACTIVATIONS:
+        raise InputError(f"hidden_act {act!r} is not supported by the exporter (only {sorted(ACTIVATIONS)})")
+    ropes, layer_rope = _ropes(lm, cfg)
+    weights: dict[str, torch.Tensor] = {}
     layers = lm.model.layers
     for i, layer in enumerate(layers):
         for name in LINEARS:
@@ -76,8 +99,8 @@ def read_decoder(model: HatLLM) -> DecoderSpec:
             weights[f"{path}.weight"] = linear.weight
             if linear.bias is not None:
                 weights[f"{path}.bias"] = linear.bias
-        weights[f"model.layers.{i}.input_layernorm.weight"] = layer.input_layernorm.weight
-        weights[f"model.layers.{i}.post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+        for norm in GEMMA_NORMS if gemma else GEMMA_NORMS[:2]:
+            weights[f"model.layers.{i}.{norm}.weight"] = layer.get_submodule(norm).weight
     weights["model.embed_tokens.weight"] = lm.model.embed_tokens.weight
     weights["model.norm.weight"] = lm.model.norm.weight
     head = _plain_linear(lm.lm_head, "lm_head")
@@ -86,7 +109,11 @@ def read_decoder(model: HatLLM) -> DecoderSpec:
     tied = head.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr()
     if not tied:
         weights["lm_head.weight"] = head.weight
+    arrays = {k: v.detach().float().cpu().numpy() for k, v in weights.items()}
+    if gemma:  # Gemma's RMSNorm multiplies by 1 + w
+        arrays |= {k: 1.0 + v for k, v in arrays.items() if k.endswith("norm.weight")}
     attn = layers[0].self_attn
+    window = getattr(cfg, "sliding_window", None) if gemma else None
     return DecoderSpec(
         model_type=cfg.model_type,
         layer_kinds=tuple(model.schedule.kinds),
@@ -99,10 +126,16 @@ def read_decoder(model: HatLLM) -> DecoderSpec:
         head_dim=attn.head_dim,
         rms_norm_eps=float(cfg.rms_norm_eps),
         attn_scale=float(attn.scaling),
-        inv_freq=rotary.inv_freq.detach().float().cpu().numpy(),
-        rope_scaling=float(rotary.attention_scaling),
+        ropes=ropes,
+        layer_rope=layer_rope,
         tied_embeddings=tied,
-        weights={k: v.detach().float().cpu().numpy() for k, v in weights.items()},
+        weights=arrays,
+        embed_scale=float(lm.model.embed_tokens.embed_scale) if gemma else 1.0,
+        sandwich_norms=gemma,
+        qk_norm=gemma,
+        activation=ACTIVATIONS[act],  # type: ignore[arg-type]
+        sliding_window=window,
+        layer_sliding=tuple(layer.self_attn.sliding_window is not None for layer in layers) if window else (),
     )
 
 

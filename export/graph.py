@@ -1,4 +1,4 @@
-"""The ONNX graph of a Llama/Qwen2 decoder with one HatLLM mask input per mask kind.
+"""The ONNX graph of a Llama/Qwen2/Gemma3 decoder with one HatLLM mask input per mask kind.
 
 Graph contract (all of B, Q, P dynamic; P may be 0 for the first step):
 
@@ -26,7 +26,10 @@ ONNX Runtime 1.31 runs all three on CPU and matches PyTorch to ~2e-7 (checked wi
 random boolean masks and P in {0, 1, 4}); the fused op keeps the graph free of the
 repeat_interleave/transposes a hand-written attention would need. ``fp16``: weights,
 activations and the cache in float16, RMSNorm statistics in float32 (``stash_type``), the
-logits cast to float32 at the end so that the ranking code reads one dtype.
+logits cast to float32 at the end so that the ranking code reads one dtype. A Gemma3 decoder
+adds ``Gelu`` (tanh), per-head ``RMSNormalization`` of q and k, a second RoPE table, and on its
+local layers the mask input ANDed with the sliding window (built once per mask kind from the
+mask's shape), so the contract is the same for every family.
 """
 
 from __future__ import annotations
@@ -140,64 +143,120 @@ def _rms_norm(g: _Graph, spec: DecoderSpec, x: str, weight: str, node: str) -> s
                 axis=-1, epsilon=spec.rms_norm_eps, stash_type=1)
 
 
-def _rope_tables(g: _Graph, spec: DecoderSpec) -> tuple[str, str]:
-    """cos, sin [B, Q, head_dim/2] from position_ids, as Hugging Face computes them
-    (float32 position x inv_freq, then x attention_scaling)."""
+def _rope_tables(g: _Graph, spec: DecoderSpec) -> list[tuple[str, str]]:
+    """cos, sin [B, Q, head_dim/2] from position_ids for each of the model's RoPE tables, as
+    Hugging Face computes them (float32 position x inv_freq, then x attention_scaling)."""
     pos = g.op("Cast", [POSITION_IDS], "/model/rope/Cast", to=TensorProto.FLOAT)
     pos = g.op("Unsqueeze", [pos, g.const("/model/rope/axes", np.array([-1], np.int64))], "/model/rope/Unsqueeze")
-    freqs = g.op("Mul", [pos, g.const("model.rotary_emb.inv_freq", spec.inv_freq)], "/model/rope/Mul")
-    tables = []
-    for fn in ("Cos", "Sin"):
-        t = g.op(fn, [freqs], f"/model/rope/{fn}")
-        if spec.rope_scaling != 1.0:
-            scale = g.const("model.rotary_emb.attention_scaling", np.array(spec.rope_scaling, np.float32))
-            t = g.op("Mul", [t, scale], f"/model/rope/{fn}/Scale")
-        if g.np_dtype is np.float16:
-            t = g.op("Cast", [t], f"/model/rope/{fn}/Cast", to=TensorProto.FLOAT16)
-        tables.append(t)
-    return tables[0], tables[1]
+    out = []
+    for t, rope in enumerate(spec.ropes):
+        node, param = ("/model/rope", "model.rotary_emb") if t == 0 else (f"/model/rope.{t}", f"model.rotary_emb.{t}")
+        freqs = g.op("Mul", [pos, g.const(f"{param}.inv_freq", rope.inv_freq)], f"{node}/Mul")
+        tables = []
+        for fn in ("Cos", "Sin"):
+            table = g.op(fn, [freqs], f"{node}/{fn}")
+            if rope.scaling != 1.0:
+                scale = g.const(f"{param}.attention_scaling", np.array(rope.scaling, np.float32))
+                table = g.op("Mul", [table, scale], f"{node}/{fn}/Scale")
+            if g.np_dtype is np.float16:
+                table = g.op("Cast", [table], f"{node}/{fn}/Cast", to=TensorProto.FLOAT16)
+            tables.append(table)
+        out.append((tables[0], tables[1]))
+    return out
 
 
-def _layer(g: _Graph, spec: DecoderSpec, i: int, h: str, cos: str, sin: str, quant: LinearQuant,
+def _sliding_mask(g: _Graph, spec: DecoderSpec, kind: str) -> str:
+    """``mask_<kind>`` AND the sliding window [Q, T]: query slot T - Q + i sees key slot j
+    iff j > T - Q + i - window (:func:`hatllm_edge.training.model.sliding_band`)."""
+    mask, node = MASK_INPUT.format(kind), f"/model/sliding_{kind}"
+    shape = g.op("Shape", [mask], f"{node}/Shape")
+    q = g.op("Gather", [shape, g.const("/model/sliding/two", np.array(2, np.int64))], f"{node}/q/Gather")
+    t = g.op("Gather", [shape, g.const("/model/sliding/three", np.array(3, np.int64))], f"{node}/t/Gather")
+    zero, one = g.const("/model/sliding/zero", np.array(0, np.int64)), g.const("/model/sliding/one", np.array(1, np.int64))
+    rows = g.op("Range", [g.op("Sub", [t, q], f"{node}/Sub"), t, one], f"{node}/rows/Range")
+    cols = g.op("Range", [zero, t, one], f"{node}/cols/Range")
+    rows = g.op("Unsqueeze", [rows, g.const("/model/sliding/last", np.array([-1], np.int64))], f"{node}/rows/Unsqueeze")
+    back = g.op("Sub", [rows, cols], f"{node}/back/Sub")  # [Q, T]: how many slots back key j is
+    band = g.op("Less", [back, g.const("/model/sliding/window", np.array(spec.sliding_window, np.int64))], f"{node}/Less")
+    return g.op("And", [mask, band], f"{node}/And")
+
+
+def _head_norm(g: _Graph, spec: DecoderSpec, x: str, weight: str, heads: int, node: str) -> str:
+    """RMSNorm over each head's ``head_dim`` of x [B, Q, heads * D] (Gemma3's q_norm/k_norm)."""
+    split = g.op("Reshape", [x, g.const(f"/model/heads_{heads}", np.array([0, 0, heads, spec.head_dim], np.int64))],
+                 f"{node}/Reshape")
+    normed = _rms_norm(g, spec, split, weight, node)
+    return g.op("Reshape", [normed, g.const("/model/merge_heads", np.array([0, 0, -1], np.int64))], f"{node}/merge/Reshape")
+
+
+def _layer(g: _Graph, spec: DecoderSpec, i: int, h: str, rope: tuple[str, str], mask: str, quant: LinearQuant,
            eight_bit: tuple[str, ...] = ()) -> str:
     """One decoder layer; ``h`` [B, Q, hidden] is the residual stream.
 
-        h ─ RMSNorm ─ q,k,v ─ RoPE(q,k) ─ Attention(mask_<kind>, past[past_rows]) ─ o_proj ─ (+h) ─┐
+        h ─ RMSNorm ─ q,k,v ─ RoPE(q,k) ─ Attention(mask, past[past_rows]) ─ o_proj ─ (+h) ─┐
         ┌───────────────────────────────────────────────────────────────────────────────┘
         └─ RMSNorm ─ gate, up ─ SiLU(gate) * up ─ down_proj ─ (+) ─> h
+
+    Gemma3 adds an RMSNorm after o_proj and after down_proj, one on each head of q and k before
+    RoPE, GELU (tanh) for SiLU, and on its local layers the sliding window on the mask.
     """
     p, node = f"model.layers.{i}", f"/model/layers.{i}"
+    cos, sin = rope
 
     def linear(x: str, name: str) -> str:
         return _linear(g, spec, x, f"{p}.{name}", "int8" if name in eight_bit else quant)
 
-    x = _rms_norm(g, spec, h, f"{p}.input_layernorm.weight", f"{node}/input_layernorm")
+    def norm(x: str, name: str) -> str:
+        return _rms_norm(g, spec, x, f"{p}.{name}.weight", f"{node}/{name}")
+
+    x = norm(h, "input_layernorm")
     q = linear(x, "self_attn.q_proj")  # [B, Q, H * D]
     k = linear(x, "self_attn.k_proj")  # [B, Q, KV * D]
     v = linear(x, "self_attn.v_proj")
+    if spec.qk_norm:
+        q = _head_norm(g, spec, q, f"{p}.self_attn.q_norm.weight", spec.num_heads, f"{node}/attn/q_norm")
+        k = _head_norm(g, spec, k, f"{p}.self_attn.k_norm.weight", spec.num_kv_heads, f"{node}/attn/k_norm")
     q = g.op("RotaryEmbedding", [q, cos, sin], f"{node}/attn/q_rotary/RotaryEmbedding", num_heads=spec.num_heads)
     k = g.op("RotaryEmbedding", [k, cos, sin], f"{node}/attn/k_rotary/RotaryEmbedding", num_heads=spec.num_kv_heads)
     past = [g.op("Gather", [PAST.format(i, part), PAST_ROWS], f"{node}/attn/past_{part}/Gather", axis=0)
             for part in ("key", "value")]  # [B, KV, P, D]: the rows this step continues
     y = g.op(
         "Attention",
-        [q, k, v, MASK_INPUT.format(spec.layer_kinds[i]), *past],
+        [q, k, v, mask, *past],
         f"{node}/attn/Attention",
         outputs=[f"{node}/attn/Attention/output_0", PRESENT.format(i, "key"), PRESENT.format(i, "value")],
         q_num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, scale=spec.attn_scale, is_causal=0,
     )  # [B, Q, H * D]
-    h = g.op("Add", [h, linear(y, "self_attn.o_proj")], f"{node}/attn/residual/Add")
-    x = _rms_norm(g, spec, h, f"{p}.post_attention_layernorm.weight", f"{node}/post_attention_layernorm")
+    y = linear(y, "self_attn.o_proj")
+    if spec.sandwich_norms:
+        y = norm(y, "post_attention_layernorm")
+    h = g.op("Add", [h, y], f"{node}/attn/residual/Add")
+    x = norm(h, "pre_feedforward_layernorm" if spec.sandwich_norms else "post_attention_layernorm")
     gate = linear(x, "mlp.gate_proj")
     up = linear(x, "mlp.up_proj")
-    act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{node}/mlp/act/Sigmoid")], f"{node}/mlp/act/Mul")
+    if spec.activation == "gelu_tanh":
+        act = g.op("Gelu", [gate], f"{node}/mlp/act/Gelu", approximate="tanh")
+    else:
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{node}/mlp/act/Sigmoid")], f"{node}/mlp/act/Mul")
     act = g.op("Mul", [act, up], f"{node}/mlp/Mul")
-    return g.op("Add", [h, linear(act, "mlp.down_proj")], f"{node}/mlp/residual/Add")
+    y = linear(act, "mlp.down_proj")
+    if spec.sandwich_norms:
+        y = norm(y, "post_feedforward_layernorm")
+    return g.op("Add", [h, y], f"{node}/mlp/residual/Add")
 
 
 def _embed(g: _Graph, spec: DecoderSpec, embeddings: Embeddings) -> str:
-    """input_ids -> [B, Q, hidden]. ``int8``: gathered from the 8-bit codes that the tied LM
-    head's ``MatMulNBits`` also reads (one copy on disk): (code - 128) * block scale."""
+    """input_ids -> [B, Q, hidden], times the model's embedding scale (Gemma3: sqrt(hidden))."""
+    rows = _embed_rows(g, spec, embeddings)
+    if spec.embed_scale == 1.0:
+        return rows
+    return g.op("Mul", [rows, g.weight("model.embed_tokens.embed_scale", np.array(spec.embed_scale))],
+                "/model/embed_tokens/Scale")
+
+
+def _embed_rows(g: _Graph, spec: DecoderSpec, embeddings: Embeddings) -> str:
+    """The embedding rows. ``int8``: gathered from the 8-bit codes that the tied LM head's
+    ``MatMulNBits`` also reads (one copy on disk): (code - 128) * block scale."""
     name = "model.embed_tokens.weight"
     if embeddings == "float":
         return g.op("Gather", [g.weight(name, spec.weights[name]), INPUT_IDS], "/model/embed_tokens/Gather")
@@ -258,9 +317,13 @@ def build_decoder(spec: DecoderSpec, quant: LinearQuant = "none", dtype: Literal
     embedding and LM head in the graph dtype or 8-bit."""
     g = _Graph(dtype)
     h = _embed(g, spec, embeddings)
-    cos, sin = _rope_tables(g, spec)
+    ropes = _rope_tables(g, spec)
+    masks = [MASK_INPUT.format(kind) for kind in spec.layer_kinds]
+    slid = dict.fromkeys(kind for kind, slides in zip(spec.layer_kinds, spec.layer_sliding) if slides)
+    sliding = {kind: _sliding_mask(g, spec, kind) for kind in slid}
     for i in range(spec.num_layers):
-        h = _layer(g, spec, i, h, cos, sin, quant, eight_bit)
+        mask = sliding[spec.layer_kinds[i]] if spec.layer_sliding and spec.layer_sliding[i] else masks[i]
+        h = _layer(g, spec, i, h, ropes[spec.layer_rope[i]], mask, quant, eight_bit)
     _lm_head(g, spec, h, embeddings)
 
     kv_shape = ["past_batch", spec.num_kv_heads, "past_sequence", spec.head_dim]

@@ -3,6 +3,7 @@ checkpoint, evaluate and popularity report metrics, bad input exits 2 with one l
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -594,6 +595,50 @@ def test_rank_full_catalog_on_the_engine(bundle: Path, tmp_path: Path) -> None:
     assert len({r["item_id"] for r in rows}) == 4
     assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
     assert out["latency_ms"] > 0
+
+
+@pytest.fixture(scope="module")
+def gemma_trained(hf_tokenizer: Any, data_files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Gemma3 base (a local layer whose 16-slot window is shorter than the prompts, a
+    global one; a tokenizer that prepends a begin token) trained like the Llama one."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    folder = tmp_path_factory.mktemp("gemma_base")
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=hf_tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                           sliding_window=16, layer_types=["sliding_attention", "full_attention"], initializer_range=0.1,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    Gemma3ForCausalLM(cfg).save_pretrained(folder)
+    tokenizer = copy.deepcopy(hf_tokenizer)
+    tokenizer.add_bos_token = True
+    tokenizer.save_pretrained(folder)
+    out = tmp_path_factory.mktemp("gemma") / "run"
+    result = invoke(*train_args(out, folder, data_files, *TRAIN_FLAGS))
+    assert result.exit_code == 0, (result.output, result.exception)
+    return out
+
+
+def test_a_gemma3_base_trains_exports_and_ranks_like_pytorch(gemma_trained: Path, data_files: tuple[Path, Path],
+                                                             tmp_path: Path) -> None:
+    meta = json.loads((gemma_trained / "hatllm.json").read_text())
+    assert meta["model_type"] == "gemma3_text" and meta["prompt"]["bos_token"] == "<|im_start|>"
+    bundle = tmp_path / "fp32"
+    result = invoke("export", gemma_trained, bundle, "--quant", "none", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((bundle / "bundle.json").read_text())["export"]["validation"]["fp32"]["max_abs_diff"] <= 1e-4
+    inter, items = data_files
+    common = ["--interactions", inter, "--items", items, "--split", "valid", "--quiet"]
+    torch_run = invoke("evaluate", gemma_trained, *common, "--out", tmp_path / "t.json")
+    onnx_run = invoke("evaluate", bundle, *common, "--threads", 1, "--out", tmp_path / "o.json")
+    assert torch_run.exit_code == 0 and onnx_run.exit_code == 0, (torch_run.output, onnx_run.output)
+    assert json.loads((tmp_path / "o.json").read_text())["ranks"] == json.loads((tmp_path / "t.json").read_text())["ranks"]
+    user = write_user(tmp_path / "u.json", history=["i1", "Beta (1991)"], k=3)
+    assert invoke("export", gemma_trained, tmp_path / "int4", "--quiet").exit_code == 0  # the default bundle
+    for model in (bundle, tmp_path / "int4"):  # the int4 one on the engine's int8 route
+        result = invoke("rank", user, "--model", model, "--threads", 1)
+        assert result.exit_code == 0, result.output
+        assert len(json.loads(result.stdout)["results"]) == 3
 
 
 def test_rank_candidates_and_table(bundle: Path, trained: tuple[Path, Any], tmp_path: Path) -> None:

@@ -10,7 +10,14 @@ import onnx
 import pytest
 import torch
 from conftest import model_meta, tiny_llama_config
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from hatllm_edge.core.errors import HatLLMError, InputError
 from hatllm_edge.core.masks import LayerSchedule
@@ -45,6 +52,21 @@ def tiny_qwen2() -> HatLLM:
     return HatLLM(Qwen2ForCausalLM(cfg).eval(), LayerSchedule(3, 1, 1))
 
 
+def tiny_gemma3(window: int = 4) -> HatLLM:
+    """Local layers with a 4-slot window (the sample steps are 9-11 slots long), a global last
+    layer, non-zero norm weights (Gemma stores w where it multiplies by 1 + w)."""
+    torch.manual_seed(2)
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                           sliding_window=window, layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    lm = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, param in lm.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0.0, 0.3)
+    return HatLLM(lm, LayerSchedule(4, 1, 1))
+
+
 @pytest.fixture(scope="module")
 def llama() -> HatLLM:
     return tiny_llama()
@@ -53,6 +75,11 @@ def llama() -> HatLLM:
 @pytest.fixture(scope="module")
 def qwen2() -> HatLLM:
     return tiny_qwen2()
+
+
+@pytest.fixture(scope="module")
+def gemma3() -> HatLLM:
+    return tiny_gemma3()
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +123,10 @@ def test_graph_contract_and_metadata(exported: dict[str, Path]) -> None:
     assert all(gathers[n.input[4]].input == ["past_key_values.%d.key" % i, "past_rows"] for i, n in enumerate(attention))
 
 
-@pytest.mark.parametrize("which", ["llama", "qwen2"])
-def test_fp32_matches_pytorch(which: str, llama: HatLLM, qwen2: HatLLM, tmp_path: Path) -> None:
+@pytest.mark.parametrize("which", ["llama", "qwen2", "gemma3"])
+def test_fp32_matches_pytorch(which: str, llama: HatLLM, qwen2: HatLLM, gemma3: HatLLM, tmp_path: Path) -> None:
     """Prefill from an empty cache then a cached step, B = 3 with left and right padding."""
-    model = llama if which == "llama" else qwen2
+    model = {"llama": llama, "qwen2": qwen2, "gemma3": gemma3}[which]
     report = validate(model, export_onnx(model, tmp_path / "m.onnx"))
     assert report.exact.reference == "fp32"
     assert report.exact.max_abs_diff <= 1e-4
@@ -218,6 +245,23 @@ def test_external_data_round_trip(llama: HatLLM, exported: dict[str, Path], tmp_
     a = run_onnx(OnnxBackend(path, threads=1, compute="native"), steps)
     b = run_onnx(OnnxBackend(exported["none"], threads=1), steps)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_gemma3_graph_slides_its_local_layers_only(gemma3: HatLLM, tmp_path: Path) -> None:
+    """The window reaches the local layers' masks (a global window would change the logits) and
+    the int4 bundle of a Gemma3 model tracks PyTorch like a Llama one."""
+    model = onnx.load(str(export_onnx(gemma3, tmp_path / "m.onnx")))
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert [n.input[3] for n in attention] == ["/model/sliding_in/And/output_0", "/model/sliding_or/And/output_0",
+                                               "/model/sliding_or/And/output_0", "mask_cr"]
+    assert {"Gelu", "Range"} <= {n.op_type for n in model.graph.node}
+    wide = tiny_gemma3(window=64)
+    steps = sample_steps(128)
+    near = run_onnx(OnnxBackend(export_onnx(gemma3, tmp_path / "a.onnx"), threads=1), steps)
+    far = run_onnx(OnnxBackend(export_onnx(wide, tmp_path / "b.onnx"), threads=1), steps)
+    assert np.abs(near[0] - far[0]).max() > 1e-3
+    exact, _ = validate(gemma3, export_onnx(gemma3, tmp_path / "q.onnx", quant="int4")).parities
+    assert exact.reference == "dequantized" and exact.rel_diff <= 1e-4
 
 
 def test_refuses_what_it_cannot_export(tmp_path: Path) -> None:
