@@ -113,7 +113,8 @@ def read_decoder(model: HatLLM) -> DecoderSpec:
     if gemma:  # Gemma's RMSNorm multiplies by 1 + w
         arrays |= {k: 1.0 + v for k, v in arrays.items() if k.endswith("norm.weight")}
     attn = layers[0].self_attn
-    window = getattr(cfg, "sliding_window", None) if gemma else None
+    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in layers]  # any family (Qwen2 may slide)
+    window = next((w for w in windows if w is not None), None)
     return DecoderSpec(
         model_type=cfg.model_type,
         layer_kinds=tuple(model.schedule.kinds),
@@ -135,7 +136,7 @@ def read_decoder(model: HatLLM) -> DecoderSpec:
         qk_norm=gemma,
         activation=ACTIVATIONS[act],  # type: ignore[arg-type]
         sliding_window=window,
-        layer_sliding=tuple(layer.self_attn.sliding_window is not None for layer in layers) if window else (),
+        layer_sliding=tuple(w is not None for w in windows) if window else (),
     )
 
 

