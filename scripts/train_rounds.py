@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from hatllm_edge.training.checkpoint import read_meta
-from hatllm_edge.training.model import GEMMA3_BASE, BaseModelSpec
+from hatllm_edge.training.model import BaseModelSpec
 from hatllm_edge.training.resume import STATE_FILE
 from hatllm_edge.training.train import LAST_DIR, TrainConfig, train
 
@@ -97,7 +97,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = args.out.resolve()
     n_in, n_cr = ARMS[args.arm]
-    base = BaseModelSpec(path=args.base if args.base in (None, GEMMA3_BASE) else str(Path(args.base).resolve()))
+    base = BaseModelSpec.from_arg(args.base)
     deadline = time.time() + args.max_minutes * 60 if args.max_minutes else None
     trained = range(first, args.rounds + 1)
     for n, seed in zip(trained, seeds):

@@ -63,7 +63,7 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a base LLM with HatLLM's layer-wise masks (default: the shipped recipe, 3 IN and 3 CR layers)."""
-    from hatllm_edge.training.model import GEMMA3_BASE, BaseModelSpec
+    from hatllm_edge.training.model import BaseModelSpec
     from hatllm_edge.training.train import TrainConfig
     from hatllm_edge.training.train import train as run_train
 
@@ -72,7 +72,7 @@ def train(
 
         torch.set_num_threads(threads)
     cfg = TrainConfig(
-        out=out, n_in=n_in, n_cr=n_cr, base=BaseModelSpec(path=base if base in (None, GEMMA3_BASE) else str(Path(base).resolve())), dataset=dataset,
+        out=out, n_in=n_in, n_cr=n_cr, base=BaseModelSpec.from_arg(base), dataset=dataset,
         interactions=interactions, items=items, mode=mode.value, stride=stride, examples=examples or None, epochs=epochs,
         batch_size=batch_size, lr=lr, full=full, lora_r=lora_r, lora_targets=lora_targets.value, max_history=max_history, template=template.value,
         bf16=bf16, compile=compile, checkpointing=checkpointing, loss=loss.value, msl_temperature=msl_temperature, seed=seed, init_from=str(init_from.resolve()) if init_from else None, eval_every=eval_every, eval_users=eval_users, save_every=save_every, max_minutes=max_minutes,

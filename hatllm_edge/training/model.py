@@ -158,6 +158,11 @@ class BaseModelSpec:
     path: str | None = None
     gguf_file: str | None = None
 
+    @classmethod
+    def from_arg(cls, base: str | None) -> "BaseModelSpec":
+        """From a ``--base`` value: None, the name ``gemma3-270m``, or a path (made absolute)."""
+        return cls(path=base if base in (None, GEMMA3_BASE) else str(Path(base).resolve()))
+
     def to_dict(self) -> dict[str, str | None]:
         return {"path": self.path, "gguf_file": self.gguf_file}
 
