@@ -10,6 +10,7 @@ from hatllm_edge.core.formats import (
     ASSISTANT_ONNX,
     CATALOG_FILE,
     TOKENIZER_FILE,
+    default_quant,
 )
 from hatllm_edge.export.bundle import export_bundle
 from hatllm_edge.export.convert import DType, Quant
@@ -19,10 +20,14 @@ from hatllm_edge.training.checkpoint import load_checkpoint
 
 
 def export_checkpoint(
-    checkpoint: Path, out_dir: Path, quant: Quant = "int4", dtype: DType = "fp32", int4: Int4Options | None = None,
+    checkpoint: Path, out_dir: Path, quant: Quant | None = None, dtype: DType = "fp32", int4: Int4Options | None = None,
     overwrite: bool = False, progress: bool = True, embeddings: Embeddings | None = None,
 ) -> Path:
+    """The checkpoint's bundle in ``out_dir``; ``quant`` None: the model family's default
+    (:func:`~hatllm_edge.core.formats.default_quant`); ``int4`` is read only for int4 weights."""
     loaded = load_checkpoint(checkpoint)
+    quant = quant or default_quant(loaded.meta.model_type)
+    int4 = int4 if quant == "int4" else None
     files = {TOKENIZER_FILE: checkpoint / TOKENIZER_FILE, CATALOG_FILE: checkpoint / CATALOG_FILE}
     if (checkpoint / ASSISTANT_CONFIG).is_file():  # the collaborative assistant travels with the model
         files.update({ASSISTANT_CONFIG: checkpoint / ASSISTANT_CONFIG, ASSISTANT_ONNX: checkpoint / ASSISTANT_ONNX})

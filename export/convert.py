@@ -30,6 +30,7 @@ from hatllm_edge.core.formats import (
     META_DTYPE,
     META_EMBEDDINGS,
     META_LAYER_KINDS,
+    META_MODEL_TYPE,
     META_QUANT,
     QUANTS,
     DType,
@@ -146,7 +147,7 @@ def graph_metadata(spec: DecoderSpec, quant: Quant, dtype: DType, int4: Int4Opti
     which graph contract and revision wrote the graph."""
     meta = {
         META_LAYER_KINDS: json.dumps(list(spec.layer_kinds)),
-        "hatllm.model_type": spec.model_type,
+        META_MODEL_TYPE: spec.model_type,
         "hatllm.n_in": str(spec.n_in),
         "hatllm.n_cr": str(spec.n_cr),
         "hatllm.num_layers": str(spec.num_layers),

@@ -14,6 +14,9 @@ Graph contract (all of B, Q, P dynamic; P may be 0 for the first step):
   ``target_ids`` [B, Q, C] int64: the C tokens whose log-probabilities each position should
   report (candidate scoring reads only these: the next token, and for a renormalised score
   the trie node's allowed tokens; any id, e.g. 0, where no score is needed).
+  ``key_positions`` [B, P+Q] int64, only where some layer slides (Gemma3): the positions of
+  the keys each row attends (its past row's, then ``position_ids``), which the sliding window
+  counts back on (:func:`hatllm_edge.core.masks.sliding_band`).
 * outputs: ``logits`` [B, Q', V] float32 (Q' = Q or ``logits_to_keep``);
   ``target_logprobs`` [B, Q', C] float32, log softmax(logits)[targets] computed in the
   graph, so a scoring pass hands back Q' x C floats instead of Q' x V logits; and
@@ -28,8 +31,8 @@ repeat_interleave/transposes a hand-written attention would need. ``fp16``: weig
 activations and the cache in float16, RMSNorm statistics in float32 (``stash_type``), the
 logits cast to float32 at the end so that the ranking code reads one dtype. A Gemma3 decoder
 adds ``Gelu`` (tanh), per-head ``RMSNormalization`` of q and k, a second RoPE table, and on its
-local layers the mask input ANDed with the sliding window (built once per mask kind from the
-mask's shape), so the contract is the same for every family.
+local layers the mask input ANDed with the sliding window (built once from ``position_ids`` and
+``key_positions``), so the contract is the same for every family but for that one input.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.formats import (
     INPUT_IDS,
+    KEY_POSITIONS,
     LOGITS,
     LOGITS_TO_KEEP,
     MASK_INPUT,
@@ -165,20 +169,16 @@ def _rope_tables(g: _Graph, spec: DecoderSpec) -> list[tuple[str, str]]:
     return out
 
 
-def _sliding_mask(g: _Graph, spec: DecoderSpec, kind: str) -> str:
-    """``mask_<kind>`` AND the sliding window [Q, T]: query slot T - Q + i sees key slot j
-    iff j > T - Q + i - window (:func:`hatllm_edge.training.model.sliding_band`)."""
-    mask, node = MASK_INPUT.format(kind), f"/model/sliding_{kind}"
-    shape = g.op("Shape", [mask], f"{node}/Shape")
-    q = g.op("Gather", [shape, g.const("/model/sliding/two", np.array(2, np.int64))], f"{node}/q/Gather")
-    t = g.op("Gather", [shape, g.const("/model/sliding/three", np.array(3, np.int64))], f"{node}/t/Gather")
-    zero, one = g.const("/model/sliding/zero", np.array(0, np.int64)), g.const("/model/sliding/one", np.array(1, np.int64))
-    rows = g.op("Range", [g.op("Sub", [t, q], f"{node}/Sub"), t, one], f"{node}/rows/Range")
-    cols = g.op("Range", [zero, t, one], f"{node}/cols/Range")
-    rows = g.op("Unsqueeze", [rows, g.const("/model/sliding/last", np.array([-1], np.int64))], f"{node}/rows/Unsqueeze")
-    back = g.op("Sub", [rows, cols], f"{node}/back/Sub")  # [Q, T]: how many slots back key j is
-    band = g.op("Less", [back, g.const("/model/sliding/window", np.array(spec.sliding_window, np.int64))], f"{node}/Less")
-    return g.op("And", [mask, band], f"{node}/And")
+def _sliding_band(g: _Graph, spec: DecoderSpec) -> str:
+    """[B, 1, Q, P+Q] bool: a query sees a key fewer than ``sliding_window`` positions back
+    (:func:`hatllm_edge.core.masks.sliding_band`)."""
+    node = "/model/sliding"
+    queries = g.op("Unsqueeze", [POSITION_IDS, g.const(f"{node}/query_axes", np.array([1, 3], np.int64))],
+                   f"{node}/queries/Unsqueeze")  # [B, 1, Q, 1]
+    keys = g.op("Unsqueeze", [KEY_POSITIONS, g.const(f"{node}/key_axes", np.array([1, 2], np.int64))],
+                f"{node}/keys/Unsqueeze")  # [B, 1, 1, P+Q]
+    back = g.op("Sub", [queries, keys], f"{node}/back/Sub")
+    return g.op("Less", [back, g.const(f"{node}/window", np.array(spec.sliding_window, np.int64))], f"{node}/Less")
 
 
 def _head_norm(g: _Graph, spec: DecoderSpec, x: str, weight: str, heads: int, node: str) -> str:
@@ -320,7 +320,8 @@ def build_decoder(spec: DecoderSpec, quant: LinearQuant = "none", dtype: Literal
     ropes = _rope_tables(g, spec)
     masks = [MASK_INPUT.format(kind) for kind in spec.layer_kinds]
     slid = dict.fromkeys(kind for kind, slides in zip(spec.layer_kinds, spec.layer_sliding) if slides)
-    sliding = {kind: _sliding_mask(g, spec, kind) for kind in slid}
+    band = _sliding_band(g, spec) if slid else None
+    sliding = {kind: g.op("And", [MASK_INPUT.format(kind), band], f"/model/sliding_{kind}/And") for kind in slid}
     for i in range(spec.num_layers):
         mask = sliding[spec.layer_kinds[i]] if spec.layer_sliding and spec.layer_sliding[i] else masks[i]
         h = _layer(g, spec, i, h, ropes[spec.layer_rope[i]], mask, quant, eight_bit)
@@ -344,6 +345,8 @@ def build_decoder(spec: DecoderSpec, quant: LinearQuant = "none", dtype: Literal
     inputs.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, []))
     inputs.append(helper.make_tensor_value_info(TARGET_IDS, TensorProto.INT64, ["batch", "sequence", "targets"]))
     inputs.append(helper.make_tensor_value_info(PAST_ROWS, TensorProto.INT64, ["batch"]))
+    if slid:
+        inputs.append(helper.make_tensor_value_info(KEY_POSITIONS, TensorProto.INT64, ["batch", "total_sequence"]))
 
     graph = helper.make_graph(g.nodes, "hatllm_decoder", inputs, outputs, initializer=list(g.initializers.values()))
     opsets = [helper.make_opsetid("", opset)]

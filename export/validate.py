@@ -27,9 +27,11 @@ from hatllm_edge.core.masks import (
     causal_visibility,
     padded_positions,
 )
+from hatllm_edge.engine.backend import Backend
 from hatllm_edge.engine.quant import dequantized_linears
 from hatllm_edge.engine.session import OnnxBackend
 from hatllm_edge.training.model import HatLLM
+from hatllm_edge.training.torch_backend import TorchBackend
 
 
 @dataclass(frozen=True)
@@ -67,18 +69,13 @@ def sample_steps(vocab_size: int, batch: int = 3, prefill: int = 9, step: int = 
 
 
 def run_torch(model: HatLLM, steps: list[Step]) -> list[np.ndarray]:
-    """HatLLM.forward over the steps with its KV cache; float32 logits [B, Q, V] per step."""
-    out, past = [], None
-    with torch.no_grad():
-        for s in steps:
-            masks = {k: torch.from_numpy(np.ascontiguousarray(m)) for k, m in s.masks.items()}
-            logits, past = model(torch.from_numpy(s.input_ids), torch.from_numpy(s.position_ids), masks,
-                                 past=past, use_cache=True)
-            out.append(logits.float().numpy())
-    return out
+    """HatLLM over the steps with its KV cache, as the PyTorch backend runs it; float32
+    logits [B, Q, V] per step."""
+    return run_steps(TorchBackend(model), steps)
 
 
-def run_onnx(backend: OnnxBackend, steps: list[Step]) -> list[np.ndarray]:
+def run_steps(backend: Backend, steps: list[Step]) -> list[np.ndarray]:
+    """Any backend over the steps with its cache; float32 logits [B, Q, V] per step."""
     out, cache = [], None
     for s in steps:
         logits, cache = backend.forward(s.input_ids, s.position_ids, s.masks, cache)
@@ -153,7 +150,7 @@ def validate(model: HatLLM, onnx_path: Path, seed: int = 0, batch: int = 3, pref
     """Run both sides on :func:`sample_steps` inputs and compare the logits."""
     backend = OnnxBackend(onnx_path, threads=threads, compute="native")  # the graph as stored
     steps = sample_steps(model.lm.config.vocab_size, batch, prefill, step, seed)
-    got = run_onnx(backend, steps)
+    got = run_steps(backend, steps)
     parities = [compare("fp32", got, run_torch(model, steps), steps)]
     if backend.metadata.get(META_QUANT, "none") != "none":
         reference = dequantized_model(model, onnx.load(str(onnx_path)))

@@ -25,6 +25,7 @@ from hatllm_edge.cli import app
 from hatllm_edge.core.data import load_dataset
 from hatllm_edge.core.machine import cpu_flags
 from hatllm_edge.core.metrics import mean_metrics
+from hatllm_edge.engine.session import OnnxBackend
 from hatllm_edge.training.checkpoint import load_checkpoint
 from hatllm_edge.training.resume import STATE_FILE
 
@@ -634,9 +635,13 @@ def test_a_gemma3_base_trains_exports_and_ranks_like_pytorch(gemma_trained: Path
     assert torch_run.exit_code == 0 and onnx_run.exit_code == 0, (torch_run.output, onnx_run.output)
     assert json.loads((tmp_path / "o.json").read_text())["ranks"] == json.loads((tmp_path / "t.json").read_text())["ranks"]
     user = write_user(tmp_path / "u.json", history=["i1", "Beta (1991)"], k=3)
-    assert invoke("export", gemma_trained, tmp_path / "int4", "--quiet").exit_code == 0  # the default bundle
-    for model in (bundle, tmp_path / "int4"):  # the int4 one on the engine's int8 route
-        result = invoke("rank", user, "--model", model, "--threads", 1)
+    default = tmp_path / "default"
+    assert invoke("export", gemma_trained, default, "--quiet").exit_code == 0
+    assert json.loads((default / "bundle.json").read_text())["export"]["quant"] == "int8"  # Gemma 3's default weights,
+    assert OnnxBackend.from_bundle(default, threads=1).compute == "native"  # run on float activations by default
+    assert invoke("export", gemma_trained, tmp_path / "int4", "--quant", "int4", "--quiet").exit_code == 0
+    for model, compute in ((bundle, "auto"), (default, "auto"), (tmp_path / "int4", "int8")):
+        result = invoke("rank", user, "--model", model, "--threads", 1, "--compute", compute)
         assert result.exit_code == 0, result.output
         assert len(json.loads(result.stdout)["results"]) == 3
 

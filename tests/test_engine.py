@@ -19,7 +19,7 @@ from hatllm_edge.core.formats import GRAPH_CONTRACT, GRAPH_REVISION
 from hatllm_edge.core.masks import LayerSchedule, build_masks, causal_visibility
 from hatllm_edge.engine.session import PROFILE_ENV, OnnxBackend
 from hatllm_edge.export import export_onnx
-from hatllm_edge.export.validate import run_onnx, sample_steps
+from hatllm_edge.export.validate import run_steps, sample_steps
 from hatllm_edge.training.model import HatLLM
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -213,7 +213,7 @@ def test_int8_compute_replaces_every_weight_matmul_and_tracks_native(model: HatL
     assert (native.compute, fast.compute) == ("native", "int8")
     assert OnnxBackend(path, threads=1).compute == ("native" if quant == "none" else "int8")  # auto
     steps = sample_steps(128)
-    for a, b in zip(run_onnx(native, steps), run_onnx(fast, steps)):
+    for a, b in zip(run_steps(native, steps), run_steps(fast, steps)):
         assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()  # int8 weights and activations
     with pytest.raises(InputError, match="CPU route"):
         OnnxBackend(path, device="cuda", compute="int8")
@@ -247,3 +247,17 @@ def test_a_bundle_of_an_older_graph_contract_is_refused(model: HatLLM, tmp_path:
     onnx.save(proto, str(tmp_path / "old.onnx"))
     with pytest.raises(InputError, match="older hatllm-edge; export it again"):
         OnnxBackend(tmp_path / "old.onnx", compute="native")
+
+
+def test_candidate_passes_hold_as_many_logits_whatever_the_vocabulary() -> None:
+    """The tuned pass size is for a 49,152-token vocabulary; Gemma 3's 262,144 tokens get fewer
+    tokens a pass, so its logits take no more memory; a smaller vocabulary keeps the budget."""
+    from hatllm_edge.engine.backend import (
+        PASS_TOKENS_CPU,
+        PASS_TOKENS_CUDA,
+        pass_tokens,
+    )
+
+    assert pass_tokens("cpu", 49152) == PASS_TOKENS_CPU and pass_tokens("cuda", 49152) == PASS_TOKENS_CUDA
+    assert pass_tokens("cpu", 262144) == 768 and pass_tokens("cpu", 128) == PASS_TOKENS_CPU
+    assert pass_tokens("cpu", 262144) * 262144 <= PASS_TOKENS_CPU * 49152

@@ -34,7 +34,13 @@ from hatllm_edge.export import (
 )
 from hatllm_edge.export.convert import LINEARS
 from hatllm_edge.export.quant.nf4 import nf4_absmax, nf4_pack
-from hatllm_edge.export.validate import Step, compare, run_onnx, run_torch, sample_steps
+from hatllm_edge.export.validate import (
+    Step,
+    compare,
+    run_steps,
+    run_torch,
+    sample_steps,
+)
 from hatllm_edge.training.model import HatLLM
 
 
@@ -143,8 +149,8 @@ def test_each_mask_kind_alone(n_in: int, n_cr: int, tmp_path: Path) -> None:
     steps = sample_steps(128)
     other = "or" if kind != "or" else "in"
     swapped = [Step(s.input_ids, s.position_ids, {kind: s.masks[other]}, s.valid) for s in steps]
-    base = run_onnx(OnnxBackend(path, threads=1), steps)
-    assert np.abs(run_onnx(OnnxBackend(path, threads=1), swapped)[0] - base[0]).max() > 1e-3
+    base = run_steps(OnnxBackend(path, threads=1), steps)
+    assert np.abs(run_steps(OnnxBackend(path, threads=1), swapped)[0] - base[0]).max() > 1e-3
 
 
 def test_nf4_bytes_and_parity_with_bitsandbytes(llama: HatLLM, exported: dict[str, Path]) -> None:
@@ -163,7 +169,7 @@ def test_nf4_bytes_and_parity_with_bitsandbytes(llama: HatLLM, exported: dict[st
                 assert np.array_equal(arrays[f"{path}.weight.absmax"], state.absmax.numpy())
                 w.copy_(bnbf.dequantize_4bit(packed, state))
     steps = sample_steps(128)
-    parity = compare("bitsandbytes", run_onnx(OnnxBackend(exported["nf4"], threads=1, compute="native"), steps),
+    parity = compare("bitsandbytes", run_steps(OnnxBackend(exported["nf4"], threads=1, compute="native"), steps),
                      run_torch(reference, steps), steps)
     assert parity.max_abs_diff <= 1e-4 * max(1.0, parity.logit_scale)
     assert parity.top1_agreement == 1.0
@@ -242,8 +248,8 @@ def test_external_data_round_trip(llama: HatLLM, exported: dict[str, Path], tmp_
     path = export_onnx(llama, tmp_path / "m.onnx", external_data=True)
     assert (tmp_path / "m.onnx.data").stat().st_size > path.stat().st_size
     steps = sample_steps(128)
-    a = run_onnx(OnnxBackend(path, threads=1, compute="native"), steps)
-    b = run_onnx(OnnxBackend(exported["none"], threads=1), steps)
+    a = run_steps(OnnxBackend(path, threads=1, compute="native"), steps)
+    b = run_steps(OnnxBackend(exported["none"], threads=1), steps)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
@@ -254,14 +260,58 @@ def test_gemma3_graph_slides_its_local_layers_only(gemma3: HatLLM, tmp_path: Pat
     attention = [n for n in model.graph.node if n.op_type == "Attention"]
     assert [n.input[3] for n in attention] == ["/model/sliding_in/And/output_0", "/model/sliding_or/And/output_0",
                                                "/model/sliding_or/And/output_0", "mask_cr"]
-    assert {"Gelu", "Range"} <= {n.op_type for n in model.graph.node}
+    assert {"Gelu", "Less"} <= {n.op_type for n in model.graph.node}
+    assert "key_positions" in {i.name for i in model.graph.input}
     wide = tiny_gemma3(window=64)
     steps = sample_steps(128)
-    near = run_onnx(OnnxBackend(export_onnx(gemma3, tmp_path / "a.onnx"), threads=1), steps)
-    far = run_onnx(OnnxBackend(export_onnx(wide, tmp_path / "b.onnx"), threads=1), steps)
+    near = run_steps(OnnxBackend(export_onnx(gemma3, tmp_path / "a.onnx"), threads=1), steps)
+    far = run_steps(OnnxBackend(export_onnx(wide, tmp_path / "b.onnx"), threads=1), steps)
     assert np.abs(near[0] - far[0]).max() > 1e-3
     exact, _ = validate(gemma3, export_onnx(gemma3, tmp_path / "q.onnx", quant="int4")).parities
     assert exact.reference == "dequantized" and exact.rel_diff <= 1e-4
+
+
+def test_gemma3_window_counts_positions_in_a_side_by_side_step(gemma3: HatLLM, tmp_path: Path) -> None:
+    """A beam step's hypotheses sit side by side: 3 queries at one position, each seeing the
+    prompt and itself. ONNX Runtime and PyTorch cut the 4-position window alike, and a query's
+    logits are those of the same token fed alone (its columns run ahead of its position)."""
+    from hatllm_edge.core.masks import build_masks, causal_visibility
+    from hatllm_edge.training.torch_backend import TorchBackend
+
+    rng = np.random.default_rng(5)
+    ids, segs = rng.integers(0, 128, (1, 10)), np.zeros((1, 10), np.int64)
+    prompt = build_masks(segs, segs, causal_visibility(np.ones((1, 10), bool), 10))
+    visible = np.zeros((1, 3, 13), bool)
+    visible[:, :, :10] = True
+    visible[0, [0, 1, 2], [10, 11, 12]] = True
+    step_ids, step_pos = rng.integers(0, 128, (1, 3)), np.full((1, 3), 10)
+    step = build_masks(np.zeros((1, 3), np.int64), np.zeros((1, 13), np.int64), visible)
+    onnx_backend = OnnxBackend(export_onnx(gemma3, tmp_path / "m.onnx"), threads=1)
+    results = []
+    for backend in (onnx_backend, TorchBackend(gemma3)):
+        _, cache = backend.forward(ids, np.arange(10)[None], prompt, None)
+        side_by_side, _ = backend.forward(step_ids, step_pos, step, cache)
+        alone = [backend.forward(step_ids[:, j:j + 1], step_pos[:, :1],
+                                 build_masks(np.zeros((1, 1), np.int64), np.zeros((1, 11), np.int64),
+                                             causal_visibility(np.ones((1, 11), bool), 1)), cache)[0][0, 0]
+                 for j in range(3)]
+        np.testing.assert_allclose(side_by_side[0], np.stack(alone), atol=1e-4)
+        results.append(side_by_side)
+    np.testing.assert_allclose(results[0], results[1], atol=1e-4)
+
+
+def test_a_gemma3_graph_that_slides_on_cache_slots_is_refused(gemma3: HatLLM, tmp_path: Path) -> None:
+    """A Gemma3 graph without key_positions (an older export, whose window counted cache slots)
+    is refused with the way out, not run with the wrong window."""
+    proto = onnx.load(str(export_onnx(gemma3, tmp_path / "m.onnx")))
+    kept = [i for i in proto.graph.input if i.name != "key_positions"]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    for node in proto.graph.node:
+        node.input[:] = ["position_ids" if n == "key_positions" else n for n in node.input]
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    with pytest.raises(InputError, match="cache slots .* export it again"):
+        OnnxBackend(tmp_path / "old.onnx", threads=1)
 
 
 def test_refuses_what_it_cannot_export(tmp_path: Path) -> None:
@@ -349,7 +399,7 @@ def test_int8_graph_is_cached_by_bundle_content(bundle: Path, tmp_path: Path, mo
     monkeypatch.setattr(int8_route, "int8_compute", no_expansion)
     second = OnnxBackend.from_bundle(bundle, threads=1)
     assert second.compute == "int8"
-    for a, b in zip(run_onnx(first, steps), run_onnx(second, steps)):
+    for a, b in zip(run_steps(first, steps), run_steps(second, steps)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(AssertionError, match="expanded again"):
         OnnxBackend.from_bundle(bundle, threads=1, compute="int8-tensor")  # per-tensor: its own entry

@@ -297,9 +297,11 @@ def test_a_manifest_that_leaves_out_the_graph_is_refused(bundle: Path, tmp_path:
 
 
 def fake_checkpoint(folder: Path) -> Path:
-    """Enough of a checkpoint for the bundle cache to key it (nothing here can be loaded)."""
+    """Enough of a checkpoint for the bundle cache to key it: its metadata, no weights."""
+    from hatllm_edge.core.formats import ModelMeta, PromptMeta
+
     folder.mkdir()
-    (folder / "hatllm.json").write_text('{"tiny": true}')
+    ModelMeta(schedule={"num_layers": 2, "n_in": 1, "n_cr": 1}, prompt=PromptMeta("<|im_end|>", 10, "list")).write(folder / "hatllm.json")
     return folder
 
 

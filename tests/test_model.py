@@ -19,13 +19,17 @@ from transformers import (
 )
 
 from hatllm_edge.core.errors import InputError
-from hatllm_edge.core.masks import LayerSchedule, build_masks, causal_visibility
+from hatllm_edge.core.masks import (
+    LayerSchedule,
+    build_masks,
+    causal_visibility,
+    sliding_band,
+)
 from hatllm_edge.training.model import (
     BaseModelSpec,
     HatLLM,
     begin_token_id,
     load_base,
-    sliding_band,
 )
 
 VOCAB = 97
@@ -99,8 +103,9 @@ def test_kv_cache_prefill_then_rest_equals_full_pass(family: str, n_in: int, n_c
         full, _ = model(ids, pos, masks(segs, valid))
         first, cache = model(ids[:, :5], pos[:, :5], masks(segs[:, :5], valid[:, :5]), use_cache=True)
         assert len(cache) == 3 and cache[0][0].shape == (2, 2, 5, 8)
-        rest, cache = model(ids[:, 5:7], pos[:, 5:7], masks(segs[:, :7], valid[:, :7], q=2), past=cache, use_cache=True)
-        last, cache = model(ids[:, 7:], pos[:, 7:], masks(segs, valid, q=2), past=cache, use_cache=True)
+        rest, cache = model(ids[:, 5:7], pos[:, 5:7], masks(segs[:, :7], valid[:, :7], q=2), past=cache, use_cache=True,
+                            key_positions=pos[:, :7])
+        last, cache = model(ids[:, 7:], pos[:, 7:], masks(segs, valid, q=2), past=cache, use_cache=True, key_positions=pos)
     assert cache[2][1].shape == (2, 2, 9, 8)
     torch.testing.assert_close(torch.cat([first, rest, last], 1), full, atol=1e-5, rtol=1e-4)
 
@@ -135,13 +140,30 @@ def test_one_layer_changes_exactly_the_rows_whose_mask_changes(family: str, kind
     assert (delta[:, differs] > 1e-3).all()
 
 
-def test_sliding_band_is_hugging_faces_window() -> None:
-    """Query slot s sees key slot j iff j > s - window, on every query of a cached step too."""
+def band(total: int, window: int) -> torch.Tensor:
+    """[Q, T] sliding band of one contiguous sequence of ``total`` tokens."""
+    pos = torch.arange(total)[None]
+    return sliding_band(pos, pos, window)[0]
+
+
+def test_sliding_band_is_hugging_faces_window_on_a_contiguous_sequence() -> None:
+    """Positions 0..T-1 as keys, the last Q as queries (a cached step): Hugging Face's rule on
+    slots, ``kv_idx > q_idx - window`` (transformers.masking_utils.sliding_window_overlay)."""
+    from transformers.masking_utils import sliding_window_overlay
+
     for q, total, window in [(9, 9, 4), (3, 9, 4), (1, 7, 2), (5, 5, 8)]:
-        band = sliding_band(q, total, window)
-        for i in range(q):
-            s = total - q + i
-            assert band[i].tolist() == [j > s - window for j in range(total)]
+        keys = torch.arange(total)[None]
+        got = sliding_band(keys[:, total - q:], keys, window)[0]
+        rule = sliding_window_overlay(window)
+        assert got.tolist() == [[rule(0, 0, total - q + i, j) for j in range(total)] for i in range(q)]
+
+
+def test_sliding_band_counts_positions_not_columns() -> None:
+    """Side by side continuations (a beam step's hypotheses, packed candidates) share a
+    position but not a column: the window counts back from the position."""
+    keys = torch.tensor([[0, 1, 2, 3, 4, 4, 4, 5]])  # a 5-token prompt, 3 hypotheses, then one more token
+    got = sliding_band(torch.tensor([[5]]), keys, 4)[0, 0]
+    assert got.tolist() == [False, False, True, True, True, True, True, True]
 
 
 def test_sliding_window_cuts_the_hatllm_mask() -> None:
@@ -151,9 +173,19 @@ def test_sliding_window_cuts_the_hatllm_mask() -> None:
     attn: list[torch.Tensor] = []
     with torch.no_grad():
         model(ids, pos, masks(segs), attentions=attn)
-    far = ~sliding_band(9, 9, 4)
+    far = ~band(9, 4)
     assert far.any() and (attn[0][..., far] == 0).all()
     assert (attn[1][..., far & masks(segs)["or"][0, 0]] > 0).all()  # the global layer keeps them
+
+
+def test_a_sliding_layer_over_a_cache_needs_key_positions() -> None:
+    """Without the cached keys' positions a local layer cannot place its window: an error, not a guess."""
+    model = HatLLM(tiny("gemma3", layers=2), LayerSchedule(2))
+    ids, pos, segs = inputs()
+    with torch.no_grad():
+        _, cache = model(ids[:, :6], pos[:, :6], masks(segs[:, :6]), use_cache=True)
+        with pytest.raises(ValueError, match="key_positions"):
+            model(ids[:, 6:], pos[:, 6:], masks(segs, q=3), past=cache)
 
 
 def test_in_first_then_or_leaves_the_start_unchanged() -> None:
@@ -196,7 +228,7 @@ def test_attention_probabilities(family: str) -> None:
     for layer, probs, kind in zip(model.lm.model.layers, attn, ["in", "or", "cr"]):
         assert probs.shape == (2, 4, 9, 9) and probs.dtype == torch.float32
         window = getattr(layer.self_attn, "sliding_window", None)  # Gemma3's local layers
-        allowed = (m[kind] & sliding_band(9, 9, window) if window else m[kind]).expand_as(probs)
+        allowed = (m[kind] & band(9, window) if window else m[kind]).expand_as(probs)
         assert (probs[~allowed] == 0).all()
         assert (probs[allowed] > 0).all()
         torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 9), atol=1e-6, rtol=0)
@@ -204,7 +236,7 @@ def test_attention_probabilities(family: str) -> None:
     attn = []
     with torch.no_grad():
         _, cache = model(ids[:, :6], pos[:, :6], masks(segs[:, :6], valid[:, :6]), use_cache=True)
-        model(ids[:, 6:], pos[:, 6:], masks(segs, valid, q=3), past=cache, attentions=attn)
+        model(ids[:, 6:], pos[:, 6:], masks(segs, valid, q=3), past=cache, attentions=attn, key_positions=pos)
     assert attn[0].shape == (2, 4, 3, 9)
     assert (attn[2][~m["cr"][:, :, 6:].expand_as(attn[2])] == 0).all()
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_llama_config
-from transformers import LlamaForCausalLM
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
 
 from hatllm_edge.core.data import Catalog
 from hatllm_edge.core.masks import LayerSchedule, build_masks, causal_visibility
@@ -35,18 +35,30 @@ TITLES = [
 ]
 CATALOG = Catalog(tuple(f"i{n}" for n in range(len(TITLES))), tuple(TITLES))
 HISTORY = ["Fargo (1996)", "Toy Story (1995)", "Alien"]
-SCHEDULES = [(0, 0), (1, 1)]
+# (family, n_in, n_cr). The Gemma3 model's local layer slides over 16 positions, fewer than a
+# prompt: beam search and packed candidates, which lay continuations side by side, must cut the
+# window where one contiguous forward does.
+SCHEDULES = [("llama", 0, 0), ("llama", 1, 1), ("gemma3", 1, 1)]
+WINDOW = 16
 
 
-def make_backend(n_in: int, n_cr: int) -> TorchBackend:
+def make_backend(n_in: int, n_cr: int, family: str = "llama") -> TorchBackend:
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(tiny_llama_config(layers=2, init=0.2)).eval()
+    if family == "gemma3":
+        config = Gemma3TextConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                                  sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                                  max_position_embeddings=1024, initializer_range=0.2)
+        lm = Gemma3ForCausalLM(config).eval()
+    else:
+        lm = LlamaForCausalLM(tiny_llama_config(layers=2, init=0.2)).eval()
     return TorchBackend(HatLLM(lm, LayerSchedule(2, n_in, n_cr)))
 
 
-@pytest.fixture(scope="module", params=SCHEDULES, ids=lambda s: f"in{s[0]}-cr{s[1]}")
+@pytest.fixture(scope="module", params=SCHEDULES, ids=lambda s: f"{s[0]}-in{s[1]}-cr{s[2]}")
 def backend(request: pytest.FixtureRequest) -> TorchBackend:
-    return make_backend(*request.param)
+    family, n_in, n_cr = request.param
+    return make_backend(n_in, n_cr, family)
 
 
 @pytest.fixture(scope="module")
@@ -204,11 +216,13 @@ def test_wide_beam_is_exact(backend: TorchBackend, prompts: PromptBuilder, trie:
     assert_same_ranking(ranked.items, ranked.scores, brute, k)
 
 
-def test_search_errors_are_the_missed_targets_that_outscore_the_list(backend: TorchBackend, prompts: PromptBuilder) -> None:
+def test_search_errors_are_the_missed_targets_that_outscore_the_list(backend: TorchBackend, prompts: PromptBuilder,
+                                                                     trie: TitleTrie) -> None:
     """One user per catalog item as the target, all with one history: a narrow beam's missed
     targets are scored exactly; a user is flagged exactly when its target's exact score beats
-    the list's k-th (so every target that belongs in the exact top-k and was missed is
-    flagged), and an exact beam has no errors."""
+    the list's k-th and its title is not listed (so every target that belongs in the exact
+    top-k and was missed is flagged), and an exact beam has no errors (a duplicate title cut
+    at k ties the listed one, whatever the layouts' rounding says)."""
     from hatllm_edge.core.data import Dataset
     from hatllm_edge.ranking.loo import rank_split
 
@@ -219,10 +233,11 @@ def test_search_errors_are_the_missed_targets_that_outscore_the_list(backend: To
     narrow = rank_split(backend, prompts, data, "test", 3, 3, progress=False, search_errors=True)["search_errors"]
     assert narrow["missed_targets"] == sum(r is None for r in
                                            rank_split(backend, prompts, data, "test", 3, 3, progress=False)["ranks"].values())
+    listed = {TITLES[i] for i in beam_search(backend, prompts, trie, [HISTORY], k=3, beams=3)[0].items}
     for check in narrow["users"]:
         target = CATALOG.index(data.sequences[check["user"]][-1])
         assert check["target_score"] == pytest.approx(brute[target], abs=1e-3)
-        assert check["error"] == (brute[target] > check["kth_score"])
+        assert check["error"] == (brute[target] > check["kth_score"] and TITLES[target] not in listed)
         if target in exact_top and TITLES[target] not in [TITLES[i] for i in exact_top if i != target]:
             assert check["error"]
     assert narrow["errors"] == sum(c["error"] for c in narrow["users"])
@@ -288,10 +303,13 @@ def test_prefill_and_backend_contract(backend: TorchBackend, prompts: PromptBuil
     last, _ = backend.forward(ids, np.arange(ids.shape[1])[None], m, None, last_only=True)
     assert logits.dtype == np.float32 and logits.shape == (1, len(p), 49152) and last.shape == (1, 49152)
     np.testing.assert_allclose(last[0], logits[0, -1], atol=1e-5)
-    assert len(cache) == 2 and cache[0][0].shape[2] == len(p)
+    assert len(cache.layers) == 2 and cache.layers[0][0].shape[2] == len(p)
+    assert cache.positions.tolist() == [list(range(len(p)))]
     step = {k: np.ones((3, 1, 1, len(p) + 1), bool) for k in m}
     _, grown = backend.forward(ids[:, -1:].repeat(3, 0), np.full((3, 1), len(p)), step, cache, rows=np.array([0, 0, 0]))
-    assert grown[1][1].shape[:3] == (3, cache[1][1].shape[1], len(p) + 1) and torch.equal(grown[1][1][2, :, :-1], cache[1][1][0])
+    old, new = cache.layers[1][1], grown.layers[1][1]
+    assert new.shape[:3] == (3, old.shape[1], len(p) + 1) and torch.equal(new[2, :, :-1], old[0])
+    assert grown.positions.tolist() == [list(range(len(p) + 1))] * 3
     np.testing.assert_allclose(np.exp(log_softmax(last)).sum(-1), 1.0, atol=1e-5)
 
 

@@ -22,7 +22,7 @@ from hatllm_edge.engine.quant import node_weight
 from hatllm_edge.engine.session import OnnxBackend
 from hatllm_edge.export import export_onnx
 from hatllm_edge.export.calibrate import activation_absmax, calibration_sequences
-from hatllm_edge.export.validate import run_onnx, sample_steps
+from hatllm_edge.export.validate import run_steps, sample_steps
 from hatllm_edge.training.model import HatLLM
 
 CATALOG = Catalog(tuple(f"i{n}" for n in range(6)), ("Heat (1995)", "Fargo (1996)", "Babe (1995)", "Alien (1979)",
@@ -84,7 +84,7 @@ def test_smoothing_cuts_the_int8_error_of_an_outlier_channel(exported: tuple[Pat
     steps = sample_steps(49152, batch=3, prefill=12, step=2)
     errors = {}
     for label, path in zip(("plain", "smoothed"), exported):
-        native = run_onnx(OnnxBackend(path, threads=1, compute="native"), steps)
-        int8 = run_onnx(OnnxBackend(path, threads=1, compute="int8"), steps)
+        native = run_steps(OnnxBackend(path, threads=1, compute="native"), steps)
+        int8 = run_steps(OnnxBackend(path, threads=1, compute="int8"), steps)
         errors[label] = max(float(np.abs(a - b).max()) for a, b in zip(native, int8))
     assert errors["smoothed"] < 0.5 * errors["plain"], errors

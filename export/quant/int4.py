@@ -71,7 +71,7 @@ class _TokenReader(CalibrationDataReader):
                 feed[name] = np.asarray(tokens, np.int64)[None, :, None]
             elif name == "past_rows":
                 feed[name] = np.zeros(1, np.int64)
-            elif name == "position_ids":
+            elif name in ("position_ids", "key_positions"):  # no cache: the keys are the queries
                 feed[name] = np.arange(t, dtype=np.int64)[None]
             elif name == "logits_to_keep":
                 feed[name] = np.array(0, np.int64)

@@ -22,7 +22,13 @@ from hatllm_edge.app.models import (
 from hatllm_edge.app.request import STDIN, STDIN_NAME, RankRequest, read_request
 from hatllm_edge.core.data import Catalog
 from hatllm_edge.core.errors import InputError
-from hatllm_edge.core.formats import CATALOG_FILE, Backend
+from hatllm_edge.core.formats import (
+    CATALOG_FILE,
+    CHECKPOINT_META,
+    Backend,
+    ModelMeta,
+    default_quant,
+)
 from hatllm_edge.core.limits import (
     DEFAULT_K,
     MAX_BEAMS,
@@ -66,7 +72,7 @@ def open_ranker(model: Path | None, device: Device, quant: str | None, backend: 
         raise InputError(f"--quant and --dtype choose the bundle built from a checkpoint; {folder} is a bundle already "
                          f"(quant {export.get('quant', '?')}, dtype {export.get('dtype', '?')}): drop them")
     check_device(device, compute, cuda_graph)  # before a bundle is built for a device this machine lacks
-    return open_model(open_bundle(folder, progress, build, quant or "int4", bundle_dtype(device, dtype)), device, threads,
+    return open_model(open_bundle(folder, progress, build, quant, bundle_dtype(device, dtype)), device, threads,
                       compute=compute, cuda_graph=cuda_graph)
 
 
@@ -77,14 +83,16 @@ def _model_folder(model: Path | None) -> Path:
     return folder
 
 
-def open_bundle(model: Path | None, progress: bool, build: BundleBuilder | None = None, quant: str = "int4",
+def open_bundle(model: Path | None, progress: bool, build: BundleBuilder | None = None, quant: str | None = None,
                 dtype: str = "fp32") -> Path:
     """The bundle the engine runs: ``model`` if it is one, else the checkpoint's cached bundle
-    (built by ``build`` on first use; default model: the shipped checkpoint)."""
+    (built by ``build`` on first use, with ``quant`` weights, default the model family's;
+    default model: the shipped checkpoint)."""
     folder = _model_folder(model)
     cache_root()  # an unusable $HATLLM_CACHE (bundles built, int8 graphs kept) is refused before anything loads
     if model_kind(folder) == "bundle":
         return folder
+    quant = quant or default_quant(ModelMeta.read(folder / CHECKPOINT_META).model_type)
     return cached_bundle(folder, quant, dtype, progress=progress, build=build)
 
 

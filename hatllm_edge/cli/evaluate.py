@@ -101,7 +101,7 @@ def fuse(
     seed: SeedOpt = 0,
     beams: BeamsOpt = None,
     shortlists: Annotated[str, typer.Option(help="Shortlist sizes to try with each weight > 0, comma-separated (0: fused beam search; N: the assistant's N most likely items scored exactly).")] = "0",
-    quant: Annotated[Optional[Quant], typer.Option(help="Bundle the tuning runs on, built from the checkpoint on first use: int4 (default), nf4, int8 or none.")] = None,
+    quant: Annotated[Optional[Quant], typer.Option(help="Bundle the tuning runs on, built from the checkpoint on first use: int4, nf4, int8 or none (default int4, int8 for Gemma 3).")] = None,
     backend: Annotated[Backend, typer.Option(help="onnx (the engine) or torch (PyTorch fp32).")] = Backend("onnx"),
     threads: ThreadsOpt = None,
     dataset: DatasetOpt = "ml-100k",

@@ -38,7 +38,7 @@ def rank(
     beams: BeamsOpt = None,
     shortlist: ShortlistOpt = None,
     device: DeviceOpt = Device("cpu"),
-    quant: Annotated[Optional[Quant], typer.Option(help="Bundle built on first use from a checkpoint: int4 (default), nf4, int8 or none.")] = None,
+    quant: Annotated[Optional[Quant], typer.Option(help="Bundle built on first use from a checkpoint: int4, nf4, int8 or none (default int4, int8 for Gemma 3).")] = None,
     dtype: Annotated[Optional[DType], typer.Option(help="Float type of that bundle: fp16 (default with --device cuda) or fp32 (default on the CPU).")] = None,
     cuda_graph: CudaGraphOpt = False,
     compute: ComputeOpt = Compute("auto"),

@@ -30,7 +30,8 @@ from hatllm_edge.core.errors import InputError
 
 # The contract this engine reads; bump it when the contract changes, so that bundles built on
 # first use are rebuilt rather than reused.
-GRAPH_CONTRACT = 3  # 3: past_rows (the step gathers its cache rows), target_ids [B, Q, C]
+GRAPH_CONTRACT = 4  # 3: past_rows (the step gathers its cache rows), target_ids [B, Q, C]; 4: key_positions
+# on graphs with sliding-window layers
 # The revision of the graph hatllm_edge.export.graph writes: bumped when the graph changes within the
 # contract (2: log-probs by LogSoftmax; 3: activation statistics for the int8 route), so cached
 # bundles are rebuilt too.
@@ -45,6 +46,7 @@ META_LAYER_KINDS = "hatllm.layer_kinds"  # JSON list of mask kinds, one per laye
 META_QUANT = "hatllm.quant"
 META_DTYPE = "hatllm.dtype"
 META_EMBEDDINGS = "hatllm.embeddings"
+META_MODEL_TYPE = "hatllm.model_type"
 _META_FILE_PREFIX, _META_FILE_SUFFIX = "hatllm.file.", ".sha256"
 
 
@@ -64,6 +66,7 @@ POSITION_IDS = "position_ids"
 LOGITS_TO_KEEP = "logits_to_keep"
 TARGET_IDS = "target_ids"
 PAST_ROWS = "past_rows"
+KEY_POSITIONS = "key_positions"  # only on graphs with sliding-window layers
 LOGITS = "logits"
 TARGET_LOGPROBS = "target_logprobs"
 REQUIRED_INPUTS = (INPUT_IDS, POSITION_IDS, LOGITS_TO_KEEP, TARGET_IDS, PAST_ROWS)
@@ -84,6 +87,17 @@ Int4Algo = Literal["rtn", "hqq", "gptq"]
 INT4_ALGOS: tuple[Int4Algo, ...] = get_args(Int4Algo)
 Backend = Literal["onnx", "torch"]  # what ranks: the engine (a bundle), or PyTorch fp32 (a checkpoint)
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
+
+# Model types that rank worse under 4-bit weights or int8 activations, so that they export with
+# int8 weights and run on the graph's own float activations unless told otherwise. Gemma 3 270M,
+# a first-round checkpoint on 100 validation users (docs/training.md): NDCG@10 0.0393 in PyTorch
+# fp32 and with int8 weights on float activations; 0.0330 with int8 activations; 0.0247 as int4.
+INT8_WEIGHT_FAMILIES = ("gemma3_text",)
+
+
+def default_quant(model_type: str | None) -> Quant:
+    """The weights an export writes unless told: int4, or int8 for :data:`INT8_WEIGHT_FAMILIES`."""
+    return "int8" if model_type in INT8_WEIGHT_FAMILIES else "int4"
 
 # --------------------------------------------------------------------------- files
 

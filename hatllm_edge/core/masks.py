@@ -12,6 +12,11 @@ Mask kinds (``True`` = may attend), for a query token q and key token k with seg
 * ``cr`` (cross-item): ``V & (s_q == 0 | s_k == 0 | s_q != s_k)``, plus the token itself
 
 Every token always sees itself, so no row is empty (also for padding rows).
+
+A sliding-window layer (Gemma 3's local layers) further keeps only the keys fewer than
+``window`` positions back (:func:`sliding_band`), on positions, not on cache columns: beam
+search and candidate scoring lay continuations side by side, so their columns run ahead of
+their positions.
 """
 
 from __future__ import annotations
@@ -142,3 +147,14 @@ def build_masks(
         out[kind] = m[:, None, :, :]
     return out
 
+
+
+def sliding_band(query_positions: Any, key_positions: Any, window: int) -> Any:
+    """[B, Q, K] bool: a query sees a key fewer than ``window`` positions back (Hugging Face's
+    sliding-window rule, which counts cache slots: the same where the keys are one contiguous
+    sequence, as in training; the export's graph computes the same from its ``key_positions``).
+
+    query_positions [B, Q], key_positions [B, K] int (the cached keys', then the queries').
+    Keys at later positions pass (causality is the masks' business), so a token always sees
+    itself."""
+    return query_positions[:, :, None] - key_positions[:, None, :] < window

@@ -11,6 +11,7 @@ from typing import Any, Literal, Protocol, get_args
 import numpy as np
 
 from hatllm_edge.core.errors import InputError
+from hatllm_edge.core.formats import INT8_WEIGHT_FAMILIES
 from hatllm_edge.core.masks import MaskKind
 
 # What a caller may ask of a backend, whichever runs it (defined here, below ranking and
@@ -24,6 +25,16 @@ Device = Literal["cpu", "cuda"]
 DEVICES: tuple[Device, ...] = get_args(Device)
 PASS_TOKENS_CPU = 4096  # rows x width of one candidate pass on the CPU (docs/results.md)
 PASS_TOKENS_CUDA = 32768  # on a GPU: 32 users x 100 candidates (~41k padded tokens) in two passes
+PASS_VOCAB = 49152  # the vocabulary (SmolLM2's) those two were measured with
+
+
+def pass_tokens(device: str, vocab_size: int) -> int:
+    """Tokens (rows x width) one candidate pass may hold on ``device``: the tuned budget, cut
+    for a larger vocabulary so that a pass's [tokens, V] float32 logits and their log-softmax
+    stay the size they had where it was tuned (4,096 x 49,152 x 2 floats, 1.6 GB on the CPU).
+    Gemma 3's 262,144 tokens would need 8.6 GB a CPU pass; they get 768 tokens."""
+    budget = PASS_TOKENS_CUDA if device == "cuda" else PASS_TOKENS_CPU
+    return budget * PASS_VOCAB // max(vocab_size, PASS_VOCAB)
 
 
 class Backend(Protocol):
@@ -95,8 +106,18 @@ def cache_rows(rows: np.ndarray | None, batch: int, cached: int | None) -> np.nd
     return idx
 
 
-def resolve_compute(compute: Compute, device: str, quantised: bool) -> Compute:
-    """What "auto" means: int8 for a quantised graph on the CPU, the graph as stored otherwise."""
+def key_positions(cached: np.ndarray | None, rows: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    """[B, P + Q] int64: the positions of the keys a step attends, its cache rows' (``cached``
+    [B_past, P] gathered by ``rows``, see :func:`cache_rows`) then its queries'. Every backend
+    keeps them beside its cache: a sliding-window layer counts back on positions, and beam
+    search and candidate scoring lay continuations side by side, so columns run ahead of them."""
+    queries = np.ascontiguousarray(position_ids, np.int64)
+    return queries if cached is None else np.concatenate([cached[rows], queries], axis=1)
+
+
+def resolve_compute(compute: Compute, device: str, quantised: bool, model_type: str | None = None) -> Compute:
+    """What "auto" means: int8 for a quantised graph on the CPU, the graph as stored otherwise
+    (always for a model type in :data:`~hatllm_edge.core.formats.INT8_WEIGHT_FAMILIES`)."""
     if compute != "auto":
         return compute
-    return "int8" if quantised and device == "cpu" else "native"
+    return "int8" if quantised and device == "cpu" and model_type not in INT8_WEIGHT_FAMILIES else "native"

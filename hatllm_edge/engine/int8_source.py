@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from hatllm_edge.core.errors import InputError
-from hatllm_edge.core.formats import INT8_REVISION, META_QUANT
+from hatllm_edge.core.formats import INT8_REVISION, META_MODEL_TYPE, META_QUANT
 from hatllm_edge.engine.backend import Compute, resolve_compute
 from hatllm_edge.engine.bundle import first_line
 from hatllm_edge.engine.cache import Int8Cache, cache_root, require_writable
@@ -69,8 +69,8 @@ def expand_stored(path: Path, compute: Compute, activations: str) -> tuple[str |
     except (DecodeError, ValueError, OSError) as e:
         raise InputError(f"ONNX model {path} is not a readable ONNX graph ({type(e).__name__}: {first_line(e)}); "
                          "re-export the bundle") from None
-    quantised = any(p.key == META_QUANT and p.value != "none" for p in stored.metadata_props)
-    compute = resolve_compute(compute, "cpu", quantised)
+    props = {p.key: p.value for p in stored.metadata_props}
+    compute = resolve_compute(compute, "cpu", props.get(META_QUANT, "none") != "none", props.get(META_MODEL_TYPE))
     if compute == "native":
         return str(path), compute
     return int8_compute(stored, activations)[0].SerializeToString(), compute  # type: ignore[arg-type]

@@ -23,11 +23,13 @@ from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.formats import (
     GRAPH_CONTRACT,
     INPUT_IDS,
+    KEY_POSITIONS,
     LOGITS,
     LOGITS_TO_KEEP,
     MASK_INPUT,
     META_DTYPE,
     META_LAYER_KINDS,
+    META_MODEL_TYPE,
     META_QUANT,
     MODEL_FILE,
     PAST,
@@ -41,12 +43,12 @@ from hatllm_edge.core.formats import (
 from hatllm_edge.core.masks import MASK_KINDS, MaskKind
 from hatllm_edge.engine.backend import (
     COMPUTES,
-    PASS_TOKENS_CPU,
-    PASS_TOKENS_CUDA,
     Compute,
     Device,
     Optimization,
     cache_rows,
+    key_positions,
+    pass_tokens,
     resolve_compute,
 )
 from hatllm_edge.engine.bundle import (
@@ -91,11 +93,14 @@ PROFILE_ENV = "HATLLM_ORT_PROFILE"  # a file prefix: ONNX Runtime's profiler on 
 @dataclass(frozen=True)
 class OrtCache:
     """The KV cache of one batch: OrtValues [B, kv_heads, P, head_dim] in graph-input order
-    (layer 0 key, layer 0 value, layer 1 key, ...), on the session's device. Opaque to callers."""
+    (layer 0 key, layer 0 value, layer 1 key, ...), on the session's device, and the cached
+    tokens' positions [B, P] on the host (:func:`~hatllm_edge.engine.backend.key_positions`).
+    Opaque to callers."""
 
     values: tuple[Any, ...]
     batch: int
     length: int
+    positions: np.ndarray
 
 
 class OnnxBackend:
@@ -186,6 +191,10 @@ class OnnxBackend:
             raise InputError(f"ONNX model {path} lacks the input(s) {missing} of graph contract {GRAPH_CONTRACT}: it was "
                              "exported by an older hatllm-edge; export it again (hatllm-edge export)")
         self.mask_kinds: list[MaskKind] = [k for k in MASK_KINDS if MASK_INPUT.format(k) in inputs]
+        self._sliding = KEY_POSITIONS in inputs
+        if not self._sliding and self.metadata.get(META_MODEL_TYPE) == "gemma3_text":
+            raise InputError(f"ONNX model {path} counts its sliding window on cache slots (an older hatllm-edge's export), "
+                             "which misranks long prompts; export it again (hatllm-edge export)")
         n = len(self.layer_kinds)
         self._past = [PAST.format(i, p) for i in range(n) for p in ("key", "value")]
         self._present = [PRESENT.format(i, p) for i in range(n) for p in ("key", "value")]
@@ -195,8 +204,8 @@ class OnnxBackend:
         self.runs = 0  # session runs so far: what bench reports per request
         # tokens (rows x width) one candidate pass may hold: bounded by host memory and cache
         # locality on the CPU, by launch overhead on a GPU (fewer, wider passes)
-        self.pass_tokens = PASS_TOKENS_CUDA if device == "cuda" else PASS_TOKENS_CPU
         self.vocab_size = int(self.session.get_outputs()[0].shape[2])
+        self.pass_tokens = pass_tokens(device, self.vocab_size)
         self._empty_past = np.zeros((1, self.num_kv_heads, 0, self.head_dim), self.cache_dtype)  # a first step's cache
         self._graphs: GraphRunner | None = None
         self._plain = None  # run options of a plain pass on a session that captures graphs
@@ -221,7 +230,7 @@ class OnnxBackend:
         meta = read_bundle_meta(folder)
         quant = (meta.export or {}).get("quant")
         if quant is not None:
-            compute = resolve_compute(compute, device, quant != "none")
+            compute = resolve_compute(compute, device, quant != "none", meta.model_type)
         backend = cls(folder / MODEL_FILE, device=device, threads=threads, compute=compute, optimization=optimization,
                       cache_key=key, cuda_graph=cuda_graph)
         check_bundle_meta(folder, meta, manifest, backend.metadata)  # the graph's own word wins over bundle.json
@@ -271,16 +280,19 @@ class OnnxBackend:
         if rows is None and cache is not None and self._graphs is not None:
             rows = np.arange(batch)  # a graph's cache may hold padding rows after the real ones
         past_rows = cache_rows(rows, batch, None if cache is None else cache.batch)
-        masks_in = {}
+        row_inputs = {}  # the masks, and key_positions where the graph slides: one row per step row
         for kind in self.mask_kinds:
             if kind not in masks:
                 raise InputError(f"mask kind {kind!r} is missing; this model needs {self.mask_kinds}")
             mask = np.ascontiguousarray(masks[kind], bool)
             if mask.shape != (batch, 1, q, past_len + q):
                 raise InputError(f"{MASK_INPUT.format(kind)} has shape {mask.shape}, expected {(batch, 1, q, past_len + q)}")
-            masks_in[MASK_INPUT.format(kind)] = mask
+            row_inputs[MASK_INPUT.format(kind)] = mask
+        keys = key_positions(None if cache is None else cache.positions, past_rows, pos)
+        if self._sliding:
+            row_inputs[KEY_POSITIONS] = keys
         if self._graphs is not None:
-            done = self._run_graph(ids, pos, masks_in, cache, keep, tgt, past_rows, want_logits)
+            done = self._run_graph(ids, pos, row_inputs, cache, keep, tgt, past_rows, want_logits, keys)
             if done is not None:
                 return done
         bind = self.session.io_binding()
@@ -289,7 +301,7 @@ class OnnxBackend:
         bind.bind_cpu_input(TARGET_IDS, tgt)
         bind.bind_cpu_input(PAST_ROWS, past_rows)
         host = [ids, pos, tgt, past_rows]  # keeps the bound host arrays alive until the run ends
-        for name, mask in masks_in.items():
+        for name, mask in row_inputs.items():
             bind.bind_cpu_input(name, mask)
             host.append(mask)
         keep_value = np.array(keep, np.int64)
@@ -310,11 +322,11 @@ class OnnxBackend:
         self.runs += 1
         outputs = bind.get_outputs()
         logits = outputs[0].numpy() if want_logits else None  # [B, Q', V] float32
-        return logits, outputs[1].numpy(), OrtCache(tuple(outputs[2:]), batch, past_len + q)
+        return logits, outputs[1].numpy(), OrtCache(tuple(outputs[2:]), batch, past_len + q, keys)
 
     def _run_graph(self, ids: np.ndarray, pos: np.ndarray, masks: dict[str, np.ndarray], cache: OrtCache | None,
                    keep: int, targets: np.ndarray, past_rows: np.ndarray,
-                   want_logits: bool) -> tuple[np.ndarray | None, np.ndarray, OrtCache] | None:
+                   want_logits: bool, keys: np.ndarray) -> tuple[np.ndarray | None, np.ndarray, OrtCache] | None:
         """:meth:`_run` as a captured graph: rows and targets padded to powers of two, the
         padding dropped from what comes back (the cache keeps it: later steps name their rows).
         None when the graph runner declines a new shape (then the pass runs plainly)."""
@@ -334,7 +346,7 @@ class OnnxBackend:
             return None
         self.runs += 1
         logits = values[0].numpy()[:batch] if want_logits else None
-        return logits, values[1].numpy()[:batch, :, :choices], OrtCache(tuple(values[2:]), rows, total)
+        return logits, values[1].numpy()[:batch, :, :choices], OrtCache(tuple(values[2:]), rows, total, pad_rows(keys, rows))
 
     def cache_arrays(self, cache: OrtCache) -> list[tuple[np.ndarray, np.ndarray]]:
         """The cache copied to host memory, per layer (key, value) [B, kv_heads, P, head_dim]."""

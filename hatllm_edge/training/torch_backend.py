@@ -3,13 +3,14 @@ the ranker of a training checkpoint built on it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hatllm_edge.core.masks import MaskKind
-from hatllm_edge.engine.backend import PASS_TOKENS_CPU, cache_rows
+from hatllm_edge.engine.backend import cache_rows, key_positions, pass_tokens
 from hatllm_edge.ranking.ranker import Ranker, open_assistant
 from hatllm_edge.training.checkpoint import load_checkpoint
 from hatllm_edge.training.model import HatLLM, KVCache
@@ -41,6 +42,15 @@ def to_nf4(model: HatLLM) -> HatLLM:
     return model
 
 
+@dataclass(frozen=True)
+class TorchCache:
+    """The PyTorch backend's cache: the model's per-layer keys and values, and the positions of
+    the cached tokens [B, P] (:func:`~hatllm_edge.engine.backend.key_positions`)."""
+
+    layers: KVCache
+    positions: np.ndarray
+
+
 class TorchBackend:
     """Runs :class:`HatLLM` in inference mode, with its weights cast to ``dtype``.
 
@@ -53,19 +63,28 @@ class TorchBackend:
         quantised = any(type(m).__name__ == "Linear4bit" for m in model.modules())
         self.label = "torch-" + ("nf4" if quantised else {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype)))
         self.device = next(model.parameters()).device
+        self.pass_tokens = pass_tokens(self.device.type, model.config.vocab_size)
         self.runs = 0
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     exact_layout = False  # float arithmetic: padding moves a result by rounding only
-    pass_tokens = PASS_TOKENS_CPU
 
-    def _past(self, cache: KVCache | None, rows: np.ndarray | None, batch: int) -> KVCache | None:
-        if cache is None:
-            return None
-        idx = self._tensor(cache_rows(rows, batch, cache[0][0].shape[0]))
-        return [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cache]
+    def _step(self, input_ids: np.ndarray, position_ids: np.ndarray, masks: dict[MaskKind, np.ndarray],
+              cache: TorchCache | None, rows: np.ndarray | None, logits_index: torch.Tensor | None) -> tuple[torch.Tensor, TorchCache]:
+        """One pass over the cache rows ``rows`` names: logits and the extended cache."""
+        t = self._tensor
+        idx = cache_rows(rows, input_ids.shape[0], None if cache is None else cache.positions.shape[0])
+        past = None
+        if cache is not None:
+            picked = t(idx)
+            past = [(k.index_select(0, picked), v.index_select(0, picked)) for k, v in cache.layers]
+        keys = key_positions(None if cache is None else cache.positions, idx, position_ids)
+        logits, present = self.model(t(input_ids), t(position_ids), {k: t(m) for k, m in masks.items()}, past=past,
+                                     use_cache=True, logits_index=logits_index, key_positions=t(keys))
+        self.runs += 1
+        return logits, TorchCache(present, keys)
 
     @torch.inference_mode()
     def forward(
@@ -73,17 +92,12 @@ class TorchBackend:
         input_ids: np.ndarray,
         position_ids: np.ndarray,
         masks: dict[MaskKind, np.ndarray],
-        cache: KVCache | None,
+        cache: TorchCache | None,
         last_only: bool = False,
         rows: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, KVCache]:
-        t = self._tensor
+    ) -> tuple[np.ndarray, TorchCache]:
         keep = torch.tensor([input_ids.shape[1] - 1], device=self.device) if last_only else None
-        past = self._past(cache, rows, input_ids.shape[0])
-        logits, present = self.model(
-            t(input_ids), t(position_ids), {k: t(m) for k, m in masks.items()}, past=past, use_cache=True, logits_index=keep
-        )
-        self.runs += 1
+        logits, present = self._step(input_ids, position_ids, masks, cache, rows, keep)
         logits = logits.float().cpu().numpy()
         return (logits[:, -1] if last_only else logits), present
 
@@ -93,15 +107,12 @@ class TorchBackend:
         input_ids: np.ndarray,
         position_ids: np.ndarray,
         masks: dict[MaskKind, np.ndarray],
-        cache: KVCache | None,
+        cache: TorchCache | None,
         targets: np.ndarray,
         rows: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, KVCache]:
-        t = self._tensor
-        past = self._past(cache, rows, input_ids.shape[0])
-        logits, present = self.model(t(input_ids), t(position_ids), {k: t(m) for k, m in masks.items()}, past=past, use_cache=True)
-        self.runs += 1
-        tgt = t(np.asarray(targets, np.int64))
+    ) -> tuple[np.ndarray, TorchCache]:
+        logits, present = self._step(input_ids, position_ids, masks, cache, rows, None)
+        tgt = self._tensor(np.asarray(targets, np.int64))
         picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt if tgt.ndim == 3 else tgt[..., None])
         return (picked if tgt.ndim == 3 else picked[..., 0]).cpu().numpy(), present
 
