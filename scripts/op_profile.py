@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hatllm_edge.app.models import default_checkpoint
+from hatllm_edge.app.models import bundle_builder, default_checkpoint
 from hatllm_edge.bench.backends import open_backend, runner
 from hatllm_edge.bench.workloads import Workload, make_requests
 from hatllm_edge.cli.common import write_json
@@ -70,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ[PROFILE_ENV] = f"{tmp}/ort"
         try:
-            ranker, _ = open_backend(args.backend, args.model or default_checkpoint(), "cpu", args.threads, False)
+            ranker, _ = open_backend(args.backend, args.model or default_checkpoint(), "cpu", args.threads, True, bundle_builder())
         finally:
             del os.environ[PROFILE_ENV]
         request = runner(ranker, workload)

@@ -638,7 +638,7 @@ def test_a_gemma3_base_trains_exports_and_ranks_like_pytorch(gemma_trained: Path
     default = tmp_path / "default"
     assert invoke("export", gemma_trained, default, "--quiet").exit_code == 0
     assert json.loads((default / "bundle.json").read_text())["export"]["quant"] == "int8"  # Gemma 3's default weights,
-    assert OnnxBackend.from_bundle(default, threads=1).compute == "native"  # run on float activations by default
+    assert OnnxBackend.from_bundle(default, threads=1).compute == "int8-block"  # and block-wise int8 activations
     assert invoke("export", gemma_trained, tmp_path / "int4", "--quant", "int4", "--quiet").exit_code == 0
     for model, compute in ((bundle, "auto"), (default, "auto"), (tmp_path / "int4", "int8")):
         result = invoke("rank", user, "--model", model, "--threads", 1, "--compute", compute)

@@ -221,6 +221,37 @@ def test_int8_compute_replaces_every_weight_matmul_and_tracks_native(model: HatL
         OnnxBackend(path, compute="fast")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_int8_block_runs_the_stored_weights_on_int8_kernels(model: HatLLM, tmp_path: Path, quant: str) -> None:
+    """compute="int8-block": every MatMulNBits (LM head included) keeps its weights and gets
+    accuracy_level 4, nothing else changes; the logits stay close to the graph as stored, and
+    a row's logits are the same alone or in a batch (activations are quantised per row)."""
+    import onnx
+
+    from hatllm_edge.engine.int8 import block_compute
+
+    path = export_onnx(model, tmp_path / f"{quant}.onnx", quant=quant)
+    stored = onnx.load(str(path))
+    rewritten, changed = block_compute(stored)
+    nbits = [n for n in rewritten.graph.node if n.op_type == "MatMulNBits"]
+    assert changed == len(nbits) == 4 * 7 + 1
+    assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in nbits)
+    assert [n.op_type for n in rewritten.graph.node] == [n.op_type for n in stored.graph.node]
+    assert list(rewritten.graph.initializer) == list(stored.graph.initializer)
+    native = OnnxBackend(path, threads=1, compute="native")
+    block = OnnxBackend(path, threads=1, compute="int8-block")
+    assert block.compute == "int8-block" and block.exact_layout
+    steps = sample_steps(128)
+    for a, b in zip(run_steps(native, steps), run_steps(block, steps)):
+        assert 0 < np.abs(a - b).max() <= 0.05 * np.abs(a).max()  # int8 activations, per block
+    s = steps[0]
+    alone, _ = block.forward(s.input_ids[:1], s.position_ids[:1], {k: m[:1] for k, m in s.masks.items()}, None)
+    batched, _ = block.forward(s.input_ids, s.position_ids, s.masks, None)
+    assert np.abs(alone[0] - batched[0]).max() <= 1e-5
+    with pytest.raises(InputError, match="CPU route"):
+        OnnxBackend(path, device="cuda", compute="int8-block")
+
+
 def test_int8_rows_make_a_token_independent_of_its_batch(onnx_path: Path) -> None:
     """Per-token activation scales: a row's logits are the same alone or beside a row of
     other tokens; with one scale per tensor (DynamicQuantizeMatMul) they are not."""

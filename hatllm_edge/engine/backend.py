@@ -16,10 +16,10 @@ from hatllm_edge.core.masks import MaskKind
 
 # What a caller may ask of a backend, whichever runs it (defined here, below ranking and
 # training, so that neither needs the ONNX Runtime session module for a type).
-Compute = Literal["auto", "native", "int8", "int8-tensor"]
+Compute = Literal["auto", "native", "int8", "int8-block", "int8-tensor"]
 # The routes a user may pick. "int8-tensor" (one activation scale per batch tensor) is kept for
 # the benchmark's ablation only: by design a user's scores there depend on who shares the batch.
-COMPUTES: tuple[Compute, ...] = ("auto", "native", "int8")
+COMPUTES: tuple[Compute, ...] = ("auto", "native", "int8", "int8-block")
 Optimization = Literal["all", "basic", "none"]
 Device = Literal["cpu", "cuda"]
 DEVICES: tuple[Device, ...] = get_args(Device)
@@ -116,8 +116,10 @@ def key_positions(cached: np.ndarray | None, rows: np.ndarray, position_ids: np.
 
 
 def resolve_compute(compute: Compute, device: str, quantised: bool, model_type: str | None = None) -> Compute:
-    """What "auto" means: int8 for a quantised graph on the CPU, the graph as stored otherwise
-    (always for a model type in :data:`~hatllm_edge.core.formats.INT8_WEIGHT_FAMILIES`)."""
+    """What "auto" means: for a quantised graph on the CPU int8, or int8-block for a model type
+    in :data:`~hatllm_edge.core.formats.INT8_WEIGHT_FAMILIES`; the graph as stored otherwise."""
     if compute != "auto":
         return compute
-    return "int8" if quantised and device == "cpu" and model_type not in INT8_WEIGHT_FAMILIES else "native"
+    if not quantised or device != "cpu":
+        return "native"
+    return "int8-block" if model_type in INT8_WEIGHT_FAMILIES else "int8"

@@ -203,3 +203,22 @@ def int8_compute(model: onnx.ModelProto, activations: Activations = "row") -> tu
     if not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return out, changed
+
+
+def block_compute(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``model`` with every ``MatMulNBits`` on ONNX Runtime's own int8 kernels (``accuracy_level``
+    4): the stored 4- or 8-bit weights unchanged, activations quantised at run time per row and
+    per block of the weight's block size along K (finer than :func:`int8_rows`' one scale per
+    token). Without it ONNX Runtime's CPU kernel dequantises the whole weight at every call: for
+    Gemma 3's 8-bit LM head, 262,144 x 640 floats a pass. Other matmuls stay as stored. Returns
+    the model and how many nodes changed."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    changed = 0
+    for node in out.graph.node:
+        if node.op_type == "MatMulNBits":
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, helper.make_attribute("accuracy_level", 4)])
+            changed += 1
+    return out, changed

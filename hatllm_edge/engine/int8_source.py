@@ -26,43 +26,48 @@ def int8_source(path: Path, compute: Compute,
     and read back from there next time only if it still matches; one process expands
     while others wait for it (a file lock), and the cache keeps the most recently used
     few."""
-    activations = "tensor" if compute == "int8-tensor" else "row"
     if cache_key is None:
-        data, compute = expand_stored(path, compute, activations)
+        data, compute = expand_stored(path, compute)
         return data, compute, None
-    key = hashlib.sha256(f"{cache_key}-{activations}-int8-revision-{INT8_REVISION}".encode()).hexdigest()[:16]
     cache = Int8Cache(cache_root())
     if compute != "auto":  # "auto" must first see whether the graph is quantised
-        hit = cache.read(key)
+        hit = cache.read(_key(cache_key, compute))
         if hit is not None:
-            return hit, compute, (cache, key)
+            return hit, compute, (cache, _key(cache_key, compute))
     try:
         require_writable(cache.dir)
     except InputError as e:
         log.warning("%s; the int8 expansion (seconds) runs at every load", e)
-        data, compute = expand_stored(path, compute, activations)
+        data, compute = expand_stored(path, compute)
         return data, compute, None
     with cache.lock():
         if compute != "auto":
-            hit = cache.read(key)  # another process may have written it while we waited
+            hit = cache.read(_key(cache_key, compute))  # another process may have written it while we waited
             if hit is not None:
-                return hit, compute, (cache, key)
-        data, compute = expand_stored(path, compute, activations)
+                return hit, compute, (cache, _key(cache_key, compute))
+        data, compute = expand_stored(path, compute)
         if isinstance(data, bytes):
             try:
-                cache.write(key, data)
+                cache.write(_key(cache_key, compute), data)
             except OSError as e:
                 log.warning("could not keep the int8 graph in %s (%s); the expansion runs again next time",
                             cache.dir, e.strerror or e)
     return data, compute, None
 
-def expand_stored(path: Path, compute: Compute, activations: str) -> tuple[str | bytes, Compute]:
-    """The stored graph expanded to int8 (bytes), or its path when "auto" finds it is not
-    quantised."""
+def _key(cache_key: str, compute: Compute) -> str:
+    """The cache entry of a route's graph: the bundle's content, the route, the rewrite's revision."""
+    return hashlib.sha256(f"{cache_key}-{compute}-int8-revision-{INT8_REVISION}".encode()).hexdigest()[:16]
+
+
+def expand_stored(path: Path, compute: Compute) -> tuple[str | bytes, Compute]:
+    """The stored graph rewritten for its int8 route (bytes): expanded to int8
+    (:func:`~hatllm_edge.engine.int8.int8_compute`, per token or per tensor) or put on ONNX
+    Runtime's block-wise int8 kernels (:func:`~hatllm_edge.engine.int8.block_compute`); its path
+    when "auto" finds it is not quantised."""
     import onnx
     from google.protobuf.message import DecodeError
 
-    from hatllm_edge.engine.int8 import int8_compute
+    from hatllm_edge.engine.int8 import block_compute, int8_compute
 
     try:
         stored = onnx.load(str(path))
@@ -73,4 +78,6 @@ def expand_stored(path: Path, compute: Compute, activations: str) -> tuple[str |
     compute = resolve_compute(compute, "cpu", props.get(META_QUANT, "none") != "none", props.get(META_MODEL_TYPE))
     if compute == "native":
         return str(path), compute
-    return int8_compute(stored, activations)[0].SerializeToString(), compute  # type: ignore[arg-type]
+    if compute == "int8-block":
+        return block_compute(stored)[0].SerializeToString(), compute
+    return int8_compute(stored, "tensor" if compute == "int8-tensor" else "row")[0].SerializeToString(), compute

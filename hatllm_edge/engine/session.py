@@ -111,8 +111,10 @@ class OnnxBackend:
     ``compute``: "native" runs the graph as stored; "int8" first expands every weight matmul
     to signed int8 with activations quantised per token (:func:`hatllm_edge.engine.int8.int8_compute`,
     CPU only); "int8-tensor" the same with one activation scale per tensor
-    (``DynamicQuantizeMatMul``: fewer ops, much less faithful); "auto" = int8 for a quantised
-    graph on the CPU, native otherwise.
+    (``DynamicQuantizeMatMul``: fewer ops, much less faithful); "int8-block" keeps the stored
+    4/8-bit weights and runs them on ONNX Runtime's int8 kernels, activations quantised per block
+    of K (:func:`hatllm_edge.engine.int8.block_compute`, CPU only); "auto" as
+    :func:`~hatllm_edge.engine.backend.resolve_compute` says.
     ``optimization``: ONNX Runtime's graph optimisation level ("all", "basic" or "none").
     ``cuda_graph``: replay each pass shape as a captured CUDA graph (:mod:`hatllm_edge.engine.cuda_graph`).
     Exposes ``load_seconds``, ``metadata`` (the graph's metadata_props), ``layer_kinds`` and
