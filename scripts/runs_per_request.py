@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hatllm_edge.bench.workloads import Workload, make_requests  # noqa: E402
 from hatllm_edge.core.data import load_dataset  # noqa: E402
-from hatllm_edge.engine.backend import PASS_TOKENS_CUDA  # noqa: E402
+from hatllm_edge.engine.backend import pass_tokens  # noqa: E402
 from hatllm_edge.ranking.ranker import Ranker  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def main() -> None:
         compute, _, layout = route.partition("@")
         ranker = Ranker.from_bundle(args.bundle, "cpu", args.threads, compute)  # type: ignore[arg-type]
         if layout == "cuda":
-            ranker.backend.pass_tokens = PASS_TOKENS_CUDA  # type: ignore[attr-defined]
+            ranker.backend.pass_tokens = pass_tokens("cuda", ranker.backend.vocab_size)  # type: ignore[attr-defined]
         assert ranker.assistant is not None
         counted = _Counted(ranker.assistant.session)
         ranker.assistant.session = counted

@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from hatllm_edge.core.formats import MODEL_FILE
-from hatllm_edge.engine.int8 import int8_compute
+from hatllm_edge.engine.int8 import block_compute, int8_compute
 from hatllm_edge.ranking.candidates import score_candidates
 from hatllm_edge.ranking.ranker import Ranker
 
@@ -84,7 +84,9 @@ def main() -> None:
     n = len(fed[c])
     (ra, ca), (rb, cb) = (_locate(f["ids"], fed[c]) for f in (a, b))
     model = onnx.load(str(args.bundle / MODEL_FILE))
-    if args.compute.startswith("int8"):
+    if args.compute == "int8-block":
+        model = block_compute(model)[0]
+    elif args.compute.startswith("int8"):
         model = int8_compute(model, "tensor" if args.compute == "int8-tensor" else "row")[0]
     layers = [f"/model/layers.{i}/" for i in args.layers.split(",")]
     names = [o for node in model.graph.node if any(node.name.startswith(p) for p in layers) for o in node.output]

@@ -252,6 +252,21 @@ def test_int8_block_runs_the_stored_weights_on_int8_kernels(model: HatLLM, tmp_p
         OnnxBackend(path, device="cuda", compute="int8-block")
 
 
+def test_int8_block_needs_nbits_weights_and_is_auto_for_gemma_int4_and_int8_only(model: HatLLM, tmp_path: Path) -> None:
+    """int8-block on a graph without MatMulNBits (nf4, float) would change nothing: refused. Auto
+    takes it for Gemma 3's int4/int8 bundles on the CPU only; bench names it ort-<quant>-block."""
+    from hatllm_edge.bench.backends import ort_backend
+    from hatllm_edge.engine.backend import resolve_compute
+
+    with pytest.raises(InputError, match="int8-block runs MatMulNBits weights"):
+        OnnxBackend(export_onnx(model, tmp_path / "nf4.onnx", quant="nf4"), threads=1, compute="int8-block")
+    gemma = "gemma3_text"
+    assert [resolve_compute("auto", "cpu", q, gemma) for q in ("int4", "int8", "nf4", "none")] == \
+        ["int8-block", "int8-block", "int8", "native"]
+    assert resolve_compute("auto", "cuda", "int8", gemma) == "native" and resolve_compute("auto", "cpu", "int8", "llama") == "int8"
+    assert ort_backend("ort-int8-block") == ("int8", "fp32", "int8-block")
+
+
 def test_int8_rows_make_a_token_independent_of_its_batch(onnx_path: Path) -> None:
     """Per-token activation scales: a row's logits are the same alone or beside a row of
     other tokens; with one scale per tensor (DynamicQuantizeMatMul) they are not."""

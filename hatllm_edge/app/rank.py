@@ -56,7 +56,7 @@ def open_ranker(model: Path | None, device: Device, quant: str | None, backend: 
                 compute: Compute = "auto", build: BundleBuilder | None = None, dtype: str | None = None,
                 cuda_graph: bool = False) -> Ranker:
     """The ranker for ``model`` (default: the shipped checkpoint); a checkpoint run on the
-    engine is exported once into the bundle cache by ``build`` (``quant``, default int4;
+    engine is exported once into the bundle cache by ``build`` (``quant``, default the family's;
     ``dtype``, default :func:`bundle_dtype`). Every option either applies to what runs or is refused."""
     folder = _model_folder(model)
     kind = model_kind(folder)

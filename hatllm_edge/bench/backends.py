@@ -1,4 +1,4 @@
-"""What a backend name stands for (``torch-fp32|bf16|nf4``, ``ort-<quant>[-native|-int8]``), how it
+"""What a backend name stands for (``torch-fp32|bf16|nf4``, ``ort-<quant>[-native|-int8|-block]``), how it
 is opened, and one request of a workload on it through the shared ranking code."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def folder_mb(folder: Path) -> float:
 def open_backend(name: str, checkpoint: Path, device: str, threads: int, progress: bool,
                  build: BundleBuilder | None = None, cuda_graph: bool = False) -> tuple[Ranker, float]:
     """The ranker a backend name stands for, and its size on disk (or in memory for torch) in MB.
-    ``ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]``: a bundle exported from ``checkpoint``
+    ``ort-<fp32|fp16|nf4|int4|int8>[-native|-int8|-block]``: a bundle exported from ``checkpoint``
     into the bundle cache on first use; the suffix picks the engine's compute route."""
     if name in TORCH_BACKENDS:
         ranker = open_model(checkpoint, threads=threads, bf16=name == "torch-bf16", nf4=name == "torch-nf4")
@@ -63,12 +63,14 @@ def open_backend(name: str, checkpoint: Path, device: str, threads: int, progres
 
 
 def ort_backend(name: str) -> tuple[str, str, str]:
-    """``ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]`` as (quant, dtype, compute); any other name
-    that is not a torch backend is refused, so a typo stops bench before the first backend runs."""
+    """``ort-<fp32|fp16|nf4|int4|int8>[-native|-int8|-block]`` as (quant, dtype, compute; block:
+    int8-block); any other name that is not a torch backend is refused, so a typo stops bench
+    before the first backend runs."""
     parts = name.split("-")
-    if parts[0] != "ort" or len(parts) not in (2, 3) or parts[1] not in ORT_QUANTS or (len(parts) == 3 and parts[2] not in ("native", "int8")):
-        raise InputError(f"backend {name!r}: expected one of {TORCH_BACKENDS} or ort-<fp32|fp16|nf4|int4|int8>[-native|-int8]")
-    return ORT_QUANTS[parts[1]], "fp16" if parts[1] == "fp16" else "fp32", parts[2] if len(parts) == 3 else "auto"
+    routes = {"native": "native", "int8": "int8", "block": "int8-block"}
+    if parts[0] != "ort" or len(parts) not in (2, 3) or parts[1] not in ORT_QUANTS or (len(parts) == 3 and parts[2] not in routes):
+        raise InputError(f"backend {name!r}: expected one of {TORCH_BACKENDS} or ort-<fp32|fp16|nf4|int4|int8>[-native|-int8|-block]")
+    return ORT_QUANTS[parts[1]], "fp16" if parts[1] == "fp16" else "fp32", routes[parts[2]] if len(parts) == 3 else "auto"
 
 
 def all_history(ranker: Ranker) -> PromptBuilder:

@@ -30,7 +30,7 @@ def bench(
     device: DeviceOpt = Device("cpu"),
     cuda_graph: CudaGraphOpt = False,
     threads: Annotated[int, typer.Option(help="Threads for every backend (ONNX Runtime intra-op, torch).")] = 2,
-    backends: Annotated[Optional[str], typer.Option(help="Comma-separated: torch-fp32, torch-bf16, torch-nf4, ort-<fp32|fp16|nf4|int4|int8>[-native|-int8] (default: all for the device).")] = None,
+    backends: Annotated[Optional[str], typer.Option(help="Comma-separated: torch-fp32, torch-bf16, torch-nf4, ort-<fp32|fp16|nf4|int4|int8>[-native|-int8|-block] (default: all for the device).")] = None,
     workloads: Annotated[Optional[str], typer.Option(help="Comma-separated cand<C>-h<H>-b<B> / top<K>-h<H>-b<B>, e.g. cand100-h20-b1,top10-h10-b1 (default: the 14 of docs/results.md).")] = None,
     seconds: Annotated[float, typer.Option(help="Timed seconds per backend and workload, after warm-up.")] = 6.0,
     min_repeats: Annotated[int, typer.Option(help="At least this many timed requests per workload.")] = 3,

@@ -103,7 +103,7 @@ TrainThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="torch intra
 DeviceOpt = Annotated[Device, typer.Option(help="cpu, or cuda (needs onnxruntime-gpu and a GPU).")]
 CudaGraphOpt = Annotated[bool, typer.Option("--cuda-graph/--no-cuda-graph", help="With --device cuda: replay each pass shape as a captured CUDA graph (off by default until measured faster on a GPU).")]
 QuantOpt = Annotated[Optional[Quant], typer.Option(help="Weights: int4 (MatMulNBits), nf4 (MatMulBnb4), int8 (8-bit MatMulNBits) or none (fp32); default int4, int8 for Gemma 3.")]
-ComputeOpt = Annotated[Compute, typer.Option(help="Engine arithmetic: auto (int8 for a quantised bundle on the CPU, int8-block for Gemma 3), native (the graph as stored), int8 (weights expanded to signed int8 at load, activations per token, SmoothQuant-folded) or int8-block (the stored weights on ONNX Runtime's int8 kernels, activations per block of 64).")]
+ComputeOpt = Annotated[Compute, typer.Option(help="Engine arithmetic: auto (int8 for a quantised bundle on the CPU, int8-block for Gemma 3), native (the graph as stored), int8 (weights expanded to signed int8 at load, activations per token, SmoothQuant-folded) or int8-block (the stored weights on ONNX Runtime's int8 kernels, activations per block of the weights' block size).")]
 SplitOpt = Annotated[Split, typer.Option(help="valid or test (loo-full).")]
 
 

@@ -89,7 +89,7 @@ Backend = Literal["onnx", "torch"]  # what ranks: the engine (a bundle), or PyTo
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 # Model types that rank worse under 4-bit weights or per-token int8 activations, so that they
-# export with int8 weights and run with activations quantised per block of 64 (the engine's
+# export with int8 weights and run with activations quantised per block of 64 along K (the engine's
 # int8-block route) unless told otherwise. Gemma 3 270M, first-round checkpoints on 100
 # validation users (docs/training.md): int8 weights ranked as PyTorch fp32 on float and on
 # block-wise activations (the latter 3.5x faster), lower on per-token activations and as int4.

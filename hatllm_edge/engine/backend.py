@@ -115,11 +115,12 @@ def key_positions(cached: np.ndarray | None, rows: np.ndarray, position_ids: np.
     return queries if cached is None else np.concatenate([cached[rows], queries], axis=1)
 
 
-def resolve_compute(compute: Compute, device: str, quantised: bool, model_type: str | None = None) -> Compute:
-    """What "auto" means: for a quantised graph on the CPU int8, or int8-block for a model type
-    in :data:`~hatllm_edge.core.formats.INT8_WEIGHT_FAMILIES`; the graph as stored otherwise."""
+def resolve_compute(compute: Compute, device: str, quant: str, model_type: str | None = None) -> Compute:
+    """What "auto" means for a graph of ``quant`` weights: on the CPU int8, or int8-block for
+    int4/int8 weights of a model type in :data:`~hatllm_edge.core.formats.INT8_WEIGHT_FAMILIES`;
+    the graph as stored for float weights or on a GPU."""
     if compute != "auto":
         return compute
-    if not quantised or device != "cpu":
+    if quant == "none" or device != "cpu":
         return "native"
-    return "int8-block" if model_type in INT8_WEIGHT_FAMILIES else "int8"
+    return "int8-block" if model_type in INT8_WEIGHT_FAMILIES and quant in ("int4", "int8") else "int8"

@@ -75,9 +75,13 @@ def expand_stored(path: Path, compute: Compute) -> tuple[str | bytes, Compute]:
         raise InputError(f"ONNX model {path} is not a readable ONNX graph ({type(e).__name__}: {first_line(e)}); "
                          "re-export the bundle") from None
     props = {p.key: p.value for p in stored.metadata_props}
-    compute = resolve_compute(compute, "cpu", props.get(META_QUANT, "none") != "none", props.get(META_MODEL_TYPE))
+    compute = resolve_compute(compute, "cpu", props.get(META_QUANT, "none"), props.get(META_MODEL_TYPE))
     if compute == "native":
         return str(path), compute
     if compute == "int8-block":
-        return block_compute(stored)[0].SerializeToString(), compute
+        blocked, changed = block_compute(stored)
+        if not changed:
+            raise InputError(f"compute int8-block runs MatMulNBits weights (an int4 or int8 bundle); ONNX model {path} has "
+                             f"{props.get(META_QUANT, 'no recorded')} weights: use --compute int8 or native")
+        return blocked.SerializeToString(), compute
     return int8_compute(stored, "tensor" if compute == "int8-tensor" else "row")[0].SerializeToString(), compute

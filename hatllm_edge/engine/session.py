@@ -232,7 +232,7 @@ class OnnxBackend:
         meta = read_bundle_meta(folder)
         quant = (meta.export or {}).get("quant")
         if quant is not None:
-            compute = resolve_compute(compute, device, quant != "none", meta.model_type)
+            compute = resolve_compute(compute, device, quant, meta.model_type)
         backend = cls(folder / MODEL_FILE, device=device, threads=threads, compute=compute, optimization=optimization,
                       cache_key=key, cuda_graph=cuda_graph)
         check_bundle_meta(folder, meta, manifest, backend.metadata)  # the graph's own word wins over bundle.json
