@@ -39,6 +39,20 @@ def onnx_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_onnx(HatLLM(lm, LayerSchedule(4, 1, 1)), tmp_path_factory.mktemp("graphs") / "model.onnx", quant="int4")
 
 
+@pytest.fixture(scope="module")
+def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Gemma3 graph whose local layer's 16-position window is shorter than the prompts: its
+    key_positions input is padded with the rest of a graph's rows."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                           sliding_window=16, layer_types=["sliding_attention", "full_attention"], initializer_range=0.2)
+    lm = Gemma3ForCausalLM(cfg).eval()
+    return export_onnx(HatLLM(lm, LayerSchedule(2, 1, 1)), tmp_path_factory.mktemp("gemma") / "model.onnx", quant="int8")
+
+
 def test_padding_helpers() -> None:
     assert [padded(n) for n in (1, 2, 3, 5, 8, 9, 100)] == [1, 2, 4, 8, 8, 16, 128]
     a = np.arange(6).reshape(3, 2)
@@ -47,7 +61,9 @@ def test_padding_helpers() -> None:
     np.testing.assert_array_equal(pad_rows(a, 4, axis=1), [[0, 1, 0, 0], [2, 3, 2, 2], [4, 5, 4, 4]])
 
 
-def test_bound_buffers_rank_like_plain_runs(onnx_path: Path, prompts: PromptBuilder) -> None:
+@pytest.mark.parametrize("graph", ["onnx_path", "gemma_path"])
+def test_bound_buffers_rank_like_plain_runs(graph: str, prompts: PromptBuilder, request: pytest.FixtureRequest) -> None:
+    onnx_path = request.getfixturevalue(graph)
     plain = OnnxBackend(onnx_path, threads=2, compute="native")
     bound = OnnxBackend(onnx_path, threads=2, compute="native")
     bound._graphs = GraphRunner(bound.session, "cpu", capture=False)
