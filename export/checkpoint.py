@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.formats import (
     ASSISTANT_CONFIG,
     ASSISTANT_ONNX,
@@ -24,10 +25,13 @@ def export_checkpoint(
     overwrite: bool = False, progress: bool = True, embeddings: Embeddings | None = None,
 ) -> Path:
     """The checkpoint's bundle in ``out_dir``; ``quant`` None: the model family's default
-    (:func:`~hatllm_edge.core.formats.default_quant`); ``int4`` is read only for int4 weights."""
+    (:func:`~hatllm_edge.core.formats.default_quant`); ``int4`` settings are refused for other
+    weights rather than dropped, since a family's default may not be int4."""
     loaded = load_checkpoint(checkpoint)
     quant = quant or default_quant(loaded.meta.model_type)
-    int4 = int4 if quant == "int4" else None
+    if int4 is not None and quant != "int4":
+        raise InputError(f"{checkpoint}: int4 settings (--int4-algo, --int4-block, --int4-8bit) apply to int4 weights, "
+                         f"and this export writes {quant} ({loaded.meta.model_type}); pass --quant int4 or leave them out")
     files = {TOKENIZER_FILE: checkpoint / TOKENIZER_FILE, CATALOG_FILE: checkpoint / CATALOG_FILE}
     if (checkpoint / ASSISTANT_CONFIG).is_file():  # the collaborative assistant travels with the model
         files.update({ASSISTANT_CONFIG: checkpoint / ASSISTANT_CONFIG, ASSISTANT_ONNX: checkpoint / ASSISTANT_ONNX})

@@ -639,6 +639,9 @@ def test_a_gemma3_base_trains_exports_and_ranks_like_pytorch(gemma_trained: Path
     assert invoke("export", gemma_trained, default, "--quiet").exit_code == 0
     assert json.loads((default / "bundle.json").read_text())["export"]["quant"] == "int8"  # Gemma 3's default weights,
     assert OnnxBackend.from_bundle(default, threads=1).compute == "int8-block"  # and block-wise int8 activations
+    refused = invoke("export", gemma_trained, tmp_path / "refused", "--int4-block", 32, "--quiet")
+    assert refused.exit_code == 2 and "apply to int4 weights" in refused.output and "int8" in refused.output
+    assert not (tmp_path / "refused").exists()  # int4 settings are refused for int8 weights, not dropped
     assert invoke("export", gemma_trained, tmp_path / "int4", "--quant", "int4", "--quiet").exit_code == 0
     for model, compute in ((bundle, "auto"), (default, "auto"), (tmp_path / "int4", "int8")):
         result = invoke("rank", user, "--model", model, "--threads", 1, "--compute", compute)

@@ -26,9 +26,9 @@ def export_cmd(
     out: Annotated[Path, typer.Argument(help="New folder for the ONNX bundle.")],
     quant: QuantOpt = None,
     dtype: Annotated[DType, typer.Option(help="fp32, or fp16 (for GPU).")] = DType("fp32"),
-    int4_algo: Annotated[Int4Algo, typer.Option(help="int4 quantiser: rtn, hqq or gptq.")] = Int4Algo("rtn"),
-    int4_block: Annotated[int, typer.Option(help="int4 block size (16: Kendall's tau 0.84 vs 0.80 at 32, docs/results.md).")] = 16,
-    int4_8bit: Annotated[str, typer.Option("--int4-8bit", help="Comma-separated Linears kept at 8 bits in an int4 bundle ('none' for all 4-bit).")] = "mlp.down_proj",
+    int4_algo: Annotated[Optional[Int4Algo], typer.Option(help="int4 quantiser: rtn, hqq or gptq [default: rtn].")] = None,
+    int4_block: Annotated[Optional[int], typer.Option(help="int4 block size [default: 16; Kendall's tau 0.84 vs 0.80 at 32, docs/results.md].")] = None,
+    int4_8bit: Annotated[Optional[str], typer.Option("--int4-8bit", help="Comma-separated Linears kept at 8 bits in an int4 bundle ('none' for all 4-bit) [default: mlp.down_proj].")] = None,
     embeddings: Annotated[Optional[Embeddings], typer.Option(help="Embedding / LM head: int8 or float (default: int8 for int4 and int8, float for nf4 and none).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty OUT.")] = False,
     quiet: QuietOpt = False,
@@ -39,8 +39,10 @@ def export_cmd(
     from hatllm_edge.export.checkpoint import export_checkpoint
     from hatllm_edge.export.quant.int4 import Int4Options
 
-    eight_bit = tuple(n.strip() for n in int4_8bit.split(",")) if int4_8bit not in ("", "none") else ()
-    int4 = Int4Options(algo=int4_algo.value, block_size=int4_block, eight_bit=eight_bit)  # read where the quant is int4
+    given = {"algo": int4_algo and int4_algo.value, "block_size": int4_block,
+             "eight_bit": int4_8bit and tuple(n.strip() for n in int4_8bit.split(",") if n.strip() not in ("", "none"))}
+    given = {k: v for k, v in given.items() if v is not None}
+    int4 = Int4Options(**given) if given else None  # None: the defaults, and no complaint when the weights are not int4
     folder = run(export_checkpoint, checkpoint, out, quant=quant and quant.value, dtype=dtype.value, int4=int4, overwrite=overwrite,
                   progress=not quiet, embeddings=embeddings and embeddings.value)
     typer.echo(json.dumps({"bundle": str(folder), **(read_bundle_meta(folder).export or {})["sizes"]}))
