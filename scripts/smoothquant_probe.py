@@ -25,7 +25,16 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from hatllm_edge.core.data import load_dataset
-from hatllm_edge.core.formats import MODEL_FILE
+from hatllm_edge.core.formats import (
+    INPUT_IDS,
+    KEY_POSITIONS,
+    LOGITS_TO_KEEP,
+    MASK_INPUT,
+    MODEL_FILE,
+    PAST_ROWS,
+    POSITION_IDS,
+    TARGET_IDS,
+)
 from hatllm_edge.core.masks import build_masks, causal_visibility
 from hatllm_edge.engine import int8, quant
 from hatllm_edge.engine.session import OnnxBackend
@@ -47,10 +56,14 @@ def channel_absmax(model: onnx.ModelProto, ranker: Ranker, inputs: list[str], pr
         p = ranker.prompts.prompt(ranker.titles([ranker.catalog.index(i) for i in ex.history]))
         ids, segs = np.asarray(p.ids)[None], np.asarray(p.segments)[None]
         masks = build_masks(segs, segs, causal_visibility(np.ones_like(ids, bool), ids.shape[1]))
-        feeds = {"input_ids": ids, "position_ids": np.arange(ids.shape[1])[None], "logits_to_keep": np.array(0),
-                 "target_ids": np.zeros_like(ids), **{f"mask_{k}": masks[k] for k in ranker.backend.mask_kinds}}  # type: ignore[attr-defined]
+        positions = np.arange(ids.shape[1])[None]
+        feeds = {INPUT_IDS: ids, POSITION_IDS: positions, LOGITS_TO_KEEP: np.array(0), PAST_ROWS: np.zeros(1, np.int64),
+                 TARGET_IDS: np.zeros((*ids.shape, 1), np.int64),
+                 **{MASK_INPUT.format(k): masks[k] for k in ranker.backend.mask_kinds}}  # type: ignore[attr-defined]
+        if any(i.name == KEY_POSITIONS for i in session.get_inputs()):  # a sliding-window graph (Gemma 3)
+            feeds[KEY_POSITIONS] = positions
         for i in session.get_inputs():
-            if i.name.startswith("past"):
+            if i.name.startswith("past_key_values."):
                 feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
         for name, value in zip(inputs, session.run(inputs, feeds)):
             m = np.abs(value.reshape(-1, value.shape[-1])).max(0)

@@ -19,7 +19,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from hatllm_edge.core.formats import MODEL_FILE
+from hatllm_edge.core.formats import (
+    INPUT_IDS,
+    KEY_POSITIONS,
+    LOGITS_TO_KEEP,
+    MODEL_FILE,
+    PAST_ROWS,
+    POSITION_IDS,
+    TARGET_IDS,
+)
+from hatllm_edge.engine.backend import cache_rows, key_positions
 from hatllm_edge.engine.int8 import block_compute, int8_compute
 from hatllm_edge.ranking.candidates import score_candidates
 from hatllm_edge.ranking.ranker import Ranker
@@ -31,9 +40,11 @@ def _record(ranker: Ranker, history: list[int], candidates: list[int], pack: int
     backend = ranker.backend
     inner = backend.token_logprobs
 
-    def spy(ids, positions, masks, cache, targets):  # type: ignore[no-untyped-def]
-        seen.update(ids=ids, positions=positions, masks=masks, targets=targets, cache=[v.numpy() for v in cache.values])
-        return inner(ids, positions, masks, cache, targets)
+    def spy(ids, positions, masks, cache, targets, rows=None):  # type: ignore[no-untyped-def]
+        past_rows = cache_rows(rows, ids.shape[0], cache.batch)
+        seen.update(ids=ids, positions=positions, masks=masks, targets=targets, past_rows=past_rows,
+                    keys=key_positions(cache.positions, past_rows, positions), cache=[v.numpy() for v in cache.values])
+        return inner(ids, positions, masks, cache, targets, rows)
 
     backend.token_logprobs = spy  # type: ignore[method-assign]
     try:
@@ -100,8 +111,10 @@ def main() -> None:
     past = [name for name in graph_inputs if name.startswith("past_key_values.")]
 
     def replay(feeds: dict) -> dict[str, np.ndarray]:
-        inputs = {"input_ids": feeds["ids"], "position_ids": feeds["positions"], "target_ids": feeds["targets"],
-                  "logits_to_keep": np.array(0, np.int64)}
+        inputs = {INPUT_IDS: feeds["ids"], POSITION_IDS: feeds["positions"], TARGET_IDS: targets if (targets := np.asarray(feeds["targets"], np.int64)).ndim == 3 else targets[..., None],
+                  PAST_ROWS: feeds["past_rows"], LOGITS_TO_KEEP: np.array(0, np.int64)}
+        if KEY_POSITIONS in graph_inputs:  # a sliding-window graph (Gemma 3)
+            inputs[KEY_POSITIONS] = feeds["keys"]
         inputs.update({f"mask_{k}": v for k, v in feeds["masks"].items() if f"mask_{k}" in graph_inputs})
         inputs.update(zip(past, feeds["cache"]))
         return dict(zip(names, session.run(names, inputs)))
