@@ -39,8 +39,8 @@ def export_cmd(
     from hatllm_edge.export.checkpoint import export_checkpoint
     from hatllm_edge.export.quant.int4 import Int4Options
 
-    given = {"algo": int4_algo and int4_algo.value, "block_size": int4_block,
-             "eight_bit": int4_8bit and tuple(n.strip() for n in int4_8bit.split(",") if n.strip() not in ("", "none"))}
+    eight_bit = None if int4_8bit is None else tuple(n for n in map(str.strip, int4_8bit.split(",")) if n not in ("", "none"))
+    given = {"algo": int4_algo and int4_algo.value, "block_size": int4_block, "eight_bit": eight_bit}
     given = {k: v for k, v in given.items() if v is not None}
     int4 = Int4Options(**given) if given else None  # None: the defaults, and no complaint when the weights are not int4
     folder = run(export_checkpoint, checkpoint, out, quant=quant and quant.value, dtype=dtype.value, int4=int4, overwrite=overwrite,
