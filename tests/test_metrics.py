@@ -96,7 +96,8 @@ def test_compare_runs_table_bootstrap_and_errors(tmp_path) -> None:
         return path
 
     base = write("base", {"u1": None, "u2": 3, "u3": None})
-    better = write("better", {"u1": 0, "u2": 0, "u3": None})
+    better_ranks = {"u1": 0, "u2": 0, "u3": None}
+    better = write("better", better_ranks)
     out = compare_runs([base, better], samples=200)
     assert out["table"].splitlines()[0].split()[1:] == ["HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10"]
     boot = out["bootstrap"]["better"]["NDCG@10"]
@@ -108,6 +109,23 @@ def test_compare_runs_table_bootstrap_and_errors(tmp_path) -> None:
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(InputError, match="not an evaluation JSON"):
         compare_runs([base, tmp_path / "junk.json"])
+
+    # a fuse grid: one run per row, or the row its label picks
+    row = {"renormalise": True, "shortlist": 0, "metrics": mean_metrics([0, 0, None])}
+    grid = tmp_path / "fuse.json"
+    grid.write_text(json.dumps({"grid": [{**row, "assistant_weight": 16.0, "ranks": {"u1": 0, "u2": 0, "u3": None}},
+                                         {**row, "assistant_weight": 32.0, "ranks": {"u1": None, "u2": 3, "u3": None}},
+                                         {**row, "assistant_weight": 32.0, "shortlist": 50, "ranks": better_ranks}]}))
+    rows = compare_runs([base, grid], samples=200)["bootstrap"]
+    assert list(rows) == ["fuse@w=16", "fuse@w=32", "fuse@w=32,shortlist=50"]
+    assert rows["fuse@w=16"]["NDCG@10"]["diff"] == pytest.approx(boot["diff"])
+    picked = compare_runs([f"{grid}@w=32", better, f"{grid}@w=32,shortlist=50"], samples=200)
+    assert list(picked["bootstrap"]) == ["better", "fuse@w=32,shortlist=50"]
+    assert picked["bootstrap"]["better"]["NDCG@10"]["diff"] == pytest.approx(boot["diff"])
+    with pytest.raises(InputError, match="baseline must be one run"):
+        compare_runs([grid, base])
+    with pytest.raises(InputError, match="no grid row matches 'w=8'"):
+        compare_runs([base, f"{grid}@w=8"])
 
 
 def test_bootstrap_difference_one_seed_is_the_users_bootstrap() -> None:

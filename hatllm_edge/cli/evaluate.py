@@ -232,8 +232,8 @@ def fidelity(
 @app.command()
 def compare(
     ctx: typer.Context,
-    baseline: Annotated[Path, typer.Argument(help="Evaluation JSON (evaluate/popularity --out) of the reference run.")],
-    runs: Annotated[list[Path], typer.Argument(help="Evaluation JSONs to compare with it, on the same users.")],
+    baseline: Annotated[Path, typer.Argument(help="Evaluation JSON (evaluate/popularity --out) of the reference run, or one row of a fuse grid (FUSE.json@w=32).")],
+    runs: Annotated[list[Path], typer.Argument(help="Evaluation JSONs to compare with it, on the same users; a fuse --out grid adds each row (FILE@w=16 keeps one).")],
     samples: Annotated[int, typer.Option(min=1, help="Bootstrap resamples.")] = 2000,
     seed: SeedOpt = 0,
     out: Annotated[Optional[Path], typer.Option(callback=writable_file, help="JSON file for the table, the bootstrap and the command that made them.")] = None,

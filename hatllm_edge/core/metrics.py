@@ -79,25 +79,50 @@ def bootstrap_difference(
             "p_b_better": float((diffs > 0).mean()), "users": a.shape[1], "seeds": [a.shape[0], b.shape[0]]}
 
 
-def compare_runs(paths: Sequence[Path], samples: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """A metrics table of evaluation JSONs (first = baseline) and, for each later run, the
-    paired bootstrap of NDCG@10 and HR@10 against the baseline over the same users."""
-    runs = []
-    for path in paths:
-        try:
-            run = json.loads(Path(path).read_text(encoding="utf-8"))
-            runs.append((Path(path), run["ranks"], run["metrics"]))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{path}: not an evaluation JSON written by 'evaluate --out' or 'popularity --out' ({e})") from None
-    base_path, base_ranks, _ = runs[0]
+def _grid_label(row: dict[str, Any]) -> str:
+    """A fuse grid row's setting: its weight, and its shortlist or raw beams where not the default."""
+    label = f"w={float(row['assistant_weight']):g}"
+    label += f",shortlist={row['shortlist']}" if row.get("shortlist") else ""
+    return label + ("" if row.get("renormalise", True) else ",raw")
+
+
+def load_runs(spec: str | Path) -> list[tuple[str, dict[str, int | None], dict[str, float]]]:
+    """(label, per-user ranks, metrics) of an evaluation JSON, or of each row of a decoding grid
+    (``fuse --out``), labelled ``FILE@w=32`` (``,shortlist=50``, ``,raw`` where set); a path with
+    such a label keeps that row alone."""
+    text = str(spec)
+    path, _, pick = text.partition("@") if "@" in Path(text).name else (text, "", "")
+    try:
+        run = json.loads(Path(path).read_text(encoding="utf-8"))
+        if "grid" not in run:
+            return [(Path(path).stem, run["ranks"], run["metrics"])]
+        rows = [(f"{Path(path).stem}@{_grid_label(r)}", r["ranks"], r["metrics"]) for r in run["grid"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: not an evaluation JSON written by 'evaluate --out', 'popularity --out' "
+                         f"or 'fuse --out' ({e})") from None
+    kept = [r for r in rows if not pick or r[0].split("@", 1)[1] == pick]
+    if not kept:
+        raise InputError(f"{text}: no grid row matches {pick!r}; its rows: {', '.join(r[0] for r in rows)}")
+    return kept
+
+
+def compare_runs(paths: Sequence[str | Path], samples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """A metrics table of evaluation JSONs (first = baseline; a decoding grid adds a run per row,
+    see :func:`load_runs`) and, for each later run, the paired bootstrap of NDCG@10 and HR@10
+    against the baseline over the same users."""
+    runs = [run for path in paths for run in load_runs(path)]
+    if len(load_runs(paths[0])) != 1:
+        raise InputError(f"{paths[0]}: the baseline must be one run; pick a grid row, e.g. {paths[0]}@w=32")
+    base_name, base_ranks, _ = runs[0]
     keys = list(runs[0][2])
-    lines = [f"{'run':<40}" + "".join(f"{k:>9}" for k in keys)]
-    lines += [f"{p.stem[:40]:<40}" + "".join(f"{m[k]:>9.4f}" for k in keys) for p, _, m in runs]
+    width = max(40, *(len(name) for name, _, _ in runs))
+    lines = [f"{'run':<{width}}" + "".join(f"{k:>9}" for k in keys)]
+    lines += [f"{name:<{width}}" + "".join(f"{m[k]:>9.4f}" for k in keys) for name, _, m in runs]
     boot = {}
-    for path, ranks, _ in runs[1:]:
+    for name, ranks, _ in runs[1:]:
         if set(ranks) != set(base_ranks):
-            raise InputError(f"{path}: evaluated other users than {base_path}; compare runs of the same split and users")
+            raise InputError(f"{name}: evaluated other users than {base_name}; compare runs of the same split and users")
         users = sorted(base_ranks)
         a, b = [base_ranks[u] for u in users], [ranks[u] for u in users]
-        boot[path.stem] = {m: paired_bootstrap(a, b, m, samples, seed) for m in ("NDCG@10", "HR@10")}
+        boot[name] = {m: paired_bootstrap(a, b, m, samples, seed) for m in ("NDCG@10", "HR@10")}
     return {"table": "\n".join(lines), "bootstrap": boot}
