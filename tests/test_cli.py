@@ -642,7 +642,10 @@ def test_a_gemma3_base_trains_exports_and_ranks_like_pytorch(gemma_trained: Path
     refused = invoke("export", gemma_trained, tmp_path / "refused", "--int4-block", 32, "--quiet")
     assert refused.exit_code == 2 and "apply to int4 weights" in refused.output and "int8" in refused.output
     assert not (tmp_path / "refused").exists()  # int4 settings are refused for int8 weights, not dropped
-    assert invoke("export", gemma_trained, tmp_path / "int4", "--quant", "int4", "--quiet").exit_code == 0
+    assert invoke("export", gemma_trained, tmp_path / "int4", "--quant", "int4", "--int4-block", 32, "--int4-8bit", "none",
+                  "--quiet").exit_code == 0
+    int4 = json.loads((tmp_path / "int4" / "bundle.json").read_text())["export"]["int4"]
+    assert (int4["block_size"], int4["eight_bit"], int4["algo"]) == (32, [], "rtn")  # given settings reach the quantiser
     for model, compute in ((bundle, "auto"), (default, "auto"), (tmp_path / "int4", "int8")):
         result = invoke("rank", user, "--model", model, "--threads", 1, "--compute", compute)
         assert result.exit_code == 0, result.output

@@ -122,10 +122,20 @@ def test_compare_runs_table_bootstrap_and_errors(tmp_path) -> None:
     picked = compare_runs([f"{grid}@w=32", better, f"{grid}@w=32,shortlist=50"], samples=200)
     assert list(picked["bootstrap"]) == ["better", "fuse@w=32,shortlist=50"]
     assert picked["bootstrap"]["better"]["NDCG@10"]["diff"] == pytest.approx(boot["diff"])
-    with pytest.raises(InputError, match="baseline must be one run"):
+    with pytest.raises(InputError, match="baseline must be one run; pick a row: .*fuse.json@w=16, "):
         compare_runs([grid, base])
-    with pytest.raises(InputError, match="no grid row matches 'w=8'"):
+    with pytest.raises(InputError, match="no grid row is 'w=8'; its rows: w=16, w=32, w=32,shortlist=50"):
         compare_runs([base, f"{grid}@w=8"])
+    with pytest.raises(InputError, match="is not a fuse grid"):
+        compare_runs([base, f"{better}@w=32"])
+    # '@' elsewhere in a path, raw beams, and two runs of one name (numbered, not overwritten)
+    odd = tmp_path / "user@host"
+    odd.mkdir()
+    raw = odd / "f@2.json"
+    raw.write_text(json.dumps({"grid": [{**row, "renormalise": False, "assistant_weight": 0, "ranks": better_ranks}]}))
+    twice = compare_runs([base, raw, f"{raw}@w=0,raw", better, better], samples=200)["bootstrap"]
+    assert list(twice) == ["f@2@w=0,raw", "f@2@w=0,raw#2", "better", "better#2"]
+    assert twice["better#2"] == twice["better"] == twice["f@2@w=0,raw"]
 
 
 def test_bootstrap_difference_one_seed_is_the_users_bootstrap() -> None:

@@ -91,28 +91,38 @@ def load_runs(spec: str | Path) -> list[tuple[str, dict[str, int | None], dict[s
     (``fuse --out``), labelled ``FILE@w=32`` (``,shortlist=50``, ``,raw`` where set); a path with
     such a label keeps that row alone."""
     text = str(spec)
-    path, _, pick = text.partition("@") if "@" in Path(text).name else (text, "", "")
+    path, _, pick = (text, "", "") if Path(text).is_file() or "@" not in text else text.rpartition("@")
     try:
         run = json.loads(Path(path).read_text(encoding="utf-8"))
-        if "grid" not in run:
-            return [(Path(path).stem, run["ranks"], run["metrics"])]
-        rows = [(f"{Path(path).stem}@{_grid_label(r)}", r["ranks"], r["metrics"]) for r in run["grid"]]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        grid = "grid" in run
+        rows = ([(_grid_label(r), r["ranks"], r["metrics"]) for r in run["grid"]] if grid
+                else [(Path(path).stem, run["ranks"], run["metrics"])])
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON, or a weight that is no number
         raise InputError(f"{path}: not an evaluation JSON written by 'evaluate --out', 'popularity --out' "
                          f"or 'fuse --out' ({e})") from None
-    kept = [r for r in rows if not pick or r[0].split("@", 1)[1] == pick]
+    if not grid:
+        if pick:
+            raise InputError(f"{text}: {path} is not a fuse grid; '@{pick}' picks a row of 'fuse --out' files only")
+        return rows
+    kept = [(f"{Path(path).stem}@{label}", ranks, m) for label, ranks, m in rows if not pick or label == pick]
     if not kept:
-        raise InputError(f"{text}: no grid row matches {pick!r}; its rows: {', '.join(r[0] for r in rows)}")
+        raise InputError(f"{text}: no grid row is {pick!r}; its rows: {', '.join(label for label, _, _ in rows)}")
     return kept
 
 
 def compare_runs(paths: Sequence[str | Path], samples: int = 2000, seed: int = 0) -> dict[str, Any]:
     """A metrics table of evaluation JSONs (first = baseline; a decoding grid adds a run per row,
     see :func:`load_runs`) and, for each later run, the paired bootstrap of NDCG@10 and HR@10
-    against the baseline over the same users."""
-    runs = [run for path in paths for run in load_runs(path)]
-    if len(load_runs(paths[0])) != 1:
-        raise InputError(f"{paths[0]}: the baseline must be one run; pick a grid row, e.g. {paths[0]}@w=32")
+    against the baseline over the same users. Runs of the same name are numbered (#2, #3)."""
+    loaded = [load_runs(path) for path in paths]
+    if len(loaded[0]) != 1:
+        raise InputError(f"{paths[0]}: the baseline must be one run; pick a row: "
+                         + ", ".join(f"{paths[0]}@{name.rsplit('@', 1)[1]}" for name, _, _ in loaded[0]))
+    runs: list[tuple[str, dict[str, int | None], dict[str, float]]] = []
+    seen: dict[str, int] = {}
+    for name, ranks, m in (run for group in loaded for run in group):
+        seen[name] = seen.get(name, 0) + 1
+        runs.append((name if seen[name] == 1 else f"{name}#{seen[name]}", ranks, m))
     base_name, base_ranks, _ = runs[0]
     keys = list(runs[0][2])
     width = max(40, *(len(name) for name, _, _ in runs))
