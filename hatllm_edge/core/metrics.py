@@ -113,14 +113,14 @@ def load_runs(spec: str | Path) -> list[tuple[str, dict[str, int | None], dict[s
 def compare_runs(paths: Sequence[str | Path], samples: int = 2000, seed: int = 0) -> dict[str, Any]:
     """A metrics table of evaluation JSONs (first = baseline; a decoding grid adds a run per row,
     see :func:`load_runs`) and, for each later run, the paired bootstrap of NDCG@10 and HR@10
-    against the baseline over the same users. Runs of the same name are numbered (#2, #3)."""
+    against the baseline over the same users. Compared runs of one name are numbered (#2, #3)."""
     loaded = [load_runs(path) for path in paths]
     if len(loaded[0]) != 1:
         raise InputError(f"{paths[0]}: the baseline must be one run; pick a row: "
                          + ", ".join(f"{paths[0]}@{name.rsplit('@', 1)[1]}" for name, _, _ in loaded[0]))
-    runs: list[tuple[str, dict[str, int | None], dict[str, float]]] = []
+    runs = [loaded[0][0]]
     seen: dict[str, int] = {}
-    for name, ranks, m in (run for group in loaded for run in group):
+    for name, ranks, m in (run for group in loaded[1:] for run in group):  # the bootstrap's keys
         seen[name] = seen.get(name, 0) + 1
         runs.append((name if seen[name] == 1 else f"{name}#{seen[name]}", ranks, m))
     base_name, base_ranks, _ = runs[0]
