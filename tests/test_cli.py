@@ -373,6 +373,22 @@ def test_popularity_ml100k_is_the_published_baseline(histex: bool, tmp_path: Pat
     assert got["metrics"] == pytest.approx(published["metrics"], abs=1e-12)
 
 
+def test_repeat_targets_are_counted_and_warned(tmp_path: Path) -> None:
+    """A target the user already had (data with repeat interactions) cannot be hit with the
+    history left out: the result counts such targets and stderr says so; kept, nothing is said."""
+    inter, items = tmp_path / "i.csv", tmp_path / "t.csv"
+    inter.write_text("user_id,item_id,timestamp\nu1,i1,1\nu1,i2,2\nu1,i3,3\nu1,i1,4\nu2,i2,1\nu2,i3,2\nu2,i1,3\n")
+    items.write_text("item_id,title\ni1,A\ni2,B\ni3,C\n")
+    left_out = invoke("popularity", "--exclude-history", "--interactions", inter, "--items", items, "--out", tmp_path / "p.json")
+    assert left_out.exit_code == 0, (left_out.output, left_out.exception)
+    got = json.loads((tmp_path / "p.json").read_text())
+    assert got["history"] == "excluded" and got["repeat_targets"] == 1 and got["ranks"]["u1"] is None
+    assert "1 of 2 test targets were already in their user's history" in left_out.stderr
+    assert "--include-history" in left_out.stderr
+    kept = invoke("popularity", "--interactions", inter, "--items", items)
+    assert kept.exit_code == 0 and "repeat_targets" not in last_json(kept) and "warning" not in kept.stderr
+
+
 # --------------------------------------------------------------------- bad input
 
 

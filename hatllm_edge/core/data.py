@@ -14,12 +14,13 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import math
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, get_args
+from typing import Any, Iterator, Literal, Sequence, get_args
 
 from hatllm_edge.core.errors import DataError, InputError
 
@@ -155,10 +156,29 @@ class Dataset:
         seq = self.sequences[user_id]
         return {self.catalog.index(i) for i in seq[: len(seq) - (1 if split == "test" else 2)]}
 
+    def repeat_targets(self, examples: Sequence[Example], split: Split) -> int:
+        """How many of ``examples``' targets their user had already had before ``split``'s target
+        (a repeat interaction; MovieLens has none): with the history left out, those can never be hit."""
+        return sum(self.catalog.index(ex.target) in self.seen(ex.user_id, split) for ex in examples)
+
     def popularity(self) -> list[str]:
         """Items by interaction count in the training parts (ties by catalog order)."""
         counts = Counter(item for seq in self.sequences.values() for item in seq[:-2])
         return sorted(self.catalog.item_ids, key=lambda i: (-counts[i], self.catalog.index(i)))
+
+
+def history_protocol(data: Dataset, examples: Sequence[Example], split: Split, exclude_history: bool) -> dict[str, Any]:
+    """The result fields that say which protocol ranked ``examples``; with the history left out,
+    also how many targets were repeats (unreachable then), with a warning when any were, so a
+    low score on data with repeat interactions is not read as the model's."""
+    if not exclude_history:
+        return {"history": "included"}
+    repeats = data.repeat_targets(examples, split)
+    if repeats:
+        logging.getLogger("hatllm_edge").warning(
+            "%d of %d %s targets were already in their user's history, so with the history left out they "
+            "cannot be hit; for data with repeat interactions rank with --include-history", repeats, len(examples), split)
+    return {"history": "excluded", "repeat_targets": repeats}
 
 
 def recbole_ml100k_dir() -> Path:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from hatllm_edge.core.data import Split, load_dataset
+from hatllm_edge.core.data import Split, history_protocol, load_dataset
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.limits import beam_width
 from hatllm_edge.core.metrics import CUTOFFS, mean_metrics, target_rank
@@ -93,6 +93,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "batch_users": cfg.batch_users,
         "threads": cfg.threads if kind == "bundle" else _torch_threads(),
         **result,
+        **history_protocol(data, examples, cfg.split, cfg.exclude_history),
     }
 
 
@@ -109,8 +110,9 @@ def popularity_baseline(split: Split, dataset: str = "ml-100k", interactions: Pa
     data = load_dataset(dataset, interactions, items)
     ranking = data.popularity()
     ranks = {}
-    for ex in data.split(split, 1):
+    examples = data.split(split, 1)
+    for ex in examples:
         seen = {data.catalog.item_ids[i] for i in data.seen(ex.user_id, split)} if exclude_history else set()
         ranks[ex.user_id] = target_rank([i for i in ranking if i not in seen][:10], ex.target)
-    return {"model": "most-popular", "split": split, "history": "excluded" if exclude_history else "included",
+    return {"model": "most-popular", "split": split, **history_protocol(data, examples, split, exclude_history),
             "users": len(ranks), "metrics": mean_metrics(list(ranks.values())), "ranks": ranks}

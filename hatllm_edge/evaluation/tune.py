@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hatllm_edge.app.models import model_kind
-from hatllm_edge.core.data import Catalog, Dataset
+from hatllm_edge.core.data import Catalog, Dataset, history_protocol
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.formats import (
     ASSISTANT_CONFIG,
@@ -81,7 +81,7 @@ def tune(ranker: Ranker, data: Dataset, cfg: TuneConfig, progress: bool = True) 
     # best NDCG@10; on a tie the simpler setting (no renormalisation, smaller weight, beam search) wins
     best = max(rows, key=lambda r: (round(r["metrics"]["NDCG@10"], 12), -r["renormalise"], -r["assistant_weight"], -r["shortlist"]))
     return {"backend": ranker.label, "assistant": str(cfg.assistant), "split": "valid", "users": len(examples),
-            "history": "excluded" if cfg.exclude_history else "included",
+            **history_protocol(data, examples, "valid", cfg.exclude_history),
             "seed": cfg.seed, "k": cfg.k, "beams": width, "grid": rows,
             "chosen": {"renormalise": best["renormalise"], "assistant_weight": best["assistant_weight"],
                        "shortlist": best["shortlist"], "metrics": best["metrics"]}}

@@ -9,7 +9,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from hatllm_edge.core.data import Catalog, Dataset, Example, Split, load_dataset
+from hatllm_edge.core.data import (
+    Catalog,
+    Dataset,
+    Example,
+    Split,
+    history_protocol,
+    load_dataset,
+)
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.formats import ASSISTANT_INPUT as ONNX_INPUT
 from hatllm_edge.core.formats import ASSISTANT_ONNX as ONNX_FILE
@@ -82,7 +89,7 @@ def evaluate_scorer(scorer: Scorer, data: Dataset, split: Split, max_len: int, b
     examples = data.split(split, max_len)
     exclude = (lambda ex: data.seen(ex.user_id, split)) if exclude_history else None
     ranks = rank_examples(scorer, examples, data.catalog, max_len, batch_size, exclude)
-    return {"split": split, "history": "excluded" if exclude_history else "included", "users": len(ranks),
+    return {"split": split, **history_protocol(data, examples, split, exclude_history), "users": len(ranks),
             "metrics": mean_metrics(list(ranks.values())), "ranks": ranks}
 
 
