@@ -37,18 +37,17 @@ from hatllm_edge.core.machine import (
 from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.ranking.trie import TitleTrie
 from hatllm_edge.training.batching import make_window_batch
+from hatllm_edge.training.config import TrainConfig
 from hatllm_edge.training.model import begin_token_id
 from hatllm_edge.training.train import (
-    TrainConfig,
     batch_loss,
     optimise,
     plan_batches,
-    trainable_model,
     training_units,
     unit_sizes,
-    validate,
-    validation_users,
 )
+from hatllm_edge.training.trainable import trainable_model
+from hatllm_edge.training.validation import validate, validation_users
 
 
 def main() -> None:

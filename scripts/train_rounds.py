@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 
 from hatllm_edge.training.checkpoint import read_meta
+from hatllm_edge.training.config import LAST_DIR, TrainConfig
 from hatllm_edge.training.model import BaseModelSpec
 from hatllm_edge.training.resume import STATE_FILE
-from hatllm_edge.training.train import LAST_DIR, TrainConfig, train
+from hatllm_edge.training.train import train
 
 ARMS = {"hatllm": (3, 3), "causal": (0, 0)}
 ROUNDS = (  # examples, peak lr, eval_every (0: at the end only)

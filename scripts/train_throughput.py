@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from hatllm_edge.core.machine import cpu_name
-from hatllm_edge.training.train import LOG_FILE, TrainConfig, train
+from hatllm_edge.training.config import LOG_FILE, TrainConfig
+from hatllm_edge.training.train import train
 
 VARIANTS = {
     "bf16": dict(bf16=True, threads=2),  # the shipped recipe: bf16 autocast on both cores

@@ -908,7 +908,7 @@ def test_sasrec_train_writes_a_checkpoint(sasrec_trained: tuple[Path, Any], data
 def test_train_defaults_are_the_library_defaults_and_the_shipped_recipe() -> None:
     import typer.main
 
-    from hatllm_edge.training.train import TrainConfig
+    from hatllm_edge.training.config import TrainConfig
 
     cmd = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
     defaults = TrainConfig(out=Path(".")).to_dict()

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from hatllm_edge.core.errors import InputError
+from hatllm_edge.training.config import TrainConfig
 from hatllm_edge.training.model import BaseModelSpec
-from hatllm_edge.training.train import TrainConfig, train
+from hatllm_edge.training.train import train
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -63,8 +63,8 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune a base LLM with HatLLM's layer-wise masks (default: the shipped recipe, 3 IN and 3 CR layers)."""
+    from hatllm_edge.training.config import TrainConfig
     from hatllm_edge.training.model import BaseModelSpec
-    from hatllm_edge.training.train import TrainConfig
     from hatllm_edge.training.train import train as run_train
 
     if threads:

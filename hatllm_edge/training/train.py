@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +33,13 @@ from hatllm_edge.core.data import Dataset, Example, Window, load_dataset
 from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.formats import (
     ADAPTER_DIR,
-    ADAPTER_WEIGHTS,
     CHECKPOINT_META,
     FULL_WEIGHTS,
     Decoding,
     ModelMeta,
 )
-from hatllm_edge.core.machine import HeapTrim, peak_rss_mib, release_free_memory
-from hatllm_edge.core.masks import LayerSchedule
-from hatllm_edge.core.prompt import PromptBuilder, Template
-from hatllm_edge.core.recipe import LoraTargets, Loss, Mode
-from hatllm_edge.engine.backend import Device
-from hatllm_edge.ranking.loo import rank_split, split_examples
-from hatllm_edge.ranking.scoring import Fusion
+from hatllm_edge.core.machine import HeapTrim, peak_rss_mib
+from hatllm_edge.core.prompt import PromptBuilder
 from hatllm_edge.ranking.trie import TitleTrie
 from hatllm_edge.training import checkpoint as ckpt
 from hatllm_edge.training.batching import (
@@ -56,73 +50,24 @@ from hatllm_edge.training.batching import (
     make_window_batch,
     msl_nll,
 )
-from hatllm_edge.training.model import BaseModelSpec, HatLLM, begin_token_id, load_base
+from hatllm_edge.training.config import (
+    EVAL_LOG_FILE,
+    LAST_DIR,
+    LOG_FILE,
+    PATHS,
+    PREDATED,
+    RESUMABLE,
+    TrainConfig,
+)
+from hatllm_edge.training.model import HatLLM, begin_token_id
 from hatllm_edge.training.resume import (
     load_state,
     refuse_overwrite,
     restore,
     save_state,
 )
-
-LORA_TARGETS = {
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
-LOG_FILE = "train_log.jsonl"
-EVAL_LOG_FILE = "valid_log.jsonl"
-LAST_DIR = "last"  # a finished run's last step, as a checkpoint folder of its own
-# Fields that may change on --resume: they do not change the recipe (compile: only a step's rounding;
-# checkpointing recomputes the same layers with the same dropout masks; device: the same steps, but
-# LoRA's dropout masks then come from the other device's generator and autocast rounds otherwise, so a
-# run moved between CPU and GPU does not repeat a plain run bit for bit).
-# out: the folder the state is read from, wherever it now lies.
-RESUMABLE = ("out", "max_minutes", "eval_every", "eval_users", "save_every", "compile", "checkpointing", "device")
-PATHS = ("interactions", "items", "init_from")  # compared by the file they name (a symlink, a relative path)
-VALID_SEED = 0
-PREDATED = {"loss": "ce"}  # the value of a field whose default changed, for states saved before it existed
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    out: Path
-    n_in: int = 3  # the shipped schedule; 0 and 0 train plain causal
-    n_cr: int = 3
-    base: BaseModelSpec = field(default_factory=BaseModelSpec)
-    dataset: str = "ml-100k"
-    interactions: Path | None = None
-    items: Path | None = None
-    mode: Mode = "window"
-    stride: int | None = None  # window mode: targets per window (default max_history)
-    examples: int | None = None  # seeded sample of windows (or prompts); None = all
-    epochs: int = 1
-    batch_size: int = 8  # windows (or prompts) per step
-    lr: float = 1e-3
-    warmup: float = 0.03  # share of the steps; cosine decay after (transformers' schedule)
-    weight_decay: float = 0.0
-    full: bool = False  # full fine-tuning instead of LoRA
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: LoraTargets = "all"
-    max_history: int = 20
-    template: Template = "list"  # window mode needs "list"; "instruct" reproduces the older prompt
-    bf16: bool = True  # bf16 autocast; fp32 master weights
-    compile: bool = False  # torch.compile the model (dynamic shapes: batches differ in width)
-    checkpointing: bool = False  # recompute each decoder layer in the backward: a quarter of the memory, ~1.5x the time
-    loss: Loss = "msl"  # the shipped recipe; runs saved before the field trained with "ce"
-    msl_temperature: float = 1.0
-    seed: int = 0
-    init_from: str | None = None  # a LoRA checkpoint whose adapter starts the run (fresh optimiser and schedule)
-    eval_every: int = 0  # steps between validations; 0 = only at the end
-    eval_users: int = 100  # the fixed seeded subset of validation users
-    save_every: int = 25  # steps between saved training states
-    max_minutes: float | None = None  # stop (resumably) after this much training time
-    device: Device = "cpu"  # cuda: the same recipe on a GPU (minutes a round instead of an hour on two cores)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["base"] = self.base.to_dict()
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+from hatllm_edge.training.trainable import trainable_model
+from hatllm_edge.training.validation import validate, validation_users
 
 
 def training_units(data: Dataset, cfg: TrainConfig) -> list[Window] | list[Example]:
@@ -155,75 +100,6 @@ def unit_sizes(cfg: TrainConfig, units: list[Window] | list[Example], data: Data
     """Title tokens per training unit (a window's items, a prompt's history): what a batch pads to."""
     return [sum(len(prompts.title_ids(data.catalog.title(i))) for i in (u.items if cfg.mode == "window" else u.history))
             for u in units]
-
-
-def validation_users(data: Dataset, max_history: int, n: int) -> list[Example]:
-    """The fixed subset of validation examples that picks the best step (seeded, data order).
-    Its seed is not the run's, so runs of different seeds are chosen on the same users."""
-    return split_examples(data, "valid", n, True, VALID_SEED, max_history)
-
-
-def validate(model: HatLLM, prompts: PromptBuilder, data: Dataset, examples: list[Example], k: int = 10,
-             bf16: bool = True, renormalise: bool = False) -> dict[str, Any]:
-    """Full-catalog NDCG/HR of the current weights on ``examples`` (PyTorch, beam k, on the
-    model's device; bf16 autocast keeps the fp32 master weights and halves the cost).
-    ``renormalise``: beam steps scored over the trie node's children, the decoding that
-    matches the masked-softmax loss."""
-    from hatllm_edge.training.torch_backend import TorchBackend
-
-    try:
-        with torch.autocast(model.head.weight.device.type, dtype=torch.bfloat16, enabled=bf16):
-            result = rank_split(TorchBackend(model), prompts, data, "valid", k, k, progress=False, examples=examples,
-                                fusion=lambda chunk: Fusion(renormalise=renormalise))
-    finally:
-        model.train()
-        release_free_memory()
-    return {"metrics": result["metrics"], "users": result["users"], "renormalise": renormalise, "wall_s": result["wall_s"]}
-
-
-def _load_init(trainable: Any, cfg: TrainConfig) -> None:
-    """Start from another run's LoRA adapter: it must have been trained on the same base with the
-    same LoRA shape, so every trainable weight is replaced and none is left at its initial value."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    folder = Path(cfg.init_from)
-    meta = ckpt.read_meta(folder)
-    if cfg.full or meta.finetune != "lora":
-        raise InputError(f"--init-from {folder}: continues a LoRA run, so both must be LoRA "
-                         f"(it is {meta.finetune}, this run {'full' if cfg.full else 'lora'})")
-    if meta.base != cfg.base.to_dict():
-        raise InputError(f"--init-from {folder}: trained on base {meta.base}, this run uses {cfg.base.to_dict()}; pass the same --base")
-    shape = {k: meta.train.get(k) for k in ("lora_r", "lora_alpha", "lora_targets")}
-    want = {k: getattr(cfg, k) for k in shape}
-    if shape != want:
-        raise InputError(f"--init-from {folder}: its adapter has {shape}, this run asks for {want}; use the same --lora-r and --lora-targets")
-    weights = load_file(str(folder / ADAPTER_DIR / ADAPTER_WEIGHTS))
-    result = set_peft_model_state_dict(trainable, weights)
-    lora = {n for n, p in trainable.named_parameters() if p.requires_grad}
-    missing = sorted(n for n in result.missing_keys if n in lora)
-    if missing or result.unexpected_keys or len(weights) != len(lora):
-        raise InputError(f"--init-from {folder}: its adapter does not fit this model "
-                         f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})")
-
-
-def trainable_model(cfg: TrainConfig) -> tuple[Any, Any, Any, HatLLM]:
-    """The base LM, its tokenizer, what trains (the LoRA-wrapped LM, or the LM itself with
-    ``full``; started from ``init_from`` where given) and the HatLLM around it, in train mode."""
-    lm, tokenizer = load_base(cfg.base)
-    schedule = LayerSchedule(lm.config.num_hidden_layers, cfg.n_in, cfg.n_cr)
-    if cfg.full:
-        trainable = lm
-    else:
-        from peft import LoraConfig, get_peft_model
-
-        trainable = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                  target_modules=list(LORA_TARGETS[cfg.lora_targets])))
-    if cfg.init_from:
-        _load_init(trainable, cfg)
-    if cfg.checkpointing:  # non-reentrant: the StepContext keyword reaches the recomputed layers, RNG state restored
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return lm, tokenizer, trainable, HatLLM(trainable, schedule).train()
 
 
 def batch_loss(model: HatLLM, batch: Batch, trie: TitleTrie | None, cfg: TrainConfig, forward: Any = None) -> torch.Tensor:
