@@ -957,6 +957,8 @@ def test_sasrec_evaluate_export_and_onnx(sasrec_trained: tuple[Path, Any], data_
         assert last_json(r)["backend"] == backend and last_json(r)["split"] == "test"
         runs[backend] = json.loads((tmp_path / f"{backend}.json").read_text())["ranks"]
     assert runs["onnx"] == runs["torch"]
+    left_out = invoke("sasrec", "evaluate", out, "--exclude-history", "--interactions", inter, "--items", items)
+    assert left_out.exit_code == 0 and last_json(left_out)["history"] == "excluded" and last_json(left_out)["repeat_targets"] == 0
 
 
 def test_sasrec_report_writes_the_results_files(sasrec_trained: tuple[Path, Any], data_files: tuple[Path, Path], tmp_path: Path) -> None:

@@ -78,6 +78,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         raise InputError(f"--shortlist {cfg.shortlist} draws the list from the assistant, which is not fused here (weight 0); "
                          "pass --assistant and --assistant-weight, or drop --shortlist")
     shortlist = ranker.shortlist(cfg.shortlist) if weight else 0
+    protocol = history_protocol(data, examples, cfg.split, cfg.exclude_history)  # warns before the hours of ranking
     result = rank_split(ranker.backend, ranker.prompts, data, cfg.split, cfg.k, width, progress=progress,
                         batch_users=cfg.batch_users, examples=examples, fusion=fusion, exclude_history=cfg.exclude_history,
                         search_errors=cfg.search_errors, shortlist=shortlist)
@@ -93,7 +94,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "batch_users": cfg.batch_users,
         "threads": cfg.threads if kind == "bundle" else _torch_threads(),
         **result,
-        **history_protocol(data, examples, cfg.split, cfg.exclude_history),
+        **protocol,
     }
 
 

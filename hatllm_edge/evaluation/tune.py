@@ -68,6 +68,7 @@ def tune(ranker: Ranker, data: Dataset, cfg: TuneConfig, progress: bool = True) 
         raise InputError("the model's catalog differs from its data set's; tune on the data it was trained on")
     examples = split_examples(data, "valid", cfg.users or None, cfg.sample, cfg.seed)
     width = beam_width(cfg.k, cfg.beams)
+    protocol = history_protocol(data, examples, "valid", cfg.exclude_history)  # warns before the grid runs
     rows = []
     settings = [(renormalise, weight, shortlist) for renormalise, weight in product(cfg.renormalise, cfg.weights)
                 for shortlist in (sorted(set(cfg.shortlists)) if weight else [0])]
@@ -81,7 +82,7 @@ def tune(ranker: Ranker, data: Dataset, cfg: TuneConfig, progress: bool = True) 
     # best NDCG@10; on a tie the simpler setting (no renormalisation, smaller weight, beam search) wins
     best = max(rows, key=lambda r: (round(r["metrics"]["NDCG@10"], 12), -r["renormalise"], -r["assistant_weight"], -r["shortlist"]))
     return {"backend": ranker.label, "assistant": str(cfg.assistant), "split": "valid", "users": len(examples),
-            **history_protocol(data, examples, "valid", cfg.exclude_history),
+            **protocol,
             "seed": cfg.seed, "k": cfg.k, "beams": width, "grid": rows,
             "chosen": {"renormalise": best["renormalise"], "assistant_weight": best["assistant_weight"],
                        "shortlist": best["shortlist"], "metrics": best["metrics"]}}

@@ -120,6 +120,6 @@ def evaluate_checkpoint(
     scorer = torch_scorer(load_checkpoint(folder)[0]) if backend == "torch" else onnx_scorer(graph, threads)
     res = evaluate_scorer(scorer, data, split, max_len, batch_size, exclude_history)
     wall = time.perf_counter() - t0
-    return {"model": "sasrec", "checkpoint": str(folder), "backend": backend, "split": split, "history": res["history"],
-            "users": res["users"],
+    return {"model": "sasrec", "checkpoint": str(folder), "backend": backend, "split": split,
+            **{k: res[k] for k in ("history", "repeat_targets") if k in res}, "users": res["users"],
             "metrics": res["metrics"], "wall_s": round(wall, 3), "ranks": res["ranks"]}
