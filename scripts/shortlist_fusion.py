@@ -1,11 +1,18 @@
 """Fusion after retrieval instead of inside the beam: the assistant (SASRec) shortlists its
 top-K items, the LLM scores each exactly (candidate scoring, renormalised as the model's
-beams are), and the two are combined per item, as a score sum (LLM + w x assistant, the
-beam's fusion without search error) or as reciprocal-rank fusion. The LLM's scores do not
-depend on the weight, so every setting is read from one scoring pass; SASRec alone (the
-shortlist's own order) is the baseline on the same users, with a paired bootstrap.
+beams are), and the two are combined per item. The LLM's scores do not depend on the
+combination, so every setting is read from one scoring pass (saved beside the results as
+.npz; ``--scores`` reads it again); SASRec alone (the shortlist's own order) is the baseline on
+the same users, with a paired bootstrap.
+
+Three ways to combine: ``sum`` (LLM + w x SASRec log-probabilities: a product of experts,
+which lists what both support), ``mix`` (log(s x p_SASRec + (1 - s) x p_LLM): a mixture with
+the assistant's share s, which keeps either model's confident pick; both are probabilities
+over the catalog's titles, the LLM's renormalised over the title tree) and ``rrf``.
 
     python scripts/shortlist_fusion.py MODEL_BUNDLE --split valid --users 300 --shortlist 50 \
+        --out results/ml100k/shortlist_fusion_valid300.json
+    python scripts/shortlist_fusion.py --scores results/ml100k/shortlist_fusion_valid300.npz \
         --out results/ml100k/shortlist_fusion_valid300.json
 """
 
@@ -50,6 +57,19 @@ def score_shortlists(ranker: Ranker, data: Dataset, split: str, users: int, size
     return rows
 
 
+def load_scores(path: Path, data: Dataset) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows of an earlier scoring pass (its .npz) and that pass's header (the .json beside it):
+    every fusion is read again without a model pass."""
+    head = json.loads(path.with_suffix(".json").read_text())
+    split = head["split"]
+    targets = {ex.user_id: ex.target for ex in data.split(split)}
+    saved = np.load(path)
+    users = list(dict.fromkeys(name.split("/")[0] for name in saved.files))  # the pass's user order
+    rows = [{"user": u, "target": targets[u], "seen": sorted(data.seen(u, split)),
+             **{key: saved[f"{u}/{key}"] for key in ("items", "llm", "prior")}} for u in users]
+    return rows, {k: head[k] for k in ("bundle", "backend", "split", "renormalise", "s_per_user_largest")}
+
+
 def fused_ranks(rows: list[dict[str, Any]], data: Dataset, size: int, excluded: bool, how: str, w: float) -> list[int | None]:
     """Each user's target rank in the fused shortlist (None: not in the top 10)."""
     ranks = []
@@ -62,6 +82,8 @@ def fused_ranks(rows: list[dict[str, Any]], data: Dataset, size: int, excluded: 
             score = prior
         elif how == "sum":
             score = llm + w * prior
+        elif how == "mix":
+            score = np.logaddexp(np.log(w) + prior, np.log1p(-w) + llm)
         else:  # reciprocal-rank fusion: 1/(60 + rank) from each, the LLM's weighted by w
             llm_rank = np.argsort(np.argsort(-llm, kind="stable"), kind="stable")
             score = w / (RRF_K + llm_rank) + 1.0 / (RRF_K + np.arange(len(keep)))
@@ -72,26 +94,36 @@ def fused_ranks(rows: list[dict[str, Any]], data: Dataset, size: int, excluded: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundle", type=Path, help="an exported bundle with its assistant")
+    ap.add_argument("bundle", type=Path, nargs="?", help="an exported bundle with its assistant")
+    ap.add_argument("--scores", type=Path, help="an earlier pass's .npz: read its scores again instead of scoring")
     ap.add_argument("--split", default="valid", choices=("valid", "test"))
     ap.add_argument("--users", type=int, default=300, help="a seeded sample (seed 0, as fuse draws it); 0 = all")
     ap.add_argument("--shortlist", default="10,20,30,50", help="shortlist sizes; the LLM scores the largest once")
     ap.add_argument("--weights", default="0,1,2,4,8,16,32")
     ap.add_argument("--rrf-weights", default="0.25,0.5,1")
+    ap.add_argument("--mix-shares", default="0.5,0.7,0.8,0.9,0.95", help="the assistant's share in the mixture, each in (0, 1)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch-users", type=int, default=4)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    ranker = Ranker.from_bundle(args.bundle, threads=args.threads)
+    settings = ([("sum", float(w)) for w in args.weights.split(",")] + [("rrf", float(w)) for w in args.rrf_weights.split(",")]
+                + [("mix", float(w)) for w in args.mix_shares.split(",")])
+    if any(how == "mix" and not 0 < w < 1 for how, w in settings):
+        raise SystemExit(f"--mix-shares {args.mix_shares}: each share must lie strictly between 0 and 1")
+    if (args.bundle is None) == (args.scores is None):
+        raise SystemExit("give a bundle to score, or --scores with an earlier pass's .npz")
     data = load_dataset()
-    start = time.time()
     sizes = sorted(int(n) for n in args.shortlist.split(","))
-    rows = score_shortlists(ranker, data, args.split, args.users, sizes[-1], args.batch_users)
-    wall = time.time() - start
-    settings = [("sum", float(w)) for w in args.weights.split(",")] + [("rrf", float(w)) for w in args.rrf_weights.split(",")]
-    result: dict[str, Any] = {"bundle": str(args.bundle), "backend": ranker.label, "split": args.split, "users": len(rows),
-                              "shortlists": sizes, "renormalise": ranker.decoding.renormalise,
-                              "s_per_user_largest": round(wall / len(rows), 3), "protocols": {}}
+    if args.scores:
+        rows, head = load_scores(args.scores, data)
+        head["scores"] = str(args.scores)
+    else:
+        ranker = Ranker.from_bundle(args.bundle, threads=args.threads)
+        start = time.time()
+        rows = score_shortlists(ranker, data, args.split, args.users, sizes[-1], args.batch_users)
+        head = {"bundle": str(args.bundle), "backend": ranker.label, "split": args.split,
+                "renormalise": ranker.decoding.renormalise, "s_per_user_largest": round((time.time() - start) / len(rows), 3)}
+    result: dict[str, Any] = {**head, "users": len(rows), "shortlists": sizes, "protocols": {}}
     for excluded in (False, True):
         base = fused_ranks(rows, data, sizes[-1], excluded, "sasrec", 0.0)
         table = []
@@ -106,8 +138,9 @@ def main() -> None:
                       f"minus SASRec {boot['diff']:+.4f} [{boot['ci_low']:+.4f}, {boot['ci_high']:+.4f}]")
         result["protocols"]["excluded" if excluded else "included"] = {"sasrec_NDCG@10": boot["metric_a"], "settings": table}
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    np.savez_compressed(args.out.with_suffix(".npz"), **{f"{r['user']}/{key}": np.asarray(r[key])
-                                                         for r in rows for key in ("items", "llm", "prior")})
+    if args.scores is None:
+        np.savez_compressed(args.out.with_suffix(".npz"), **{f"{r['user']}/{key}": np.asarray(r[key])
+                                                             for r in rows for key in ("items", "llm", "prior")})
 
 
 if __name__ == "__main__":
