@@ -33,11 +33,15 @@ from hatllm_edge.ranking.loo import split_examples
 from hatllm_edge.ranking.ranker import Ranker
 
 RRF_K = 60  # the constant of Cormack et al. (2009)
+SAVED = ("items", "llm", "prior", "beam_included", "beam_excluded")  # per user, in the .npz
 
 
-def score_shortlists(ranker: Ranker, data: Dataset, split: str, users: int, size: int, batch: int) -> list[dict[str, Any]]:
+def score_shortlists(ranker: Ranker, data: Dataset, split: str, users: int, size: int, batch: int,
+                     llm_beam: int = 0) -> list[dict[str, Any]]:
     """Per user: the assistant's log-probabilities and the LLM's score of every item in the
-    union of its two shortlists (history kept, history left out)."""
+    union of its two shortlists (history kept, history left out); with ``llm_beam``, also of
+    the LLM's own top ``llm_beam`` (its beam search alone, under either protocol), listed per
+    protocol, so that a fusion can reach an item the LLM is sure of and SASRec is not."""
     if ranker.assistant is None:
         raise SystemExit("the bundle has no assistant (sasrec.json + sasrec.onnx): export a fused model")
     examples = split_examples(data, split, users or None, True, 0)
@@ -51,9 +55,14 @@ def score_shortlists(ranker: Ranker, data: Dataset, split: str, users: int, size
             order = [int(j) for j in np.argsort(-p, kind="stable")]
             shortlists.append(sorted(set(order[:size]) | set([j for j in order if j not in seen][:size])))
         histories = [[ranker.catalog.index(j) for j in ex.history] for ex in chunk]
-        for ex, p, items, ranked in zip(chunk, prior, shortlists, ranker.score_batch(histories, shortlists, assist=False)):
+        beams = {protocol: [r.items for r in ranker.top_k(histories, llm_beam, assist=False, exclude_history=protocol == "excluded")]
+                 if llm_beam else [[] for _ in chunk] for protocol in ("included", "excluded")}
+        shortlists = [sorted(set(s) | set(beams["included"][u]) | set(beams["excluded"][u])) for u, s in enumerate(shortlists)]
+        for u, (ex, p, items, ranked) in enumerate(zip(chunk, prior, shortlists, ranker.score_batch(histories, shortlists, assist=False))):
             rows.append({"user": ex.user_id, "target": ex.target, "seen": sorted(data.seen(ex.user_id, split)),
-                         "items": items, "llm": ranked.by_position(), "prior": p[items]})
+                         "items": items, "llm": ranked.by_position(), "prior": p[items],
+                         **{f"beam_{protocol}": np.asarray([items.index(j) for j in beams[protocol][u]], dtype=np.int64)
+                            for protocol in beams}})
     return rows
 
 
@@ -66,7 +75,7 @@ def load_scores(path: Path, data: Dataset) -> tuple[list[dict[str, Any]], dict[s
     saved = np.load(path)
     users = list(dict.fromkeys(name.split("/")[0] for name in saved.files))  # the pass's user order
     rows = [{"user": u, "target": targets[u], "seen": sorted(data.seen(u, split)),
-             **{key: saved[f"{u}/{key}"] for key in ("items", "llm", "prior")}} for u in users]
+             **{key: saved[f"{u}/{key}"] for key in SAVED if f"{u}/{key}" in saved.files}} for u in users]
     return rows, {k: head[k] for k in ("bundle", "backend", "split", "renormalise", "s_per_user_largest")}
 
 
@@ -77,12 +86,14 @@ def fused_ranks(rows: list[dict[str, Any]], data: Dataset, size: int, excluded: 
         order = np.argsort(-row["prior"], kind="stable")
         seen = set(row["seen"]) if excluded else set()
         keep = [j for j in order if row["items"][j] not in seen][:size]
+        if how == "mix+llm":  # the LLM's own top items join the shortlist (its beam already left out the history)
+            keep += [int(j) for j in row[f"beam_{'excluded' if excluded else 'included'}"] if j not in keep]
         prior, llm = row["prior"][keep], row["llm"][keep]
         if how == "sasrec":
             score = prior
         elif how == "sum":
             score = llm + w * prior
-        elif how == "mix":
+        elif how in ("mix", "mix+llm"):
             score = np.logaddexp(np.log(w) + prior, np.log1p(-w) + llm)
         else:  # reciprocal-rank fusion: 1/(60 + rank) from each, the LLM's weighted by w
             llm_rank = np.argsort(np.argsort(-llm, kind="stable"), kind="stable")
@@ -102,6 +113,8 @@ def main() -> None:
     ap.add_argument("--weights", default="0,1,2,4,8,16,32")
     ap.add_argument("--rrf-weights", default="0.25,0.5,1")
     ap.add_argument("--mix-shares", default="0.5,0.7,0.8,0.9,0.95", help="the assistant's share in the mixture, each in (0, 1)")
+    ap.add_argument("--llm-beam", type=int, default=0, help="also score the LLM's own top N (its beam search, either protocol) "
+                    "and fuse by mixture over the shortlist and them ('mix+llm')")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch-users", type=int, default=4)
     ap.add_argument("--out", type=Path, required=True)
@@ -120,9 +133,11 @@ def main() -> None:
     else:
         ranker = Ranker.from_bundle(args.bundle, threads=args.threads)
         start = time.time()
-        rows = score_shortlists(ranker, data, args.split, args.users, sizes[-1], args.batch_users)
+        rows = score_shortlists(ranker, data, args.split, args.users, sizes[-1], args.batch_users, args.llm_beam)
         head = {"bundle": str(args.bundle), "backend": ranker.label, "split": args.split,
-                "renormalise": ranker.decoding.renormalise, "s_per_user_largest": round((time.time() - start) / len(rows), 3)}
+                "renormalise": ranker.decoding.renormalise, "llm_beam": args.llm_beam, "s_per_user_largest": round((time.time() - start) / len(rows), 3)}
+    if "beam_included" in rows[0]:  # scored with the LLM's own lists (--llm-beam), now or in the pass re-read
+        settings += [("mix+llm", w) for how, w in settings if how == "mix"]
     result: dict[str, Any] = {**head, "users": len(rows), "shortlists": sizes, "protocols": {}}
     for excluded in (False, True):
         base = fused_ranks(rows, data, sizes[-1], excluded, "sasrec", 0.0)
@@ -140,7 +155,7 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.scores is None:
         np.savez_compressed(args.out.with_suffix(".npz"), **{f"{r['user']}/{key}": np.asarray(r[key])
-                                                             for r in rows for key in ("items", "llm", "prior")})
+                                                             for r in rows for key in SAVED if key in r})
 
 
 if __name__ == "__main__":
