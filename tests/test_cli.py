@@ -1060,6 +1060,31 @@ def test_fuse_writes_the_decoding_and_the_assistant_travels_into_the_bundle(
     assert [(r["assistant_weight"], r["shortlist"]) for r in rows] == [(0, 0), (1, 0), (1, 6)]
     assert rows[1]["ranks"] == rows[2]["ranks"]
     assert_usage_error(invoke("fuse", ckpt, "--assistant", sasrec_dir, "--shortlists", "0,x", "--quiet"), "--shortlists")
+    # a mixture: tried beside the product on the same shortlist, and evaluated alone, it ranks alike
+    result = invoke("fuse", ckpt, "--assistant", sasrec_dir, "--weights", "1", "--renormalise", "on", "--shortlists", "3",
+                    "--shares", "0.5", "--users", 0, "--backend", "torch", "--out", grid, "--quiet", *data)
+    assert result.exit_code == 0, (result.output, result.exception)
+    rows = json.loads(grid.read_text())["grid"]
+    assert [(r["assistant_weight"], r["shortlist"], r["mixture"]) for r in rows] == [(1, 3, False), (0.5, 3, True)]
+    mixed = tmp_path / "mixed.json"
+    result = invoke("evaluate", ckpt, "--split", "valid", "--mixture", "--assistant-weight", 0.5, "--shortlist", 3, "--renormalise",
+                    "--quiet", "--out", mixed, *data)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert json.loads(mixed.read_text())["ranks"] == rows[1]["ranks"] and last_json(result)["decoding"]["mixture"] is True
+    for args, needle in ((["--mixture", "--shortlist", 0], "--shortlist N (N > 0)"), (["--mixture", "--assistant-weight", 16], "share")):
+        assert_usage_error(invoke("evaluate", ckpt, *args, "--quiet", *data), needle)
+    for args, needle in ((["--shares", "1.5", "--shortlists", "3"], "between 0 and 1"), (["--shares", "0.5"], "add a size > 0")):
+        assert_usage_error(invoke("fuse", ckpt, "--assistant", sasrec_dir, *args, "--quiet", *data), needle)
+    mixture = tmp_path / "mixture"
+    shutil.copytree(ckpt, mixture)
+    meta = json.loads((mixture / "hatllm.json").read_text())
+    meta["decoding"] = {"renormalise": True, "assistant_weight": 0.5, "shortlist": 3, "mixture": True}
+    (mixture / "hatllm.json").write_text(json.dumps(meta))
+    ranked = json.loads(invoke("rank", user, "--model", mixture, "--backend", "torch").stdout)
+    assert ranked["mixture"] is True and ranked["shortlist"] == 3 and len(ranked["results"]) == 3
+    scores = [r["score"] for r in ranked["results"]]
+    assert scores == sorted(scores, reverse=True) and all(s <= 0 for s in scores)  # log-probabilities of a mixture
+    assert_usage_error(invoke("rank", user, "--model", mixture, "--backend", "torch", "--shortlist", 0), "needs a shortlist")
     bundle = tmp_path / "bundle"
     assert invoke("export", ckpt, bundle, "--quant", "none", "--quiet").exit_code == 0
     manifest = json.loads((bundle / "manifest.json").read_text())["files"]

@@ -32,6 +32,16 @@ def test_shortlist_round_trips(tmp_path: Path) -> None:
     assert ModelMeta.parse({**MINIMAL, "decoding": {"assistant_weight": 16}}, "m").decoding.shortlist == 0  # type: ignore[union-attr]
 
 
+def test_mixture_round_trips(tmp_path: Path) -> None:
+    meta = ModelMeta.parse({**MINIMAL, "decoding": {"renormalise": True, "assistant_weight": 0.9, "shortlist": 10, "mixture": True}}, "m")
+    assert meta.decoding == Decoding(True, 0.9, None, 10, True)
+    meta.write(tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text())["decoding"]["mixture"] is True
+    assert ModelMeta.read(tmp_path / "m.json").decoding == meta.decoding
+    product = ModelMeta.parse({**MINIMAL, "decoding": {"assistant_weight": 16, "shortlist": 10}}, "m").decoding
+    assert product is not None and not product.mixture and "mixture" not in product.to_dict()  # older files read back unchanged
+
+
 def test_defaults_and_unknown_keys(tmp_path: Path) -> None:
     meta = ModelMeta.parse({**MINIMAL, "future": {"x": 1}}, "m")
     assert meta.prompt.template == "instruct"  # written before templates were named
@@ -53,6 +63,9 @@ def test_defaults_and_unknown_keys(tmp_path: Path) -> None:
     ({"decoding": {"renormalise": "yes"}}, "decoding"),
     ({"decoding": {"assistant_weight": 16, "shortlist": -1}}, "decoding"),
     ({"decoding": {"assistant_weight": 16, "shortlist": "50"}}, "decoding"),
+    ({"decoding": {"assistant_weight": 16, "shortlist": 10, "mixture": True}}, "decoding"),  # a share is below 1
+    ({"decoding": {"assistant_weight": 0.9, "mixture": True}}, "decoding"),  # a mixture ranks a shortlist
+    ({"decoding": {"assistant_weight": 0.9, "shortlist": 10, "mixture": "yes"}}, "decoding"),
     ({"export": []}, "export"),
 ])
 def test_malformed_sections_are_named(change: dict, section: str) -> None:

@@ -10,6 +10,7 @@ from conftest import tiny_llama_config
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
 
 from hatllm_edge.core.data import Catalog
+from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.masks import LayerSchedule, build_masks, causal_visibility
 from hatllm_edge.core.prompt import Encoded, PromptBuilder
 from hatllm_edge.ranking.candidates import _fed, _packs, score_candidates
@@ -463,6 +464,46 @@ def test_shortlist_scores_the_assistants_best_items_exactly(backend: TorchBacken
         np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
     alone = full_catalog(backend, prompts, trie, CATALOG, histories, 3, 3, Fusion(renormalise=True), shortlist=4)
     assert [r.items for r in alone] == [r.items for r in beam_search(backend, prompts, trie, histories, 3, 3, Fusion(renormalise=True))]
+
+
+def test_mixture_ranks_the_shortlist_and_the_llms_own_top_items(backend: TorchBackend, prompts: PromptBuilder,
+                                                                 trie: TitleTrie) -> None:
+    """A mixture scores each title log(s p_assistant + (1 - s) p_LLM): over the assistant's
+    shortlist joined by the LLM's own top k (so the LLM's confident pick is reachable), the
+    history left out of both; over the whole catalog it is the exact full-catalog mixture.
+    A mixture does not split over beam steps, so a beam search with one is refused."""
+    histories = [HISTORY, OTHER_HISTORIES[0]]
+    share = 0.7
+    fusion = Fusion(renormalise=True, weight=share, prior=random_prior(len(histories), seed=5), mixture=True)
+    alone = score_candidates(backend, prompts, histories, [list(TITLES)] * 2, renormalise=trie)
+    exclude = [{0}, set()]
+
+    def mixture(u: int, skip: set[int]) -> np.ndarray:  # the mixture's score of every catalog item, by hand
+        llm = alone[u].by_position()
+        prob = np.exp(fusion.prior[u])
+        prob[sorted(skip)] = 0.0
+        mass = {t: sum(p for t2, p in zip(TITLES, prob) if t2 == t) for t in TITLES}
+        return np.array([np.logaddexp(np.log(share) + np.log(max(mass[t], 1e-300)), np.log(1 - share) + llm[i])
+                         for i, t in enumerate(TITLES)])
+
+    whole = full_catalog(backend, prompts, trie, CATALOG, histories, 4, 10, fusion, shortlist=len(TITLES), exclude=exclude)
+    for u, ranked in enumerate(whole):
+        want = mixture(u, exclude[u])
+        order = [int(i) for i in np.argsort(-want, kind="stable") if int(i) not in exclude[u]][:4]
+        assert sorted(ranked.items) == sorted(order)
+        np.testing.assert_allclose(ranked.scores, sorted(want[order], reverse=True), atol=1e-4)
+    short = shortlist_search(backend, prompts, trie, CATALOG, histories, 2, fusion, 2, exclude, beams=10)
+    own = beam_search(backend, prompts, trie, histories, k=2, beams=10, fusion=Fusion(renormalise=True), exclude=exclude)
+    for u, ranked in enumerate(short):
+        pool = [int(i) for i in np.argsort(-fusion.prior[u], kind="stable") if int(i) not in exclude[u]][:2]
+        pool += [i for i in own[u].items if i not in pool]
+        want = mixture(u, exclude[u])
+        assert set(ranked.items) <= set(pool) and len(ranked.items) == 2
+        np.testing.assert_allclose(ranked.scores, sorted(want[pool], reverse=True)[:2], atol=1e-4)
+    with pytest.raises(ValueError, match="whole titles"):
+        beam_search(backend, prompts, trie, histories, k=2, fusion=fusion)
+    with pytest.raises(InputError, match="needs a shortlist"):
+        full_catalog(backend, prompts, trie, CATALOG, histories, 2, 10, fusion, shortlist=0)
 
 
 def test_shortlist_lists_do_not_depend_on_batch_or_order(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie) -> None:

@@ -237,6 +237,8 @@ def _result(ranker: Ranker, p: Prepared, items: list[int], scores: list[float], 
     renormalise, weight = ranker.scoring(p.assist)
     out: dict[str, Any] = {"user_id": p.user_id, "mode": mode, "backend": ranker.label, "renormalise": renormalise,
                            "assistant_weight": weight, "history": "excluded" if p.exclude_history else "included"}
+    if weight and ranker.decoding.mixture:
+        out["mixture"] = True
     if mode == "full-catalog":
         shortlist = ranker.shortlist(p.shortlist) if weight else 0
         out.update({"shortlist": shortlist} if shortlist else {"beams": p.width})

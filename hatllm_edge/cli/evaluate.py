@@ -67,6 +67,7 @@ def evaluate(
     renormalise: RenormaliseOpt = None,
     exclude_history: Annotated[bool, typer.Option("--exclude-history/--include-history", help="Leave each user's history out of the ranked list, as rank does by default (default: included, the loo-full protocol); the output's 'history' field says which.")] = False,
     shortlist: ShortlistOpt = None,
+    mixture: Annotated[Optional[bool], typer.Option("--mixture/--product", help="Fused lists: mix the two models' probabilities over the shortlist and the LLM's own top k (--assistant-weight is then the assistant's share, 0-1), or sum their weighted log-probabilities (default: the model's decoding).")] = None,
     search_errors: Annotated[bool, typer.Option(help="Score each missed target exactly and count the users whose target beats the list's k-th item: what the beam width costs, without ranking the whole catalog.")] = False,
     out: Annotated[Optional[Path], typer.Option(callback=writable_file, help="JSON file for metrics and per-user ranks.")] = None,
     quiet: QuietOpt = False,
@@ -80,7 +81,7 @@ def evaluate(
         device=device.value, threads=threads, compute=compute.value,
         dataset=dataset, interactions=interactions, items=items, assist=assist, assistant=assistant,
         assistant_weight=assistant_weight, renormalise=renormalise, seed=seed, sample=not first, exclude_history=exclude_history,
-        search_errors=search_errors, shortlist=shortlist,
+        search_errors=search_errors, shortlist=shortlist, mixture=mixture,
     )
     result = run(run_eval, cfg, progress=not quiet)
     write_json(out, result)
@@ -101,6 +102,7 @@ def fuse(
     seed: SeedOpt = 0,
     beams: BeamsOpt = None,
     shortlists: Annotated[str, typer.Option(help="Shortlist sizes to try with each weight > 0, comma-separated (0: fused beam search; N: the assistant's N most likely items scored exactly).")] = "0",
+    shares: Annotated[str, typer.Option(help="Mixtures to try: the assistant's shares, comma-separated, each between 0 and 1, each with every shortlist size > 0 (the two models' probabilities mixed over the shortlist and the LLM's own top 10). Empty: none.")] = "",
     quant: Annotated[Optional[Quant], typer.Option(help="Bundle the tuning runs on, built from the checkpoint on first use: int4, nf4, int8 or none (default int4, int8 for Gemma 3).")] = None,
     backend: Annotated[Backend, typer.Option(help="onnx (the engine) or torch (PyTorch fp32).")] = Backend("onnx"),
     threads: ThreadsOpt = None,
@@ -126,9 +128,10 @@ def fuse(
 
     grid = number_list("--weights", weights, float, "0,0.5,1")
     sizes = number_list("--shortlists", shortlists, int, "0,50")
+    mixtures = number_list("--shares", shares, float, "0.8,0.9") if shares.strip() else ()
     modes = {"off": (False,), "on": (True,), "both": (False, True)}[renormalise.value]
     cfg = TuneConfig(assistant=assistant, weights=grid, renormalise=modes, users=users, seed=seed, beams=beams, sample=not first,
-                     exclude_history=exclude_history, batch_users=batch_users, shortlists=sizes)
+                     exclude_history=exclude_history, batch_users=batch_users, shortlists=sizes, shares=mixtures)
 
     def tune_and_write() -> dict:
         if write:
@@ -142,8 +145,9 @@ def fuse(
 
     result = run(tune_and_write)
     write_json(out, result)
-    print_table(["renormalise", "assistant weight", "shortlist", "NDCG@10", "HR@10", "s/user"],
-                 [[str(r["renormalise"]).lower(), f"{r['assistant_weight']:g}", str(r["shortlist"] or "-"), f"{r['metrics']['NDCG@10']:.4f}",
+    print_table(["renormalise", "fusion", "assistant weight", "shortlist", "NDCG@10", "HR@10", "s/user"],
+                 [[str(r["renormalise"]).lower(), "mixture" if r.get("mixture") else "product", f"{r['assistant_weight']:g}",
+                   str(r["shortlist"] or "-"), f"{r['metrics']['NDCG@10']:.4f}",
                    f"{r['metrics']['HR@10']:.4f}", f"{r['s_per_user']:.2f}"] for r in result["grid"]],
                  caption=f"validation, {result['users']} users, {result['backend']}")
     typer.echo(json.dumps({"chosen": result["chosen"], "users": result["users"], "written": write}))

@@ -163,12 +163,16 @@ class Decoding:
     """How full-catalog lists and candidates are scored by default (``hatllm-edge fuse`` picks it
     on validation): renormalised over the trie's children or not, the assistant's weight, and
     ``shortlist``: with the assistant on, 0 searches the title tree with fused beam steps, N > 0
-    scores the assistant's N most likely items exactly (:func:`~hatllm_edge.ranking.search.shortlist_search`)."""
+    scores the assistant's N most likely items exactly (:func:`~hatllm_edge.ranking.search.shortlist_search`).
+    ``mixture``: the two models' probabilities mixed, ``assistant_weight`` then the assistant's
+    share (between 0 and 1), over a shortlist (N > 0) that the LLM's own top items join; else
+    the weighted sum of their log-probabilities (a product of experts)."""
 
     renormalise: bool = False
     assistant_weight: float = 0.0
     chosen_on: dict[str, Any] | None = None
     shortlist: int = 0
+    mixture: bool = False
 
     @classmethod
     def parse(cls, raw: Any, where: str) -> "Decoding":
@@ -176,17 +180,22 @@ class Decoding:
             return cls()
         weight = raw.get("assistant_weight", 0.0) if isinstance(raw, dict) else None
         shortlist = raw.get("shortlist", 0) if isinstance(raw, dict) else None
+        mixture = raw.get("mixture", False) if isinstance(raw, dict) else None
         if (not isinstance(raw, dict) or not isinstance(raw.get("renormalise", False), bool)
                 or not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0
-                or not _is_int(shortlist) or shortlist < 0):
+                or not _is_int(shortlist) or shortlist < 0 or not isinstance(mixture, bool)
+                or (mixture and not (0 < weight < 1 and shortlist > 0))):
             raise InputError(f"{where}: decoding section needs renormalise (true/false), assistant_weight "
-                             f"(number >= 0) and optionally shortlist (integer >= 0); got {json.dumps(raw)[:200]}")
-        return cls(raw.get("renormalise", False), float(weight), raw.get("chosen_on"), shortlist)
+                             f"(number >= 0) and optionally shortlist (integer >= 0) and mixture (true/false; true needs "
+                             f"a weight between 0 and 1 and a shortlist > 0); got {json.dumps(raw)[:200]}")
+        return cls(raw.get("renormalise", False), float(weight), raw.get("chosen_on"), shortlist, mixture)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"renormalise": self.renormalise, "assistant_weight": self.assistant_weight}
         if self.shortlist:  # written only when set, so files from before it read back unchanged
             out["shortlist"] = self.shortlist
+        if self.mixture:
+            out["mixture"] = True
         return out if self.chosen_on is None else {**out, "chosen_on": self.chosen_on}
 
 

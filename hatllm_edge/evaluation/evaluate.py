@@ -42,6 +42,7 @@ class EvalConfig:
     exclude_history: bool = False  # loo-full ranks the whole catalog; True: the user's history is left out
     search_errors: bool = False  # score missed targets exactly: beam search's errors on them
     shortlist: int | None = None  # fused lists from the assistant's N most likely items; None: the model's decoding
+    mixture: bool | None = None  # the models' probabilities mixed (weight: the assistant's share); None: the model's decoding
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
@@ -58,6 +59,11 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.shortlist and (not cfg.assist or cfg.assistant_weight == 0):  # known before the model loads
         raise InputError(f"--shortlist {cfg.shortlist} draws the list from the assistant, which "
                          f"{'--no-assist' if not cfg.assist else '--assistant-weight 0'} leaves out; drop one of them")
+    if cfg.mixture and cfg.shortlist == 0:
+        raise InputError("--mixture scores whole titles, so it ranks a shortlist: pass --shortlist N (N > 0), not 0")
+    if cfg.mixture and cfg.assistant_weight is not None and not 0 < cfg.assistant_weight < 1:
+        raise InputError(f"--assistant-weight {cfg.assistant_weight} with --mixture: the weight is then the assistant's "
+                         "share, between 0 and 1 (exclusive)")
     kind = model_kind(cfg.checkpoint)
     ranker = open_model(cfg.checkpoint, cfg.device, cfg.threads, cfg.bf16, cfg.compute, cfg.nf4)
     data = load_dataset(cfg.dataset, cfg.interactions, cfg.items)
@@ -69,8 +75,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         ranker.assistant = Assistant.open(cfg.assistant, ranker.catalog, cfg.threads)
     width = beam_width(cfg.k, cfg.beams)
     examples = split_examples(data, cfg.split, cfg.users, cfg.sample, cfg.seed)
-    fusion = ranker_fusion(ranker, cfg.assist, cfg.assistant_weight, cfg.renormalise)
+    fusion = ranker_fusion(ranker, cfg.assist, cfg.assistant_weight, cfg.renormalise, cfg.mixture)
     renormalise, weight = ranker.scoring(cfg.assist, cfg.assistant_weight, cfg.renormalise)
+    mixture = bool(weight) and (ranker.decoding.mixture if cfg.mixture is None else cfg.mixture)
     if cfg.assistant is not None and cfg.assistant_weight is None and not weight:
         raise InputError(f"--assistant {cfg.assistant}: {cfg.checkpoint} has no fusion weight of its own (its decoding says 0); "
                          "pass --assistant-weight (hatllm-edge fuse chooses one on validation)")
@@ -78,6 +85,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         raise InputError(f"--shortlist {cfg.shortlist} draws the list from the assistant, which is not fused here (weight 0); "
                          "pass --assistant and --assistant-weight, or drop --shortlist")
     shortlist = ranker.shortlist(cfg.shortlist) if weight else 0
+    if mixture and not shortlist:
+        raise InputError(f"--mixture scores whole titles, so it ranks a shortlist, and {cfg.checkpoint}'s decoding has none: "
+                         "pass --shortlist N (N > 0)")
     protocol = history_protocol(data, examples, cfg.split, cfg.exclude_history)  # warns before the hours of ranking
     result = rank_split(ranker.backend, ranker.prompts, data, cfg.split, cfg.k, width, progress=progress,
                         batch_users=cfg.batch_users, examples=examples, fusion=fusion, exclude_history=cfg.exclude_history,
@@ -86,7 +96,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
         "checkpoint": str(cfg.checkpoint),
         "schedule": ranker.meta.schedule,
         "backend": ranker.label,
-        "decoding": {"renormalise": renormalise, "assistant_weight": weight, "shortlist": shortlist,
+        "decoding": {"renormalise": renormalise, "assistant_weight": weight, "shortlist": shortlist, "mixture": mixture,
                      "assistant": str(ranker.assistant.folder) if ranker.assistant and weight else None},
         "users_sample": {"seed": cfg.seed} if cfg.sample and cfg.users else None,
         "k": cfg.k,

@@ -1,5 +1,6 @@
 """Choose how beam steps are scored, on the validation split: trie renormalisation on or off,
-and the weight of the collaborative assistant (SASRec) fused into every step. The winner (by
+and the weight of the collaborative assistant (SASRec) fused into every step, or over its
+shortlist, as a weighted sum of log-probabilities or a mixture of probabilities. The winner (by
 NDCG@10 on a seeded user sample, ties to the simpler setting) can be written into the
 checkpoint: its ``hatllm.json`` gets a ``decoding`` section, the assistant's ``sasrec.json``
 and ``sasrec.onnx`` are copied beside the weights, and every bundle built from it carries both."""
@@ -42,6 +43,7 @@ class TuneConfig:
     batch_users: int = 8
     exclude_history: bool = False  # True: rank as `rank` and `serve` do, the history left out; False: loo-full as published
     shortlists: Sequence[int] = (0,)  # with each weight > 0: 0 = fused beam search, N = the assistant's N best scored exactly
+    shares: Sequence[float] = ()  # mixtures: the assistant's share, each with every shortlist size > 0
 
 
 def _check_grid(cfg: TuneConfig) -> None:
@@ -49,6 +51,10 @@ def _check_grid(cfg: TuneConfig) -> None:
         raise InputError(f"assistant weights must be >= 0, got {list(cfg.weights)}")
     if any(n < 0 for n in cfg.shortlists):
         raise InputError(f"shortlist sizes must be >= 0, got {list(cfg.shortlists)}")
+    if any(not 0 < s < 1 for s in cfg.shares):
+        raise InputError(f"mixture shares must lie between 0 and 1 (exclusive), got {list(cfg.shares)}")
+    if cfg.shares and not any(cfg.shortlists):
+        raise InputError(f"mixtures {list(cfg.shares)} score whole titles, so they rank a shortlist: add a size > 0 to --shortlists")
 
 
 def check_tune(cfg: TuneConfig, model: Path) -> None:
@@ -70,22 +76,25 @@ def tune(ranker: Ranker, data: Dataset, cfg: TuneConfig, progress: bool = True) 
     width = beam_width(cfg.k, cfg.beams)
     protocol = history_protocol(data, examples, "valid", cfg.exclude_history)  # warns before the grid runs
     rows = []
-    settings = [(renormalise, weight, shortlist) for renormalise, weight in product(cfg.renormalise, cfg.weights)
+    settings = [(renormalise, weight, shortlist, False) for renormalise, weight in product(cfg.renormalise, cfg.weights)
                 for shortlist in (sorted(set(cfg.shortlists)) if weight else [0])]
-    for renormalise, weight, shortlist in settings:
+    settings += [(renormalise, share, shortlist, True) for renormalise, share in product(cfg.renormalise, cfg.shares)
+                 for shortlist in sorted(set(cfg.shortlists) - {0})]
+    for renormalise, weight, shortlist, mixture in settings:
         result = rank_split(ranker.backend, ranker.prompts, data, "valid", cfg.k, width, progress=progress,
                             batch_users=cfg.batch_users, examples=examples,
-                            fusion=ranker_fusion(ranker, weight > 0, weight, renormalise), exclude_history=cfg.exclude_history,
+                            fusion=ranker_fusion(ranker, weight > 0, weight, renormalise, mixture), exclude_history=cfg.exclude_history,
                             shortlist=shortlist)
-        rows.append({"renormalise": renormalise, "assistant_weight": weight, "shortlist": shortlist, "metrics": result["metrics"],
-                     "s_per_user": result["s_per_user"], "ranks": result["ranks"]})
-    # best NDCG@10; on a tie the simpler setting (no renormalisation, smaller weight, beam search) wins
-    best = max(rows, key=lambda r: (round(r["metrics"]["NDCG@10"], 12), -r["renormalise"], -r["assistant_weight"], -r["shortlist"]))
+        rows.append({"renormalise": renormalise, "assistant_weight": weight, "shortlist": shortlist, "mixture": mixture,
+                     "metrics": result["metrics"], "s_per_user": result["s_per_user"], "ranks": result["ranks"]})
+    # best NDCG@10; on a tie the simpler setting (no renormalisation, the product, smaller weight, beam search) wins
+    best = max(rows, key=lambda r: (round(r["metrics"]["NDCG@10"], 12), -r["renormalise"], -r["mixture"], -r["assistant_weight"],
+                                    -r["shortlist"]))
     return {"backend": ranker.label, "assistant": str(cfg.assistant), "split": "valid", "users": len(examples),
             **protocol,
             "seed": cfg.seed, "k": cfg.k, "beams": width, "grid": rows,
             "chosen": {"renormalise": best["renormalise"], "assistant_weight": best["assistant_weight"],
-                       "shortlist": best["shortlist"], "metrics": best["metrics"]}}
+                       "shortlist": best["shortlist"], "mixture": best["mixture"], "metrics": best["metrics"]}}
 
 
 def check_decoding_target(checkpoint: Path) -> None:
@@ -106,5 +115,5 @@ def write_decoding(checkpoint: Path, assistant_dir: Path, result: dict[str, Any]
     meta.decoding = Decoding(chosen["renormalise"], chosen["assistant_weight"],
                              {"split": "valid", "users": result["users"], "seed": result["seed"], "backend": result["backend"],
                               "history": result["history"], "metrics": chosen["metrics"], "grid": [{k: v for k, v in r.items() if k != "ranks"} for r in result["grid"]]},
-                             shortlist=chosen["shortlist"])
+                             shortlist=chosen["shortlist"], mixture=chosen.get("mixture", False))
     meta.write(checkpoint / CHECKPOINT_META)

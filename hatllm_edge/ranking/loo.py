@@ -35,12 +35,12 @@ def split_examples(data: Dataset, split: Split, users: int | None, sample: bool,
     return [ex for i, ex in enumerate(examples) if i in keep]
 
 
-def ranker_fusion(ranker: Any, assist: bool = True, weight: float | None = None, renormalise: bool | None = None
-                  ) -> Callable[[Sequence[Example]], Fusion]:
+def ranker_fusion(ranker: Any, assist: bool = True, weight: float | None = None, renormalise: bool | None = None,
+                  mixture: bool | None = None) -> Callable[[Sequence[Example]], Fusion]:
     """Per batch of examples: the ranker's step scoring for their histories."""
     def fusion(chunk: Sequence[Example]) -> Fusion:
         histories = [[ranker.catalog.index(i) for i in ex.history] for ex in chunk]
-        return ranker.fusion(histories, assist, weight, renormalise)
+        return ranker.fusion(histories, assist, weight, renormalise, mixture)
 
     return fusion
 
@@ -122,6 +122,8 @@ def target_search_errors(backend: Backend, prompts: PromptBuilder, trie: TitleTr
     exact = score_candidates(backend, prompts, [histories[j] for j in missed],
                              [[data.catalog.title(chunk[j].target)] for j in missed], bonus=bonus,
                              renormalise=trie if scoring.renormalise else None)
+    if scoring.mixed:
+        exact = [scoring.mix(j, data.catalog, [data.catalog.title(chunk[j].target)], r, skip[j]) for j, r in zip(missed, exact)]
     out = []
     for j, scored in zip(missed, exact):
         score, listed = scored.scores[0], ranked[j].scores

@@ -116,13 +116,18 @@ class Ranker:
         return renormalise, (weight if assist and self.assistant is not None else 0.0)
 
     def fusion(self, histories: Sequence[Sequence[int]], assist: bool = True, weight: float | None = None,
-               renormalise: bool | None = None) -> Fusion:
-        """How steps are scored for these histories (see :meth:`scoring`)."""
+               renormalise: bool | None = None, mixture: bool | None = None) -> Fusion:
+        """How steps are scored for these histories (see :meth:`scoring`); ``mixture``: the
+        models' probabilities mixed, the weight then the assistant's share (default: the
+        model's decoding)."""
         renormalise, weight = self.scoring(assist, weight, renormalise)
+        mixture = self.decoding.mixture if mixture is None else mixture
         if not weight:
             return Fusion(renormalise)
+        if mixture and not 0 < weight < 1:
+            raise InputError(f"assistant weight {weight}: in a mixture it is the assistant's share, between 0 and 1 (exclusive)")
         prior = self.assistant.logprobs([[self.catalog.item_ids[i] for i in h] for h in histories])  # type: ignore[union-attr]
-        return Fusion(renormalise, weight, prior)
+        return Fusion(renormalise, weight, prior, mixture)
 
     def shortlist(self, size: int | None = None) -> int:
         """The shortlist size in effect (:class:`~hatllm_edge.core.formats.Decoding`): the
@@ -134,14 +139,14 @@ class Ranker:
 
     def top_k(self, histories: Sequence[Sequence[int]], k: int = 10, beams: int | None = None, assist: bool = True,
               weight: float | None = None, renormalise: bool | None = None, exclude_history: bool = False,
-              shortlist: int | None = None) -> list[Ranked]:
+              shortlist: int | None = None, mixture: bool | None = None) -> list[Ranked]:
         """Full-catalog top-k for each history (catalog indices, oldest first), scored as
         :meth:`fusion` says: with the assistant fused and a :meth:`shortlist`, its most likely
         items scored exactly; else a beam search :func:`~hatllm_edge.core.limits.beam_width`
         wide: ``beams`` (default 10), at least ``k``. ``exclude_history``: the history's items
         never enter the list (k others are found)."""
         return full_catalog(self.backend, self.prompts, self.trie, self.catalog, [self.titles(h) for h in histories], k,
-                            beam_width(k, beams), self.fusion(histories, assist, weight, renormalise), self.shortlist(shortlist),
+                            beam_width(k, beams), self.fusion(histories, assist, weight, renormalise, mixture), self.shortlist(shortlist),
                             [set(h) for h in histories] if exclude_history else None)
 
     def score(self, history: Sequence[int], candidates: Sequence[int], normalize: bool = False, assist: bool = True,
@@ -152,14 +157,20 @@ class Ranker:
 
     def score_batch(self, histories: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]],
                     normalize: bool = False, assist: bool = True, weight: float | None = None,
-                    renormalise: bool | None = None) -> list[Ranked]:
+                    renormalise: bool | None = None, mixture: bool | None = None) -> list[Ranked]:
         """:meth:`score` for several users in one batch (prompts and candidate passes shared).
         Scored as :meth:`fusion` says, so a candidate's score is what :meth:`top_k` gives its title."""
-        fusion = self.fusion(histories, assist, weight, renormalise)
+        fusion = self.fusion(histories, assist, weight, renormalise, mixture)
+        if fusion.mixed and normalize:
+            raise InputError("--normalize divides a title's log-probability by its length; a mixture needs the "
+                             "probabilities themselves: drop --normalize, or rank with --no-assist")
         bonus = [fusion.title_bonus(u, self.catalog) for u in range(len(histories))] if fusion.prior is not None else None
-        return score_candidates(self.backend, self.prompts, [self.titles(h) for h in histories],
-                                [self.titles(c) for c in candidates], normalize, bonus=bonus,
-                                renormalise=self.trie if fusion.renormalise else None)
+        titles = [self.titles(c) for c in candidates]
+        ranked = score_candidates(self.backend, self.prompts, [self.titles(h) for h in histories], titles, normalize,
+                                  bonus=bonus, renormalise=self.trie if fusion.renormalise else None)
+        if fusion.mixed:
+            ranked = [fusion.mix(u, self.catalog, titles[u], r) for u, r in enumerate(ranked)]
+        return ranked
 
 
 def open_assistant(folder: Path, catalog: Catalog, threads: int | None = None) -> Assistant | None:

@@ -17,20 +17,31 @@ class Fusion:
     node's children (``renormalise``: the probabilities of all catalog titles then sum to 1),
     plus ``weight`` x the log of the assistant's probability mass under the child, divided by
     the mass under its parent (D3's text-free assistant): summed over a title, the second term
-    is ``weight`` x log p_assistant(item)."""
+    is ``weight`` x log p_assistant(item).
+
+    ``mixture``: a title scores log(s p_assistant + (1 - s) p_LLM) instead, with ``weight`` the
+    assistant's share s: a mixture keeps either model's confident pick, where the product lists
+    only what both support. It does not split over a title's tokens, so it scores whole titles:
+    a shortlist (:func:`~hatllm_edge.ranking.search.shortlist_search`) or given candidates."""
 
     renormalise: bool = False
     weight: float = 0.0
     prior: np.ndarray | None = None  # [U, N] assistant log-probabilities, catalog order (None: no assistant)
+    mixture: bool = False
 
     def rows(self, users: Sequence[int]) -> "Fusion":
-        return Fusion(self.renormalise, self.weight, None if self.prior is None else self.prior[np.asarray(users)])
+        return Fusion(self.renormalise, self.weight, None if self.prior is None else self.prior[np.asarray(users)], self.mixture)
 
-    def title_bonus(self, u: int, catalog: Catalog, exclude: Collection[int] = ()) -> dict[str, float]:
-        """Per title: what the assistant adds to a full title's score (its leaf holds every
-        item of that title, as in beam search), counting, as beam search does, only the items
-        that may still be listed: ``exclude``'s (catalog indices) add no mass."""
-        if self.prior is None or not self.weight:
+    @property
+    def mixed(self) -> bool:
+        """Whether titles are scored by the mixture (an assistant with a share to mix)."""
+        return self.mixture and self.prior is not None and bool(self.weight)
+
+    def title_mass(self, u: int, catalog: Catalog, exclude: Collection[int] = ()) -> dict[str, float]:
+        """Per title: the log of the assistant's probability of its items (a title's leaf holds
+        every item of that title, as in beam search), counting, as beam search does, only the
+        items that may still be listed: ``exclude``'s (catalog indices) add no mass."""
+        if self.prior is None:
             return {}
         prob = np.exp(self.prior[u])
         if exclude:
@@ -38,7 +49,23 @@ class Fusion:
         mass: dict[str, float] = {}
         for title, p in zip(catalog.titles, prob.tolist()):
             mass[title] = mass.get(title, 0.0) + p
-        return {t: self.weight * float(np.log(max(m, 1e-300))) for t, m in mass.items()}
+        return {t: float(np.log(max(m, 1e-300))) for t, m in mass.items()}
+
+    def title_bonus(self, u: int, catalog: Catalog, exclude: Collection[int] = ()) -> dict[str, float]:
+        """Per title: what the assistant adds to a full title's score in the product (``weight``
+        x :meth:`title_mass`); nothing for a mixture, which :meth:`mix` scores."""
+        if self.prior is None or not self.weight or self.mixture:
+            return {}
+        return {t: self.weight * m for t, m in self.title_mass(u, catalog, exclude).items()}
+
+    def mix(self, u: int, catalog: Catalog, titles: Sequence[str], ranked: "Ranked", exclude: Collection[int] = ()) -> "Ranked":
+        """``ranked`` (the LLM's scores of ``titles``, items their positions) ranked again by the
+        mixture's score, best first (ties in the given order)."""
+        mass = self.title_mass(u, catalog, exclude)
+        llm = ranked.by_position()
+        scores = np.logaddexp(np.log(self.weight) + np.asarray([mass[t] for t in titles]), np.log1p(-self.weight) + llm)
+        order = np.argsort(-scores, kind="stable")
+        return Ranked([int(i) for i in order], [float(scores[i]) for i in order])
 
 
 @dataclass(frozen=True)

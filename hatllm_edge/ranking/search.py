@@ -11,6 +11,7 @@ from typing import Collection, Sequence
 import numpy as np
 
 from hatllm_edge.core.data import Catalog
+from hatllm_edge.core.errors import InputError
 from hatllm_edge.core.masks import build_masks
 from hatllm_edge.core.prompt import Encoded, PromptBuilder
 from hatllm_edge.engine.backend import Backend
@@ -44,6 +45,8 @@ def beam_search(
     title and its end marker) are collected, and the user is done as soon as none of its
     unfinished hypotheses can still beat its k-th finished one (scores only fall).
     """
+    if fusion.mixed:
+        raise ValueError("a mixture scores whole titles, not beam steps: rank a shortlist (shortlist_search)")
     beams = beams or k
     encoded = [prompts.prompt(h) for h in histories]
     results: list[Ranked] = [Ranked([], [])] * len(encoded)
@@ -65,6 +68,7 @@ def shortlist_search(
     fusion: Fusion,
     size: int,
     exclude: Sequence[Collection[int]] | None = None,
+    beams: int | None = None,
 ) -> list[Ranked]:
     """Top-``k`` catalog items per history by fusion after retrieval: the assistant's ``size``
     (at least ``k``) most likely items (``exclude`` left out) are scored exactly, LLM and
@@ -72,19 +76,26 @@ def shortlist_search(
     which is the score beam search would give it. Why: with a heavy assistant weight, fused beam steps follow the
     assistant's mass under each prefix, and a beam filled with prefixes whose mass is spread
     over many unlikely titles prunes likely ones; here nothing inside the shortlist is lost,
-    and an item outside it, far down the assistant's list, is never listed."""
+    and an item outside it, far down the assistant's list, is never listed. A mixture
+    (:attr:`Fusion.mixed`) also lists what the LLM alone is sure of, so the LLM's own top ``k``
+    (its beam search, ``beams`` wide) joins the shortlist first."""
     if fusion.prior is None or not fusion.weight:
         raise ValueError("a shortlist is drawn from the assistant: fusion needs its prior and a weight > 0")
     size = max(size, k)
+    skips = [exclude[u] if exclude is not None else () for u in range(len(histories))]
     shortlists = []
-    for u in range(len(histories)):
-        skip = exclude[u] if exclude is not None else ()
+    for u, skip in enumerate(skips):
         order = np.argsort(-fusion.prior[u], kind="stable")[: size + len(skip)]
         shortlists.append([int(i) for i in order if int(i) not in skip][:size])
-    ranked = score_candidates(backend, prompts, histories, [[catalog.titles[i] for i in s] for s in shortlists],
-                              bonus=[fusion.title_bonus(u, catalog, exclude[u] if exclude is not None else ())
-                                     for u in range(len(histories))],
+    if fusion.mixed:
+        own = beam_search(backend, prompts, trie, histories, k, beams, Fusion(fusion.renormalise), exclude)
+        shortlists = [s + [i for i in o.items if i not in s] for s, o in zip(shortlists, own)]
+    titles = [[catalog.titles[i] for i in s] for s in shortlists]
+    ranked = score_candidates(backend, prompts, histories, titles,
+                              bonus=[fusion.title_bonus(u, catalog, skip) for u, skip in enumerate(skips)],
                               renormalise=trie if fusion.renormalise else None)
+    if fusion.mixed:
+        ranked = [fusion.mix(u, catalog, titles[u], r, skips[u]) for u, r in enumerate(ranked)]
     return [Ranked([s[i] for i in r.items[:k]], r.scores[:k]) for s, r in zip(shortlists, ranked)]
 
 
@@ -101,9 +112,12 @@ def full_catalog(
     exclude: Sequence[Collection[int]] | None = None,
 ) -> list[Ranked]:
     """Full-catalog top-``k``, as the decoding says: :func:`shortlist_search` when a
-    ``shortlist`` size is given and the assistant is fused, else :func:`beam_search`."""
+    ``shortlist`` size is given and the assistant is fused, else :func:`beam_search` (a
+    mixture, which needs whole titles, is refused there)."""
     if shortlist and fusion.prior is not None and fusion.weight:
-        return shortlist_search(backend, prompts, trie, catalog, histories, k, fusion, shortlist, exclude)
+        return shortlist_search(backend, prompts, trie, catalog, histories, k, fusion, shortlist, exclude, beams)
+    if fusion.mixed:
+        raise InputError("a mixture of the LLM and the assistant scores whole titles: it needs a shortlist (--shortlist N, N > 0)")
     return beam_search(backend, prompts, trie, histories, k=k, beams=beams, fusion=fusion, exclude=exclude)
 
 
