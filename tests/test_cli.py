@@ -1082,8 +1082,16 @@ def test_fuse_writes_the_decoding_and_the_assistant_travels_into_the_bundle(
     (mixture / "hatllm.json").write_text(json.dumps(meta))
     ranked = json.loads(invoke("rank", user, "--model", mixture, "--backend", "torch").stdout)
     assert ranked["mixture"] is True and ranked["shortlist"] == 3 and len(ranked["results"]) == 3
-    scores = [r["score"] for r in ranked["results"]]
-    assert scores == sorted(scores, reverse=True) and all(s <= 0 for s in scores)  # log-probabilities of a mixture
+    from hatllm_edge.app.models import open_model
+
+    model = open_model(mixture)  # each listed title's score is the mixture's, by hand
+    history = [model.catalog.index(i) for i in ("i1", "i2")]
+    listed = [model.catalog.index(r["item_id"]) for r in ranked["results"]]
+    llm = model.score_batch([history], [listed], assist=False)[0].by_position()
+    prior = model.assistant.logprobs([["i1", "i2"]])[0][listed]  # type: ignore[union-attr]
+    assert [r["score"] for r in ranked["results"]] == pytest.approx(np.logaddexp(np.log(0.5) + prior, np.log(0.5) + llm), abs=1e-3)
+    assert_usage_error(invoke("evaluate", mixture, "--product", "--quiet", *data), "pass --assistant-weight")
+    assert_usage_error(invoke("evaluate", mixture, "--mixture", "--no-assist", "--quiet", *data), "drop one of them")
     assert_usage_error(invoke("rank", user, "--model", mixture, "--backend", "torch", "--shortlist", 0), "needs a shortlist")
     bundle = tmp_path / "bundle"
     assert invoke("export", ckpt, bundle, "--quant", "none", "--quiet").exit_code == 0

@@ -63,9 +63,10 @@ def test_defaults_and_unknown_keys(tmp_path: Path) -> None:
     ({"decoding": {"renormalise": "yes"}}, "decoding"),
     ({"decoding": {"assistant_weight": 16, "shortlist": -1}}, "decoding"),
     ({"decoding": {"assistant_weight": 16, "shortlist": "50"}}, "decoding"),
-    ({"decoding": {"assistant_weight": 16, "shortlist": 10, "mixture": True}}, "decoding"),  # a share is below 1
-    ({"decoding": {"assistant_weight": 0.9, "mixture": True}}, "decoding"),  # a mixture ranks a shortlist
-    ({"decoding": {"assistant_weight": 0.9, "shortlist": 10, "mixture": "yes"}}, "decoding"),
+    ({"decoding": {"renormalise": True, "assistant_weight": 16, "shortlist": 10, "mixture": True}}, "decoding"),  # a share is below 1
+    ({"decoding": {"renormalise": True, "assistant_weight": 0.9, "mixture": True}}, "decoding"),  # a mixture ranks a shortlist
+    ({"decoding": {"renormalise": True, "assistant_weight": 0.9, "shortlist": 10, "mixture": "yes"}}, "decoding"),
+    ({"decoding": {"renormalise": False, "assistant_weight": 0.9, "shortlist": 10, "mixture": True}}, "decoding"),  # raw scores
     ({"export": []}, "export"),
 ])
 def test_malformed_sections_are_named(change: dict, section: str) -> None:

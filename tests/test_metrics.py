@@ -115,16 +115,17 @@ def test_compare_runs_table_bootstrap_and_errors(tmp_path) -> None:
     grid = tmp_path / "fuse.json"
     grid.write_text(json.dumps({"grid": [{**row, "assistant_weight": 16.0, "ranks": {"u1": 0, "u2": 0, "u3": None}},
                                          {**row, "assistant_weight": 32.0, "ranks": {"u1": None, "u2": 3, "u3": None}},
-                                         {**row, "assistant_weight": 32.0, "shortlist": 50, "ranks": better_ranks}]}))
+                                         {**row, "assistant_weight": 32.0, "shortlist": 50, "ranks": better_ranks},
+                                         {**row, "assistant_weight": 0.9, "shortlist": 10, "mixture": True, "ranks": better_ranks}]}))
     rows = compare_runs([base, grid], samples=200)["bootstrap"]
-    assert list(rows) == ["fuse@w=16", "fuse@w=32", "fuse@w=32,shortlist=50"]
+    assert list(rows) == ["fuse@w=16", "fuse@w=32", "fuse@w=32,shortlist=50", "fuse@share=0.9,shortlist=10"]
     assert rows["fuse@w=16"]["NDCG@10"]["diff"] == pytest.approx(boot["diff"])
     picked = compare_runs([f"{grid}@w=32", better, f"{grid}@w=32,shortlist=50"], samples=200)
     assert list(picked["bootstrap"]) == ["better", "fuse@w=32,shortlist=50"]
     assert picked["bootstrap"]["better"]["NDCG@10"]["diff"] == pytest.approx(boot["diff"])
     with pytest.raises(InputError, match="baseline must be one run; pick a row: .*fuse.json@w=16, "):
         compare_runs([grid, base])
-    with pytest.raises(InputError, match="no grid row is 'w=8'; its rows: w=16, w=32, w=32,shortlist=50"):
+    with pytest.raises(InputError, match="no grid row is 'w=8'; its rows: w=16, w=32, w=32,shortlist=50, share=0.9,shortlist=10"):
         compare_runs([base, f"{grid}@w=8"])
     with pytest.raises(InputError, match="is not a fuse grid"):
         compare_runs([base, f"{better}@w=32"])

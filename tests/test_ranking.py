@@ -500,6 +500,16 @@ def test_mixture_ranks_the_shortlist_and_the_llms_own_top_items(backend: TorchBa
         want = mixture(u, exclude[u])
         assert set(ranked.items) <= set(pool) and len(ranked.items) == 2
         np.testing.assert_allclose(ranked.scores, sorted(want[pool], reverse=True)[:2], atol=1e-4)
+    # the LLM's own best title, put last by the assistant, is still listed: it joins the shortlist
+    best = [int(np.argmax(alone[u].by_position())) for u in range(2)]
+    prior = np.log(np.full((2, len(TITLES)), 0.99 / (len(TITLES) - 1)))
+    for u, b in enumerate(best):
+        prior[u, b] = np.log(1e-6)
+        prior[u, [i for i, t in enumerate(TITLES) if t == TITLES[b] and i != b]] = np.log(1e-6)  # and its namesake
+    blind = Fusion(renormalise=True, weight=0.5, prior=prior, mixture=True)
+    for u, ranked in enumerate(shortlist_search(backend, prompts, trie, CATALOG, histories, 2, blind, 2, beams=10)):
+        assert best[u] in ranked.items or TITLES[best[u]] in {TITLES[i] for i in ranked.items}
+        assert best[u] not in np.argsort(-prior[u], kind="stable")[:2]
     with pytest.raises(ValueError, match="whole titles"):
         beam_search(backend, prompts, trie, histories, k=2, fusion=fusion)
     with pytest.raises(InputError, match="needs a shortlist"):

@@ -145,7 +145,7 @@ def fuse(
 
     result = run(tune_and_write)
     write_json(out, result)
-    print_table(["renormalise", "fusion", "assistant weight", "shortlist", "NDCG@10", "HR@10", "s/user"],
+    print_table(["renormalise", "fusion", "weight (mixture: share)", "shortlist", "NDCG@10", "HR@10", "s/user"],
                  [[str(r["renormalise"]).lower(), "mixture" if r.get("mixture") else "product", f"{r['assistant_weight']:g}",
                    str(r["shortlist"] or "-"), f"{r['metrics']['NDCG@10']:.4f}",
                    f"{r['metrics']['HR@10']:.4f}", f"{r['s_per_user']:.2f}"] for r in result["grid"]],

@@ -60,7 +60,9 @@ def rank(
     result = run(run_rank, user, opts, not quiet, bundle_builder())
     if table:
         decoding = ", renormalised" if result["renormalise"] else ""
-        decoding += f", assistant weight {result['assistant_weight']:g}" if result["assistant_weight"] else ""
+        if result["assistant_weight"]:
+            decoding += (f", mixture, assistant share {result['assistant_weight']:g}" if result.get("mixture")
+                         else f", assistant weight {result['assistant_weight']:g}")
         decoding += f", shortlist {result['shortlist']}" if result.get("shortlist") else ""
         print_table(["rank", "item_id", "score", "title"],
                      [[row["rank"], row["item_id"], f"{row['score']:.3f}", row["title"]] for row in result["results"]],

@@ -184,10 +184,10 @@ class Decoding:
         if (not isinstance(raw, dict) or not isinstance(raw.get("renormalise", False), bool)
                 or not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0
                 or not _is_int(shortlist) or shortlist < 0 or not isinstance(mixture, bool)
-                or (mixture and not (0 < weight < 1 and shortlist > 0))):
+                or (mixture and not (0 < weight < 1 and shortlist > 0 and raw.get("renormalise") is True))):
             raise InputError(f"{where}: decoding section needs renormalise (true/false), assistant_weight "
                              f"(number >= 0) and optionally shortlist (integer >= 0) and mixture (true/false; true needs "
-                             f"a weight between 0 and 1 and a shortlist > 0); got {json.dumps(raw)[:200]}")
+                             f"renormalise, a weight between 0 and 1 and a shortlist > 0); got {json.dumps(raw)[:200]}")
         return cls(raw.get("renormalise", False), float(weight), raw.get("chosen_on"), shortlist, mixture)
 
     def to_dict(self) -> dict[str, Any]:

@@ -81,15 +81,14 @@ def bootstrap_difference(
 
 def _grid_label(row: dict[str, Any]) -> str:
     """A fuse grid row's setting: its weight, and its shortlist, mixture or raw beams where not the default."""
-    label = f"w={float(row['assistant_weight']):g}"
+    label = f"{'share' if row.get('mixture') else 'w'}={float(row['assistant_weight']):g}"  # a mixture's weight is a share
     label += f",shortlist={row['shortlist']}" if row.get("shortlist") else ""
-    label += ",mixture" if row.get("mixture") else ""
     return label + ("" if row.get("renormalise", True) else ",raw")
 
 
 def load_runs(spec: str | Path) -> list[tuple[str, dict[str, int | None], dict[str, float]]]:
     """(label, per-user ranks, metrics) of an evaluation JSON, or of each row of a decoding grid
-    (``fuse --out``), labelled ``FILE@w=32`` (``,shortlist=50``, ``,mixture``, ``,raw`` where set); a path with
+    (``fuse --out``), labelled ``FILE@w=32`` (``,shortlist=50``, ``,raw`` where set; a mixture ``FILE@share=0.9,shortlist=10``); a path with
     such a label keeps that row alone."""
     text = str(spec)
     path, _, pick = (text, "", "") if Path(text).is_file() or "@" not in text else text.rpartition("@")

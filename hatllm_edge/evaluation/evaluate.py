@@ -59,6 +59,12 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if cfg.shortlist and (not cfg.assist or cfg.assistant_weight == 0):  # known before the model loads
         raise InputError(f"--shortlist {cfg.shortlist} draws the list from the assistant, which "
                          f"{'--no-assist' if not cfg.assist else '--assistant-weight 0'} leaves out; drop one of them")
+    if cfg.mixture and (not cfg.assist or cfg.assistant_weight == 0):
+        raise InputError(f"--mixture mixes in the assistant, which {'--no-assist' if not cfg.assist else '--assistant-weight 0'} "
+                         "leaves out; drop one of them")
+    if cfg.mixture and cfg.renormalise is False:
+        raise InputError("--mixture reads the LLM's title probabilities over the catalog, which --no-renormalise gives up; "
+                         "drop one of them")
     if cfg.mixture and cfg.shortlist == 0:
         raise InputError("--mixture scores whole titles, so it ranks a shortlist: pass --shortlist N (N > 0), not 0")
     if cfg.mixture and cfg.assistant_weight is not None and not 0 < cfg.assistant_weight < 1:
@@ -78,6 +84,14 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     fusion = ranker_fusion(ranker, cfg.assist, cfg.assistant_weight, cfg.renormalise, cfg.mixture)
     renormalise, weight = ranker.scoring(cfg.assist, cfg.assistant_weight, cfg.renormalise)
     mixture = bool(weight) and (ranker.decoding.mixture if cfg.mixture is None else cfg.mixture)
+    if weight and cfg.mixture is not None and cfg.mixture != ranker.decoding.mixture and cfg.assistant_weight is None:
+        raise InputError(f"{'--mixture' if cfg.mixture else '--product'}: {cfg.checkpoint}'s weight {weight:g} was chosen for "
+                         f"{'a mixture (a share)' if ranker.decoding.mixture else 'the product'}; pass --assistant-weight for this one")
+    if mixture and not 0 < weight < 1:
+        raise InputError(f"assistant weight {weight:g}: in a mixture it is the assistant's share, between 0 and 1 (exclusive); "
+                         "pass --assistant-weight")
+    if mixture and not renormalise:
+        raise InputError("a mixture reads the LLM's title probabilities over the catalog: evaluate it with --renormalise")
     if cfg.assistant is not None and cfg.assistant_weight is None and not weight:
         raise InputError(f"--assistant {cfg.assistant}: {cfg.checkpoint} has no fusion weight of its own (its decoding says 0); "
                          "pass --assistant-weight (hatllm-edge fuse chooses one on validation)")
@@ -86,8 +100,7 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
                          "pass --assistant and --assistant-weight, or drop --shortlist")
     shortlist = ranker.shortlist(cfg.shortlist) if weight else 0
     if mixture and not shortlist:
-        raise InputError(f"--mixture scores whole titles, so it ranks a shortlist, and {cfg.checkpoint}'s decoding has none: "
-                         "pass --shortlist N (N > 0)")
+        raise InputError("a mixture scores whole titles, so it ranks a shortlist: pass --shortlist N (N > 0)")
     protocol = history_protocol(data, examples, cfg.split, cfg.exclude_history)  # warns before the hours of ranking
     result = rank_split(ranker.backend, ranker.prompts, data, cfg.split, cfg.k, width, progress=progress,
                         batch_users=cfg.batch_users, examples=examples, fusion=fusion, exclude_history=cfg.exclude_history,

@@ -78,7 +78,7 @@ def tune(ranker: Ranker, data: Dataset, cfg: TuneConfig, progress: bool = True) 
     rows = []
     settings = [(renormalise, weight, shortlist, False) for renormalise, weight in product(cfg.renormalise, cfg.weights)
                 for shortlist in (sorted(set(cfg.shortlists)) if weight else [0])]
-    settings += [(renormalise, share, shortlist, True) for renormalise, share in product(cfg.renormalise, cfg.shares)
+    settings += [(True, share, shortlist, True) for share in cfg.shares  # a mixture reads the LLM's probabilities: renormalised
                  for shortlist in sorted(set(cfg.shortlists) - {0})]
     for renormalise, weight, shortlist, mixture in settings:
         result = rank_split(ranker.backend, ranker.prompts, data, "valid", cfg.k, width, progress=progress,

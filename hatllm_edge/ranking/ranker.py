@@ -126,6 +126,9 @@ class Ranker:
             return Fusion(renormalise)
         if mixture and not 0 < weight < 1:
             raise InputError(f"assistant weight {weight}: in a mixture it is the assistant's share, between 0 and 1 (exclusive)")
+        if mixture and not renormalise:
+            raise InputError("a mixture needs the LLM's title probabilities over the catalog, which the trie renormalisation "
+                             "gives: rank it renormalised (--renormalise)")
         prior = self.assistant.logprobs([[self.catalog.item_ids[i] for i in h] for h in histories])  # type: ignore[union-attr]
         return Fusion(renormalise, weight, prior, mixture)
 
@@ -162,8 +165,8 @@ class Ranker:
         Scored as :meth:`fusion` says, so a candidate's score is what :meth:`top_k` gives its title."""
         fusion = self.fusion(histories, assist, weight, renormalise, mixture)
         if fusion.mixed and normalize:
-            raise InputError("--normalize divides a title's log-probability by its length; a mixture needs the "
-                             "probabilities themselves: drop --normalize, or rank with --no-assist")
+            raise InputError("--length-normalise divides a title's log-probability by its length; a mixture needs the "
+                             "probabilities themselves: drop --length-normalise, or rank with --no-assist")
         bonus = [fusion.title_bonus(u, self.catalog) for u in range(len(histories))] if fusion.prior is not None else None
         titles = [self.titles(c) for c in candidates]
         ranked = score_candidates(self.backend, self.prompts, [self.titles(h) for h in histories], titles, normalize,

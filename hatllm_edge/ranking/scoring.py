@@ -22,7 +22,10 @@ class Fusion:
     ``mixture``: a title scores log(s p_assistant + (1 - s) p_LLM) instead, with ``weight`` the
     assistant's share s: a mixture keeps either model's confident pick, where the product lists
     only what both support. It does not split over a title's tokens, so it scores whole titles:
-    a shortlist (:func:`~hatllm_edge.ranking.search.shortlist_search`) or given candidates."""
+    a shortlist (:func:`~hatllm_edge.ranking.search.shortlist_search`) or given candidates.
+    With the history left out, the assistant's mass over it is dropped while the LLM's
+    renormalised probabilities still cover those titles, so the share in effect shifts a little
+    per user; ``fuse --exclude-history`` chooses the share under that same rule."""
 
     renormalise: bool = False
     weight: float = 0.0
