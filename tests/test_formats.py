@@ -18,7 +18,7 @@ MINIMAL = {"schedule": {"num_layers": 2, "n_in": 1, "n_cr": 1}, "prompt": {"eos_
 
 def test_shipped_metadata_round_trips(tmp_path: Path) -> None:
     meta = ModelMeta.read(SHIPPED)
-    assert meta.prompt == PromptMeta("<|im_end|>", 20, "list") and meta.finetune == "lora"
+    assert meta.prompt == PromptMeta("<eos>", 20, "list", "<bos>") and meta.finetune == "lora"
     assert isinstance(meta.decoding, Decoding) and meta.decoding.assistant_weight > 0
     meta.write(tmp_path / "hatllm.json")
     assert (tmp_path / "hatllm.json").read_text(encoding="utf-8") == SHIPPED.read_text(encoding="utf-8")

@@ -23,11 +23,12 @@ def test_the_wheel_installs_one_package_with_its_data(site: Path) -> None:
                  for p in (ROOT / "export").rglob("__init__.py")}
     installed = {p.parent.relative_to(site / "hatllm_edge").as_posix() for p in (site / "hatllm_edge").rglob("__init__.py")}
     assert checkout - installed == set(), "every subpackage of the checkout ships (pyproject's package list)"
-    model = site / "hatllm_edge" / "models" / "hatllm-ml100k"
+    model = site / "hatllm_edge" / "models" / "hatllm-gemma3-ml100k"
     for name in ("hatllm.json", "catalog.jsonl", "tokenizer.json", "adapter/adapter_model.safetensors", "sasrec.onnx"):
         assert (model / name).is_file(), name
     assert (site / "hatllm_edge" / "examples" / "user.json").is_file()
-    assert not (site / "hatllm_edge" / "models" / "causal-ml100k").exists(), "research checkpoints stay in the repository"
+    for research in ("causal-ml100k", "hatllm-ml100k"):
+        assert not (site / "hatllm_edge" / "models" / research).exists(), "research checkpoints stay in the repository"
 
 
 def test_the_installed_command_line_runs_outside_the_checkout(site: Path, tmp_path: Path) -> None:

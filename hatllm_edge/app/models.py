@@ -26,7 +26,7 @@ from hatllm_edge.engine.cache import (
 )
 from hatllm_edge.ranking.ranker import Device, Ranker
 
-DEFAULT_MODEL = "hatllm-ml100k"
+DEFAULT_MODEL = "hatllm-gemma3-ml100k"
 
 
 def default_checkpoint() -> Path:
