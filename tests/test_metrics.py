@@ -139,6 +139,20 @@ def test_compare_runs_table_bootstrap_and_errors(tmp_path) -> None:
     assert twice["better#2"] == twice["better"] == twice["f@2@w=0,raw"]
 
 
+def test_compare_reads_metrics_from_the_ranks(tmp_path) -> None:
+    """A run's table row is its ranks' metrics: a file listing fewer (or stale) metrics compares the same."""
+    import json
+
+    ranks = {"u1": 0, "u2": 4, "u3": None}
+    full, partial = tmp_path / "full.json", tmp_path / "partial.json"
+    full.write_text(json.dumps({"ranks": ranks, "metrics": mean_metrics(list(ranks.values()))}))
+    partial.write_text(json.dumps({"ranks": ranks, "metrics": {"NDCG@10": 0.9}}))
+    result = compare_runs([full, partial], samples=50)
+    rows = result["table"].splitlines()
+    assert rows[1].split()[1:] == rows[2].split()[1:]
+    assert result["bootstrap"]["partial"]["NDCG@10"]["diff"] == 0
+
+
 def test_bootstrap_difference_one_seed_is_the_users_bootstrap() -> None:
     import numpy as np
 

@@ -95,8 +95,9 @@ def load_runs(spec: str | Path) -> list[tuple[str, dict[str, int | None], dict[s
     try:
         run = json.loads(Path(path).read_text(encoding="utf-8"))
         grid = "grid" in run
-        rows = ([(_grid_label(r), r["ranks"], r["metrics"]) for r in run["grid"]] if grid
-                else [(Path(path).stem, run["ranks"], run["metrics"])])
+        # metrics from the ranks themselves: what the bootstrap reads, whatever metrics a file lists
+        rows = ([(_grid_label(r), r["ranks"], mean_metrics(list(r["ranks"].values()))) for r in run["grid"]] if grid
+                else [(Path(path).stem, run["ranks"], mean_metrics(list(run["ranks"].values())))])
     except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON, or a weight that is no number
         raise InputError(f"{path}: not an evaluation JSON written by 'evaluate --out', 'popularity --out' "
                          f"or 'fuse --out' ({e})") from None
