@@ -7,6 +7,7 @@ import math
 import pytest
 
 from hatllm_edge.core.metrics import (
+    compare_runs,
     mean_metrics,
     paired_bootstrap,
     target_rank,
@@ -88,7 +89,6 @@ def test_compare_runs_table_bootstrap_and_errors(tmp_path) -> None:
     import json
 
     from hatllm_edge.core.errors import InputError
-    from hatllm_edge.core.metrics import compare_runs
 
     def write(name, ranks):
         path = tmp_path / f"{name}.json"
