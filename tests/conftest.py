@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,8 +111,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder of its own (the dependencies are this environment's)."""
     dist, site = tmp_path_factory.mktemp("dist"), tmp_path_factory.mktemp("site")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    root = Path(__file__).resolve().parent.parent
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(dist), str(root)], check=True, timeout=600,
+    # built from a copy without the checkout's build/ and egg-info: setuptools copies into build/lib
+    # without removing what an earlier build left there, so a stale file would ship in the wheel
+    source = tmp_path_factory.mktemp("source") / "hatllm-edge"
+    shutil.copytree(Path(__file__).resolve().parent.parent, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "venv", "build", "*.egg-info", "runs", "results", "bundles", "__pycache__", ".pytest_cache"))
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(dist), str(source)], check=True, timeout=600,
                    capture_output=True)
     (wheel,) = dist.glob("hatllm_edge-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=600, capture_output=True)
