@@ -516,11 +516,14 @@ def test_mixture_ranks_the_shortlist_and_the_llms_own_top_items(backend: TorchBa
         full_catalog(backend, prompts, trie, CATALOG, histories, 2, 10, fusion, shortlist=0)
 
 
-def test_shortlist_lists_do_not_depend_on_batch_or_order(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie) -> None:
+@pytest.mark.parametrize(("weight", "mixture"), [(4.0, False), (0.7, True)])
+def test_shortlist_lists_do_not_depend_on_batch_or_order(backend: TorchBackend, prompts: PromptBuilder, trie: TitleTrie,
+                                                         weight: float, mixture: bool) -> None:
     """Users of different prompt lengths and exclusions batched together, in either order, get
-    the list each gets alone with its own row of the assistant's prior."""
+    the list each gets alone with its own row of the assistant's prior (the product, and the
+    mixture with the LLM's own top items joining the shortlist)."""
     histories = [HISTORY, *OTHER_HISTORIES]
-    fusion = Fusion(renormalise=True, weight=4.0, prior=random_prior(len(histories), seed=5))
+    fusion = Fusion(renormalise=True, weight=weight, prior=random_prior(len(histories), seed=5), mixture=mixture)
     exclude = [{2}, set(), {0, 1, 5}, set()]
     alone = [shortlist_search(backend, prompts, trie, CATALOG, [h], 4, fusion.rows([u]), 6, [exclude[u]])[0]
              for u, h in enumerate(histories)]
