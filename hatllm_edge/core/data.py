@@ -231,6 +231,12 @@ def _read_catalog(path: Path) -> Catalog:
 
 
 def _read_sequences(path: Path, catalog: Catalog) -> dict[str, tuple[str, ...]]:
+    return {u: tuple(item for _, _, item in ev) for u, ev in read_events(path, catalog).items()}
+
+
+def read_events(path: Path, catalog: Catalog) -> dict[str, list[tuple[float, int, str]]]:
+    """Each user's (timestamp, line, item_id) in ``loo-full`` order: what the sequences are
+    made of, with the times kept for analyses that need them (which items share a second)."""
     events: dict[str, list[tuple[float, int, str]]] = {}
     for line, row in _read_rows(path):
         user, item = _field(row, "user_id", path, line), _field(row, "item_id", path, line)
@@ -246,7 +252,7 @@ def _read_sequences(path: Path, catalog: Catalog) -> dict[str, tuple[str, ...]]:
         events.setdefault(user, []).append((ts, line, item))
     if not events:
         raise DataError(f"{path}: no interactions")
-    return {u: tuple(item for _, _, item in sorted(ev)) for u, ev in events.items()}
+    return {u: sorted(ev) for u, ev in events.items()}
 
 
 def _field(row: dict[str, str], name: str, path: Path, line: int) -> str:
