@@ -36,8 +36,20 @@ def same_second(events: dict[str, list[tuple[float, int, str]]], split: str) -> 
     return {u: ev[-at][0] == ev[-at - 1][0] for u, ev in events.items() if len(ev) > at}
 
 
-def per_user(path: Path) -> tuple[str, dict[str, float]]:
-    run = json.loads(path.read_text())
+def per_user(spec: str) -> tuple[str, dict[str, float]]:
+    """(split, per-user NDCG@10) of an evaluation JSON, or of one setting of a
+    ``scripts/shortlist_fusion.py`` result: ``FILE#PROTOCOL/FUSION/SHORTLIST/WEIGHT``
+    (e.g. ``...valid.json#excluded/mix+llm/10/0.7``)."""
+    path, _, setting = spec.partition("#")
+    run = json.loads(Path(path).read_text())
+    if setting:
+        try:
+            protocol, fusion, shortlist, weight = setting.split("/")
+            rows = run["protocols"][protocol]["settings"]
+            run = {"split": run["split"], "ranks": next(r["ranks"] for r in rows if (r["fusion"], r["shortlist"], r["weight"])
+                                                        == (fusion, int(shortlist), float(weight)))}
+        except (KeyError, ValueError, StopIteration):
+            raise SystemExit(f"{spec}: no such setting (PROTOCOL/FUSION/SHORTLIST/WEIGHT of a shortlist_fusion.py result)") from None
     if "ranks" not in run or "split" not in run:
         raise SystemExit(f"{path}: not an evaluation JSON with per-user ranks (evaluate/sasrec evaluate --out)")
     return run["split"], {u: user_metrics(r)[METRIC] for u, r in run["ranks"].items()}
@@ -74,8 +86,8 @@ def write_without_validation(events: dict[str, list[tuple[float, int, str]]], ou
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", type=Path, nargs="*", help="evaluation JSONs (the same split as the baseline)")
-    ap.add_argument("--baseline", type=Path, help="the reference run's evaluation JSON (SASRec)")
+    ap.add_argument("runs", nargs="*", help="evaluation JSONs (the same split as the baseline), or FILE#PROTOCOL/FUSION/SHORTLIST/WEIGHT")
+    ap.add_argument("--baseline", help="the reference run's evaluation JSON (SASRec)")
     ap.add_argument("--without-validation", type=Path, help="write the interactions minus each user's validation item here")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -90,16 +102,17 @@ def main() -> None:
     split, base = per_user(args.baseline)
     groups = same_second(events, split)
     print(f"{split}: {sum(groups.values())} of {len(groups)} targets share their second with the item before them")
-    result: dict[str, Any] = {"split": split, "baseline": str(args.baseline), "metric": METRIC, "runs": {}}
-    for path in args.runs:
-        run_split, run = per_user(path)
+    result: dict[str, Any] = {"split": split, "baseline": args.baseline, "metric": METRIC, "runs": {}}
+    for spec in args.runs:
+        run_split, run = per_user(spec)
         if run_split != split or run.keys() != base.keys():
-            raise SystemExit(f"{path}: split {run_split!r} on {len(run)} users; the baseline is {split!r} on {len(base)}")
-        r = result["runs"][str(path)] = group_gap(run, base, groups)
+            raise SystemExit(f"{spec}: split {run_split!r} on {len(run)} users; the baseline is {split!r} on {len(base)}")
+        r = result["runs"][spec] = group_gap(run, base, groups)
         cells = [f"{g} ({r[g]['users']}) {r[g]['b']:.4f} vs {r[g]['a']:.4f}: {r[g]['diff']:+.4f} [{r[g]['ci_low']:+.4f}, {r[g]['ci_high']:+.4f}]"
                  for g in ("same_second", "other")]
         d = r["same_second_minus_other"]
-        print(f"{path.name}\n  " + "\n  ".join(cells) + f"\n  gap between the groups {d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]")
+        file, hash_, setting = spec.partition("#")
+        print(f"{Path(file).name}{hash_}{setting}\n  " + "\n  ".join(cells) + f"\n  gap between the groups {d['diff']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
 
