@@ -36,9 +36,9 @@ def same_second(events: dict[str, list[tuple[float, int, str]]], split: str) -> 
     return {u: ev[-at][0] == ev[-at - 1][0] for u, ev in events.items() if len(ev) > at}
 
 
-def per_user(spec: str) -> tuple[str, dict[str, float]]:
-    """(split, per-user NDCG@10) of an evaluation JSON, or of one setting of a
-    ``scripts/shortlist_fusion.py`` result: ``FILE#PROTOCOL/FUSION/SHORTLIST/WEIGHT``
+def per_user(spec: str) -> tuple[str, str, dict[str, float]]:
+    """(split, history protocol, per-user NDCG@10) of an evaluation JSON, or of one setting of
+    a ``scripts/shortlist_fusion.py`` result: ``FILE#PROTOCOL/FUSION/SHORTLIST/WEIGHT``
     (e.g. ``...valid.json#excluded/mix+llm/10/0.7``)."""
     path, _, setting = spec.partition("#")
     run = json.loads(Path(path).read_text())
@@ -46,13 +46,14 @@ def per_user(spec: str) -> tuple[str, dict[str, float]]:
         try:
             protocol, fusion, shortlist, weight = setting.split("/")
             rows = run["protocols"][protocol]["settings"]
-            run = {"split": run["split"], "ranks": next(r["ranks"] for r in rows if (r["fusion"], r["shortlist"], r["weight"])
-                                                        == (fusion, int(shortlist), float(weight)))}
+            run = {"split": run["split"], "history": protocol,
+                   "ranks": next(r["ranks"] for r in rows if (r["fusion"], r["shortlist"], r["weight"]) == (fusion, int(shortlist), float(weight)))}
         except (KeyError, ValueError, StopIteration):
             raise SystemExit(f"{spec}: no such setting (PROTOCOL/FUSION/SHORTLIST/WEIGHT of a shortlist_fusion.py result)") from None
     if "ranks" not in run or "split" not in run:
         raise SystemExit(f"{path}: not an evaluation JSON with per-user ranks (evaluate/sasrec evaluate --out)")
-    return run["split"], {u: user_metrics(r)[METRIC] for u, r in run["ranks"].items()}
+    # files from before the history switch ranked with the history included
+    return run["split"], run.get("history") or "included", {u: user_metrics(r)[METRIC] for u, r in run["ranks"].items()}
 
 
 def group_gap(run: dict[str, float], base: dict[str, float], groups: dict[str, bool]) -> dict[str, Any]:
@@ -88,25 +89,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="*", help="evaluation JSONs (the same split as the baseline), or FILE#PROTOCOL/FUSION/SHORTLIST/WEIGHT")
     ap.add_argument("--baseline", help="the reference run's evaluation JSON (SASRec)")
-    ap.add_argument("--without-validation", type=Path, help="write the interactions minus each user's validation item here")
+    ap.add_argument("--without-validation", type=Path, help="write the interactions minus each user's validation item here (tab-separated: .tsv or .inter)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     data = load_dataset()
     events = read_events(recbole_ml100k_dir() / f"{ML100K}.inter", data.catalog)
     if args.without_validation:
+        if args.without_validation.suffix not in (".tsv", ".inter", ".txt"):
+            raise SystemExit(f"{args.without_validation}: the file is tab-separated; name it .tsv or .inter")
         print(f"{args.without_validation}: {write_without_validation(events, args.without_validation)} validation items left out")
     if not args.runs:
         return
     if args.baseline is None:
         raise SystemExit("give --baseline with the runs")
-    split, base = per_user(args.baseline)
+    split, history, base = per_user(args.baseline)
     groups = same_second(events, split)
     print(f"{split}: {sum(groups.values())} of {len(groups)} targets share their second with the item before them")
     result: dict[str, Any] = {"split": split, "baseline": args.baseline, "metric": METRIC, "runs": {}}
     for spec in args.runs:
-        run_split, run = per_user(spec)
-        if run_split != split or run.keys() != base.keys():
-            raise SystemExit(f"{spec}: split {run_split!r} on {len(run)} users; the baseline is {split!r} on {len(base)}")
+        run_split, run_history, run = per_user(spec)
+        if (run_split, run_history) != (split, history) or run.keys() != base.keys():
+            raise SystemExit(f"{spec}: split {run_split!r}, history {run_history}, on {len(run)} users; "
+                             f"the baseline is {split!r}, history {history}, on {len(base)}")
         r = result["runs"][spec] = group_gap(run, base, groups)
         cells = [f"{g} ({r[g]['users']}) {r[g]['b']:.4f} vs {r[g]['a']:.4f}: {r[g]['diff']:+.4f} [{r[g]['ci_low']:+.4f}, {r[g]['ci_high']:+.4f}]"
                  for g in ("same_second", "other")]

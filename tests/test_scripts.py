@@ -32,11 +32,13 @@ def test_validation_position_groups_and_the_file_without_validation(tmp_path: Pa
 
     items = tmp_path / "items.csv"
     items.write_text("item_id,title\n" + "".join(f"{i},Title {i}\n" for i in "abcdef"))
-    inter = tmp_path / "inter.csv"  # u1: the validation target c shares its second with b; u2: its test target f with e
-    inter.write_text("user_id,item_id,timestamp\nu1,a,1\nu1,c,2\nu1,b,2\nu1,d,3\nu2,a,1\nu2,e,2\nu2,b,3\nu2,f,3\nu3,a,1\n")
+    # u1: the validation target b shares its second with c (a tie, kept in row order: e before a);
+    # u2: its test target f shares its second with b
+    inter = tmp_path / "inter.csv"
+    inter.write_text("user_id,item_id,timestamp\nu1,e,1\nu1,a,1\nu1,c,2\nu1,b,2\nu1,d,3\nu2,a,1\nu2,e,2\nu2,b,3\nu2,f,3\nu3,a,1\n")
     data = load_dataset(interactions=inter, items=items)
     events = read_events(inter, data.catalog)
-    assert [e[2] for e in events["u1"]] == list(data.sequences["u1"]) == ["a", "c", "b", "d"]
+    assert [e[2] for e in events["u1"]] == list(data.sequences["u1"]) == ["e", "a", "c", "b", "d"]
     vp = _script("validation_position")
     assert vp.same_second(events, "valid") == {"u1": True, "u2": False}
     assert vp.same_second(events, "test") == {"u1": False, "u2": True}
@@ -44,6 +46,7 @@ def test_validation_position_groups_and_the_file_without_validation(tmp_path: Pa
     out = tmp_path / "without.tsv"
     assert vp.write_without_validation(events, out) == 2  # u3 has no validation item
     cut = load_dataset(interactions=out, items=items)
+    assert cut.sequences["u1"] == ("e", "a", "c", "d")
     full = {e.user_id: e for e in data.split("test")}
     for e in cut.split("test"):
         assert e.target == full[e.user_id].target and e.history == full[e.user_id].history[:-1]
