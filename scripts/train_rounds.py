@@ -85,7 +85,14 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the same rounds on a GPU")
     ap.add_argument("--base", default=None, help="base model as `train --base` takes it (gemma3-270m, a folder or "
                     ".gguf file); default the shipped SmolLM2-135M")
+    ap.add_argument("--interactions", type=Path, default=None, help="train on this interactions file (with --items) "
+                    "instead of ml-100k, e.g. ml-100k without each user's last item, whose test split is validation "
+                    "in the real test's position (scripts/validation_position.py)")
+    ap.add_argument("--items", type=Path, default=None)
     args = ap.parse_args()
+    if (args.interactions is None) != (args.items is None):
+        ap.error("give both --interactions and --items, or neither")
+    data = {"interactions": args.interactions.resolve(), "items": args.items.resolve()} if args.interactions else {}
     first, previous = args.start if args.start else (1, None)
     if first > args.rounds:
         ap.error(f"--rounds {args.rounds}: " + (f"--start {first} is past the last round" if args.start else "at least 1"))
@@ -111,7 +118,7 @@ def main() -> None:
                 return
             cfg = TrainConfig(out=folder, n_in=n_in, n_cr=n_cr, base=base, examples=examples, batch_size=8, lr=lr, loss="msl", seed=seed,
                               init_from=str(previous) if previous else None, eval_every=eval_every, eval_users=100,
-                              save_every=10, max_minutes=left, device=args.device)
+                              save_every=10, max_minutes=left, device=args.device, **data)
             print(f"round {n}: {args.arm}, seed {seed}, {examples} windows, lr {lr}" + (f", from {previous}" if previous else ""), flush=True)
             summary = train(cfg, resume=(folder / STATE_FILE).is_file())
             if not summary["finished"]:
@@ -120,6 +127,7 @@ def main() -> None:
         previous = folder  # the round's kept (best validated) checkpoint starts the next
     rounds = {n: json.loads((out / f"r{n}" / "hatllm.json").read_text(encoding="utf-8")) for n in trained}
     record = {"arm": args.arm, "base": base.to_dict(), "seeds": seeds, "model": str(out / f"r{args.rounds}"),
+              **({"data": {k: str(v) for k, v in data.items()}} if data else {}),
               **({"start": {"round": first, "from": str(args.start[1])}} if args.start else {}),
               "rounds": [{"round": n, "seed": r["train"]["seed"], "examples": r["train"]["examples"], "lr": r["train"]["lr"],
                           "steps": r["train_summary"]["best"]["step"], "train_s": r["train_summary"]["train_s"]}

@@ -90,6 +90,18 @@ def test_a_shipped_model_gets_more_rounds(rounds: tuple[ModuleType, list[Any]], 
     assert calls == []
 
 
+def test_rounds_train_on_the_given_data_files(rounds: tuple[ModuleType, list[Any]], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """--interactions/--items reach every round (a position-matched validation trains the whole
+    recipe on ml-100k without each user's last item) and the record names them."""
+    module, calls = rounds
+    inter, items = tmp_path / "inter.tsv", tmp_path / "items.csv"
+    run_main(module, monkeypatch, "hatllm", "--rounds", "2", "--seeds", "0,1", "--out", str(tmp_path / "run"),
+             "--interactions", str(inter), "--items", str(items))
+    assert [(c.interactions, c.items) for c in calls] == [(inter, items)] * 2
+    assert json.loads((tmp_path / "run" / "rounds.json").read_text())["data"] == {"interactions": str(inter), "items": str(items)}
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--seeds", "1,2,3"], "one seed per round trained here"),
     (["--rounds", "4", "--start", "5:{ckpt}", "--seeds", "4"], "past the last round"),
@@ -97,6 +109,7 @@ def test_a_shipped_model_gets_more_rounds(rounds: tuple[ModuleType, list[Any]], 
     (["--rounds", "5", "--start", "five:{ckpt}", "--seeds", "4"], "expected ROUND:CHECKPOINT"),
     (["--rounds", "5", "--start", "1:{ckpt}", "--seeds", "4"], "ROUND must be 2 or more"),
     (["--rounds", "0", "--seeds", "4"], "at least 1"),
+    (["--seeds", "1,2,3,4", "--interactions", "{tmp}/i.tsv"], "give both --interactions and --items"),
 ])
 def test_bad_round_arguments_are_refused(rounds: tuple[ModuleType, list[Any]], tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
