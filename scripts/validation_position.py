@@ -23,7 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from hatllm_edge.core.data import ML100K, load_dataset, read_events, recbole_ml100k_dir
+from hatllm_edge.core.data import (
+    FROM_END,
+    ML100K,
+    load_dataset,
+    read_events,
+    recbole_ml100k_dir,
+)
 from hatllm_edge.core.metrics import bootstrap_difference, user_metrics
 
 METRIC = "NDCG@10"
@@ -32,7 +38,7 @@ SAMPLES = 2000
 
 def same_second(events: dict[str, list[tuple[float, int, str]]], split: str) -> dict[str, bool]:
     """Per user with a target: does ``split``'s target share its timestamp with the item before it?"""
-    at = 1 if split == "test" else 2
+    at = FROM_END[split]
     return {u: ev[-at][0] == ev[-at - 1][0] for u, ev in events.items() if len(ev) > at}
 
 

@@ -27,6 +27,7 @@ from hatllm_edge.core.errors import DataError, InputError
 Split = Literal["valid", "test"]
 SPLITS: tuple[Split, ...] = get_args(Split)
 ML100K = "ml-100k"
+FROM_END: dict[str, int] = {"test": 1, "valid": 2}  # where each split's target sits, counted from a sequence's end
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ class Dataset:
         its own ``max_len`` items."""
         if split not in ("valid", "test"):
             raise InputError(f"split {split!r}: expected 'valid' or 'test'")
-        cut = 1 if split == "test" else 2
+        cut = FROM_END[split]
         out = []
         for user, seq in self.sequences.items():
             if len(seq) <= cut:
@@ -154,7 +155,7 @@ class Dataset:
         """Catalog indices of everything ``user_id`` had before ``split``'s target (all of it,
         not only the ``max_history`` items a prompt shows): what "history excluded" leaves out."""
         seq = self.sequences[user_id]
-        return {self.catalog.index(i) for i in seq[: len(seq) - (1 if split == "test" else 2)]}
+        return {self.catalog.index(i) for i in seq[: len(seq) - FROM_END[split]]}
 
     def repeat_targets(self, examples: Sequence[Example], split: Split) -> int:
         """How many of ``examples``' targets their user had already had before ``split``'s target
